@@ -1,0 +1,1 @@
+"""vmplug.rules."""
