@@ -1,0 +1,37 @@
+"""The host inventory: sysfs devices, with names filled in from usb.ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from vmplug.host import sysfs
+from vmplug.host.names import UsbIds, find_usb_ids
+from vmplug.model import UsbDevice
+
+
+def sysfs_root_from_env(explicit: str | Path | None = None) -> Path:
+    """``explicit``, else ``VMPLUG_SYSFS_ROOT``, else ``/sys``."""
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("VMPLUG_SYSFS_ROOT") or sysfs.DEFAULT_ROOT)
+
+
+def name_devices(devices: list[UsbDevice], ids: UsbIds | None = None) -> list[UsbDevice]:
+    """Fill ``vendor_name``/``product_name`` for devices that give no strings."""
+    out: list[UsbDevice] = []
+    for dev in devices:
+        if (dev.manufacturer and dev.product) or dev.vendor_id is None:
+            out.append(dev)
+            continue
+        if ids is None:
+            ids = UsbIds(find_usb_ids())
+        vendor, product = ids.lookup(dev.vendor_id, dev.product_id)
+        out.append(dataclasses.replace(dev, vendor_name=vendor, product_name=product))
+    return out
+
+
+def read_devices(root: str | Path | None = None) -> list[UsbDevice]:
+    """Every USB device under the sysfs root (root hubs included), named."""
+    return name_devices(sysfs.read_devices(sysfs_root_from_env(root)))

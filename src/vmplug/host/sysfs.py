@@ -1,0 +1,321 @@
+"""Read the host's USB tree from a sysfs root.
+
+The kernel lays USB devices out as ``bus/usb/devices/<name>`` symlinks into
+``devices/pci.../usbN/N-P.P``.  Each device directory has attribute files
+(``busnum``, ``speed``, ``serial``…), a binary ``descriptors`` file (the device
+descriptor followed by every configuration's descriptors), a ``driver`` link,
+a ``port`` link to the hub port it hangs from, and one sub-directory per
+interface of the active configuration (``N-P.P:C.I``).
+
+The reader is tolerant: a missing or garbled attribute leaves that field
+``None`` and adds a warning to the device; it never raises for one device's
+data.  It is also frugal, because it runs on every rescan: the device
+descriptor supplies the ids and class codes in one read, and ``uevent``
+supplies bus and device numbers and the driver in another.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmplug.model import AltSetting, Endpoint, Interface, UsbDevice
+
+DEFAULT_ROOT = Path("/sys")
+
+_PCI_ADDR = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_DEVICE_NAME = re.compile(r"^(usb\d+|\d+-\d+(\.\d+)*)$")
+
+# Descriptor types (USB 2.0 table 9-5, USB 3.2 table 9-6).
+_DT_DEVICE = 0x01
+_DT_CONFIG = 0x02
+_DT_INTERFACE = 0x04
+_DT_ENDPOINT = 0x05
+_DT_SS_EP_COMPANION = 0x30
+
+
+class SysfsError(OSError):
+    """The sysfs root itself is unusable (not one device's attribute)."""
+
+
+def _read(path: str) -> str | None:
+    """A sysfs attribute as text without its trailing newline, or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 65536)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", "replace").rstrip("\n")
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _driver(path: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(path + "/driver"))
+    except OSError:
+        return None
+
+
+@dataclass(slots=True)
+class _Parsed:
+    """What the binary descriptors file gives."""
+
+    vendor_id: int | None = None
+    product_id: int | None = None
+    bcd_device: int | None = None
+    device_class: int | None = None
+    device_subclass: int | None = None
+    device_protocol: int | None = None
+    #: configuration value -> interface number -> alternate settings
+    configs: dict[int, dict[int, list[AltSetting]]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_descriptors(data: bytes) -> _Parsed:
+    """Parse a sysfs ``descriptors`` blob; truncation and junk become warnings."""
+    out = _Parsed()
+    if len(data) < 18 or data[1] != _DT_DEVICE:
+        out.warnings.append("descriptors: no valid device descriptor")
+        return out
+    out.vendor_id = int.from_bytes(data[8:10], "little")
+    out.product_id = int.from_bytes(data[10:12], "little")
+    out.bcd_device = int.from_bytes(data[12:14], "little")
+    out.device_class, out.device_subclass, out.device_protocol = data[4], data[5], data[6]
+
+    pos = data[0]
+    config: dict[int, list[AltSetting]] | None = None
+    alt: tuple[int, int, int, int, int] | None = None  # number, alternate, class triple
+    endpoints: list[Endpoint] = []
+
+    def close_alt() -> None:
+        nonlocal alt, endpoints
+        if alt is not None and config is not None:
+            number, alternate, cls, sub, proto = alt
+            config.setdefault(number, []).append(
+                AltSetting(alternate, cls, sub, proto, tuple(endpoints))
+            )
+        alt, endpoints = None, []
+
+    while pos + 2 <= len(data):
+        length, dtype = data[pos], data[pos + 1]
+        if length < 2 or pos + length > len(data):
+            out.warnings.append(f"descriptors: truncated descriptor at byte {pos}")
+            break
+        body = data[pos : pos + length]
+        if dtype == _DT_CONFIG and length >= 9:
+            close_alt()
+            config = out.configs.setdefault(body[5], {})
+        elif dtype == _DT_INTERFACE and length >= 9:
+            close_alt()
+            alt = (body[2], body[3], body[5], body[6], body[7])
+        elif dtype == _DT_ENDPOINT and length >= 7 and alt is not None:
+            endpoints.append(
+                Endpoint(
+                    address=body[2],
+                    attributes=body[3],
+                    max_packet_size=int.from_bytes(body[4:6], "little"),
+                    interval=body[6],
+                )
+            )
+        elif dtype == _DT_SS_EP_COMPANION and length >= 6 and endpoints:
+            last = endpoints[-1]
+            endpoints[-1] = Endpoint(
+                last.address,
+                last.attributes,
+                last.max_packet_size,
+                last.interval,
+                ss_max_burst=body[2],
+                ss_attributes=body[3],
+                ss_bytes_per_interval=int.from_bytes(body[4:6], "little"),
+            )
+        pos += length
+    close_alt()
+    return out
+
+
+def _uevent(text: str | None) -> dict[str, str]:
+    if not text:
+        return {}
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def _int(value: str | None, base: int, what: str, warnings: list[str]) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value.strip(), base)
+    except ValueError:
+        warnings.append(f"{what}: garbled value {value!r}")
+        return None
+
+
+def _speed(value: str | None, warnings: list[str]) -> float | None:
+    if value is None:
+        warnings.append("speed: missing")
+        return None
+    try:
+        speed = float(value)
+    except ValueError:
+        warnings.append(f"speed: garbled value {value!r}")
+        return None
+    return speed if speed > 0 else None
+
+
+def _controller(real: str) -> str | None:
+    """PCI address of the host controller: the last PCI component above usbN."""
+    found = None
+    for part in real.split("/"):
+        if _PCI_ADDR.match(part):
+            found = part
+        elif part.startswith("usb") and part[3:].isdigit():
+            return found
+    return found
+
+
+def _interfaces(
+    path: str, name: str, configuration: int | None, parsed: _Parsed, warnings: list[str]
+) -> tuple[Interface, ...]:
+    cfg = parsed.configs.get(configuration) if configuration is not None else None
+    if cfg is None and len(parsed.configs) == 1 and configuration is None:
+        cfg = next(iter(parsed.configs.values()))
+    if cfg is None:
+        if parsed.configs and configuration is not None:
+            warnings.append(f"descriptors: no configuration {configuration}")
+        return ()
+    out: list[Interface] = []
+    for number in sorted(cfg):
+        alts = sorted(cfg[number], key=lambda a: a.alternate)
+        first = alts[0]
+        driver = _driver(f"{path}/{name}:{configuration}.{number}") if configuration else None
+        out.append(
+            Interface(number, first.cls, first.subclass, first.protocol, driver, tuple(alts))
+        )
+    return tuple(out)
+
+
+def read_device(path: str, name: str) -> UsbDevice:
+    """Read one device directory (already resolved) into a :class:`UsbDevice`."""
+    warnings: list[str] = []
+    ev = _uevent(_read(path + "/uevent"))
+    raw = _read_bytes(path + "/descriptors")
+    if raw is None:
+        warnings.append("descriptors: missing")
+        parsed = _Parsed()
+    else:
+        parsed = parse_descriptors(raw)
+        warnings.extend(parsed.warnings)
+
+    vendor_id, product_id, bcd = parsed.vendor_id, parsed.product_id, parsed.bcd_device
+    dclass, dsub, dproto = parsed.device_class, parsed.device_subclass, parsed.device_protocol
+    if vendor_id is None:  # fall back to the attribute files
+        vendor_id = _int(_read(path + "/idVendor"), 16, "idVendor", warnings)
+        product_id = _int(_read(path + "/idProduct"), 16, "idProduct", warnings)
+        bcd = _int(_read(path + "/bcdDevice"), 16, "bcdDevice", warnings)
+        dclass = _int(_read(path + "/bDeviceClass"), 16, "bDeviceClass", warnings)
+        dsub = _int(_read(path + "/bDeviceSubClass"), 16, "bDeviceSubClass", warnings)
+        dproto = _int(_read(path + "/bDeviceProtocol"), 16, "bDeviceProtocol", warnings)
+
+    busnum = _int(ev.get("BUSNUM") or _read(path + "/busnum"), 10, "busnum", warnings)
+    devnum = _int(ev.get("DEVNUM") or _read(path + "/devnum"), 10, "devnum", warnings)
+    config_text = _read(path + "/bConfigurationValue")
+    configuration = _int(config_text, 10, "bConfigurationValue", warnings) if config_text else None
+    authorized_text = _read(path + "/authorized")
+    authorized = None if authorized_text is None else authorized_text.strip() == "1"
+    maxchild = _read(path + "/maxchild")
+    num_ports = _int(maxchild, 10, "maxchild", warnings)
+    version = _read(path + "/version")
+    delay = _read(path + "/power/autosuspend_delay_ms")
+
+    return UsbDevice(
+        port=name,
+        busnum=busnum,
+        devnum=devnum,
+        vendor_id=vendor_id,
+        product_id=product_id,
+        bcd_device=bcd,
+        manufacturer=_read(path + "/manufacturer"),
+        product=_read(path + "/product"),
+        serial=_read(path + "/serial"),
+        speed_mbps=_speed(_read(path + "/speed"), warnings),
+        usb_version=version.strip() if version else None,
+        device_class=dclass,
+        device_subclass=dsub,
+        device_protocol=dproto,
+        num_ports=num_ports if num_ports else None,
+        removable=_read(path + "/removable"),
+        authorized=authorized,
+        power_control=_read(path + "/power/control"),
+        autosuspend_delay_ms=_int(delay, 10, "autosuspend_delay_ms", warnings),
+        driver=ev.get("DRIVER") or _driver(path),
+        controller=_controller(path),
+        connect_type=_read(path + "/port/connect_type"),
+        configuration=configuration,
+        interfaces=_interfaces(path, name, configuration, parsed, warnings),
+        descriptors_sha256=(
+            base64.b64encode(hashlib.sha256(raw).digest()).decode() if raw else None
+        ),
+        sysfs_path=path,
+        warnings=tuple(warnings),
+    )
+
+
+def _sort_key(name: str) -> tuple[int, tuple[int, ...]]:
+    if name.startswith("usb"):
+        return (int(name[3:]), ())
+    bus, _, chain = name.partition("-")
+    return (int(bus), tuple(int(p) for p in chain.split(".")))
+
+
+def read_devices(root: Path | str = DEFAULT_ROOT) -> list[UsbDevice]:
+    """Every USB device (root hubs included) under ``root``, in bus/port order.
+
+    Raises :class:`SysfsError` only when ``root`` has no USB bus at all in a way
+    that is not simply "no USB here": an empty list is a valid answer.
+    """
+    base = os.path.join(os.fspath(root), "bus/usb/devices")
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        if not os.path.isdir(os.fspath(root)):
+            raise SysfsError(errno.ENOENT, "sysfs root does not exist", os.fspath(root)) from None
+        return []  # a kernel without USB
+    except OSError as exc:
+        raise SysfsError(exc.errno, f"cannot list {base}: {exc.strerror}", base) from exc
+    devices: list[UsbDevice] = []
+    for name in sorted((n for n in names if _DEVICE_NAME.match(n)), key=_sort_key):
+        link = os.path.join(base, name)
+        real = os.path.realpath(link)
+        if not os.path.isdir(real):
+            continue  # vanished between listdir and now (unplugged): not an error
+        devices.append(read_device(real, name))
+    return devices
