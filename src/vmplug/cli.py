@@ -1,10 +1,340 @@
-"""The ``vmplug`` command."""
+"""The ``vmplug`` command.
+
+Every subcommand is a thin shell over library calls.  Errors a user can cause
+(:class:`~vmplug.errors.VmplugError`) print one clear message on stderr and
+exit with their status (2 for bad input); nothing prints a traceback unless
+``--debug`` (or ``VMPLUG_DEBUG=1``) asks for one.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
 import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.tree import Tree
+
+from vmplug import __version__
+from vmplug.errors import VmplugError
+from vmplug.host.inventory import read_devices, sysfs_root_from_env
+from vmplug.model import UsbDevice
+
+EPILOG_ENV = """\b
+Environment:
+  VMPLUG_SYSFS_ROOT  read USB devices from this sysfs root instead of /sys
+  VMPLUG_CONFIG      config file (default /etc/vmplug/vmplug.toml)
+  VMPLUG_USB_IDS     usb.ids file for device names (default: the system's)
+  VMPLUG_DEBUG=1     print tracebacks for internal errors
+\b
+Exit status: 0 success, 1 failure or nothing found, 2 bad input.
+"""
 
 
-@click.group()
-def main() -> None:
-    """vmplug: route host USB devices into QEMU/KVM virtual machines."""
+@dataclass
+class Context:
+    """What every subcommand gets: where to read devices and config from."""
+
+    sysfs_root: Path
+    config: str | None
+    debug: bool
+    console: Console
+    err: Console
+
+    def devices(self, include_root_hubs: bool = True) -> list[UsbDevice]:
+        devices = read_devices(self.sysfs_root)
+        for dev in devices:
+            for warning in dev.warnings:
+                self.err.print(f"[yellow]warning:[/] {escape(dev.port)}: {escape(warning)}")
+        if include_root_hubs:
+            return devices
+        return [d for d in devices if not d.is_root_hub]
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EPILOG_ENV,
+)
+@click.version_option(__version__, "-V", "--version", prog_name="vmplug")
+@click.option(
+    "--sysfs-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="VMPLUG_SYSFS_ROOT",
+    help="Read USB devices from this sysfs root (default /sys).",
+)
+@click.option(
+    "--config",
+    "config",
+    metavar="FILE",
+    envvar="VMPLUG_CONFIG",
+    help="Config file (default /etc/vmplug/vmplug.toml).",
+)
+@click.option(
+    "--debug", is_flag=True, envvar="VMPLUG_DEBUG", help="Tracebacks for internal errors."
+)
+@click.pass_context
+def cli(ctx: click.Context, sysfs_root: Path | None, config: str | None, debug: bool) -> None:
+    """Route host USB devices into QEMU/KVM virtual machines and keep them there.
+
+    vmplug shows the host's USB tree, matches devices with usbguard-style
+    rules, attaches them to running VMs over QMP (again after every replug,
+    VM restart and daemon restart), writes the configuration QEMU, libvirt,
+    Docker and udev need, and finds where a pass-through breaks.
+    """
+    ctx.obj = Context(
+        sysfs_root=sysfs_root_from_env(sysfs_root),
+        config=config,
+        debug=debug,
+        console=Console(highlight=False),
+        err=Console(stderr=True, highlight=False),
+    )
+
+
+# ---------------------------------------------------------------------------
+# vmplug list
+
+
+def _speed_text(speed: float | None) -> str:
+    if speed is None:
+        return "?"
+    if speed >= 1000:
+        return f"{speed / 1000:g}G"
+    return f"{speed:g}M"
+
+
+def _name(dev: UsbDevice) -> str:
+    return " ".join(p for p in (dev.display_manufacturer, dev.display_product) if p) or "-"
+
+
+def _holders(dev: UsbDevice) -> str:
+    drivers = [i.driver for i in dev.interfaces if i.driver]
+    unique = list(dict.fromkeys(drivers))
+    return ",".join(unique) or (dev.driver if dev.is_root_hub else None) or "-"
+
+
+def _classes(dev: UsbDevice) -> str:
+    if dev.device_class not in (None, 0):
+        return f"{dev.device_class:02x}"
+    return " ".join(f"{i.cls:02x}:{i.subclass:02x}:{i.protocol:02x}" for i in dev.interfaces) or "-"
+
+
+def _table(devices: Sequence[UsbDevice]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("PORT", "BUS:DEV", "ID", "SPEED", "NAME", "SERIAL", "CLASS", "DRIVER", "VM"):
+        table.add_column(col, overflow="fold")
+    for d in devices:
+        table.add_row(
+            d.port,
+            f"{d.busnum or 0:03d}:{d.devnum or 0:03d}",
+            d.vidpid or "?",
+            _speed_text(d.speed_mbps),
+            escape(_name(d)),
+            escape(d.serial or "-"),
+            _classes(d),
+            escape(_holders(d)),
+            "-",
+        )
+    return table
+
+
+def _tree(devices: Sequence[UsbDevice]) -> Tree:
+    """Hubs and nested ports, like ``lsusb -t``, one tree per bus."""
+    root = Tree("USB", guide_style="dim")
+    nodes: dict[str, Tree] = {}
+    for d in devices:  # sorted by bus then port chain: parents come first
+        label = (
+            f"[bold]{escape(d.port)}[/]  {d.vidpid or '?'}  {escape(_name(d))}"
+            f"  [dim]{_speed_text(d.speed_mbps)}"
+            f"  dev {d.devnum if d.devnum is not None else '?'}"
+            f"  {escape(_holders(d))}"
+        )
+        if d.is_root_hub and d.controller:
+            label += f"  pci {d.controller}"
+        label += "[/]"
+        parent = nodes.get(d.parent_port or "", root)
+        nodes[d.port] = parent.add(label)
+    return root
+
+
+@cli.command("list", epilog=EPILOG_ENV)
+@click.option("--tree", "as_tree", is_flag=True, help="Show hubs and nested ports as a tree.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list for scripts.")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Include root hubs.")
+@pass_ctx
+def list_cmd(obj: Context, as_tree: bool, as_json: bool, show_all: bool) -> None:
+    """Show the host's USB devices.
+
+    Each device is named by its port path (bus-port.port…, the sysfs name),
+    which stays the same when it is replugged into the same socket, unlike
+    its device number.  DRIVER shows who holds each interface (e.g. usbfs
+    when QEMU has it, snd-usb-audio when the host does).
+
+    The tree view always shows the root hubs, since the tree hangs from
+    them.  JSON objects carry every field the reader knows, including
+    interfaces with endpoints and isochronous bandwidth.
+    """
+    devices = obj.devices(include_root_hubs=show_all or as_tree)
+    if as_json:
+        emit_json([d.to_json() for d in devices])
+    elif as_tree:
+        obj.console.print(_tree(devices))
+    elif devices:
+        obj.console.print(_table(devices))
+    else:
+        obj.err.print(f"no USB devices under {obj.sysfs_root}")
+
+
+# ---------------------------------------------------------------------------
+# vmplug match
+
+
+@cli.command("match", epilog=EPILOG_ENV)
+@click.argument("rule")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of port paths.")
+@pass_ctx
+def match_cmd(obj: Context, rule: str, as_json: bool) -> None:
+    """List the devices that RULE matches.
+
+    RULE is in vmplug's usbguard-style rule language, e.g.
+
+    \b
+      vmplug match 'id 1235:821a'
+      vmplug match 'with-interface one-of { 01:*:* }'
+      vmplug match 'via-port "3-1.2"'
+      vmplug match 'id 0627:* serial "42"'
+
+    Attributes in one rule must all hold.  Exit status: 0 when a device
+    matches, 1 when none does, 2 when the rule is invalid.
+    """
+    from vmplug.rules import parse_rule  # noqa: PLC0415 - keeps `vmplug list` start-up small
+
+    parsed = parse_rule(rule)
+    devices = obj.devices(include_root_hubs=False)
+    matched = [d for d in devices if not d.is_hub and parsed.matches(d)]
+    if as_json:
+        emit_json([d.port for d in matched])
+    elif matched:
+        obj.console.print(_table(matched))
+    else:
+        obj.err.print("no device matches")
+    if not matched:
+        raise SystemExit(1)
+
+
+# ---------------------------------------------------------------------------
+# vmplug check-config
+
+
+@cli.command("check-config", epilog=EPILOG_ENV)
+@click.argument("file", required=False, metavar="[FILE]")
+@click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON.")
+@pass_ctx
+def check_config_cmd(obj: Context, file: str | None, as_json: bool) -> None:
+    """Validate the config and show which rule each present device meets.
+
+    FILE defaults to --config, then VMPLUG_CONFIG, then
+    /etc/vmplug/vmplug.toml.  Rules are tried in order and the first that
+    matches decides; a device no rule matches stays on the host, and hubs
+    are never passed through.  An invalid config is reported with its file,
+    line and column, and exit status 2.
+    """
+    from vmplug.config import decisions, load_config  # noqa: PLC0415
+
+    config = load_config(file or obj.config)
+    devices = obj.devices(include_root_hubs=False)
+    rows = decisions(config, devices)
+    if as_json:
+        emit_json(
+            {
+                "config": config.path,
+                "vms": sorted(config.vms),
+                "devices": [
+                    {
+                        "port": d.port,
+                        "id": d.vidpid,
+                        "name": _name(d),
+                        "rule": None if rc is None else rc.index + 1,
+                        "line": None if rc is None else rc.line,
+                        "action": _action(d, rc),
+                        "vm": None if rc is None or rc.block else rc.attach,
+                    }
+                    for d, rc in rows
+                ],
+            }
+        )
+        return
+    obj.err.print(f"{escape(config.path)}: ok ({len(config.vms)} VMs, {len(config.rules)} rules)")
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("PORT", "ID", "NAME", "RULE", "DECISION"):
+        table.add_column(col, overflow="fold")
+    for d, rc in rows:
+        where = "-" if rc is None else f"#{rc.index + 1} (line {rc.line})"
+        table.add_row(d.port, d.vidpid or "?", escape(_name(d)), where, escape(_action(d, rc)))
+    obj.console.print(table)
+
+
+def _action(dev: UsbDevice, rc: Any) -> str:
+    if dev.is_hub:
+        return "hub: stays on the host (QEMU cannot pass hubs through)"
+    if rc is None:
+        return "no rule matches: stays on the host"
+    return str(rc.target)
+
+
+# ---------------------------------------------------------------------------
+# entry point
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(message, err=True)
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point: run the CLI, turn errors into exit codes."""
+    debug = os.environ.get("VMPLUG_DEBUG") == "1" or "--debug" in (argv or sys.argv[1:])
+    try:
+        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except VmplugError as exc:
+        if debug:
+            traceback.print_exc()
+        _fail(exc.render(), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except BrokenPipeError:
+        sys.stderr.close()
+        raise SystemExit(141) from None
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        _fail(f"vmplug: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1)
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        _fail(
+            f"vmplug: internal error: {type(exc).__name__}: {exc}\n"
+            "This is a bug; run again with --debug for the traceback and report it.",
+            70,
+        )

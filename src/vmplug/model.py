@@ -203,9 +203,7 @@ class UsbDevice:
 
     @property
     def is_hub(self) -> bool:
-        return self.device_class == CLASS_HUB or any(
-            i.cls == CLASS_HUB for i in self.interfaces
-        )
+        return self.device_class == CLASS_HUB or any(i.cls == CLASS_HUB for i in self.interfaces)
 
     @property
     def parent_port(self) -> str | None:

@@ -58,8 +58,7 @@ def select_one(devices: Sequence[UsbDevice], selector: str) -> UsbDevice:
             present,
         )
     raise SelectorError(
-        f"{selector!r} is ambiguous: {len(found)} devices match; "
-        "name one by port path or serial",
+        f"{selector!r} is ambiguous: {len(found)} devices match; name one by port path or serial",
         tuple(describe(d) for d in found),
     )
 

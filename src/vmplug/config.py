@@ -1,0 +1,355 @@
+"""vmplug's TOML configuration, validated into typed, frozen models.
+
+```toml
+[vm.windows]
+qmp = "/srv/windows/qmp/qmp.sock"    # or "tcp:127.0.0.1:4444"
+
+[[rule]]
+attach = "windows"
+match  = 'id 1235:821a'
+
+[[rule]]
+block = true
+match = 'with-interface 03:01:01'
+```
+
+Every error names the file, the line and column when there is one, and what
+was expected.  Loading never changes anything: a caller that holds a valid
+config keeps it when a new one fails to load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmplug.errors import VmplugError
+from vmplug.model import UsbDevice
+from vmplug.rules import Rule, RuleSyntaxError, parse_rule
+
+DEFAULT_PATH = Path("/etc/vmplug/vmplug.toml")
+_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TCP = re.compile(r"^tcp:(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
+
+
+class ConfigError(VmplugError):
+    """The configuration file is missing, unreadable or invalid."""
+
+    exit_code = 2
+
+    def __init__(
+        self,
+        path: Path | str,
+        message: str,
+        line: int | None = None,
+        column: int | None = None,
+        excerpt: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = str(path)
+        self.message = message
+        self.line = line
+        self.column = column
+        self.excerpt = excerpt
+
+    def render(self) -> str:
+        where = self.path
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        text = f"{where}: error: {self.message}"
+        if self.excerpt is not None and self.column is not None:
+            text += f"\n  {self.excerpt}\n  {' ' * (self.column - 1)}^"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class VmConfig:
+    """A VM vmplug manages, reached over QMP."""
+
+    name: str
+    qmp: str
+    shared: bool = False
+    usb_bus: str | None = None
+    add_controller: bool = False
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.qmp.startswith("tcp:")
+
+
+@dataclass(frozen=True, slots=True)
+class RuleConfig:
+    """One ``[[rule]]``: a match and its target (a VM, or block)."""
+
+    index: int
+    rule: Rule
+    attach: str | None
+    block: bool
+    line: int | None = None
+
+    @property
+    def target(self) -> str:
+        return "block" if self.block else f"attach to {self.attach}"
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    socket: str = "/run/vmplug/vmplug.sock"
+    database: str = "/var/lib/vmplug/vmplug.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    vms: Mapping[str, VmConfig]
+    rules: tuple[RuleConfig, ...]
+    daemon: DaemonConfig = DaemonConfig()
+
+    def decide(self, device: UsbDevice) -> RuleConfig | None:
+        """The first rule that matches the device (``None``: stays on the host).
+
+        Hubs never match: QEMU cannot pass a hub through.
+        """
+        if device.is_hub or device.is_root_hub:
+            return None
+        for rc in self.rules:
+            if rc.rule.matches(device):
+                return rc
+        return None
+
+
+def config_path(explicit: str | Path | None = None) -> Path:
+    """``explicit``, else ``VMPLUG_CONFIG``, else ``/etc/vmplug/vmplug.toml``."""
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("VMPLUG_CONFIG") or DEFAULT_PATH)
+
+
+class _Locator:
+    """Finds where tables and keys stand in the TOML text (tomllib gives no positions)."""
+
+    _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?")
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        # (line number, header text, is_array) for every table header
+        self.headers: list[tuple[int, str, bool]] = []
+        for n, line in enumerate(self.lines, 1):
+            m = self._HEADER.match(line)
+            if m:
+                self.headers.append((n, re.sub(r"\s+", "", m.group(2)), m.group(1) == "[["))
+
+    def table(self, header: str, occurrence: int = 0, array: bool = False) -> int | None:
+        found = [n for n, h, a in self.headers if h == header and a == array]
+        return found[occurrence] if occurrence < len(found) else None
+
+    def key(self, table_line: int | None, key: str) -> tuple[int, int] | None:
+        """(line, column of the value) of ``key = …`` inside the table at table_line."""
+        if table_line is None:
+            return None
+        pattern = re.compile(rf"^(\s*{re.escape(key)}\s*=\s*)")
+        for n in range(table_line + 1, len(self.lines) + 1):
+            line = self.lines[n - 1]
+            if self._HEADER.match(line):
+                return None
+            m = pattern.match(line)
+            if m:
+                return n, len(m.group(1)) + 1
+        return None
+
+    def excerpt(self, line: int | None) -> str | None:
+        if line is None or not 0 < line <= len(self.lines):
+            return None
+        return self.lines[line - 1]
+
+
+_VM_KEYS = {"qmp", "shared", "usb_bus", "add_controller"}
+_RULE_KEYS = {"attach", "block", "match", "comment"}
+_DAEMON_KEYS = {"socket", "database"}
+_TOP_KEYS = {"vm", "rule", "daemon"}
+
+
+def _type_name(value: object) -> str:
+    return {bool: "a boolean", str: "a string", int: "an integer", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+class _Loader:
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.loc = _Locator(text)
+
+    def error(
+        self, message: str, where: tuple[int, int] | int | None = None, col: int | None = None
+    ) -> ConfigError:
+        line: int | None
+        if isinstance(where, tuple):
+            line, col = where
+        else:
+            line = where
+        return ConfigError(self.path, message, line, col, self.loc.excerpt(line))
+
+    def unknown_keys(
+        self, table: Mapping[str, Any], allowed: Iterable[str], what: str, line: int | None
+    ) -> None:
+        for key in table:
+            if key not in allowed:
+                where = self.loc.key(line, key) or line
+                expected = ", ".join(sorted(allowed))
+                raise self.error(
+                    f"unknown key {key!r} in {what} (expected one of: {expected})", where
+                )
+
+    def typed(
+        self, table: Mapping[str, Any], key: str, kind: type, what: str, line: int | None
+    ) -> Any:
+        value = table.get(key)
+        if (
+            (value is not None
+            and not isinstance(value, kind))
+            or (kind is int and isinstance(value, bool))
+        ):
+            where = self.loc.key(line, key) or line
+            raise self.error(
+                f"{what}: {key} must be {_type_name(kind())}, not {_type_name(value)}", where
+            )
+        return value
+
+    def vm(self, name: str, table: Any) -> VmConfig:
+        line = self.loc.table(f"vm.{name}") or self.loc.table(f'vm."{name}"')
+        what = f"[vm.{name}]"
+        if not isinstance(table, dict):
+            raise self.error(f"{what} must be a table", line)
+        if not _VM_NAME.match(name):
+            raise self.error(
+                f"VM name {name!r}: use letters, digits, '_', '.', '-' (at most 64)", line
+            )
+        self.unknown_keys(table, _VM_KEYS, what, line)
+        qmp = self.typed(table, "qmp", str, what, line)
+        if not qmp:
+            raise self.error(f'{what}: missing qmp = "PATH" or "tcp:HOST:PORT"', line)
+        if qmp.startswith("tcp:"):
+            m = _TCP.match(qmp)
+            if not m or not 0 < int(m.group("port")) < 65536:
+                where = self.loc.key(line, "qmp") or line
+                raise self.error(f"{what}: qmp {qmp!r} is not tcp:HOST:PORT", where)
+        elif not qmp.startswith("/"):
+            where = self.loc.key(line, "qmp") or line
+            raise self.error(f"{what}: qmp socket path {qmp!r} must be absolute", where)
+        return VmConfig(
+            name=name,
+            qmp=qmp,
+            shared=bool(self.typed(table, "shared", bool, what, line)),
+            usb_bus=self.typed(table, "usb_bus", str, what, line),
+            add_controller=bool(self.typed(table, "add_controller", bool, what, line)),
+        )
+
+    def rule(self, index: int, table: Any, vms: Mapping[str, VmConfig]) -> RuleConfig:
+        line = self.loc.table("rule", index, array=True)
+        what = f"rule #{index + 1}"
+        if not isinstance(table, dict):
+            raise self.error(f"{what} must be a table", line)
+        self.unknown_keys(table, _RULE_KEYS, what, line)
+        text = self.typed(table, "match", str, what, line)
+        attach = self.typed(table, "attach", str, what, line)
+        block = self.typed(table, "block", bool, what, line)
+        if text is None:
+            raise self.error(f"{what}: missing match = 'RULE'", line)
+        if (attach is None) == (not block):
+            raise self.error(f'{what}: give exactly one of attach = "VM" or block = true', line)
+        if attach is not None and attach not in vms:
+            known = ", ".join(sorted(vms)) or "none defined"
+            where = self.loc.key(line, "attach") or line
+            raise self.error(
+                f"{what}: attach names VM {attach!r}, which has no [vm.{attach}] table "
+                f"(VMs: {known})",
+                where,
+            )
+        try:
+            rule = parse_rule(text)
+        except RuleSyntaxError as exc:
+            where = self.loc.key(line, "match")
+            if where is None:
+                raise self.error(f"{what}: {exc.message}", line) from None
+            mline, mcol = where
+            # Point into the rule text when it sits on one line after its quote.
+            excerpt = self.loc.excerpt(mline) or ""
+            if exc.line == 1 and excerpt[mcol - 1 : mcol] in ("'", '"'):
+                mcol += 1 + exc.column
+            raise self.error(f"{what}: bad match rule: {exc.message}", mline, mcol) from None
+        return RuleConfig(index=index, rule=rule, attach=attach, block=bool(block), line=line)
+
+    def load(self, data: Mapping[str, Any]) -> Config:
+        self.unknown_keys(data, _TOP_KEYS, "the top level", 0)
+        vm_tables = data.get("vm", {})
+        if not isinstance(vm_tables, dict):
+            raise self.error("vm must be tables: [vm.NAME]")
+        vms = {name: self.vm(name, table) for name, table in vm_tables.items()}
+        rule_tables = data.get("rule", [])
+        if not isinstance(rule_tables, list):
+            raise self.error("rules must be an array of tables: [[rule]]", self.loc.table("rule"))
+        rules = tuple(self.rule(i, t, vms) for i, t in enumerate(rule_tables))
+        daemon_table = data.get("daemon", {})
+        line = self.loc.table("daemon")
+        if not isinstance(daemon_table, dict):
+            raise self.error("daemon must be a table: [daemon]")
+        self.unknown_keys(daemon_table, _DAEMON_KEYS, "[daemon]", line)
+        defaults = DaemonConfig()
+        daemon = DaemonConfig(
+            socket=self.typed(daemon_table, "socket", str, "[daemon]", line) or defaults.socket,
+            database=self.typed(daemon_table, "database", str, "[daemon]", line)
+            or defaults.database,
+        )
+        return Config(path=str(self.path), vms=vms, rules=rules, daemon=daemon)
+
+
+def parse_config(text: str, path: Path | str = "<config>") -> Config:
+    """Validate TOML text into a :class:`Config`; raises :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib says "... (at line L, column C)"; keep its words, add our format.
+        m = re.search(r"\(at line (\d+), column (\d+)\)$", str(exc))
+        message = re.sub(r"\s*\(at line \d+, column \d+\)$", "", str(exc))
+        message = f"invalid TOML: {message[:1].lower()}{message[1:]}"
+        if m:
+            line, col = int(m.group(1)), int(m.group(2))
+            lines = text.splitlines()
+            excerpt = lines[line - 1] if 0 < line <= len(lines) else None
+            raise ConfigError(path, message, line, col, excerpt) from None
+        raise ConfigError(path, message) from None
+    return _Loader(path, text).load(data)
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Read and validate the config file; raises :class:`ConfigError`."""
+    path = config_path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            path, "no such file (create it, or name another with --config or VMPLUG_CONFIG)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, f"not UTF-8 text (byte {exc.start})") from None
+    return parse_config(text, path)
+
+
+def decisions(
+    config: Config, devices: Sequence[UsbDevice]
+) -> list[tuple[UsbDevice, RuleConfig | None]]:
+    """For each non-root-hub device, the rule it meets (``None``: none)."""
+    return [(d, config.decide(d)) for d in devices if not d.is_root_hub]

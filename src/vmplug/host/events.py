@@ -1,0 +1,213 @@
+"""Where the daemon learns that devices came or went.
+
+Events only say *what to look at again*; the reconciler re-reads the device
+from sysfs (or forgets it on ``remove``) and recomputes what it wants.  A lost
+message is therefore harmless as long as vmplug notices the loss: the netlink
+socket reports it as ``ENOBUFS``, and the daemon answers with a full rescan.
+
+:class:`NetlinkEventSource` reads the kernel's or udevd's uevents through a
+pyudev ``Monitor`` driven by the asyncio loop (``add_reader``, no thread).
+:class:`ReplayEventSource` reads the same events, recorded from a real kernel,
+from a FIFO or file as JSON lines: it stands in for a kernel on hosts without
+USB (tests and CI), never in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+#: Actions the daemon cares about for usb_device: ``bind`` means ready.
+READY_ACTION = "bind"
+GONE_ACTION = "remove"
+
+
+@dataclass(frozen=True, slots=True)
+class HostEvent:
+    """One uevent of a ``usb``/``usb_device``."""
+
+    action: str  # add, bind, change, unbind, remove
+    port: str  # sysfs name: "2-2.4.2"
+    devpath: str | None = None  # /devices/... (relative to the sysfs root)
+    busnum: int | None = None
+    devnum: int | None = None
+    product: str | None = None  # "vid/pid/bcd" in hex without padding, as the kernel says
+    seqnum: int | None = None
+
+    @classmethod
+    def from_properties(cls, props: Mapping[str, str]) -> HostEvent | None:
+        """Build from uevent properties; ``None`` for anything but a usb_device."""
+        if props.get("SUBSYSTEM") != "usb" or props.get("DEVTYPE") != "usb_device":
+            return None
+        devpath = props.get("DEVPATH")
+        if not devpath:
+            return None
+
+        def num(key: str) -> int | None:
+            value = props.get(key)
+            return int(value) if value and value.isdigit() else None
+
+        return cls(
+            action=props.get("ACTION", "change"),
+            port=devpath.rsplit("/", 1)[-1],
+            devpath=devpath,
+            busnum=num("BUSNUM"),
+            devnum=num("DEVNUM"),
+            product=props.get("PRODUCT"),
+            seqnum=num("SEQNUM"),
+        )
+
+
+EventCallback = Callable[[HostEvent], None]
+OverflowCallback = Callable[[], None]
+
+
+class EventSource(Protocol):
+    description: str
+
+    def start(self, on_event: EventCallback, on_overflow: OverflowCallback) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def udevd_running(run_dir: Path = Path("/run/udev")) -> bool:
+    """udevd creates its control socket here while it runs."""
+    return (run_dir / "control").exists()
+
+
+class NetlinkEventSource:
+    """uevents from the kernel, or from udevd once it has processed them.
+
+    With udevd, events arrive after its rules ran (permissions and symlinks
+    are in place) and the filter on subsystem/devtype runs in the kernel as a
+    socket filter.  Without udevd (containers, minimal guests), the raw kernel
+    events are used and filtered here.
+    """
+
+    RECEIVE_BUFFER = 16 * 1024 * 1024
+
+    def __init__(self, source: str | None = None) -> None:
+        self.source = source or ("udev" if udevd_running() else "kernel")
+        self.description = (
+            "udev events (udevd is running)"
+            if self.source == "udev"
+            else "kernel uevents (no udevd: raw netlink)"
+        )
+        self._monitor: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, on_event: EventCallback, on_overflow: OverflowCallback) -> None:
+        import pyudev  # noqa: PLC0415 - the daemon needs it, `vmplug list` does not
+
+        context = pyudev.Context()
+        monitor = pyudev.Monitor.from_netlink(context, source=self.source)
+        monitor.filter_by(subsystem="usb", device_type="usb_device")
+        with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN past rmem_max
+            monitor.set_receive_buffer_size(self.RECEIVE_BUFFER)
+        monitor.start()
+        self._monitor = monitor
+        self._loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            while True:
+                try:
+                    device = monitor.poll(timeout=0)
+                except OSError as exc:
+                    if exc.errno == errno.ENOBUFS:
+                        log.warning("uevent socket overflowed: events were lost, rescanning")
+                        on_overflow()
+                        continue
+                    if exc.errno in (errno.EAGAIN, errno.EINTR):
+                        return
+                    raise
+                if device is None:
+                    return
+                props = dict(device.properties)
+                props.setdefault("ACTION", device.action or "change")
+                event = HostEvent.from_properties(props)
+                if event is not None:
+                    on_event(event)
+
+        self._loop.add_reader(monitor.fileno(), readable)
+
+    def stop(self) -> None:
+        if self._monitor is not None and self._loop is not None:
+            self._loop.remove_reader(self._monitor.fileno())
+            self._monitor = None
+
+
+class ReplayEventSource:
+    """Recorded uevents as JSON lines (one object of uevent properties per line).
+
+    Reads a FIFO (a test writes events as they "happen") or a regular file.  A
+    line ``{"OVERFLOW": "1"}`` stands for an ENOBUFS the kernel reported.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.description = f"replayed uevents from {path}"
+        self._fd: int | None = None
+        self._buffer = b""
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, on_event: EventCallback, on_overflow: OverflowCallback) -> None:
+        # O_RDWR on a FIFO: never sees EOF when a writer closes, never blocks.
+        self._fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._loop = asyncio.get_running_loop()
+        fd = self._fd
+
+        def readable() -> None:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.stop()
+                return
+            self._buffer += chunk
+            *lines, self._buffer = self._buffer.split(b"\n")
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    props = json.loads(line)
+                except ValueError:
+                    log.warning("replay: ignoring a line that is not JSON: %r", line[:80])
+                    continue
+                if props.get("OVERFLOW"):
+                    on_overflow()
+                    continue
+                event = HostEvent.from_properties({k: str(v) for k, v in props.items()})
+                if event is not None:
+                    on_event(event)
+
+        self._loop.add_reader(fd, readable)
+
+    def stop(self) -> None:
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def make_source(spec: str | None) -> EventSource:
+    """``None``/``auto``: netlink (udev if running); ``kernel``/``udev``; ``replay:PATH``."""
+    if spec is None or spec == "auto":
+        return NetlinkEventSource()
+    if spec in ("kernel", "udev"):
+        return NetlinkEventSource(spec)
+    if spec.startswith("replay:"):
+        return ReplayEventSource(Path(spec[len("replay:") :]))
+    from vmplug.errors import UsageError  # noqa: PLC0415
+
+    raise UsageError(f"unknown event source {spec!r} (auto, kernel, udev or replay:PATH)")
