@@ -49,7 +49,30 @@ class Action:
     reason: str = ""
 
 
-def desired(devices: Iterable[UsbDevice], config: Config) -> frozenset[Attachment]:
+def target(
+    dev: UsbDevice, config: Config, overrides: Mapping[str, str | None] | None = None
+) -> str | None:
+    """The VM a device belongs in, or ``None`` (stays on the host).
+
+    ``overrides`` (stable identity -> VM, or ``None`` for "keep on the host")
+    are one-shot ``vmplug attach``/``detach`` decisions made while the daemon
+    runs; they come before the rules.  Hubs never go anywhere.
+    """
+    if dev.is_hub or dev.is_root_hub:
+        return None
+    if overrides and dev.identity in overrides:
+        return overrides[dev.identity]
+    rc = config.decide(dev)
+    if rc is None or rc.block:
+        return None
+    return rc.attach
+
+
+def desired(
+    devices: Iterable[UsbDevice],
+    config: Config,
+    overrides: Mapping[str, str | None] | None = None,
+) -> frozenset[Attachment]:
     """Every attachment the rules ask for, for the devices present now.
 
     A device whose rule names a VM is wanted there; blocked, unmatched,
@@ -59,12 +82,12 @@ def desired(devices: Iterable[UsbDevice], config: Config) -> frozenset[Attachmen
     for dev in devices:
         if dev.busnum is None or dev.devnum is None:
             continue
-        rc = config.decide(dev)
-        if rc is None or rc.block or rc.attach is None:
+        vm = target(dev, config, overrides)
+        if vm is None:
             continue
         out.add(
             Attachment(
-                vm=rc.attach,
+                vm=vm,
                 qemu_id=dev.qemu_id,
                 hostbus=dev.busnum,
                 hostaddr=dev.devnum,

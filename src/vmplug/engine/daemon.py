@@ -1,0 +1,514 @@
+"""``vmplug run``: wire events, VMs, the reconciler, the store and the API.
+
+The daemon keeps three pieces of state, each owned by one edge:
+
+* ``inventory`` — the devices present, by port path: filled by a full rescan
+  at start and on overflow, then updated one device at a time on ``bind``
+  (re-read from sysfs) and ``remove`` (forgotten; sysfs is gone by then);
+* ``observed`` — per connected VM, the ``vmplug-`` devices QEMU holds: read
+  from QOM when the connection (re)opens or QEMU says something changed,
+  and kept up to date by vmplug's own successful actions;
+* ``overrides`` — one-shot ``attach``/``detach`` decisions taken while running.
+
+Every change only sets ``dirty``; one loop computes ``desired`` and ``plan``
+and carries the plan out.  A failed action is retried with exponential
+backoff until the states agree, and a failure makes vmplug re-read that VM,
+because its picture of the VM may be what was wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from vmplug.config import Config, VmConfig, load_config
+from vmplug.engine.desired import ID_PREFIX, Action, Attachment, desired, plan
+from vmplug.errors import VmplugError
+from vmplug.host import sysfs
+from vmplug.host.events import EventSource, HostEvent
+from vmplug.host.inventory import name_devices
+from vmplug.model import UsbDevice
+
+log = logging.getLogger("vmplug")
+
+RETRY_FIRST = 0.1
+RETRY_MAX = 30.0
+
+
+class VmBackend(Protocol):
+    """What the daemon needs of a VM (see :class:`vmplug.vms.qmp.QmpVm`)."""
+
+    name: str
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def observe(self) -> Mapping[str, Any]: ...
+
+    async def attach(self, dev_id: str, spec: Any) -> None: ...
+
+    async def detach(self, dev_id: str, timeout: float = 5.0) -> None: ...
+
+
+VmFactory = Callable[[VmConfig, Callable[[str, str], None]], VmBackend]
+
+
+def default_vm_factory(vm: VmConfig, on_change: Callable[[str, str], None]) -> VmBackend:
+    from vmplug.vms.qmp import QmpVm  # noqa: PLC0415
+
+    return QmpVm(
+        vm.name,
+        vm.qmp,
+        shared=vm.shared,
+        usb_bus=vm.usb_bus,
+        add_controller=vm.add_controller,
+        on_change=on_change,
+    )
+
+
+@dataclass
+class Retry:
+    attempt: int
+    due: float  # monotonic time
+    error: str
+
+
+@dataclass
+class Stats:
+    """Counters and timings the API, metrics and benchmarks read."""
+
+    started: float = field(default_factory=time.time)
+    passes: int = 0
+    actions_ok: int = 0
+    actions_failed: int = 0
+    events: int = 0
+    rescans: int = 0
+    #: (port, seconds from the bind event to device_add sent), most recent last
+    event_to_add: list[tuple[str, float]] = field(default_factory=list)
+    #: (port, seconds from the bind event to device_add answered)
+    event_to_attached: list[tuple[str, float]] = field(default_factory=list)
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        sysfs_root: Path,
+        source: EventSource,
+        store: Any = None,
+        vm_factory: VmFactory = default_vm_factory,
+        detach_on_exit: bool = False,
+        config_path: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path or Path(config.path)
+        self.sysfs_root = sysfs_root
+        self.source = source
+        self.store = store
+        self.vm_factory = vm_factory
+        self.detach_on_exit = detach_on_exit
+        self.inventory: dict[str, UsbDevice] = {}
+        self.vms: dict[str, VmBackend] = {}
+        self.observed: dict[str, dict[str, Attachment]] = {}
+        self.overrides: dict[str, str | None] = {}
+        self.retries: dict[tuple[str, str], Retry] = {}
+        self.stats = Stats()
+        self._dirty = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._bind_times: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._converged = asyncio.Event()
+
+    # -- small helpers ------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _record_event(self, kind: str, **fields: Any) -> None:
+        if self.store is not None:
+            try:
+                self.store.record_event(kind, **fields)
+            except Exception:  # a full disk must not stop the routing of devices
+                log.exception("cannot record event %s", kind)
+
+    def _record_action(self, **fields: Any) -> None:
+        if self.store is not None:
+            try:
+                self.store.record_action(**fields)
+            except Exception:
+                log.exception("cannot record action")
+
+    def mark_dirty(self) -> None:
+        self._converged.clear()
+        self._dirty.set()
+
+    # -- host side ----------------------------------------------------------
+
+    def rescan(self) -> None:
+        devices = name_devices(sysfs.read_devices(self.sysfs_root))
+        self.inventory = {d.port: d for d in devices if not d.is_root_hub}
+        self.stats.rescans += 1
+        if self.store is not None:
+            for dev in self.inventory.values():
+                with contextlib.suppress(Exception):
+                    self.store.remember_device(dev)
+        self._record_event("rescan", detail={"devices": len(self.inventory)})
+        log.info("rescan: %d USB devices", len(self.inventory))
+        self.mark_dirty()
+
+    def on_host_event(self, event: HostEvent) -> None:
+        self.stats.events += 1
+        if event.action == "bind":
+            path = os.path.realpath(
+                os.path.join(self.sysfs_root, (event.devpath or "").lstrip("/"))  # noqa: PTH118
+            )
+            if not os.path.isdir(path):  # noqa: PTH112 - gone again before we looked
+                return
+            dev = name_devices([sysfs.read_device(path, event.port)])[0]
+            self.inventory[event.port] = dev
+            self._bind_times[dev.identity] = time.perf_counter()
+            log.info("device %s %s bound: %s", dev.port, dev.vidpid, _label(dev))
+            if self.store is not None:
+                with contextlib.suppress(Exception):
+                    self.store.remember_device(dev)
+            self._record_event(
+                "device-bind", identity=dev.identity, port=dev.port, detail=_event_detail(event)
+            )
+            self.mark_dirty()
+        elif event.action == "remove":
+            gone = self.inventory.pop(event.port, None)
+            log.info("device %s removed", event.port)
+            self._record_event(
+                "device-remove",
+                identity=gone.identity if gone else None,
+                port=event.port,
+                detail=_event_detail(event),
+            )
+            self.mark_dirty()
+        elif event.action == "add":
+            # Not ready yet: QEMU would answer "failed to find host usb device".
+            self._record_event("device-add", port=event.port, detail=_event_detail(event))
+
+    def on_overflow(self) -> None:
+        self._record_event("overflow")
+        self.rescan()
+
+    # -- VM side ------------------------------------------------------------
+
+    def on_vm_change(self, vm: str, reason: str) -> None:
+        log.info("vm %s: %s", vm, reason)
+        reason_l = reason.lower()
+        if reason_l in ("disconnected", "disconnect", "shutdown"):
+            self.observed.pop(vm, None)
+            self._record_event("vm-down", vm=vm, detail={"reason": reason})
+            self.mark_dirty()
+            return
+        if reason_l in ("connected", "connect", "reset", "reconnected"):
+            self._record_event("vm-up" if reason_l != "reset" else "vm-reset", vm=vm)
+        self._spawn(self._observe(vm))
+
+    async def _observe(self, name: str) -> None:
+        vm = self.vms.get(name)
+        if vm is None or not vm.connected:
+            self.observed.pop(name, None)
+            return
+        try:
+            raw = await vm.observe()
+        except VmplugError as exc:
+            log.warning("vm %s: cannot read its devices: %s", name, exc)
+            self.observed.pop(name, None)
+            self.mark_dirty()
+            return
+        held: dict[str, Attachment] = {}
+        for dev_id, obs in raw.items():
+            if not dev_id.startswith(ID_PREFIX):
+                continue
+            held[dev_id] = Attachment(
+                vm=name,
+                qemu_id=dev_id,
+                hostbus=getattr(obs, "hostbus", None) or 0,
+                hostaddr=getattr(obs, "hostaddr", None) or 0,
+            )
+        self.observed[name] = held
+        self.mark_dirty()
+
+    async def _start_vm(self, vm: VmConfig) -> None:
+        backend = self.vm_factory(vm, self.on_vm_change)
+        self.vms[vm.name] = backend
+        await backend.start()
+
+    # -- reconciler ---------------------------------------------------------
+
+    def wanted(self) -> frozenset[Attachment]:
+        return desired(self.inventory.values(), self.config, self.overrides)
+
+    async def reconcile_once(self) -> list[Action]:
+        """One pass: diff and act.  Returns the actions it tried."""
+        self.stats.passes += 1
+        reachable = [n for n, vm in self.vms.items() if vm.connected and n in self.observed]
+        actions = plan(self.wanted(), self.observed, reachable)
+        keys = {(a.vm, a.qemu_id) for a in actions}
+        for stale in [k for k in self.retries if k not in keys]:
+            del self.retries[stale]
+        now = time.monotonic()
+        due = [
+            a for a in actions if self.retries.get((a.vm, a.qemu_id), Retry(0, 0, "")).due <= now
+        ]
+        detaches = [a for a in due if a.kind == "detach"]
+        attaches = [a for a in due if a.kind == "attach"]
+        if detaches:
+            await asyncio.gather(*(self._act(a) for a in detaches))
+        if attaches:
+            await asyncio.gather(*(self._act(a) for a in attaches))
+        if not actions:
+            self._converged.set()
+        return due
+
+    async def _act(self, action: Action) -> None:
+        vm = self.vms[action.vm]
+        key = (action.vm, action.qemu_id)
+        att = action.attachment
+        identity = att.identity if att else None
+        attempt = self.retries[key].attempt + 1 if key in self.retries else 1
+        t0 = time.perf_counter()
+        try:
+            if action.kind == "attach" and att is not None:
+                from vmplug.vms.base import UsbHostSpec  # noqa: PLC0415
+
+                spec = UsbHostSpec(
+                    hostbus=att.hostbus,
+                    hostaddr=att.hostaddr,
+                    hostport=None,
+                    vendorid=None,
+                    productid=None,
+                )
+                bound = self._bind_times.pop(att.identity, None)
+                if bound is not None:
+                    self.stats.event_to_add.append((att.port, t0 - bound))
+                await vm.attach(action.qemu_id, spec)
+                if bound is not None:
+                    self.stats.event_to_attached.append((att.port, time.perf_counter() - bound))
+                self.observed.setdefault(action.vm, {})[action.qemu_id] = att
+            else:
+                await vm.detach(action.qemu_id)
+                self.observed.get(action.vm, {}).pop(action.qemu_id, None)
+        except VmplugError as exc:
+            delay = min(RETRY_FIRST * 2 ** (attempt - 1), RETRY_MAX) * random.uniform(0.8, 1.2)  # noqa: S311
+            self.retries[key] = Retry(attempt, time.monotonic() + delay, str(exc))
+            self.stats.actions_failed += 1
+            log.warning(
+                "%s %s %s failed (attempt %d, retry in %.1fs): %s",
+                action.kind, action.qemu_id, action.vm, attempt, delay, exc,
+            )  # fmt: skip
+            self._record_action(
+                kind=action.kind,
+                identity=identity,
+                qemu_id=action.qemu_id,
+                vm=action.vm,
+                ok=False,
+                error_class=getattr(exc, "qmp_class", None) or type(exc).__name__,
+                error=str(exc),
+                duration=time.perf_counter() - t0,
+                attempt=attempt,
+            )
+            self._spawn(self._observe(action.vm))
+            return
+        self.retries.pop(key, None)
+        self.stats.actions_ok += 1
+        elapsed = time.perf_counter() - t0
+        log.info(
+            "%s %s %s ok in %.1f ms (%s)",
+            action.kind, action.qemu_id, action.vm, elapsed * 1000, action.reason,
+        )  # fmt: skip
+        self._record_action(
+            kind=action.kind,
+            identity=identity,
+            qemu_id=action.qemu_id,
+            vm=action.vm,
+            ok=True,
+            duration=elapsed,
+            attempt=attempt,
+        )
+
+    def _next_timeout(self) -> float | None:
+        if not self.retries:
+            return None
+        return max(0.0, min(r.due for r in self.retries.values()) - time.monotonic())
+
+    async def _reconcile_loop(self) -> None:
+        while not self._stopping.is_set():
+            timeout = self._next_timeout()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), timeout)
+            if self._stopping.is_set():
+                return
+            self._dirty.clear()
+            try:
+                await self.reconcile_once()
+            except Exception:
+                log.exception("reconcile pass failed")
+                await asyncio.sleep(RETRY_FIRST)
+                self.mark_dirty()
+
+    async def wait_converged(self, timeout: float) -> bool:
+        """Until a pass found nothing to do (for tests, benchmarks and the API)."""
+        try:
+            await asyncio.wait_for(self._converged.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- config -------------------------------------------------------------
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the config file; an invalid one is refused and the old one stays."""
+        try:
+            new = load_config(self.config_path)
+        except VmplugError as exc:
+            message = exc.render()
+            log.error("reload refused, keeping the running config: %s", message)
+            self._record_event("config-reload", detail={"ok": False, "error": message})
+            return False, message
+        old = self.config
+        self.config = new
+        for name in sorted(set(old.vms) - set(new.vms)):
+            backend = self.vms.pop(name)
+            self.observed.pop(name, None)
+            await backend.stop()
+        for name in sorted(new.vms):
+            if name not in old.vms:
+                await self._start_vm(new.vms[name])
+            elif old.vms[name] != new.vms[name]:
+                await self.vms.pop(name).stop()
+                self.observed.pop(name, None)
+                await self._start_vm(new.vms[name])
+        self._record_event("config-reload", detail={"ok": True, "rules": len(new.rules)})
+        log.info("config reloaded: %d VMs, %d rules", len(new.vms), len(new.rules))
+        self.mark_dirty()
+        return True, f"reloaded: {len(new.vms)} VMs, {len(new.rules)} rules"
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        self._record_event("daemon-start", detail={"pid": os.getpid()})
+        log.info(
+            "vmplug daemon starting (pid %d), events: %s", os.getpid(), self.source.description
+        )
+        self.source.start(self.on_host_event, self.on_overflow)
+        self.rescan()
+        for vm in self.config.vms.values():
+            await self._start_vm(vm)
+        self._spawn(self._reconcile_loop())
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._dirty.set()
+        self.source.stop()
+        if self.detach_on_exit:
+            for name, held in list(self.observed.items()):
+                for dev_id in list(held):
+                    with contextlib.suppress(VmplugError):
+                        await self.vms[name].detach(dev_id)
+        for backend in list(self.vms.values()):
+            with contextlib.suppress(Exception):
+                await backend.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._record_event("daemon-stop")
+        log.info("vmplug daemon stopped")
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        await self.start()
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.stop()
+
+    # -- views --------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        wanted = self.wanted()
+        vms = {}
+        for name, backend in sorted(self.vms.items()):
+            state = getattr(backend, "state", None)
+            vms[name] = {
+                "connected": backend.connected,
+                "state": getattr(state, "name", str(state)).lower() if state else None,
+                "qmp": self.config.vms[name].qmp if name in self.config.vms else None,
+                "devices": sorted(self.observed.get(name, {})),
+            }
+        attachments = []
+        for att in sorted(wanted):
+            held = self.observed.get(att.vm, {}).get(att.qemu_id)
+            retry = self.retries.get((att.vm, att.qemu_id))
+            if held is not None and _same(held, att):
+                state = "attached"
+            else:
+                state = "retrying" if retry else "pending"
+            attachments.append(
+                {
+                    "port": att.port,
+                    "identity": att.identity,
+                    "vm": att.vm,
+                    "qemu_id": att.qemu_id,
+                    "hostbus": att.hostbus,
+                    "hostaddr": att.hostaddr,
+                    "state": state,
+                    "attempts": retry.attempt if retry else 0,
+                    "error": retry.error if retry else None,
+                }
+            )
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "started": self.stats.started,
+                "uptime_s": round(time.time() - self.stats.started, 3),
+                "events": self.source.description,
+                "config": str(self.config_path),
+                "devices": len(self.inventory),
+                "passes": self.stats.passes,
+                "actions_ok": self.stats.actions_ok,
+                "actions_failed": self.stats.actions_failed,
+            },
+            "vms": vms,
+            "attachments": attachments,
+            "overrides": dict(self.overrides),
+        }
+
+
+def _same(a: Attachment, b: Attachment) -> bool:
+    return (a.vm, a.qemu_id, a.hostbus, a.hostaddr) == (b.vm, b.qemu_id, b.hostbus, b.hostaddr)
+
+
+def _label(dev: UsbDevice) -> str:
+    return " ".join(p for p in (dev.display_manufacturer, dev.display_product) if p) or "?"
+
+
+def _event_detail(event: HostEvent) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in dataclasses.asdict(event).items()
+        if v is not None and k in ("busnum", "devnum", "product", "seqnum")
+    }
