@@ -338,3 +338,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             "This is a bug; run again with --debug for the traceback and report it.",
             70,
         )
+
+
+def _register_commands() -> None:
+    """Attach the commands that live in other modules (they import this one)."""
+    import importlib  # noqa: PLC0415
+
+    for module in ("vmplug.cli_daemon",):
+        importlib.import_module(module)
+    try:
+        from vmplug.generate.cli import generate  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - while the generators are being built
+        return
+    cli.add_command(generate)
+
+
+_register_commands()

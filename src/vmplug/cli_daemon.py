@@ -1,0 +1,444 @@
+"""CLI commands around the daemon: run, status, history, attach, detach, reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from vmplug.api.client import call, daemon_running
+from vmplug.cli import EPILOG_ENV, Context, cli, emit_json, pass_ctx
+from vmplug.config import Config, DaemonConfig, config_path, load_config
+from vmplug.errors import UsageError, VmplugError
+from vmplug.host.select import describe, select_one
+
+SOCKET_HELP = "Daemon API socket (default: [daemon] socket in the config, /run/vmplug/vmplug.sock)."
+
+
+def _socket(explicit: str | None, config: Config | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if env := os.environ.get("VMPLUG_SOCKET"):
+        return Path(env)
+    return Path((config.daemon if config else DaemonConfig()).socket)
+
+
+def _maybe_config(obj: Context) -> Config | None:
+    path = config_path(obj.config)
+    return load_config(path) if path.exists() else None
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<N>message`` lines that journald turns into priorities; plain text on a tty."""
+
+    PRIORITY = {  # noqa: RUF012
+        logging.DEBUG: 7,
+        logging.INFO: 6,
+        logging.WARNING: 4,
+        logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.journal:
+            return f"<{self.PRIORITY.get(record.levelno, 6)}>{record.getMessage()}"
+        return super().format(record)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JournalFormatter(journal="JOURNAL_STREAM" in os.environ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("qemu").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------
+# vmplug run
+
+
+@cli.command("run", epilog=EPILOG_ENV)
+@click.option("--socket", "socket_path", metavar="PATH", help=SOCKET_HELP)
+@click.option(
+    "--db", "db_path", metavar="PATH", help="History database (default: [daemon] database)."
+)
+@click.option(
+    "--events",
+    default="auto",
+    show_default=True,
+    metavar="SOURCE",
+    help="auto (udev if udevd runs, else kernel), kernel, udev, or replay:PATH (recorded events).",
+)
+@click.option("--detach-on-exit", is_flag=True, help="Detach vmplug's devices when stopping.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@pass_ctx
+def run_cmd(
+    obj: Context,
+    socket_path: str | None,
+    db_path: str | None,
+    events: str,
+    detach_on_exit: bool,
+    log_level: str,
+) -> None:
+    """Keep every device in the VM its rules name, now and always.
+
+    The daemon reads the config (--config), rescans the USB tree, connects to
+    every VM's QMP socket, attaches what the rules ask for, and from then on
+    follows uevents: a device that is plugged in, replugged (new device
+    number), or whose VM restarts is attached again; an unplugged device is
+    detached.  Failed actions are retried with backoff until the VM holds
+    what the rules say.
+
+    \b
+    Signals: SIGHUP re-reads the config (an invalid one is refused and the
+    running one stays); SIGTERM/SIGINT stop cleanly, leaving attached
+    devices attached unless --detach-on-exit.
+    """
+    from vmplug.api.server import Api  # noqa: PLC0415
+    from vmplug.engine.daemon import Daemon  # noqa: PLC0415
+    from vmplug.host.events import make_source  # noqa: PLC0415
+    from vmplug.store import Store  # noqa: PLC0415
+
+    setup_logging(log_level)
+    path = config_path(obj.config)
+    config = load_config(path)
+    sock = _socket(socket_path, config)
+    if daemon_running(sock):
+        raise VmplugError(f"a vmplug daemon already answers on {sock}")
+    db = Path(db_path or config.daemon.database)
+    try:
+        store = Store(db)
+    except OSError as exc:
+        raise VmplugError(f"cannot open the history database {db}: {exc}") from None
+    daemon = Daemon(
+        config,
+        sysfs_root=obj.sysfs_root,
+        source=make_source(events),
+        store=store,
+        detach_on_exit=detach_on_exit,
+        config_path=path,
+    )
+
+    async def main() -> None:
+        api = Api(daemon)
+        try:
+            await api.start_unix(sock)
+        except OSError as exc:
+            raise VmplugError(f"cannot listen on {sock}: {exc.strerror or exc}") from None
+        logging.getLogger("vmplug").info("API on %s", sock)
+        try:
+            await daemon.run_forever()
+        finally:
+            await api.stop()
+            sock.unlink(missing_ok=True)
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------
+# vmplug status
+
+
+@cli.command("status", epilog=EPILOG_ENV)
+@click.option("--socket", "socket_path", metavar="PATH", help=SOCKET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def status_cmd(obj: Context, socket_path: str | None, as_json: bool) -> None:
+    """Show the daemon, its VMs and their connections, and every attachment.
+
+    Exit status 1 when no daemon runs (the message says so).
+    """
+    config = _maybe_config(obj)
+    sock = _socket(socket_path, config)
+    if not daemon_running(sock):
+        if as_json:
+            emit_json({"daemon": None, "socket": str(sock)})
+        else:
+            obj.err.print(f"no vmplug daemon answers on {escape(str(sock))} (start: vmplug run)")
+        raise SystemExit(1)
+    data = call(sock, "GET", "/v1/status")
+    if as_json:
+        emit_json(data)
+        return
+    d = data["daemon"]
+    obj.console.print(
+        f"daemon pid {d['pid']}, up {d['uptime_s']:.0f}s, {d['devices']} devices, "
+        f"{escape(d['events'])}, config {escape(d['config'])}"
+    )
+    vms = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
+    for col in ("VM", "CONNECTED", "STATE", "QMP", "DEVICES"):
+        vms.add_column(col)
+    for name, vm in data["vms"].items():
+        vms.add_row(
+            name,
+            "yes" if vm["connected"] else "[red]no[/]",
+            vm["state"] or "-",
+            escape(vm["qmp"] or "-"),
+            str(len(vm["devices"])),
+        )
+    obj.console.print(vms)
+    atts = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("PORT", "DEVICE", "VM", "QEMU ID", "STATE", "ERROR"):
+        atts.add_column(col, overflow="fold")
+    for a in data["attachments"]:
+        atts.add_row(
+            a["port"],
+            escape(a["identity"]),
+            a["vm"],
+            a["qemu_id"],
+            a["state"],
+            escape(a["error"] or ""),
+        )
+    obj.console.print(atts)
+
+
+# ---------------------------------------------------------------------------
+# vmplug history
+
+
+@cli.command("history", epilog=EPILOG_ENV)
+@click.argument("device", required=False)
+@click.option(
+    "--db", "db_path", metavar="PATH", help="History database (default: [daemon] database)."
+)
+@click.option("-n", "--limit", default=50, show_default=True, type=click.IntRange(1, 100000))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def history_cmd(
+    obj: Context, device: str | None, db_path: str | None, limit: int, as_json: bool
+) -> None:
+    """Show what happened: events and actions, newest last.
+
+    DEVICE (port path, vid:pid or serial of a present device, or a stable
+    identity such as 1235:821a/serial=X) limits it to one device.  Reads the
+    database directly: no daemon needed.
+    """
+    from vmplug.store import Store  # noqa: PLC0415
+
+    config = _maybe_config(obj)
+    db = Path(db_path or (config.daemon if config else DaemonConfig()).database)
+    if not db.exists():
+        raise VmplugError(f"no history database at {db} (has the daemon run? --db PATH)")
+    identity = None
+    if device:
+        identity = device
+        if "/" not in device:
+            identity = select_one(obj.devices(include_root_hubs=False), device).identity
+    store = Store(db)
+    try:
+        entries = [e.to_json() for e in store.history(identity, limit=limit)]
+    finally:
+        store.close()
+    if as_json:
+        emit_json(entries)
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("TIME", "WHAT", "DEVICE", "VM", "RESULT"):
+        table.add_column(col, overflow="fold")
+    import datetime as dt  # noqa: PLC0415
+
+    for e in entries:
+        when = dt.datetime.fromtimestamp(e["time"]).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        result = e.get("result") or ""
+        if e.get("error"):
+            result = f"{result}: {e['error']}"
+        table.add_row(
+            when,
+            e["kind"],
+            escape(e.get("identity") or e.get("port") or "-"),
+            e.get("vm") or "-",
+            escape(result),
+        )
+    obj.console.print(table)
+
+
+# ---------------------------------------------------------------------------
+# vmplug attach / detach / reload
+
+
+def _persist(config_file: Path, vm: str | None, device: Any) -> str:
+    """Put a rule for this device first in the config (comments kept)."""
+    import tomlkit  # noqa: PLC0415
+
+    from vmplug.config import parse_config  # noqa: PLC0415
+
+    if device.serial:
+        match = f'id {device.vidpid} serial "{_rule_escape(device.serial)}"'
+    else:
+        match = f'id {device.vidpid} via-port "{device.port}"'
+    doc = tomlkit.parse(config_file.read_text(encoding="utf-8"))
+    rules = doc.get("rule")
+    table = tomlkit.table()
+    if vm is None:
+        table.add("block", True)
+    else:
+        table.add("attach", vm)
+    table.add("match", match)
+    table.add("comment", "added by vmplug --persist")
+    if rules is None:
+        aot = tomlkit.aot()
+        aot.append(table)
+        doc.add("rule", aot)
+    else:
+        rules.insert(0, table)
+    text = tomlkit.dumps(doc)
+    parse_config(text, config_file)  # refuse to write what would not load
+    tmp = config_file.with_name(config_file.name + ".vmplug-tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(config_file)
+    return match
+
+
+def _rule_escape(text: str) -> str:
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode())
+    return "".join(out)
+
+
+async def _direct(vmc: Any, op: str, qemu_id: str, spec: Any = None) -> None:
+    from vmplug.vms.qmp import QmpVm  # noqa: PLC0415
+
+    vm = QmpVm(
+        vmc.name, vmc.qmp, shared=True, usb_bus=vmc.usb_bus, add_controller=vmc.add_controller
+    )
+    await vm.start()
+    try:
+        if op == "attach":
+            await vm.attach(qemu_id, spec)
+        else:
+            await vm.detach(qemu_id)
+    finally:
+        await vm.stop()
+
+
+@cli.command("attach", epilog=EPILOG_ENV)
+@click.argument("device")
+@click.option("--vm", required=True, help="The VM (a [vm.NAME] of the config).")
+@click.option("--persist", is_flag=True, help="Also write a rule for it, first, into the config.")
+@click.option("--socket", "socket_path", metavar="PATH", help=SOCKET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def attach_cmd(
+    obj: Context, device: str, vm: str, persist: bool, socket_path: str | None, as_json: bool
+) -> None:
+    """Attach DEVICE to a VM now.
+
+    DEVICE is a port path (3-1.2), vid:pid (1235:821a) or a serial; when it
+    names more than one device, the error lists them.  With a running daemon
+    the request goes through it (and holds until the daemon stops; add
+    --persist to keep it in the config); without one, vmplug talks to the
+    VM's QMP socket directly, once.
+    """
+    _one_shot(obj, "attach", device, vm, persist, socket_path, as_json)
+
+
+@cli.command("detach", epilog=EPILOG_ENV)
+@click.argument("device")
+@click.option("--persist", is_flag=True, help="Also write a block rule for it into the config.")
+@click.option("--socket", "socket_path", metavar="PATH", help=SOCKET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def detach_cmd(
+    obj: Context, device: str, persist: bool, socket_path: str | None, as_json: bool
+) -> None:
+    """Give DEVICE back to the host (detach it from whatever VM holds it)."""
+    _one_shot(obj, "detach", device, None, persist, socket_path, as_json)
+
+
+def _one_shot(
+    obj: Context,
+    op: str,
+    selector: str,
+    vm: str | None,
+    persist: bool,
+    socket_path: str | None,
+    as_json: bool,
+) -> None:
+    path = config_path(obj.config)
+    config = load_config(path)
+    if vm is not None and vm not in config.vms:
+        raise UsageError(
+            f"no VM named {vm!r} in {path} (VMs: {', '.join(sorted(config.vms)) or 'none'})"
+        )
+    sock = _socket(socket_path, config)
+    devices = obj.devices(include_root_hubs=False)
+    dev = select_one(devices, selector)
+    if dev.is_hub:
+        raise UsageError(f"{dev.port} is a hub: QEMU cannot pass hubs through")
+    result: dict[str, Any] = {"device": describe(dev), "op": op}
+    if persist:
+        result["rule"] = _persist(path, vm, dev)
+    if daemon_running(sock):
+        if persist:
+            call(sock, "POST", "/v1/reload")
+        body = {"device": dev.port} | ({"vm": vm} if vm else {})
+        result |= {"via": "daemon"} | call(sock, "POST", f"/v1/{op}", body)
+    else:
+        from vmplug.vms.base import UsbHostSpec  # noqa: PLC0415
+
+        if dev.busnum is None or dev.devnum is None:
+            raise VmplugError(f"{dev.port} has no bus/device number in sysfs")
+        targets = [config.vms[vm]] if vm else list(config.vms.values())
+        spec = UsbHostSpec(
+            hostbus=dev.busnum, hostaddr=dev.devnum, hostport=None, vendorid=None, productid=None
+        )
+        for vmc in targets:
+            asyncio.run(_direct(vmc, op, dev.qemu_id, spec))
+        result |= {"via": "qmp", "state": "attached" if op == "attach" else "detached"}
+        if op == "attach" and not persist:
+            result["note"] = (
+                "no daemon runs: a replug will not be followed (run `vmplug run`, "
+                "and use --persist to keep this in the config)"
+            )
+    if as_json:
+        emit_json(result)
+        return
+    obj.console.print(f"{op}: {escape(result['device'])}" + (f" -> {vm}" if vm else ""))
+    for key in ("via", "state", "rule", "error", "note"):
+        if result.get(key):
+            obj.console.print(f"  {key}: {escape(str(result[key]))}")
+    if result.get("state") in ("retrying", "pending"):
+        raise SystemExit(1)
+
+
+@cli.command("reload", epilog=EPILOG_ENV)
+@click.option("--socket", "socket_path", metavar="PATH", help=SOCKET_HELP)
+@pass_ctx
+def reload_cmd(obj: Context, socket_path: str | None) -> None:
+    """Make the running daemon re-read its config (like SIGHUP).
+
+    An invalid config is refused with its error, and the daemon keeps the
+    one it runs (exit status 2).
+    """
+    sock = _socket(socket_path, _maybe_config(obj))
+    if not daemon_running(sock):
+        raise VmplugError(f"no vmplug daemon answers on {sock}")
+    data = call(sock, "POST", "/v1/reload")
+    obj.console.print(escape(data["message"]))
