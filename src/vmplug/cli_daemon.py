@@ -259,10 +259,10 @@ def history_cmd(
     import datetime as dt  # noqa: PLC0415
 
     for e in entries:
-        when = dt.datetime.fromtimestamp(e["time"]).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        when = dt.datetime.fromtimestamp(e["ts"]).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         result = e.get("result") or ""
-        if e.get("error"):
-            result = f"{result}: {e['error']}"
+        if e.get("error_message"):
+            result = f"{result}: {e['error_class']}: {e['error_message']}"
         table.add_row(
             when,
             e["kind"],

@@ -133,6 +133,10 @@ class Daemon:
         self._bind_times: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._converged = asyncio.Event()
+        #: qemu id -> identity of devices that left, so their detach names them
+        self._gone: dict[str, str] = {}
+        #: detaches vmplug asked for, so a DEVICE_DELETED for them is no loss
+        self._detaching: set[tuple[str, str]] = set()
 
     # -- small helpers ------------------------------------------------------
 
@@ -148,12 +152,18 @@ class Daemon:
             except Exception:  # a full disk must not stop the routing of devices
                 log.exception("cannot record event %s", kind)
 
-    def _record_action(self, **fields: Any) -> None:
+    def _record_action(self, kind: str, *, identity: str | None, **fields: Any) -> None:
         if self.store is not None:
             try:
-                self.store.record_action(**fields)
+                self.store.record_action(kind, identity=identity or fields["qemu_id"], **fields)
             except Exception:
                 log.exception("cannot record action")
+
+    def _identity_of(self, qemu_id: str) -> str | None:
+        for dev in self.inventory.values():
+            if dev.qemu_id == qemu_id:
+                return dev.identity
+        return self._gone.get(qemu_id)
 
     def mark_dirty(self) -> None:
         self._converged.clear()
@@ -194,6 +204,8 @@ class Daemon:
             self.mark_dirty()
         elif event.action == "remove":
             gone = self.inventory.pop(event.port, None)
+            if gone is not None:
+                self._gone[gone.qemu_id] = gone.identity
             log.info("device %s removed", event.port)
             self._record_event(
                 "device-remove",
@@ -219,6 +231,14 @@ class Daemon:
             self.observed.pop(vm, None)
             self._record_event("vm-down", vm=vm, detail={"reason": reason})
             self.mark_dirty()
+            return
+        if reason_l.startswith("device_deleted"):
+            # "DEVICE_DELETED:<id>": one we did not ask to remove is a loss.
+            dev_id = reason.partition(":")[2]
+            if dev_id and (vm, dev_id) not in self._detaching:
+                if self.observed.get(vm, {}).pop(dev_id, None) is not None:
+                    self._record_event("attachment-lost", identity=self._identity_of(dev_id), vm=vm)
+                self.mark_dirty()
             return
         if reason_l in ("connected", "connect", "reset", "reconnected"):
             self._record_event("vm-up" if reason_l != "reset" else "vm-reset", vm=vm)
@@ -246,7 +266,16 @@ class Daemon:
                 hostbus=getattr(obs, "hostbus", None) or 0,
                 hostaddr=getattr(obs, "hostaddr", None) or 0,
             )
+        previous = self.observed.get(name)
         self.observed[name] = held
+        if previous is None:  # (re)connected: record what we found already in place
+            wanted = {a.qemu_id: a for a in self.wanted() if a.vm == name}
+            for dev_id, have in held.items():
+                want = wanted.get(dev_id)
+                if want is not None and _same(have, want):
+                    self._record_action(
+                        "adopt", identity=want.identity, qemu_id=dev_id, vm=name, result="ok"
+                    )
         self.mark_dirty()
 
     async def _start_vm(self, vm: VmConfig) -> None:
@@ -285,7 +314,7 @@ class Daemon:
         vm = self.vms[action.vm]
         key = (action.vm, action.qemu_id)
         att = action.attachment
-        identity = att.identity if att else None
+        identity = att.identity if att else self._identity_of(action.qemu_id)
         attempt = self.retries[key].attempt + 1 if key in self.retries else 1
         t0 = time.perf_counter()
         try:
@@ -307,7 +336,11 @@ class Daemon:
                     self.stats.event_to_attached.append((att.port, time.perf_counter() - bound))
                 self.observed.setdefault(action.vm, {})[action.qemu_id] = att
             else:
-                await vm.detach(action.qemu_id)
+                self._detaching.add(key)
+                try:
+                    await vm.detach(action.qemu_id)
+                finally:
+                    self._detaching.discard(key)
                 self.observed.get(action.vm, {}).pop(action.qemu_id, None)
         except VmplugError as exc:
             delay = min(RETRY_FIRST * 2 ** (attempt - 1), RETRY_MAX) * random.uniform(0.8, 1.2)  # noqa: S311
@@ -318,14 +351,14 @@ class Daemon:
                 action.kind, action.qemu_id, action.vm, attempt, delay, exc,
             )  # fmt: skip
             self._record_action(
-                kind=action.kind,
+                action.kind,
                 identity=identity,
                 qemu_id=action.qemu_id,
                 vm=action.vm,
-                ok=False,
+                result="error",
                 error_class=getattr(exc, "qmp_class", None) or type(exc).__name__,
-                error=str(exc),
-                duration=time.perf_counter() - t0,
+                error_message=str(exc),
+                duration_s=time.perf_counter() - t0,
                 attempt=attempt,
             )
             self._spawn(self._observe(action.vm))
@@ -338,12 +371,12 @@ class Daemon:
             action.kind, action.qemu_id, action.vm, elapsed * 1000, action.reason,
         )  # fmt: skip
         self._record_action(
-            kind=action.kind,
+            action.kind,
             identity=identity,
             qemu_id=action.qemu_id,
             vm=action.vm,
-            ok=True,
-            duration=elapsed,
+            result="ok",
+            duration_s=elapsed,
             attempt=attempt,
         )
 
