@@ -235,6 +235,12 @@ def _string(text: str, start: int) -> _Token:
             i += 1
             continue
         esc = text[i + 1] if i + 1 < n else ""
+        if esc in ("", "\r", "\n"):
+            raise RuleSyntaxError.at(
+                "unterminated string: expected a closing '\"' after the final '\\'",
+                text,
+                start,
+            )
         if esc == "x":
             digits = text[i + 2 : i + 4]
             if len(digits) != 2 or not set(digits) <= _HEX:
@@ -248,12 +254,8 @@ def _string(text: str, start: int) -> _Token:
             i += 4
             continue
         if esc not in _SIMPLE_ESCAPES:
-            shown = esc if esc and esc not in "\r\n" else ""
             raise RuleSyntaxError.at(
-                f"unknown escape sequence '\\{shown}': expected one of {_ESCAPE_LIST}",
-                text,
-                i,
-                2 if shown else 1,
+                f"unknown escape sequence '\\{esc}': expected one of {_ESCAPE_LIST}", text, i, 2
             )
         if raw:
             out.append(raw.decode("utf-8", "surrogateescape"))
