@@ -87,78 +87,104 @@ def _strings(name: str, op: SetOperator, values: tuple[str, ...]) -> Predicate:
         # equals/equals-ordered: as many listed values as device values (one).
         return _never
     value = values[0]
-    return lambda d, _t: (get(d) or "") == value
+    if not value:
+        return lambda d, _t: not get(d)
+    return lambda d, _t: get(d) == value
 
 
 def _ids(op: SetOperator, patterns: tuple[DeviceIdPattern, ...]) -> Predicate:
     """``id``: D is ``((vendor, product),)``, or empty when the device has no IDs."""
+    if op in (_ALL_OF, _EQUALS, _EQUALS_ORDERED):
+        if op is not _ALL_OF and len(patterns) != 1:
+            return _never  # several listed values vs the device's one
+        # Every pattern must match the one device ID: intersect them.
+        vendors = {p.vendor for p in patterns if p.vendor is not None}
+        products = {p.product for p in patterns if p.product is not None}
+        if len(vendors) > 1 or len(products) > 1:
+            return _never
+        if not vendors:
+            return lambda d, _t: d.vendor_id is not None and d.product_id is not None
+        (vendor,) = vendors
+        if not products:
+            return lambda d, _t: d.vendor_id == vendor and d.product_id is not None
+        (product,) = products
+        return lambda d, _t: d.vendor_id == vendor and d.product_id == product
+
+    # one-of, none-of, match-all: is the device's ID matched by some pattern?
     exact = frozenset((p.vendor, p.product) for p in patterns if p.product is not None)
-    vendors = frozenset(p.vendor for p in patterns if p.vendor is not None and p.product is None)
+    by_vendor = frozenset(p.vendor for p in patterns if p.vendor is not None and p.product is None)
     any_id = any(p.vendor is None for p in patterns)
-
-    def listed(vendor: int, product: int) -> bool:  # some r matches the device's ID
-        return any_id or vendor in vendors or (vendor, product) in exact
-
-    def each(vendor: int, product: int) -> bool:  # every r matches the device's ID
-        return all(
-            (p.vendor is None or p.vendor == vendor) and (p.product is None or p.product == product)
-            for p in patterns
-        )
-
-    test: Callable[[int, int], bool]
-    if op in (_ONE_OF, _MATCH_ALL):
-        test = listed
-    elif op is _NONE_OF:
-        test = lambda v, p: not listed(v, p)  # noqa: E731
-    elif op is _ALL_OF or len(patterns) == 1:  # equals with one value is all-of
-        test = each
-    else:
-        return _never  # equals/equals-ordered with several values vs one device ID
-    # With no ID the device's set is empty: only none-of and match-all hold.
-    absent = op in (_NONE_OF, _MATCH_ALL)
+    # With no ID the device's set is empty: one-of fails, none-of and match-all hold.
+    absent = op is not _ONE_OF
+    hit = op is not _NONE_OF
 
     def pred(d: UsbDevice, _t: tuple[Triple, ...]) -> bool:
         vendor, product = d.vendor_id, d.product_id
         if vendor is None or product is None:
             return absent
-        return test(vendor, product)
+        if any_id or vendor in by_vendor or (vendor, product) in exact:
+            return hit
+        return not hit
 
     return pred
 
 
-def _matches_interface(pattern: tuple[int, ...], triple: Triple) -> bool:
-    return triple[: len(pattern)] == pattern
-
-
 def _interfaces(op: SetOperator, patterns: tuple[InterfacePattern, ...]) -> Predicate:
-    """``with-interface``: D is every interface descriptor, alternate settings included."""
-    prefixes = tuple(p.prefix for p in patterns)
-    full = frozenset(p for p in prefixes if len(p) == 3)
-    two = frozenset(p for p in prefixes if len(p) == 2)
-    one = frozenset(p[0] for p in prefixes if len(p) == 1)
+    """``with-interface``: D is every interface descriptor, alternate settings included.
 
-    def listed(x: Triple) -> bool:  # some r matches x
-        return x in full or (x[0] in one) or (bool(two) and x[:2] in two)
+    A pattern is a prefix of the (class, subclass, protocol) triple, since usbguard
+    only allows ``cc:*:*``, ``cc:ss:*`` and ``cc:ss:pp``.
+    """
+    prefixes = tuple((len(p.prefix), p.prefix) for p in patterns)
+    full = frozenset(p for n, p in prefixes if n == 3)
+    two = frozenset(p for n, p in prefixes if n == 2)
+    one = frozenset(p[0] for n, p in prefixes if n == 1)
+
+    if two:
+
+        def listed(x: Triple) -> bool:  # some pattern matches x
+            return x[0] in one or x in full or x[:2] in two
+    else:
+
+        def listed(x: Triple) -> bool:
+            return x[0] in one or x in full
 
     def one_of(_d: UsbDevice, triples: tuple[Triple, ...]) -> bool:
-        return any(listed(x) for x in triples)
+        for x in triples:  # noqa: SIM110 - no generator on the hot path
+            if listed(x):
+                return True
+        return False
 
-    def none_of(_d: UsbDevice, triples: tuple[Triple, ...]) -> bool:
-        return not any(listed(x) for x in triples)
+    def none_of(d: UsbDevice, triples: tuple[Triple, ...]) -> bool:
+        return not one_of(d, triples)
 
     def match_all(_d: UsbDevice, triples: tuple[Triple, ...]) -> bool:
-        return all(listed(x) for x in triples)
+        for x in triples:  # noqa: SIM110 - no generator on the hot path
+            if not listed(x):
+                return False
+        return True
 
     def all_of(_d: UsbDevice, triples: tuple[Triple, ...]) -> bool:
-        return all(any(_matches_interface(r, x) for x in triples) for r in prefixes)
+        for n, r in prefixes:
+            for x in triples:
+                if x[:n] == r:
+                    break
+            else:
+                return False
+        return True
+
+    count = len(prefixes)
 
     def equals(d: UsbDevice, triples: tuple[Triple, ...]) -> bool:
-        return len(triples) == len(prefixes) and all_of(d, triples)
+        return len(triples) == count and all_of(d, triples)
 
     def equals_ordered(_d: UsbDevice, triples: tuple[Triple, ...]) -> bool:
-        return len(triples) == len(prefixes) and all(
-            _matches_interface(r, x) for r, x in zip(prefixes, triples, strict=True)
-        )
+        if len(triples) != count:
+            return False
+        for (n, r), x in zip(prefixes, triples, strict=True):  # noqa: SIM110 - no generator on the hot path
+            if x[:n] != r:
+                return False
+        return True
 
     preds: dict[SetOperator, Predicate] = {
         _ONE_OF: one_of,
@@ -192,7 +218,15 @@ def _conjunction(preds: list[Predicate]) -> Predicate:
     if len(preds) == 2:
         first, second = preds
         return lambda d, t: first(d, t) and second(d, t)
-    return lambda d, t: all(p(d, t) for p in preds)
+    tests = tuple(preds)
+
+    def every(d: UsbDevice, t: tuple[Triple, ...]) -> bool:
+        for test in tests:  # noqa: SIM110 - no generator on the hot path
+            if not test(d, t):
+                return False
+        return True
+
+    return every
 
 
 @dataclass(frozen=True, slots=True)
