@@ -1,0 +1,155 @@
+"""A systemd unit for the ``vmplug run`` daemon.
+
+It starts after udev (devices are enumerated and the rules vmplug wrote have
+run) and after the container runtime and libvirt (the VMs it serves live
+there); ``After=`` on a unit that is not installed is a no-op, so one unit
+fits every host.  It restarts on failure; vmplug's own state is level
+triggered, so a restart picks up where the last run left off.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmplug.generate.common import CannotExpress
+
+UNIT_DIR = Path("/etc/systemd/system")
+UNIT_NAME = "vmplug.service"
+AFTER = (
+    "systemd-udevd.service",
+    "systemd-udev-settle.service",
+    "network-online.target",
+    "docker.service",
+    "containerd.service",
+    "podman.service",
+    "libvirtd.service",
+    "virtqemud.service",
+)
+
+Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
+
+
+def exec_quote(word: str) -> str:
+    """One word of an ``ExecStart=`` line, as systemd will read it back.
+
+    systemd splits ``ExecStart=`` like a shell with C escapes inside double
+    quotes (``extract_first_word`` with ``EXTRACT_UNQUOTE|EXTRACT_CUNESCAPE``),
+    then expands ``%`` specifiers and ``$VAR``/``${VAR}``: those are written
+    ``%%`` and ``$$``.
+    """
+    if not word:
+        return '""'
+    if "\0" in word:
+        raise CannotExpress("an ExecStart= argument cannot contain NUL")
+    if word == ";":
+        raise CannotExpress("a lone ';' in ExecStart= separates commands; it cannot be an argument")
+    out = ['"']
+    for ch in word:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "%":
+            out.append("%%")
+        elif ch == "$":
+            out.append("$$")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "'":
+            out.append("\\'")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    quoted = "".join(out)
+    plain = quoted[1:-1]
+    # Simple words stay readable: no quoting needed when nothing special is in them.
+    if plain == word and not any(c in word for c in " \t;'\"\\%$"):
+        return word
+    return quoted
+
+
+@dataclass(frozen=True)
+class SystemdPlan:
+    exec_argv: tuple[str, ...]
+    after: tuple[str, ...] = AFTER
+    restart_sec: int = 2
+
+    def text(self) -> str:
+        exec_line = " ".join(exec_quote(w) for w in self.exec_argv)
+        return (
+            "# vmplug: keeps USB devices attached to VMs across replug and restarts.\n"
+            "# Written by `vmplug generate systemd`.\n"
+            "[Unit]\n"
+            "Description=vmplug USB pass-through daemon\n"
+            "Documentation=man:vmplug(1)\n"
+            "# udev first (devices enumerated, vmplug's rules applied), then the\n"
+            "# container runtime and libvirt that run the VMs; After= on a unit that\n"
+            "# is not installed does nothing.\n"
+            f"After={' '.join(self.after)}\n"
+            "StartLimitIntervalSec=0\n"
+            "\n"
+            "[Service]\n"
+            "Type=simple\n"
+            f"ExecStart={exec_line}\n"
+            "Restart=on-failure\n"
+            f"RestartSec={self.restart_sec}\n"
+            "\n"
+            "[Install]\n"
+            "WantedBy=multi-user.target\n"
+        )
+
+
+def plan_systemd(
+    executable: str, *, config: str | None = None, extra_args: Sequence[str] = ()
+) -> SystemdPlan:
+    if not executable.startswith("/"):
+        raise CannotExpress(f"{executable!r}: ExecStart= needs an absolute path to vmplug")
+    argv = [executable]
+    if config is not None:
+        argv += ["--config", config]
+    argv.append("run")
+    argv += list(extra_args)
+    for word in argv:
+        exec_quote(word)
+    return SystemdPlan(tuple(argv))
+
+
+def _default_run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+
+
+def install_unit(
+    plan: SystemdPlan,
+    *,
+    unit_dir: Path = UNIT_DIR,
+    name: str = UNIT_NAME,
+    enable: bool = True,
+    systemctl: str = "systemctl",
+    run: Runner = _default_run,
+) -> list[str]:
+    """Write the unit, reload systemd and enable+start it; say what was done."""
+    from vmplug.generate.udev import _write_atomic  # noqa: PLC0415 - one helper, two users
+
+    if "/" in name or not name.endswith(".service"):
+        raise CannotExpress(f"{name!r}: a unit name ending in .service, without '/'")
+    path = unit_dir / name
+    _write_atomic(path, plan.text())
+    done = [f"wrote {path}"]
+    steps = [[systemctl, "daemon-reload"]]
+    if enable:
+        steps.append([systemctl, "enable", "--now", name])
+    for argv in steps:
+        res = run(argv)
+        if res.returncode != 0:
+            why = (res.stderr or "").strip().splitlines()[-1:] or [f"status {res.returncode}"]
+            done.append(f"`{' '.join(argv)}` failed: {why[0]}")
+            return done
+        done.append(f"ran `{' '.join(argv)}`")
+    return done
