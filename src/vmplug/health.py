@@ -238,7 +238,7 @@ class _Replay:
             def up() -> None:
                 self.running.add(vm_up)
 
-            self._global(t, up, outage=False)
+            self._global(t, up, outage=False, vm=vm_up)
         elif kind == EventKind.VM_DOWN and e.vm is not None:
             vm = e.vm
 
@@ -248,7 +248,7 @@ class _Replay:
                     if d.attached == vm:
                         d.attached = None
 
-            self._global(t, down, outage=True)
+            self._global(t, down, outage=True, vm=vm)
         elif kind == EventKind.DAEMON_START:
 
             def forget() -> None:
@@ -268,8 +268,14 @@ class _Replay:
             self._global(t, stop, outage=False)
         # vm-reset, rescan, config-reload and unknown kinds change no state.
 
-    def _global(self, t: float, change: Callable[[], None], *, outage: bool) -> None:
-        devs = list(self.devs.values())
+    def _global(
+        self, t: float, change: Callable[[], None], *, outage: bool, vm: str | None = None
+    ) -> None:
+        """Apply a change that may touch many devices (all, or those of ``vm``)."""
+        if vm is None:
+            devs = list(self.devs.values())
+        else:
+            devs = [d for d in self.devs.values() if vm in (d.target, d.attached)]
         before = []
         for d in devs:
             self.advance(d, t)
