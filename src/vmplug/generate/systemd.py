@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmplug.generate.common import CannotExpress
+from vmplug.generate.common import CannotExpress, write_atomic
 
 UNIT_DIR = Path("/etc/systemd/system")
 UNIT_NAME = "vmplug.service"
@@ -135,12 +135,10 @@ def install_unit(
     run: Runner = _default_run,
 ) -> list[str]:
     """Write the unit, reload systemd and enable+start it; say what was done."""
-    from vmplug.generate.udev import _write_atomic  # noqa: PLC0415 - one helper, two users
-
     if "/" in name or not name.endswith(".service"):
         raise CannotExpress(f"{name!r}: a unit name ending in .service, without '/'")
     path = unit_dir / name
-    _write_atomic(path, plan.text())
+    write_atomic(path, plan.text())
     done = [f"wrote {path}"]
     steps = [[systemctl, "daemon-reload"]]
     if enable:

@@ -26,16 +26,20 @@ nothing can break out of the quotes.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vmplug.generate.common import CannotExpress, check_passable, comment_text, device_label
+from vmplug.generate.common import (
+    CannotExpress,
+    check_passable,
+    comment_text,
+    device_label,
+    write_atomic,
+)
 from vmplug.model import UsbDevice
 
 RULES_DIR = Path("/etc/udev/rules.d")
@@ -176,19 +180,6 @@ def _default_run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        Path(tmp).chmod(mode)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def install_rules(
     rules: Sequence[UdevRule],
     *,
@@ -214,7 +205,7 @@ def install_rules(
         files = {r.filename: render_rules([r]) for r in rules}
     for name, text in files.items():
         path = rules_dir / name
-        _write_atomic(path, text)
+        write_atomic(path, text)
         done.append(f"wrote {path}")
     reload = run([udevadm, "control", "--reload"])
     if reload.returncode != 0:

@@ -1,0 +1,435 @@
+"""``vmplug generate``: configuration for QEMU, Docker, libvirt, udev, SPICE and systemd.
+
+Every subcommand takes the same device selectors as ``vmplug attach`` (a port
+path ``3-1.2``, ``vid:pid``, a serial, or ``rule:RULE``), prints the
+configuration on stdout and anything meant for a person on stderr, and takes
+``--json`` for scripts.  Errors (no such device, a hub, a value the format
+cannot express) exit with status 2 and change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from vmplug.errors import UsageError
+from vmplug.generate import compose as compose_mod
+from vmplug.generate import libvirt as libvirt_mod
+from vmplug.generate import qemu as qemu_mod
+from vmplug.generate import spice as spice_mod
+from vmplug.generate import systemd as systemd_mod
+from vmplug.generate import udev as udev_mod
+from vmplug.generate.common import write_atomic
+from vmplug.host.select import select_many
+from vmplug.model import UsbDevice
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SELECTORS_HELP = (
+    "DEVICE is a port path (3-1.2), vid:pid (1235:821a), a serial number, or rule:RULE "
+    "(as for `vmplug attach`)."
+)
+
+
+def load_devices(ctx: click.Context) -> list[UsbDevice]:
+    """The host's USB devices, read the way the main command is configured.
+
+    The main ``vmplug`` command puts a context object with ``devices()`` in
+    ``ctx.obj`` (honouring ``--sysfs-root`` / ``VMPLUG_SYSFS_ROOT``); run on
+    its own (tests), the group falls back to the root command's
+    ``sysfs_root`` parameter and the environment.
+    """
+    obj = ctx.find_root().obj
+    devices_fn = getattr(obj, "devices", None)
+    if callable(devices_fn):
+        return list(devices_fn(include_root_hubs=False))
+    from vmplug.host.inventory import read_devices  # noqa: PLC0415
+
+    root_param = ctx.find_root().params.get("sysfs_root")
+    return [d for d in read_devices(root_param) if not d.is_root_hub]
+
+
+def _selected(ctx: click.Context, selectors: Sequence[str]) -> list[UsbDevice]:
+    if not selectors:
+        raise UsageError(f"name at least one device. {SELECTORS_HELP}")
+    return select_many(load_devices(ctx), list(selectors))
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _device_args(fn: F) -> F:
+    fn = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
+    return click.argument("selectors", nargs=-1, metavar="DEVICE...")(fn)
+
+
+@click.group("generate", context_settings={"help_option_names": ["-h", "--help"]})
+def generate() -> None:
+    """Write configuration for QEMU, Docker, libvirt, udev, SPICE and systemd.
+
+    Each generator matches devices the way that survives replug (vendor and
+    product id, or host port), never by device number, and refuses what
+    cannot work (hubs, identical devices it cannot tell apart, values the
+    format cannot quote).
+    """
+
+
+# ---------------------------------------------------------------------------
+# qemu
+
+
+_BY_PORT_HELP = (
+    "Match by host bus and port instead of vendor/product id: for identical devices "
+    "(same id, which usb-host cannot tell apart) or a device that must come from one "
+    "socket (a dock). The device must stay in that socket."
+)
+
+
+@generate.command("qemu", epilog=SELECTORS_HELP)
+@_device_args
+@click.option("--by-port", is_flag=True, help=_BY_PORT_HELP)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["args", "readconfig"]),
+    default="args",
+    show_default=True,
+    help="Command-line arguments, or a file for QEMU's -readconfig.",
+)
+@click.option("--qmp", metavar="SOCKET", help="Also add a QMP unix socket for vmplug.")
+@click.option("--isobufs", type=click.IntRange(1, 1024), help="Override iso buffer count.")
+@click.option("--isobsize", type=click.IntRange(1, 1024), help="Override packets per iso buffer.")
+@click.pass_context
+def qemu_cmd(
+    ctx: click.Context,
+    selectors: tuple[str, ...],
+    as_json: bool,
+    by_port: bool,
+    fmt: str,
+    qmp: str | None,
+    isobufs: int | None,
+    isobsize: int | None,
+) -> None:
+    """QEMU options: a qemu-xhci controller and one usb-host per DEVICE.
+
+    Each usb-host gets a stable id (vmplug-<hash of the device's identity>)
+    and a fixed guest port; USB 3 devices sit on the controller's USB 3
+    ports.  Audio interfaces with isochronous endpoints get larger
+    isobufs/isobsize, with a comment saying why.
+    """
+    devices = _selected(ctx, selectors)
+    plan = qemu_mod.plan_qemu(devices, by_port=by_port, qmp=qmp, isobufs=isobufs, isobsize=isobsize)
+    text = qemu_mod.render_readconfig(plan) if fmt == "readconfig" else qemu_mod.render_args(plan)
+    if as_json:
+        _emit_json({**plan.to_json(), "format": fmt, "text": text})
+        return
+    click.echo(text, nl=False)
+
+
+# ---------------------------------------------------------------------------
+# compose
+
+
+@generate.command("compose", epilog=SELECTORS_HELP)
+@_device_args
+@click.option("--service", default="windows", show_default=True, help="Compose service name.")
+@click.option("--vm", "vm", metavar="NAME", help="VM name in vmplug's config (default: service).")
+@click.option("--by-port", is_flag=True, help=_BY_PORT_HELP)
+@click.option(
+    "--qmp-dir",
+    default="./qmp",
+    show_default=True,
+    help="Host folder bind-mounted at /qmp for vmplug's QMP socket (relative to the compose file).",
+)
+@click.option(
+    "--qmp-env",
+    is_flag=True,
+    help="Use the QMP variable of newer images instead of -qmp in ARGUMENTS.",
+)
+@click.option(
+    "--merge",
+    "merge_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Add to this existing compose file (in place), keeping its comments and order.",
+)
+@click.option("--stdout", "to_stdout", is_flag=True, help="With --merge: print, do not write.")
+@click.pass_context
+def compose_cmd(
+    ctx: click.Context,
+    selectors: tuple[str, ...],
+    as_json: bool,
+    service: str,
+    vm: str | None,
+    by_port: bool,
+    qmp_dir: str,
+    qmp_env: bool,
+    merge_file: Path | None,
+    to_stdout: bool,
+) -> None:
+    """A dockurr/windows compose service whose USB devices survive replug.
+
+    /dev/bus/usb is bind-mounted (Docker's devices: list only holds the
+    nodes present at container start), device_cgroup_rules allows USB nodes
+    (major 189), and a QMP socket for vmplug lives in a host folder mounted
+    at /qmp.  The usb-host devices go into ARGUMENTS.  The matching
+    [vm.NAME] and [[rule]] entries for vmplug's config are printed on stderr
+    (and in --json).
+    """
+    devices = _selected(ctx, selectors)
+    base = merge_file.resolve().parent if merge_file is not None else Path.cwd()
+    plan = compose_mod.plan_compose(
+        devices,
+        service=service,
+        vm=vm,
+        by_port=by_port,
+        qmp_dir=qmp_dir,
+        qmp_env=qmp_env,
+        base_dir=base,
+    )
+    snippet = compose_mod.vmplug_snippet(plan)
+    changes: list[str] = []
+    if merge_file is not None:
+        try:
+            original = merge_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(
+                f"{merge_file}: no such file (leave out --merge for a new one)"
+            ) from None
+        text, changes = compose_mod.merge_text(original, plan)
+        if not to_stdout and not as_json and text != original:
+            write_atomic(merge_file, text, merge_file.stat().st_mode & 0o7777)
+    else:
+        text = compose_mod.render_new(plan)
+    if as_json:
+        _emit_json(
+            {**plan.to_json(), "compose": text, "changes": changes, "vmplug_config": snippet}
+        )
+        return
+    if merge_file is None or to_stdout:
+        click.echo(text, nl=False)
+    if merge_file is not None:
+        if not changes:
+            _say(f"{merge_file}: already up to date")
+        else:
+            verb = "would change" if to_stdout else "updated"
+            _say(f"{merge_file}: {verb}:")
+            for change in changes:
+                _say(f"  {change}")
+    _say(f"\nAdd to vmplug's config (/etc/vmplug/vmplug.toml):\n\n{snippet}")
+
+
+# ---------------------------------------------------------------------------
+# libvirt
+
+
+@generate.command("libvirt", epilog=SELECTORS_HELP)
+@_device_args
+@click.option(
+    "--by-address",
+    is_flag=True,
+    help="Add bus/device number (needed for identical devices; lost when replugged).",
+)
+@click.option(
+    "--qmp", metavar="SOCKET", help="Add a <qemu:commandline> QMP socket so vmplug can manage it."
+)
+@click.option("--domain", "domain", metavar="NAME", help="Print a complete minimal domain.")
+@click.pass_context
+def libvirt_cmd(
+    ctx: click.Context,
+    selectors: tuple[str, ...],
+    as_json: bool,
+    by_address: bool,
+    qmp: str | None,
+    domain: str | None,
+) -> None:
+    """libvirt <hostdev> elements (vendor/product, startupPolicy='optional').
+
+    Paste them into <devices> with `virsh edit`.  --qmp adds the
+    <qemu:commandline> that gives vmplug a QMP socket of its own.
+    """
+    devices = _selected(ctx, selectors)
+    plan = libvirt_mod.plan_libvirt(devices, by_address=by_address, qmp=qmp)
+    if domain is not None:
+        text = libvirt_mod.render_domain(plan, domain)
+    else:
+        text = libvirt_mod.render_fragment(plan)
+    if as_json:
+        _emit_json({**plan.to_json(), "xml": text})
+        return
+    click.echo(text, nl=False)
+
+
+# ---------------------------------------------------------------------------
+# udev
+
+
+@generate.command("udev", epilog=SELECTORS_HELP)
+@_device_args
+@click.option("--group", default="kvm", show_default=True, help="Group that may open the device.")
+@click.option("--mode", default="0660", show_default=True, help="Mode of the device node.")
+@click.option("--by-port", is_flag=True, help="Match the host port too (identical devices).")
+@click.option("--no-serial", is_flag=True, help="Do not match the serial number.")
+@click.option("--install", is_flag=True, help="Write the rules, reload udev, re-apply them.")
+@click.option(
+    "--rules-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=udev_mod.RULES_DIR,
+    show_default=True,
+    help="Where --install writes.",
+)
+@click.option("--file", "single_file", metavar="NAME", help="One rules file for all devices.")
+@click.option("--udevadm", default="udevadm", hidden=True)
+@click.pass_context
+def udev_cmd(
+    ctx: click.Context,
+    selectors: tuple[str, ...],
+    as_json: bool,
+    group: str,
+    mode: str,
+    by_port: bool,
+    no_serial: bool,
+    install: bool,
+    rules_dir: Path,
+    single_file: str | None,
+    udevadm: str,
+) -> None:
+    """udev rules: autosuspend off, a /dev/vmplug/ symlink, group access.
+
+    With --install each device's rules go to their own file
+    (70-vmplug-VID-PID-SERIAL.rules) in --rules-dir, udev reloads them, and
+    they are applied to the devices now; what was done is printed.
+    """
+    devices = _selected(ctx, selectors)
+    rules = udev_mod.plan_udev(
+        devices, group=group, mode=mode, by_port=by_port, match_serial=not no_serial
+    )
+    text = udev_mod.render_rules(rules)
+    done: list[str] = []
+    if install:
+        root = ctx.find_root()
+        sysfs = getattr(root.obj, "sysfs_root", None) or root.params.get("sysfs_root") or "/sys"
+        done = udev_mod.install_rules(
+            rules,
+            rules_dir=rules_dir,
+            single_file=single_file,
+            udevadm=udevadm,
+            sysfs_root=Path(sysfs),
+        )
+    if as_json:
+        _emit_json({"rules": [r.to_json() for r in rules], "text": text, "installed": done})
+        return
+    if install:
+        for line in done:
+            _say(line)
+    else:
+        click.echo(text, nl=False)
+
+
+# ---------------------------------------------------------------------------
+# spice
+
+
+@generate.command("spice", epilog=SELECTORS_HELP)
+@_device_args
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["spice", "qemu"]),
+    default="spice",
+    show_default=True,
+    help="Comma-separated (SPICE clients) or colon-separated (QEMU usb-redir filter=).",
+)
+@click.option("--allow-others", is_flag=True, help="End with allow-all instead of block-all.")
+@click.option("--match-version", is_flag=True, help="Also match the device's bcdDevice.")
+@click.pass_context
+def spice_cmd(
+    ctx: click.Context,
+    selectors: tuple[str, ...],
+    as_json: bool,
+    fmt: str,
+    allow_others: bool,
+    match_version: bool,
+) -> None:
+    """A usbredir filter that lets exactly DEVICE... be redirected.
+
+    \b
+    SPICE client:  remote-viewer --spice-usbredir-auto-redirect-filter='FILTER'
+    QEMU (--format qemu):  -device usb-redir,chardev=...,filter=FILTER
+    """
+    devices = _selected(ctx, selectors)
+    plan = spice_mod.plan_spice(devices, allow_others=allow_others, match_version=match_version)
+    if as_json:
+        _emit_json(plan.to_json())
+        return
+    click.echo(spice_mod.render(plan, fmt), nl=False)
+
+
+# ---------------------------------------------------------------------------
+# systemd
+
+
+def _default_exec() -> str:
+    found = shutil.which("vmplug")
+    if found:
+        return str(Path(found).resolve())
+    return str(Path(sys.argv[0]).resolve())
+
+
+@generate.command("systemd")
+@click.option("--exec", "executable", metavar="PATH", help="vmplug executable (default: found).")
+@click.option("--config", "config", metavar="FILE", help="Config file for `vmplug run`.")
+@click.option("--install", is_flag=True, help="Write the unit, reload systemd, enable and start.")
+@click.option(
+    "--unit-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=systemd_mod.UNIT_DIR,
+    show_default=True,
+)
+@click.option("--name", default=systemd_mod.UNIT_NAME, show_default=True, help="Unit file name.")
+@click.option("--no-enable", is_flag=True, help="With --install: write and reload only.")
+@click.option("--systemctl", default="systemctl", hidden=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def systemd_cmd(
+    ctx: click.Context,
+    executable: str | None,
+    config: str | None,
+    install: bool,
+    unit_dir: Path,
+    name: str,
+    no_enable: bool,
+    systemctl: str,
+    as_json: bool,
+) -> None:
+    """A systemd unit for `vmplug run` (after udev and the container runtime).
+
+    It restarts on failure.  --install writes it to /etc/systemd/system,
+    reloads systemd and enables and starts it.
+    """
+    root_config = getattr(ctx.find_root().obj, "config", None)
+    plan = systemd_mod.plan_systemd(executable or _default_exec(), config=config or root_config)
+    text = plan.text()
+    done: list[str] = []
+    if install:
+        done = systemd_mod.install_unit(
+            plan, unit_dir=unit_dir, name=name, enable=not no_enable, systemctl=systemctl
+        )
+    if as_json:
+        _emit_json({"exec": list(plan.exec_argv), "unit": text, "installed": done})
+        return
+    if install:
+        for line in done:
+            _say(line)
+    else:
+        click.echo(text, nl=False)
