@@ -63,11 +63,11 @@ class RuleSyntaxError(UsageError):
     def render(self, source: str | None = None) -> str:
         """``source:line:col: error: message``, the line, and carets under the bad token."""
         lines = self.text.split("\n")
-        text_line = lines[self.line - 1] if 0 < self.line <= len(lines) else ""
-        text_line = text_line.removesuffix("\r")
-        col = min(self.column, len(text_line))
+        raw_line = lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+        text_line = raw_line.removesuffix("\r")  # a CR would send the carets home
+        col = self.column
         # Keep tabs so the carets line up with the text above them.
-        pad = "".join("\t" if c == "\t" else " " for c in text_line[:col])
+        pad = "".join("\t" if c == "\t" else " " for c in raw_line[:col].ljust(col))
         carets = "^" * max(1, min(self.length, len(text_line) - col))
         where = f"{source or '<rule>'}:{self.line}:{col + 1}"
         return f"{where}: error: {self.message}\n{text_line}\n{pad}{carets}"
