@@ -150,6 +150,13 @@ class _Locator:
         found = [n for n, h, a in self.headers if h == header and a == array]
         return found[occurrence] if occurrence < len(found) else None
 
+    def first_header(self, key: str) -> int | None:
+        """Line of the first table header under the top-level ``key``."""
+        for n, header, _ in self.headers:
+            if header == key or header.startswith((f"{key}.", f'"{key}".')):
+                return n
+        return None
+
     def key(self, table_line: int | None, key: str) -> tuple[int, int] | None:
         """(line, column of the value) of ``key = …`` inside the table at table_line."""
         if table_line is None:
@@ -203,6 +210,8 @@ class _Loader:
         for key in table:
             if key not in allowed:
                 where = self.loc.key(line, key) or line
+                if line == 0:  # top level: a stray key, or a table header
+                    where = self.loc.key(0, key) or self.loc.first_header(key)
                 expected = ", ".join(sorted(allowed))
                 raise self.error(
                     f"unknown key {key!r} in {what} (expected one of: {expected})", where
@@ -212,10 +221,8 @@ class _Loader:
         self, table: Mapping[str, Any], key: str, kind: type, what: str, line: int | None
     ) -> Any:
         value = table.get(key)
-        if (
-            (value is not None
-            and not isinstance(value, kind))
-            or (kind is int and isinstance(value, bool))
+        if (value is not None and not isinstance(value, kind)) or (
+            kind is int and isinstance(value, bool)
         ):
             where = self.loc.key(line, key) or line
             raise self.error(
@@ -291,16 +298,17 @@ class _Loader:
         self.unknown_keys(data, _TOP_KEYS, "the top level", 0)
         vm_tables = data.get("vm", {})
         if not isinstance(vm_tables, dict):
-            raise self.error("vm must be tables: [vm.NAME]")
+            raise self.error("vm must be tables: [vm.NAME]", self.loc.key(0, "vm"))
         vms = {name: self.vm(name, table) for name, table in vm_tables.items()}
         rule_tables = data.get("rule", [])
         if not isinstance(rule_tables, list):
-            raise self.error("rules must be an array of tables: [[rule]]", self.loc.table("rule"))
+            where = self.loc.key(0, "rule") or self.loc.table("rule")
+            raise self.error("rule must be an array of tables: [[rule]]", where)
         rules = tuple(self.rule(i, t, vms) for i, t in enumerate(rule_tables))
         daemon_table = data.get("daemon", {})
         line = self.loc.table("daemon")
         if not isinstance(daemon_table, dict):
-            raise self.error("daemon must be a table: [daemon]")
+            raise self.error("daemon must be a table: [daemon]", self.loc.key(0, "daemon"))
         self.unknown_keys(daemon_table, _DAEMON_KEYS, "[daemon]", line)
         defaults = DaemonConfig()
         daemon = DaemonConfig(
