@@ -134,16 +134,14 @@ class Api:
             return _error(404, f"no VM named {vm!r}", vms=sorted(self.daemon.vms))
         if dev.is_hub:
             return _error(400, f"{dev.port} is a hub: QEMU cannot pass hubs through")
-        self.daemon.overrides[dev.identity] = vm
-        self.daemon.mark_dirty()
+        self.daemon.set_route(overrides={**self.daemon.overrides, dev.identity: vm})
         state = await self._settle(dev.qemu_id, vm, want=True)
         return web.json_response({"device": describe(dev), "vm": vm, **state})
 
     async def detach(self, request: web.Request) -> web.Response:
         data = await _body(request)
         dev = self._select(_field(data, "device"))
-        self.daemon.overrides[dev.identity] = None
-        self.daemon.mark_dirty()
+        self.daemon.set_route(overrides={**self.daemon.overrides, dev.identity: None})
         held = [n for n, h in self.daemon.observed.items() if dev.qemu_id in h]
         results = {vm: await self._settle(dev.qemu_id, vm, want=False) for vm in held}
         return web.json_response({"device": describe(dev), "vms": results})

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vmplug.config import Config, VmConfig, load_config
-from vmplug.engine.desired import ID_PREFIX, Action, Attachment, desired, plan
+from vmplug.engine.desired import ID_PREFIX, Action, Attachment, desired, plan, target
 from vmplug.errors import VmplugError
 from vmplug.host import sysfs
 from vmplug.host.events import EventSource, HostEvent
@@ -70,7 +70,7 @@ VmFactory = Callable[[VmConfig, Callable[[str, str], None]], VmBackend]
 def default_vm_factory(vm: VmConfig, on_change: Callable[[str, str], None]) -> VmBackend:
     from vmplug.vms.qmp import QmpVm  # noqa: PLC0415
 
-    return QmpVm(
+    backend: VmBackend = QmpVm(
         vm.name,
         vm.qmp,
         shared=vm.shared,
@@ -78,6 +78,7 @@ def default_vm_factory(vm: VmConfig, on_change: Callable[[str, str], None]) -> V
         add_controller=vm.add_controller,
         on_change=on_change,
     )
+    return backend
 
 
 @dataclass
@@ -175,11 +176,17 @@ class Daemon:
         devices = name_devices(sysfs.read_devices(self.sysfs_root))
         self.inventory = {d.port: d for d in devices if not d.is_root_hub}
         self.stats.rescans += 1
-        if self.store is not None:
-            for dev in self.inventory.values():
+        self._record_event("rescan", detail={"devices": len(self.inventory)})
+        for dev in self.inventory.values():
+            if self.store is not None:
                 with contextlib.suppress(Exception):
                     self.store.remember_device(dev)
-        self._record_event("rescan", detail={"devices": len(self.inventory)})
+            self._record_event(
+                "device-add",
+                identity=dev.identity,
+                port=dev.port,
+                vm=target(dev, self.config, self.overrides),
+            )
         log.info("rescan: %d USB devices", len(self.inventory))
         self.mark_dirty()
 
@@ -199,7 +206,11 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     self.store.remember_device(dev)
             self._record_event(
-                "device-bind", identity=dev.identity, port=dev.port, detail=_event_detail(event)
+                "device-bind",
+                identity=dev.identity,
+                port=dev.port,
+                vm=target(dev, self.config, self.overrides),
+                detail=_event_detail(event),
             )
             self.mark_dirty()
         elif event.action == "remove":
@@ -284,6 +295,24 @@ class Daemon:
         await backend.start()
 
     # -- reconciler ---------------------------------------------------------
+
+    def set_route(
+        self, config: Config | None = None, overrides: dict[str, str | None] | None = None
+    ) -> None:
+        """Change the config or overrides; record ``device-route`` for every device whose
+        target VM changes, before the reconciler acts on it (health counts no failure)."""
+        before = {
+            d.identity: target(d, self.config, self.overrides) for d in self.inventory.values()
+        }
+        if config is not None:
+            self.config = config
+        if overrides is not None:
+            self.overrides = overrides
+        for dev in self.inventory.values():
+            now = target(dev, self.config, self.overrides)
+            if now != before[dev.identity]:
+                self._record_event("device-route", identity=dev.identity, port=dev.port, vm=now)
+        self.mark_dirty()
 
     def wanted(self) -> frozenset[Attachment]:
         return desired(self.inventory.values(), self.config, self.overrides)
@@ -420,7 +449,8 @@ class Daemon:
             self._record_event("config-reload", detail={"ok": False, "error": message})
             return False, message
         old = self.config
-        self.config = new
+        self._record_event("config-reload", detail={"ok": True, "rules": len(new.rules)})
+        self.set_route(config=new)
         for name in sorted(set(old.vms) - set(new.vms)):
             backend = self.vms.pop(name)
             self.observed.pop(name, None)
@@ -432,7 +462,6 @@ class Daemon:
                 await self.vms.pop(name).stop()
                 self.observed.pop(name, None)
                 await self._start_vm(new.vms[name])
-        self._record_event("config-reload", detail={"ok": True, "rules": len(new.rules)})
         log.info("config reloaded: %d VMs, %d rules", len(new.vms), len(new.rules))
         self.mark_dirty()
         return True, f"reloaded: {len(new.vms)} VMs, {len(new.rules)} rules"

@@ -17,7 +17,7 @@ the new one, under the same stable id.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from vmplug.config import Config
@@ -100,12 +100,12 @@ def desired(
 
 def plan(
     wanted: Iterable[Attachment],
-    observed: Mapping[str, Sequence[Attachment]],
+    observed: Mapping[str, Mapping[str, Attachment]],
     reachable: Iterable[str],
 ) -> list[Action]:
     """The actions that turn ``observed`` into ``wanted``.
 
-    ``observed`` maps each VM name to the ``vmplug-`` devices it holds;
+    ``observed`` maps each VM name to the ``vmplug-`` devices it holds, by id;
     ``reachable`` names the VMs vmplug can act on now (connected).  Nothing is
     planned for an unreachable VM: its attachments wait until it comes back.
     Detaches come before attaches, so a device that moves between VMs (or is
@@ -118,7 +118,7 @@ def plan(
     for vm in sorted(observed):
         if vm not in reachable_set:
             continue
-        for have in observed[vm]:
+        for have in observed[vm].values():
             key = (vm, have.qemu_id)
             want = wanted_by_key.get(key)
             if want is None:
