@@ -184,8 +184,8 @@ def _yaml(indent: int | None, block_seq_indent: int | None) -> YAML:
     return y
 
 
-def _plain_key(name: str) -> str:
-    """``name`` as a YAML mapping key that stays a string (``1.0`` or ``null`` would not)."""
+def _plain_scalar(name: str) -> str:
+    """``name`` as a YAML scalar that stays a string (``1.0`` or ``null`` would not)."""
     y = YAML(typ="safe", pure=True)
     if y.load(name) == name:
         return name
@@ -193,11 +193,11 @@ def _plain_key(name: str) -> str:
 
 
 def _template(plan: ComposePlan) -> str:
-    container = f"    container_name: {plan.service}\n" if _CONTAINER_RE.match(plan.service) else ""
+    container = f"    container_name: {_plain_scalar(plan.service)}\n" if _CONTAINER_RE.match(plan.service) else ""
     return (
         "# dockurr/windows with USB pass-through that survives replug (vmplug generate compose).\n"
         "services:\n"
-        f"  {_plain_key(plan.service)}:\n"
+        f"  {_plain_scalar(plan.service)}:\n"
         f"    image: {IMAGE}\n"
         f"{container}"
         "    environment:\n"
