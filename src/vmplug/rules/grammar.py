@@ -1,4 +1,4 @@
-"""Rule text -> attribute list: a hand-written tokenizer and recursive-descent parser.
+r"""Rule text -> attribute list: a hand-written tokenizer and recursive-descent parser.
 
 The language is the attribute part of a usbguard rule (``usbguard-rules.conf(5)``);
 the target (allow/block/reject) lives in vmplug's config, not in the text::
@@ -9,12 +9,22 @@ the target (allow/block/reject) lives in vmplug's config, not in the text::
                 | with-connect-type | label
     OPERATOR   := all-of | one-of | none-of | equals | equals-ordered | match-all
 
-What usbguard's PEGTL grammar (``src/Library/RuleParser/Grammar.hpp``) and value
-constructors (``USBDeviceID::checkDeviceID``, ``USBInterfaceType(string)`` in
-``src/Library/public/usbguard/USB.cpp``) accept is accepted here, with the same
-meaning.  Deliberate differences are listed in ``docs`` of each function and in
-the error messages: no ``if`` conditions, no ``parent-hash`` (a single device
-does not know its parent's hash), and hex digits compare case-insensitively.
+What usbguard's PEGTL grammar (``src/Library/RuleParser/Grammar.hpp``) and its
+value checks (``USBDeviceID::checkDeviceID``, ``USBInterfaceType(string)`` in
+``src/Library/public/usbguard/USB.cpp``) accept is accepted here with the same
+meaning, except:
+
+* a target (allow, block, reject, device) is an error: the config holds it;
+  ``match``, usbguard's neutral target for partial rules, may lead;
+* ``if`` conditions and ``parent-hash`` are errors: a rule here looks at one
+  device, which does not know its parent's hash;
+* hex digits are case-insensitive (usbguard compares the ID strings as written,
+  so its ``id 1235:821A`` never matches);
+* strings also take ``\a \b \f \n \r \t \v`` (usbguard's grammar admits them,
+  but its ``Utility::unescapeString`` only knows ``\" \\ \xHH``);
+* any whitespace, newlines included, separates tokens, and braces need none;
+* ``label`` may appear once, like every other attribute (usbguard's parser
+  checks the wrong keyword for it).
 """
 
 from __future__ import annotations
