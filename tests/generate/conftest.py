@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -205,17 +206,20 @@ class Libvirt:
 
 
 @pytest.fixture
-def libvirtd(tmp_path: Path) -> Iterator[Libvirt]:
+def libvirtd() -> Iterator[Libvirt]:
     for tool in ("libvirtd", "virsh"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (Debian: libvirt-daemon, libvirt-clients)")
     uid = 65534 if os.geteuid() == 0 else os.geteuid()  # nobody, when the tests run as root
-    root = tmp_path / "libvirt"
+    # Not under pytest's tmp_path: its parents are private to root, and nobody
+    # must reach this directory.
+    root = Path(tempfile.mkdtemp(prefix="vmplug-libvirt-"))
+    request_cleanup = root
     for sub in ("home", "run", "config", "cache", "data"):
         (root / sub).mkdir(parents=True)
     (root / "run").chmod(0o700)
     if os.geteuid() == 0:
-        tmp_path.chmod(0o755)
+        root.chmod(0o755)
         for dirpath, _dirs, _files in os.walk(root):
             os.chown(dirpath, uid, uid)
         os.chown(root, uid, uid)
@@ -261,3 +265,4 @@ def libvirtd(tmp_path: Path) -> Iterator[Libvirt]:
                 lv.virsh("destroy", name, check=False)
         _stop(proc)
         log.close()
+        shutil.rmtree(request_cleanup, ignore_errors=True)
