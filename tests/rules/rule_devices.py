@@ -1,12 +1,13 @@
 """Devices the rule tests match against, with the values real devices report.
 
-QEMU's emulated devices are taken from QEMU's own descriptor tables
-(hw/usb/dev-audio.c, dev-hid.c, dev-storage.c, dev-hub.c); the serial numbers
-have the ``<string>-<controller PCI path>-<port>`` form QEMU's
-``usb_desc_create_serial`` gives them on an xHCI controller at 0000:00:04.0.
+QEMU's emulated devices carry what a 6.1 kernel read from them in the lab guest
+(tests/fixtures/sysfs/mixed): IDs, product strings, interface triples with
+alternate settings, and serial numbers of the ``<string>-<controller PCI
+path>-<port>`` form QEMU's ``usb_desc_create_serial`` gives them (here for an
+xHCI controller at 0000:00:04.0).
 The Focusrite and Arturia devices carry their real IDs and product strings; their
-interface lists are representative of UAC2 audio + MIDI devices.  Real sysfs
-captures will join them under tests/fixtures/sysfs/.
+interface lists are representative of UAC2 audio + MIDI devices.  Hashes are
+made up.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ DEVICES: dict[str, UsbDevice] = {
         manufacturer="QEMU",
         product="QEMU USB Audio",
         serial="1-0000:00:04.0-1",
-        connect_type="hotplug",
+        connect_type="unknown",
         interfaces=(_iface(0, (1, 1, 4)), _iface(1, (1, 2, 0), (1, 2, 0))),
         descriptors_sha256="nY8hQyLx8c2CzGgkT0t8pW2YpR0S4mN1q3cM7C7Vb2s=",
     ),
@@ -46,7 +47,7 @@ DEVICES: dict[str, UsbDevice] = {
         manufacturer="QEMU",
         product="QEMU USB Hub",
         serial="314159-0000:00:04.0-2",
-        connect_type="hotplug",
+        connect_type="unknown",
         device_class=9,
         interfaces=(_iface(0, (9, 0, 0)),),
         descriptors_sha256="4mC0Hn2m3Z8V5x4HkqS3mD0j1d6m2cQYx9l7tW3qv0E=",
@@ -63,7 +64,7 @@ DEVICES: dict[str, UsbDevice] = {
         interfaces=(_iface(0, (3, 1, 1)),),
         descriptors_sha256="Jd1v8N0Rk3sZ1o0N5gEw0oHqv8hX6cN2a5mB9y4pL1Q=",
     ),
-    # -device usb-tablet: HID 03:00:02 (no boot subclass), same IDs as the keyboard
+    # -device usb-tablet: HID 03:00:00 (no boot subclass), same IDs as the keyboard
     "qemu-tablet": UsbDevice(
         port="3-2.2",
         vendor_id=0x0627,
@@ -72,7 +73,7 @@ DEVICES: dict[str, UsbDevice] = {
         product="QEMU USB Tablet",
         serial="28754-0000:00:04.0-2.2",
         connect_type="unknown",
-        interfaces=(_iface(0, (3, 0, 2)),),
+        interfaces=(_iface(0, (3, 0, 0)),),
         descriptors_sha256="Q2v0c8m1Nf3xR7kL0pZ4sW9eH2bT6yU1iO5aD8gJ3nM=",
     ),
     # -device usb-storage: mass storage, SCSI, bulk-only 08:06:50
@@ -83,7 +84,7 @@ DEVICES: dict[str, UsbDevice] = {
         manufacturer="QEMU",
         product="QEMU USB HARDDRIVE",
         serial="1-0000:00:04.0-3",
-        connect_type="hotplug",
+        connect_type="unknown",
         interfaces=(_iface(0, (8, 6, 0x50)),),
         descriptors_sha256="x7Yq2Lr9Ct4Vb8Nm1Kp6Hs3Jd0Fg5Wz2Ea9Ru4Ti7Oo=",
     ),
