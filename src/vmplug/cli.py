@@ -66,7 +66,31 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
+class VmplugFailure(click.ClickException):
+    """A :class:`VmplugError` on its way out of click: its text, its exit status."""
+
+    def __init__(self, error: VmplugError) -> None:
+        super().__init__(error.render())
+        self.exit_code = error.exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(self.message, err=True)
+
+
+class VmplugGroup(click.Group):
+    """Turns errors a user can cause into messages and exit codes, not tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VmplugError as exc:
+            if os.environ.get("VMPLUG_DEBUG") == "1":
+                traceback.print_exc()
+            raise VmplugFailure(exc) from exc
+
+
 @click.group(
+    cls=VmplugGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EPILOG_ENV,
 )
@@ -100,7 +124,8 @@ def cli(ctx: click.Context, sysfs_root: Path | None, config: str | None, debug: 
         sysfs_root=sysfs_root_from_env(sysfs_root),
         config=config,
         debug=debug,
-        console=Console(highlight=False),
+        # Piped output keeps one row per line, however narrow the terminal was.
+        console=Console(highlight=False, width=None if sys.stdout.isatty() else 250),
         err=Console(stderr=True, highlight=False),
     )
 

@@ -195,6 +195,9 @@ class UsbDevice:
     product_name: str | None = None
     descriptors_sha256: str | None = None  # base64, usbguard "hash" style
     sysfs_path: str | None = None  # resolved path under the sysfs root
+    #: False when another present device has the same vid:pid and serial
+    #: (cheap devices often share one): then the port tells them apart.
+    serial_unique: bool = True
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -237,9 +240,13 @@ class UsbDevice:
 
     @property
     def identity(self) -> str:
-        """What survives a replug: vid:pid + serial, else vid:pid + port path."""
+        """What survives a replug: vid:pid + serial, else vid:pid + port path.
+
+        A serial shared by two present devices with the same vid:pid is no
+        identity: both fall back to their port paths.
+        """
         vidpid = self.vidpid or "????:????"
-        if self.serial:
+        if self.serial and self.serial_unique:
             return f"{vidpid}/serial={self.serial}"
         return f"{vidpid}/port={self.port}"
 

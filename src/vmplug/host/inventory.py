@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 from pathlib import Path
 
 from vmplug.host import sysfs
@@ -32,6 +33,21 @@ def name_devices(devices: list[UsbDevice], ids: UsbIds | None = None) -> list[Us
     return out
 
 
+def mark_shared_serials(devices: list[UsbDevice]) -> list[UsbDevice]:
+    """Flag devices whose vid:pid + serial another present device also has."""
+    counts = Counter((d.vendor_id, d.product_id, d.serial) for d in devices if d.serial)
+    out = []
+    for dev in devices:
+        shared = bool(dev.serial) and counts[(dev.vendor_id, dev.product_id, dev.serial)] > 1
+        # replace only where the flag differs from the truth
+        out.append(
+            dataclasses.replace(dev, serial_unique=not shared)
+            if shared == dev.serial_unique
+            else dev
+        )
+    return out
+
+
 def read_devices(root: str | Path | None = None) -> list[UsbDevice]:
     """Every USB device under the sysfs root (root hubs included), named."""
-    return name_devices(sysfs.read_devices(sysfs_root_from_env(root)))
+    return mark_shared_serials(name_devices(sysfs.read_devices(sysfs_root_from_env(root))))

@@ -17,13 +17,13 @@ supplies bus and device numbers and the driver in another.
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmplug.errors import UsageError
 from vmplug.model import AltSetting, Endpoint, Interface, UsbDevice
 
 DEFAULT_ROOT = Path("/sys")
@@ -39,7 +39,7 @@ _DT_ENDPOINT = 0x05
 _DT_SS_EP_COMPANION = 0x30
 
 
-class SysfsError(OSError):
+class SysfsError(UsageError):
     """The sysfs root itself is unusable (not one device's attribute)."""
 
 
@@ -280,7 +280,14 @@ def read_device(path: str, name: str) -> UsbDevice:
         controller=_controller(path),
         connect_type=_read(path + "/port/connect_type"),
         configuration=configuration,
-        interfaces=_interfaces(path, name, configuration, parsed, warnings),
+        interfaces=_interfaces(
+            path,
+            # a root hub "usbN" names its interfaces "N-0:C.I"
+            f"{busnum}-0" if name.startswith("usb") and busnum is not None else name,
+            configuration,
+            parsed,
+            warnings,
+        ),
         descriptors_sha256=(
             base64.b64encode(hashlib.sha256(raw).digest()).decode() if raw else None
         ),
@@ -307,10 +314,10 @@ def read_devices(root: Path | str = DEFAULT_ROOT) -> list[UsbDevice]:
         names = os.listdir(base)
     except FileNotFoundError:
         if not os.path.isdir(os.fspath(root)):
-            raise SysfsError(errno.ENOENT, "sysfs root does not exist", os.fspath(root)) from None
+            raise SysfsError(f"sysfs root {os.fspath(root)} does not exist") from None
         return []  # a kernel without USB
     except OSError as exc:
-        raise SysfsError(exc.errno, f"cannot list {base}: {exc.strerror}", base) from exc
+        raise SysfsError(f"cannot list {base}: {exc.strerror}") from exc
     devices: list[UsbDevice] = []
     for name in sorted((n for n in names if _DEVICE_NAME.match(n)), key=_sort_key):
         link = os.path.join(base, name)
