@@ -36,7 +36,7 @@ from vmplug.engine.desired import ID_PREFIX, Action, Attachment, desired, plan, 
 from vmplug.errors import VmplugError
 from vmplug.host import sysfs
 from vmplug.host.events import EventSource, HostEvent
-from vmplug.host.inventory import name_devices
+from vmplug.host.inventory import mark_shared_serials, name_devices, read_devices
 from vmplug.model import UsbDevice
 
 log = logging.getLogger("vmplug")
@@ -173,7 +173,7 @@ class Daemon:
     # -- host side ----------------------------------------------------------
 
     def rescan(self) -> None:
-        devices = name_devices(sysfs.read_devices(self.sysfs_root))
+        devices = read_devices(self.sysfs_root)
         self.inventory = {d.port: d for d in devices if not d.is_root_hub}
         self.stats.rescans += 1
         self._record_event("rescan", detail={"devices": len(self.inventory)})
@@ -198,8 +198,11 @@ class Daemon:
             )
             if not os.path.isdir(path):  # noqa: PTH112 - gone again before we looked
                 return
-            dev = name_devices([sysfs.read_device(path, event.port)])[0]
-            self.inventory[event.port] = dev
+            self.inventory[event.port] = name_devices([sysfs.read_device(path, event.port)])[0]
+            self.inventory = {
+                d.port: d for d in mark_shared_serials(list(self.inventory.values()))
+            }
+            dev = self.inventory[event.port]
             self._bind_times[dev.identity] = time.perf_counter()
             log.info("device %s %s bound: %s", dev.port, dev.vidpid, _label(dev))
             if self.store is not None:
