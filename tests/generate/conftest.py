@@ -135,9 +135,7 @@ def start_qemu(tmp_path: Path) -> Iterator[Callable[[list[str]], QemuRun]]:
             f"unix:{sock},server=on,wait=off",
             *extra,
         ]
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 20
         while not sock.exists():
             if proc.poll() is not None:

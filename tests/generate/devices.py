@@ -81,9 +81,7 @@ KEYLAB = UsbDevice(
     usb_version="2.00",
     device_class=0x00,
     interfaces=(
-        Interface(
-            0, 0x01, 0x01, 0x00, "snd-usb-audio", (AltSetting(0, 0x01, 0x01, 0x00),)
-        ),
+        Interface(0, 0x01, 0x01, 0x00, "snd-usb-audio", (AltSetting(0, 0x01, 0x01, 0x00),)),
         Interface(
             1,
             0x01,

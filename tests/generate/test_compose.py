@@ -192,7 +192,7 @@ def test_merge_mapping_env_with_dollar_and_double_quotes(tmp_path: Path) -> None
     merged, _ = compose.merge_text(text, plan)
     assert "        image: dockurr/windows\n" in merged  # 4-space indentation kept
     svc = validate(merged)["services"]["windows"]
-    assert svc["environment"]["ARGUMENTS"].startswith('-device virtio-rng-pci,id=rng$${X} -device')
+    assert svc["environment"]["ARGUMENTS"].startswith("-device virtio-rng-pci,id=rng$${X} -device")
     assert '            ARGUMENTS: "-device' in merged  # quoting style kept
     vol = [v for v in svc["volumes"] if isinstance(v, dict)]
     assert vol == [
@@ -207,7 +207,7 @@ def test_merge_mapping_env_with_dollar_and_double_quotes(tmp_path: Path) -> None
 
 def test_merge_errors(tmp_path: Path) -> None:
     plan = compose.plan_compose([KEYLAB], base_dir=tmp_path, service="win")
-    with pytest.raises(UsageError, match="no service 'win'.*windows, samba"):
+    with pytest.raises(UsageError, match=r"no service 'win'.*windows, samba"):
         compose.merge_text(USER_FILE, plan)
     with pytest.raises(UsageError, match="not a valid YAML"):
         compose.merge_text("services: [\n", plan)

@@ -45,7 +45,9 @@ def virt_xml_validate(path: Path) -> None:
     if tool is None:
         pytest.skip("virt-xml-validate is not installed (Debian: libvirt-clients)")
     if shutil.which("xmllint") is None:
-        pytest.skip("virt-xml-validate needs xmllint, which is not installed (Debian: libxml2-utils)")
+        pytest.skip(
+            "virt-xml-validate needs xmllint, which is not installed (Debian: libxml2-utils)"
+        )
     res = subprocess.run(
         [tool, str(path), "domain"], capture_output=True, text=True, check=False, timeout=60
     )
@@ -108,7 +110,7 @@ def test_virsh_define_and_start(libvirtd: Libvirt) -> None:
         assert el.get("managed") == "yes"
         assert el.find("source").get("startupPolicy") == "optional"  # type: ignore[union-attr]
         assert el.find("source/vendor").get("id") == want  # type: ignore[union-attr]
-        assert el.find("source/address") is None  # type: ignore[union-attr]
+        assert el.find("source/address") is None
     args = [a.get("value") for a in dumped.findall("qemu:commandline/qemu:arg", NS)]
     assert args == ["-qmp", f"unix:{str(qmp_sock).replace(',', ',,')},server=on,wait=off"]
 

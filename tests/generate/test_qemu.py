@@ -11,8 +11,9 @@ import pytest
 
 from vmplug.generate import qemu
 from vmplug.generate.common import CannotExpress
+from vmplug.model import UsbDevice
 
-from .conftest import QemuRun, qemu_fails
+from .conftest import QemuRun, Qmp, qemu_fails
 from .devices import DISK, HUB, KEYLAB, ROOT, SCARLETT, SERIAL_A, SERIAL_B
 
 
@@ -91,7 +92,7 @@ def test_many_usb3_devices_grow_p3() -> None:
         ([], False, "at least one device"),
     ],
 )
-def test_errors(devices: list, by_port: bool, message: str) -> None:
+def test_errors(devices: list[UsbDevice], by_port: bool, message: str) -> None:
     with pytest.raises(Exception, match=message) as info:
         qemu.plan_qemu(devices, by_port=by_port)
     assert getattr(info.value, "exit_code", None) == 2
@@ -133,7 +134,7 @@ def _check_in_qemu(run: QemuRun, plan: qemu.QemuPlan) -> None:
         assert q.qom_get(path, "isobsize") == (dev.isobsize or qemu.QEMU_ISOBSIZE)
         # On the controller's bus, at the port we chose.
         bus = q.qom_get(path, "parent_bus")
-        assert bus.endswith(f"/{plan.bus}") or bus.endswith(f"{plan.controller_id}/{plan.bus}")
+        assert bus.endswith((f"/{plan.bus}", f"{plan.controller_id}/{plan.bus}"))
     usb = q.cmd("human-monitor-command", **{"command-line": "info usb"})
     for dev in plan.devices:
         assert f"Port {dev.port}," in usb and f"ID: {dev.id}" in usb
@@ -145,8 +146,6 @@ def test_qemu_takes_the_args(start_qemu: Callable[[list[str]], QemuRun], tmp_pat
     run = start_qemu(_args(qemu.render_args(plan)))
     _check_in_qemu(run, plan)
     # vmplug's own QMP socket works too (the comma in its name was escaped).
-    from .conftest import Qmp
-
     own = Qmp(sock)
     assert own.cmd("query-status")["status"] == "prelaunch"
     own.close()
@@ -170,8 +169,6 @@ def test_qemu_takes_the_readconfig(
     cfg.write_text(qemu.render_readconfig(plan))
     run = start_qemu(["-readconfig", str(cfg)])
     _check_in_qemu(run, plan)
-    from .conftest import Qmp
-
     own = Qmp(sock)
     assert own.cmd("query-status")["status"] == "prelaunch"
     own.close()

@@ -193,7 +193,11 @@ def _plain_scalar(name: str) -> str:
 
 
 def _template(plan: ComposePlan) -> str:
-    container = f"    container_name: {_plain_scalar(plan.service)}\n" if _CONTAINER_RE.match(plan.service) else ""
+    container = (
+        f"    container_name: {_plain_scalar(plan.service)}\n"
+        if _CONTAINER_RE.match(plan.service)
+        else ""
+    )
     return (
         "# dockurr/windows with USB pass-through that survives replug (vmplug generate compose).\n"
         "services:\n"

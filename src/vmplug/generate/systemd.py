@@ -20,7 +20,7 @@ UNIT_DIR = Path("/etc/systemd/system")
 UNIT_NAME = "vmplug.service"
 AFTER = (
     "systemd-udevd.service",
-    "systemd-udev-settle.service",
+    "systemd-udev-trigger.service",
     "network-online.target",
     "docker.service",
     "containerd.service",
@@ -88,8 +88,7 @@ class SystemdPlan:
             "# Written by `vmplug generate systemd`.\n"
             "[Unit]\n"
             "Description=vmplug USB pass-through daemon\n"
-            "Documentation=man:vmplug(1)\n"
-            "# udev first (devices enumerated, vmplug's rules applied), then the\n"
+            "# udev first (devices enumerated at boot, vmplug's rules applied), then the\n"
             "# container runtime and libvirt that run the VMs; After= on a unit that\n"
             "# is not installed does nothing.\n"
             f"After={' '.join(self.after)}\n"
