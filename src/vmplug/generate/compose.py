@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import posixpath
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,9 @@ _VM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: What bash word splitting (IFS) and the image's ``tr``/``sed`` treat as separators,
 #: plus every other white space, and what pathname expansion would act on.
 _UNSAFE_ARG = re.compile(r"[\s*?\[]")
+#: Control characters, surrogates and line/paragraph separators (NEL is a line
+#: break to YAML 1.1 readers, not to YAML 1.2 ones).
+_UNWRITABLE = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,11 @@ def plan_compose(
             f"VM name {vm_name!r}: vmplug needs a letter or digit first, then letters, digits, "
             "'.', '_' or '-' (at most 64); pass --vm NAME"
         )
-    if not qmp_dir or "\0" in qmp_dir or "\n" in qmp_dir:
-        raise CannotExpress("--qmp-dir must be a folder path")
+    if not qmp_dir or any(unicodedata.category(ch) in _UNWRITABLE for ch in qmp_dir):
+        raise CannotExpress(
+            "--qmp-dir must be a folder path without control characters or line separators "
+            "(YAML 1.1 and 1.2 readers do not agree on them)"
+        )
     qemu = plan_qemu(
         devices,
         by_port=by_port,

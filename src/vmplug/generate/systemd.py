@@ -64,6 +64,10 @@ def exec_quote(word: str) -> str:
             out.append("\\'")
         elif ord(ch) < 0x20 or ord(ch) == 0x7F:
             out.append(f"\\x{ord(ch):02x}")
+        elif not ch.isprintable() and ord(ch) <= 0xFFFF:
+            out.append(f"\\u{ord(ch):04x}")  # NEL, U+2028, ...: keep the file plain
+        elif not ch.isprintable():
+            out.append(f"\\U{ord(ch):08x}")
         else:
             out.append(ch)
     out.append('"')

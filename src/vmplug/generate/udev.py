@@ -92,9 +92,11 @@ def serial_pattern(serial: str) -> str:
     byte); a run of non-ASCII characters becomes ``*`` (the kernel's UTF-8
     may take any number of bytes, and the reader may have replaced bytes it
     could not decode).  udev ignores trailing white space of a sysfs value
-    unless the pattern ends in white space, so that is dropped first.
+    unless the pattern ends in white space, so that is dropped first.  An
+    empty result means: do not match the serial.
     """
-    text = serial.rstrip(" \t\n\r\f\v")
+    # sysfs shows a C string: nothing after a NUL reaches user space.
+    text = serial.split("\0", 1)[0].rstrip(" \t\n\r\f\v")
     out: list[str] = []
     for ch in text:
         if _SAFE.fullmatch(ch):
