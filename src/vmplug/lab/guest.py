@@ -56,8 +56,11 @@ GUEST_MODULES = (
     "snd_usb_audio",
 )
 
-#: PATH inside the guest: the project's venv first, then the system.
-GUEST_PATH = "/work/main/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: PATH inside the guest: this Python's bin directory (the project's venv, which
+#: the guest sees at the same path) first, then the system.
+GUEST_PATH = (
+    f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+)
 
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")
 _QEMU_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
