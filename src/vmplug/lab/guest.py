@@ -454,11 +454,13 @@ class LabGuest:
         return self._qmp
 
     def _exec(self, cmd: str, capture: bool) -> int:
+        # setsid (no fork: qemu-ga's child is not a group leader) makes the guest
+        # PID a process-group id, so a timeout or kill() reaches the whole tree.
         ret = self.qga.execute(
             "guest-exec",
             {
-                "path": "/bin/sh",
-                "arg": ["-c", cmd],
+                "path": "/usr/bin/setsid",
+                "arg": ["/bin/sh", "-c", cmd],
                 "env": [f"PATH={GUEST_PATH}", "HOME=/root", "LANG=C.UTF-8", "TERM=dumb"],
                 "capture-output": capture,
             },
@@ -474,7 +476,8 @@ class LabGuest:
     def run(self, cmd: str, timeout: float = 60.0, check: bool = False) -> RunResult:
         """Run ``sh -c cmd`` as root inside the guest; wait for it and return its output.
 
-        On timeout the process is killed (SIGKILL) and :class:`LabError` raised.
+        Each command runs in its own session; on timeout its whole process group
+        is killed (SIGKILL) and :class:`LabError` raised.
         """
         pid = self._exec(cmd, capture=True)
         deadline = time.monotonic() + timeout
@@ -485,7 +488,12 @@ class LabGuest:
                 break
             if time.monotonic() > deadline:
                 with contextlib.suppress(LabError, WireError):
-                    self._exec(f"kill -KILL {pid}", capture=False)
+                    self._exec(f"kill -KILL -{pid}", capture=False)
+                    reap_deadline = time.monotonic() + 10.0
+                    while not self._status(pid).get("exited"):
+                        if time.monotonic() > reap_deadline:
+                            break
+                        time.sleep(0.1)
                 raise LabError(f"guest command timed out after {timeout}s: {cmd}")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
@@ -529,15 +537,21 @@ class LabGuest:
         return proc.exitcode
 
     def kill(self, proc: GuestProcess, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        """Signal a background process, escalate to SIGKILL after ``timeout``; its status."""
+        """Signal a background process's whole process group, escalating to SIGKILL
+        after ``timeout``; return its exit status (128 + signal when killed)."""
         if self.poll(proc) is not None:
             return proc.exitcode or 0
-        self.run(f"kill -{int(sig)} {proc.pid}", timeout=10)
+        # dash's kill takes no "--": "-KILL -PID" signals process group PID.
+        self.run(f"kill -{int(sig)} -{proc.pid}", timeout=10)
         deadline = time.monotonic() + timeout
+        escalated = False
         while self.poll(proc) is None:
             if time.monotonic() > deadline:
-                self.run(f"kill -KILL {proc.pid}", timeout=10)
+                if escalated:
+                    raise LabError(f"guest process {proc.pid} survived SIGKILL: {proc.command}")
+                self.run(f"kill -KILL -{proc.pid}", timeout=10)
                 deadline = time.monotonic() + 10
+                escalated = True
             time.sleep(0.1)
         return proc.exitcode or 0
 
