@@ -1,1 +1,29 @@
-"""vmplug.lab."""
+"""vmplug.lab: a throwaway Linux guest under QEMU/TCG with emulated USB devices.
+
+Used by the lab tests, by ``python -m vmplug.lab.capture_all`` (re-makes the
+sysfs fixtures) and later by ``vmplug demo``.  See :mod:`vmplug.lab.guest`.
+"""
+
+from vmplug.lab.guest import (
+    GuestProcess,
+    LabDevice,
+    LabError,
+    LabGuest,
+    LabUnavailable,
+    RunResult,
+    find_kernel,
+    lab_unavailable_reason,
+)
+from vmplug.lab.topologies import TOPOLOGIES
+
+__all__ = [
+    "TOPOLOGIES",
+    "GuestProcess",
+    "LabDevice",
+    "LabError",
+    "LabGuest",
+    "LabUnavailable",
+    "RunResult",
+    "find_kernel",
+    "lab_unavailable_reason",
+]
