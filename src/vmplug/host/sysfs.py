@@ -88,6 +88,7 @@ class _Parsed:
     vendor_id: int | None = None
     product_id: int | None = None
     bcd_device: int | None = None
+    bcd_usb: int | None = None
     device_class: int | None = None
     device_subclass: int | None = None
     device_protocol: int | None = None
@@ -105,6 +106,7 @@ def parse_descriptors(data: bytes) -> _Parsed:
     out.vendor_id = int.from_bytes(data[8:10], "little")
     out.product_id = int.from_bytes(data[10:12], "little")
     out.bcd_device = int.from_bytes(data[12:14], "little")
+    out.bcd_usb = int.from_bytes(data[2:4], "little")
     out.device_class, out.device_subclass, out.device_protocol = data[4], data[5], data[6]
 
     pos = data[0]
@@ -156,6 +158,11 @@ def parse_descriptors(data: bytes) -> _Parsed:
         pos += length
     close_alt()
     return out
+
+
+def _bcd(value: int) -> str:
+    """bcdUSB as the kernel's ``version`` attribute prints it: 0x0210 -> "2.10"."""
+    return f"{value >> 8:x}.{value & 0xFF:02x}"
 
 
 def _uevent(text: str | None) -> dict[str, str]:
@@ -251,9 +258,9 @@ def read_device(path: str, name: str) -> UsbDevice:
     configuration = _int(config_text, 10, "bConfigurationValue", warnings) if config_text else None
     authorized_text = _read(path + "/authorized")
     authorized = None if authorized_text is None else authorized_text.strip() == "1"
-    maxchild = _read(path + "/maxchild")
-    num_ports = _int(maxchild, 10, "maxchild", warnings)
-    version = _read(path + "/version")
+    # Only hubs have ports; the USB version is bcdUSB in the device descriptor.
+    num_ports = _int(_read(path + "/maxchild"), 10, "maxchild", warnings) if dclass == 9 else None
+    version = _read(path + "/version") if parsed.bcd_usb is None else _bcd(parsed.bcd_usb)
     delay = _read(path + "/power/autosuspend_delay_ms")
 
     return UsbDevice(
@@ -321,7 +328,10 @@ def read_devices(root: Path | str = DEFAULT_ROOT) -> list[UsbDevice]:
     devices: list[UsbDevice] = []
     for name in sorted((n for n in names if _DEVICE_NAME.match(n)), key=_sort_key):
         link = os.path.join(base, name)
-        real = os.path.realpath(link)
+        try:  # the kernel's links are relative and point straight at the device
+            real = os.path.normpath(os.path.join(base, os.readlink(link)))
+        except OSError:
+            real = os.path.realpath(link)  # not a link (a copied tree): resolve fully
         if not os.path.isdir(real):
             continue  # vanished between listdir and now (unplugged): not an error
         devices.append(read_device(real, name))
