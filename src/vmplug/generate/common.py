@@ -148,3 +148,12 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def share_text(devices: Sequence[UsbDevice], dup: Sequence[str]) -> str:
+    """``2-1 and 2-3 share 0627:0001`` for each shared id."""
+    parts = []
+    for vidpid in dup:
+        ports = [d.port for d in devices if d.vidpid == vidpid]
+        parts.append(f"{', '.join(ports[:-1])} and {ports[-1]} share {vidpid}")
+    return "; ".join(parts)

@@ -25,6 +25,7 @@ from vmplug.generate.common import (
     check_passable,
     comment_text,
     device_label,
+    share_text,
     shared_ids,
 )
 from vmplug.generate.qemu import qmp_chardev
@@ -62,7 +63,7 @@ def plan_libvirt(
         dup = shared_ids(devices)
         if dup:
             raise CannotExpress(
-                f"devices share {', '.join(dup)}: libvirt refuses a vendor/product match that "
+                f"{share_text(devices, dup)}: libvirt refuses a vendor/product match that "
                 "fits several devices. Use --by-address (bus and device number; lost on replug)."
             )
     hostdevs = []

@@ -38,6 +38,7 @@ from vmplug.generate.common import (
     host_bus_port,
     is_high_speed_or_faster,
     is_usb3,
+    share_text,
     shared_ids,
 )
 from vmplug.model import UsbDevice
@@ -157,7 +158,7 @@ def plan_qemu(
         dup = shared_ids(devices)
         if dup:
             raise CannotExpress(
-                f"{len(devices)} devices share {', '.join(dup)}: usb-host matches by "
+                f"{share_text(devices, dup)}: usb-host matches by "
                 "vendor/product only (it cannot match a serial), so QEMU could not tell them "
                 "apart. Use --by-port to match each by its host port instead."
             )
