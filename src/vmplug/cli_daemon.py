@@ -401,21 +401,26 @@ def _one_shot(
         body = {"device": dev.port} | ({"vm": vm} if vm else {})
         result |= {"via": "daemon"} | call(sock, "POST", f"/v1/{op}", body)
     else:
+        from vmplug.engine.desired import host_port  # noqa: PLC0415
         from vmplug.vms.base import UsbHostSpec  # noqa: PLC0415
 
-        if dev.busnum is None or dev.devnum is None:
-            raise VmplugError(f"{dev.port} has no bus/device number in sysfs")
+        if dev.busnum is None:
+            raise VmplugError(f"{dev.port} has no bus number in sysfs")
         targets = [config.vms[vm]] if vm else list(config.vms.values())
         spec = UsbHostSpec(
-            hostbus=dev.busnum, hostaddr=dev.devnum, hostport=None, vendorid=None, productid=None
+            hostbus=dev.busnum,
+            hostaddr=None,
+            hostport=host_port(dev.port),
+            vendorid=None,
+            productid=None,
         )
         for vmc in targets:
             asyncio.run(_direct(vmc, op, dev.qemu_id, spec))
         result |= {"via": "qmp", "state": "attached" if op == "attach" else "detached"}
         if op == "attach" and not persist:
             result["note"] = (
-                "no daemon runs: a replug will not be followed (run `vmplug run`, "
-                "and use --persist to keep this in the config)"
+                "no daemon runs: QEMU itself re-grabs a device replugged into the same "
+                "socket, nothing more (run `vmplug run`; --persist keeps this in the config)"
             )
     if as_json:
         emit_json(result)

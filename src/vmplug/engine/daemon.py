@@ -199,9 +199,7 @@ class Daemon:
             if not os.path.isdir(path):  # noqa: PTH112 - gone again before we looked
                 return
             self.inventory[event.port] = name_devices([sysfs.read_device(path, event.port)])[0]
-            self.inventory = {
-                d.port: d for d in mark_shared_serials(list(self.inventory.values()))
-            }
+            self.inventory = {d.port: d for d in mark_shared_serials(list(self.inventory.values()))}
             dev = self.inventory[event.port]
             self._bind_times[dev.identity] = time.perf_counter()
             log.info("device %s %s bound: %s", dev.port, dev.vidpid, _label(dev))
@@ -278,7 +276,8 @@ class Daemon:
                 vm=name,
                 qemu_id=dev_id,
                 hostbus=getattr(obs, "hostbus", None) or 0,
-                hostaddr=getattr(obs, "hostaddr", None) or 0,
+                hostport=getattr(obs, "hostport", None) or "",
+                hostaddr=getattr(obs, "hostaddr", None),
             )
         previous = self.observed.get(name)
         self.observed[name] = held
@@ -355,8 +354,8 @@ class Daemon:
 
                 spec = UsbHostSpec(
                     hostbus=att.hostbus,
-                    hostaddr=att.hostaddr,
-                    hostport=None,
+                    hostaddr=None,
+                    hostport=att.hostport,
                     vendorid=None,
                     productid=None,
                 )
@@ -539,6 +538,7 @@ class Daemon:
                     "vm": att.vm,
                     "qemu_id": att.qemu_id,
                     "hostbus": att.hostbus,
+                    "hostport": att.hostport,
                     "hostaddr": att.hostaddr,
                     "state": state,
                     "attempts": retry.attempt if retry else 0,
@@ -564,7 +564,7 @@ class Daemon:
 
 
 def _same(a: Attachment, b: Attachment) -> bool:
-    return (a.vm, a.qemu_id, a.hostbus, a.hostaddr) == (b.vm, b.qemu_id, b.hostbus, b.hostaddr)
+    return (a.vm, a.qemu_id, a.binding) == (b.vm, b.qemu_id, b.binding)
 
 
 def _label(dev: UsbDevice) -> str:

@@ -6,19 +6,21 @@ holds.  The daemon only feeds them and carries out the plan, so every path —
 plug, unplug, replug, VM restart, daemon restart, rule change — is the same
 code.
 
-vmplug binds a device to a VM by ``hostbus`` + ``hostaddr``: QEMU grabs exactly
-the device vmplug saw and never re-grabs on its own (its 2 s poll only
-applies to ``vendorid``/``productid`` or ``hostport`` matches).  vmplug is the
-only actor, so a different device plugged into the same port can never be
-taken by surprise, and a replug (new device number) is seen as "the wanted
-attachment differs from the observed one": detach the stale device, attach
-the new one, under the same stable id.
+vmplug binds a device to a VM by ``hostbus`` + ``hostport``: the one physical
+socket the device sits in, so identical devices (same vid:pid, no serial)
+stay distinct.  QEMU accepts that form while the device is absent and grabs
+the device as soon as it is there; ``hostaddr`` (the device number) would
+fail at once when the device is gone and change at every replug.  A
+different device in the same socket is not taken by surprise: vmplug
+detaches on ``remove`` (within milliseconds) and attaches again only what
+the rules want; while vmplug is down, QEMU's own 2 s re-grab of the same
+socket is a safety net for the common case, the same device replugged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vmplug.config import Config
 from vmplug.model import UsbDevice
@@ -33,9 +35,15 @@ class Attachment:
     vm: str
     qemu_id: str
     hostbus: int
-    hostaddr: int
-    identity: str = ""
-    port: str = ""
+    hostport: str
+    #: informational: what QEMU is told is the socket, not the device number
+    hostaddr: int | None = field(default=None, compare=False)
+    identity: str = field(default="", compare=False)
+    port: str = field(default="", compare=False)
+
+    @property
+    def binding(self) -> tuple[int, str]:
+        return (self.hostbus, self.hostport)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -47,6 +55,11 @@ class Action:
     qemu_id: str
     attachment: Attachment | None = None  # for attach: what to attach
     reason: str = ""
+
+
+def host_port(port: str) -> str:
+    """QEMU's ``hostport`` for a sysfs port path: "3-1.2" -> "1.2"."""
+    return port.partition("-")[2]
 
 
 def target(
@@ -80,7 +93,7 @@ def desired(
     """
     out: set[Attachment] = set()
     for dev in devices:
-        if dev.busnum is None or dev.devnum is None:
+        if dev.busnum is None or dev.is_root_hub:
             continue
         vm = target(dev, config, overrides)
         if vm is None:
@@ -90,6 +103,7 @@ def desired(
                 vm=vm,
                 qemu_id=dev.qemu_id,
                 hostbus=dev.busnum,
+                hostport=host_port(dev.port),
                 hostaddr=dev.devnum,
                 identity=dev.identity,
                 port=dev.port,
@@ -123,14 +137,14 @@ def plan(
             want = wanted_by_key.get(key)
             if want is None:
                 actions.append(Action("detach", vm, have.qemu_id, reason="not wanted here"))
-            elif (want.hostbus, want.hostaddr) != (have.hostbus, have.hostaddr):
+            elif want.binding != have.binding:
                 actions.append(
                     Action(
                         "detach",
                         vm,
                         have.qemu_id,
-                        reason=f"stale: holds {have.hostbus}:{have.hostaddr}, "
-                        f"device is now {want.hostbus}:{want.hostaddr}",
+                        reason=f"stale: holds {have.hostbus}-{have.hostport}, "
+                        f"device is now at {want.hostbus}-{want.hostport}",
                     )
                 )
             else:
