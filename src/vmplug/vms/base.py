@@ -1,0 +1,263 @@
+"""Backend-neutral types for the VM side: what vmplug asks a VM for, what it holds.
+
+Pure data and small validation helpers; no I/O.  The QEMU backend
+(:mod:`vmplug.vms.qmp`) produces :class:`ObservedDevice` from QOM and consumes
+:class:`UsbHostSpec`.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from vmplug.errors import VmplugError
+
+#: Prefix of every QEMU device id vmplug creates (see ``UsbDevice.qemu_id``).
+ID_PREFIX = "vmplug-"
+
+# QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'.
+_QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+# A usb-host hostport: root port then hub ports, "1" .. "1.2.3.4.5" (USB allows 7 tiers).
+_HOSTPORT = re.compile(r"[1-9][0-9]{0,2}(\.[1-9][0-9]{0,2}){0,6}\Z")
+
+
+class VmState(enum.Enum):
+    """What vmplug knows of a VM's QEMU process."""
+
+    DISCONNECTED = "disconnected"  # no QMP session (QEMU not there, or not reachable)
+    CONNECTING = "connecting"  # a session is being set up
+    PRELAUNCH = "prelaunch"  # QEMU started with -S, the guest never ran
+    RUNNING = "running"
+    PAUSED = "paused"  # stopped, suspended, migrating, ...
+    SHUTDOWN = "shutdown"  # the guest powered off; QEMU still there (-no-shutdown)
+    CRASHED = "crashed"  # guest-panicked, internal-error, io-error, watchdog
+
+    @classmethod
+    def from_run_state(cls, status: str) -> VmState:
+        """Map QMP ``query-status`` ``status`` (QAPI ``RunState``) to a VmState."""
+        return _RUN_STATES.get(status, cls.PAUSED)
+
+
+_RUN_STATES: dict[str, VmState] = {
+    "running": VmState.RUNNING,
+    "prelaunch": VmState.PRELAUNCH,
+    "shutdown": VmState.SHUTDOWN,
+    "internal-error": VmState.CRASHED,
+    "io-error": VmState.CRASHED,
+    "guest-panicked": VmState.CRASHED,
+    "watchdog": VmState.CRASHED,
+}
+
+
+class VmError(VmplugError):
+    """A VM refused or failed an operation.
+
+    ``qmp_class`` is QEMU's error class (``GenericError``, ``DeviceNotFound``,
+    ...) when QEMU answered with an error; ``None`` when the failure is on
+    vmplug's side of the socket (not connected, timeout, bad configuration).
+    Callers decide on ``qmp_class`` or on the subclass, never on the message.
+    """
+
+    def __init__(self, vm: str, message: str, *, qmp_class: str | None = None) -> None:
+        super().__init__(f"vm {vm}: {message}")
+        self.vm = vm
+        self.qmp_class = qmp_class
+
+
+class VmDisconnected(VmError):
+    """No QMP session: QEMU is not running, went away, or the socket is unreachable."""
+
+
+class VmTimeout(VmError):
+    """QEMU did not answer (or did not finish) in time; its state is unknown."""
+
+
+class VmConfigError(VmError):
+    """The VM cannot take USB devices as configured (no/several USB buses, bad spec)."""
+
+
+def check_device_id(vm: str, dev_id: str) -> None:
+    """Refuse an id QEMU would reject, before sending anything."""
+    if not _QEMU_ID.match(dev_id):
+        raise VmConfigError(
+            vm,
+            f"invalid QEMU device id {dev_id!r} (a letter, then letters, digits, '-', '.', '_')",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UsbHostSpec:
+    """Arguments of a ``usb-host`` device: which host device QEMU should grab.
+
+    QEMU matches on every field that is set.  A spec must name a device:
+    vendor+product, bus+port, or bus+address.  (A ``usb-host`` with no match
+    fields grabs *any* host device, so :meth:`qmp_args` refuses it.)
+    The forms behave differently in QEMU: vendor/product and bus+port are
+    re-grabbed after a replug (QEMU polls every 2 s); bus+address is not, and
+    fails at once when the device is not there.
+    """
+
+    hostbus: int | None = None
+    hostaddr: int | None = None
+    hostport: str | None = None
+    vendorid: int | None = None
+    productid: int | None = None
+    isobufs: int | None = None
+    isobsize: int | None = None
+
+    @classmethod
+    def by_id(cls, vendorid: int, productid: int) -> UsbHostSpec:
+        return cls(vendorid=vendorid, productid=productid)
+
+    @classmethod
+    def by_port(cls, hostbus: int, hostport: str) -> UsbHostSpec:
+        return cls(hostbus=hostbus, hostport=hostport)
+
+    @classmethod
+    def by_address(cls, hostbus: int, hostaddr: int) -> UsbHostSpec:
+        return cls(hostbus=hostbus, hostaddr=hostaddr)
+
+    def problem(self) -> str | None:
+        """Why QEMU should not be sent this spec, or None when it is fine."""
+        ranges = (
+            ("hostbus", self.hostbus, 1, 255),
+            ("hostaddr", self.hostaddr, 1, 127),
+            ("vendorid", self.vendorid, 0, 0xFFFF),
+            ("productid", self.productid, 0, 0xFFFF),
+            ("isobufs", self.isobufs, 1, 64),
+            ("isobsize", self.isobsize, 1, 1024),
+        )
+        for name, value, low, high in ranges:
+            if value is not None and not low <= value <= high:
+                return f"{name}={value} is out of range {low}..{high}"
+        if self.hostport is not None and not _HOSTPORT.match(self.hostport):
+            return f"hostport={self.hostport!r} is not a port path like 1.2.3"
+        named = (
+            (self.vendorid is not None and self.productid is not None)
+            or (self.hostbus is not None and self.hostport is not None)
+            or (self.hostbus is not None and self.hostaddr is not None)
+        )
+        if not named:
+            return (
+                "a usb-host spec needs vendorid+productid, hostbus+hostport or "
+                "hostbus+hostaddr (QEMU would grab any device otherwise)"
+            )
+        return None
+
+    def qmp_args(self) -> dict[str, int | str]:
+        """The ``device_add`` arguments for this spec (driver, id and bus excluded)."""
+        problem = self.problem()
+        if problem is not None:
+            raise ValueError(problem)
+        args: dict[str, int | str] = {}
+        for key in ("hostbus", "hostaddr", "hostport", "vendorid", "productid"):
+            value = getattr(self, key)
+            if value is not None:
+                args[key] = value
+        if self.isobufs is not None:
+            args["isobufs"] = self.isobufs
+        if self.isobsize is not None:
+            args["isobsize"] = self.isobsize
+        return args
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedDevice:
+    """A ``usb-host`` device as QEMU holds it, read from QOM properties.
+
+    Match fields QEMU leaves unset (0 or "") are None.  ``attached`` is QOM's
+    ``attached``: True while QEMU has the host device open and plugged into
+    the guest's bus; False while the device waits for its host device.
+    """
+
+    id: str
+    hostbus: int | None
+    hostaddr: int | None
+    hostport: str | None
+    vendorid: int | None
+    productid: int | None
+    attached: bool
+    bus: str | None  # the guest USB bus's name, e.g. "xhci.0"
+    #: QOM path, e.g. "/machine/peripheral/vmplug-0123456789ab".
+    path: str = ""
+
+    @property
+    def managed(self) -> bool:
+        """True for a device vmplug created (its id has vmplug's prefix)."""
+        return self.id.startswith(ID_PREFIX)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "managed": self.managed,
+            "attached": self.attached,
+            "bus": self.bus,
+            "hostbus": self.hostbus,
+            "hostaddr": self.hostaddr,
+            "hostport": self.hostport,
+            "vendorid": None if self.vendorid is None else f"{self.vendorid:04x}",
+            "productid": None if self.productid is None else f"{self.productid:04x}",
+            "path": self.path,
+        }
+
+
+class UsbControllerKind(enum.Enum):
+    XHCI = "xhci"
+    EHCI = "ehci"
+    UHCI = "uhci"
+    OHCI = "ohci"
+    OTHER = "other"
+
+    @classmethod
+    def from_type(cls, qom_type: str) -> UsbControllerKind:
+        for kind in (cls.XHCI, cls.EHCI, cls.UHCI, cls.OHCI):
+            if kind.value in qom_type:
+                return kind
+        return cls.OTHER
+
+
+@dataclass(frozen=True, slots=True)
+class UsbBus:
+    """A guest USB bus and the controller that provides it."""
+
+    name: str  # what device_add's bus= takes, e.g. "xhci.0"
+    controller: str  # the controller's QOM path
+    controller_type: str  # e.g. "qemu-xhci", "ich9-usb-ehci1"
+
+    @property
+    def kind(self) -> UsbControllerKind:
+        return UsbControllerKind.from_type(self.controller_type)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.controller_type})"
+
+
+def pick_usb_bus(vm: str, buses: list[UsbBus]) -> UsbBus:
+    """Choose the bus to plug host devices into, or explain why not.
+
+    xHCI serves every speed, so a single xHCI bus wins even beside other
+    controllers; without xHCI a single EHCI bus is taken.  Anything else is
+    ambiguous (or USB 1.1 only) and needs ``usb_bus`` in the config.
+    """
+    if not buses:
+        raise VmConfigError(
+            vm,
+            "the VM has no USB controller; add -device qemu-xhci or set add_controller = true",
+        )
+    names = ", ".join(b.describe() for b in buses)
+    for kind in (UsbControllerKind.XHCI, UsbControllerKind.EHCI):
+        of_kind = [b for b in buses if b.kind is kind]
+        if len(of_kind) == 1:
+            return of_kind[0]
+        if len(of_kind) > 1:
+            raise VmConfigError(
+                vm,
+                f"the VM has several USB buses: {names}; "
+                f'set usb_bus = "<name>" for this VM in the config',
+            )
+    raise VmConfigError(
+        vm,
+        f"the VM has only USB 1.1 buses ({names}), too slow for most devices; "
+        f'add -device qemu-xhci, set add_controller = true, or set usb_bus = "<name>"',
+    )

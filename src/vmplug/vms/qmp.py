@@ -1,0 +1,701 @@
+"""QEMU over QMP: one long-lived session per VM, events, reconnect with backoff.
+
+A QMP socket serves one client at a time (DESIGN.md, principle 5).  On a
+socket of its own vmplug keeps a session open for as long as QEMU lives and
+learns from the event stream when something changed or when QEMU went away:
+no polling while connected.  On a socket it must share (``shared=True``,
+e.g. Proxmox's ``/var/run/qemu-server/VMID.qmp``) it connects per operation
+and lets go at once, so other clients never wait on it for long.
+
+Everything vmplug believes about a VM's devices comes from QOM
+(``qom-list`` / ``qom-get``), never from HMP text.  Every command has a
+timeout; a QEMU that dies or hangs gives a :class:`VmError`, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp.message import Message
+
+from vmplug.vms.base import (
+    ID_PREFIX,
+    ObservedDevice,
+    UsbBus,
+    UsbControllerKind,
+    UsbHostSpec,
+    VmConfigError,
+    VmDisconnected,
+    VmError,
+    VmState,
+    VmTimeout,
+    check_device_id,
+    pick_usb_bus,
+)
+
+log = logging.getLogger("vmplug.vms.qmp")
+
+#: qemu.qmp's own log records (connection attempts, dropped replies) go here.
+#: They are shown only when this logger is set to DEBUG: a daemon retrying a
+#: missing socket every 2 s must not log an ERROR every time.
+wire_log = logging.getLogger("vmplug.vms.qmp.wire")
+
+
+class _WireFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL or wire_log.getEffectiveLevel() <= logging.DEBUG
+
+
+wire_log.addFilter(_WireFilter())
+
+PERIPHERAL = "/machine/peripheral"
+PERIPHERAL_ANON = "/machine/peripheral-anon"
+UNATTACHED = "/machine/unattached"
+
+#: Events after which the reconciler must look again (``on_change`` reasons).
+WATCHED_EVENTS = frozenset(
+    {"SHUTDOWN", "RESET", "DEVICE_DELETED", "STOP", "RESUME", "GUEST_PANICKED"}
+)
+#: usb-host properties that cannot change after device_add (cached per session).
+STATIC_PROPS = ("hostbus", "hostaddr", "hostport", "vendorid", "productid", "parent_bus")
+#: The id vmplug gives a controller it adds itself (add_controller = true).
+CONTROLLER_ID = "vmplug-xhci"
+
+OnChange = Callable[[str, str], None]
+Target = str | tuple[str, int]
+
+
+def parse_address(address: str) -> Target:
+    """``/path/qmp.sock``, ``unix:/path``, or ``tcp:HOST:PORT`` (``tcp:[::1]:4444``)."""
+    if address.startswith("tcp:"):
+        host, sep, port = address[4:].rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad QMP address {address!r}: expected tcp:HOST:PORT")
+        return (host.removeprefix("[").removesuffix("]"), int(port))
+    path = address.removeprefix("unix:")
+    if not path:
+        raise ValueError("empty QMP socket path")
+    return path
+
+
+class _Client(QMPClient):
+    """A QMPClient that hands each event to a callback.
+
+    QMPClient's default listener keeps every event in a queue and a history
+    list forever; a daemon that holds a session for months must not.
+    """
+
+    def __init__(self, name: str, on_event: Callable[[Message], None]) -> None:
+        super().__init__(name)
+        self.logger = wire_log.getChild(name.replace(".", "_"))
+        self._vmplug_on_event = on_event
+
+    async def _event_dispatch(self, msg: Message) -> None:
+        self._vmplug_on_event(msg)
+
+
+async def _close(client: _Client) -> None:
+    """Disconnect, swallowing what the bottom half died of (EOF, reset...)."""
+    if client.runstate is Runstate.IDLE:
+        return
+    with contextlib.suppress(Exception):
+        await client.disconnect()
+
+
+@dataclass(frozen=True, slots=True)
+class _Static:
+    hostbus: int | None
+    hostaddr: int | None
+    hostport: str | None
+    vendorid: int | None
+    productid: int | None
+    bus: str | None
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value else None
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _static_from(values: Mapping[str, object]) -> _Static:
+    parent = _str_or_none(values.get("parent_bus"))
+    return _Static(
+        hostbus=_int_or_none(values.get("hostbus")),
+        hostaddr=_int_or_none(values.get("hostaddr")),
+        hostport=_str_or_none(values.get("hostport")),
+        vendorid=_int_or_none(values.get("vendorid")),
+        productid=_int_or_none(values.get("productid")),
+        bus=parent.rsplit("/", 1)[-1] if parent else None,
+    )
+
+
+def _child_type(entry: object) -> str | None:
+    """``child<usb-host>`` -> ``usb-host``; None for non-child properties."""
+    if not isinstance(entry, dict):
+        return None
+    kind = entry.get("type")
+    if isinstance(kind, str) and kind.startswith("child<") and kind.endswith(">"):
+        return kind[6:-1]
+    return None
+
+
+def _is_controller_type(qom_type: str) -> bool:
+    return UsbControllerKind.from_type(qom_type) is not UsbControllerKind.OTHER
+
+
+class QmpVm:
+    """One QEMU virtual machine reached over QMP.
+
+    ``on_change(vm_name, reason)`` is called (from the event loop) when the
+    reconciler should look again; ``reason`` is ``"connected"``,
+    ``"disconnected"``, ``"DEVICE_DELETED:<id>"``, or the name of a QMP
+    event: ``"SHUTDOWN"``, ``"RESET"``, ``"STOP"``, ``"RESUME"``,
+    ``"GUEST_PANICKED"``.  Reasons say what to look at, never what is true.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        *,
+        shared: bool = False,
+        usb_bus: str | None = None,
+        add_controller: bool = False,
+        on_change: OnChange | None = None,
+        command_timeout: float = 5.0,
+        connect_timeout: float = 3.0,
+        backoff_min: float = 0.05,
+        backoff_max: float = 2.0,
+        shared_probe_interval: float = 10.0,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.target = parse_address(address)
+        self.shared = shared
+        self.usb_bus_config = usb_bus
+        self.add_controller = add_controller
+        self.on_change = on_change
+        self.command_timeout = command_timeout
+        self.connect_timeout = connect_timeout
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.shared_probe_interval = shared_probe_interval
+
+        self._state = VmState.DISCONNECTED
+        self._client: _Client | None = None  # the long-lived session, when up
+        self._reachable = False  # shared mode: the last contact worked
+        self._last_contact = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._up = asyncio.Event()
+        self._shared_lock = asyncio.Lock()
+        self._deleted: dict[str, list[asyncio.Future[None]]] = {}
+        # Per-session caches, kept honest by DEVICE_DELETED (events reach every monitor).
+        self._static: dict[str, _Static] = {}
+        self._generation = 0
+        self._bus: str | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()
+
+    # -- public state ---------------------------------------------------------
+
+    @property
+    def state(self) -> VmState:
+        return self._state
+
+    @property
+    def connected(self) -> bool:
+        """Long-lived: a session is open.  Shared: the last contact worked."""
+        if self.shared:
+            return self._reachable
+        client = self._client
+        return client is not None and client.runstate is Runstate.RUNNING
+
+    def __repr__(self) -> str:
+        mode = "shared" if self.shared else "owned"
+        return f"<QmpVm {self.name} {self.address} {mode} {self._state.value}>"
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Begin connecting (and reconnecting) in the background; returns at once."""
+        if self._task is not None and not self._task.done():
+            return
+        loop_fn = self._shared_loop if self.shared else self._owned_loop
+        self._task = asyncio.create_task(loop_fn(), name=f"vmplug-qmp-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop reconnecting and close the session, if any."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        client, self._client = self._client, None
+        if client is not None:
+            await _close(client)
+        self._forget_session(VmDisconnected(self.name, "stopped"))
+        self._up.clear()
+        self._reachable = False
+        self._state = VmState.DISCONNECTED
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait until a session is up (long-lived) or QEMU answers (shared)."""
+        if self.shared:
+            with contextlib.suppress(VmError):
+                async with self._session():
+                    pass
+            return self._reachable
+        try:
+            await asyncio.wait_for(self._up.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- operations ---------------------------------------------------------
+
+    async def observe(self) -> dict[str, ObservedDevice]:
+        """vmplug's usb-host devices (id ``vmplug-*``), keyed by id."""
+        async with self._session() as client:
+            found = await self._observe(client, (PERIPHERAL,))
+        return {k: v for k, v in found.items() if v.managed}
+
+    async def observe_all(self) -> dict[str, ObservedDevice]:
+        """Every usb-host device, vmplug's and others' (see ``ObservedDevice.managed``).
+
+        Devices without an id (``-device usb-host,...`` with no ``id=``) are
+        keyed by their QOM path.
+        """
+        async with self._session() as client:
+            return await self._observe(client, (PERIPHERAL, PERIPHERAL_ANON))
+
+    async def attach(self, dev_id: str, spec: UsbHostSpec) -> None:
+        """``device_add usb-host`` with ``dev_id`` on the VM's USB bus."""
+        check_device_id(self.name, dev_id)
+        problem = spec.problem()
+        if problem is not None:
+            raise VmConfigError(self.name, f"{dev_id}: {problem}")
+        async with self._session() as client:
+            bus = await self._resolve_bus(client)
+            args: dict[str, object] = {"driver": "usb-host", "id": dev_id, "bus": bus}
+            args.update(spec.qmp_args())
+            await self._exec(client, "device_add", args)
+
+    async def detach(self, dev_id: str, timeout: float = 5.0) -> None:
+        """``device_del`` and wait for DEVICE_DELETED; a missing device is no error."""
+        check_device_id(self.name, dev_id)
+        async with self._session() as client:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            # Registered before device_del: USB unplug is synchronous and the
+            # event may arrive before the command's reply.
+            self._deleted.setdefault(dev_id, []).append(done)
+            try:
+                try:
+                    await self._exec(client, "device_del", {"id": dev_id})
+                except VmError as exc:
+                    if exc.qmp_class == "DeviceNotFound":
+                        return
+                    raise
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), timeout)
+                except TimeoutError:
+                    raise VmTimeout(
+                        self.name, f"{dev_id}: no DEVICE_DELETED within {timeout:g} s"
+                    ) from None
+            finally:
+                waiters = self._deleted.get(dev_id, [])
+                if done in waiters:
+                    waiters.remove(done)
+                if not waiters:
+                    self._deleted.pop(dev_id, None)
+                if not done.done():
+                    done.cancel()
+
+    async def usb_bus_info(self) -> list[UsbBus]:
+        """Every USB bus of the VM, with its controller."""
+        async with self._session() as client:
+            return await self._find_buses(client)
+
+    async def usb_buses(self) -> list[str]:
+        """Names of every USB bus of the VM (what ``usb_bus`` in the config takes)."""
+        return [b.name for b in await self.usb_bus_info()]
+
+    async def usb_bus(self) -> str:
+        """The bus attach() uses: the configured one, the single xHCI/EHCI bus,
+        or (add_controller) a qemu-xhci added now.  Raises VmConfigError otherwise."""
+        async with self._session() as client:
+            return await self._resolve_bus(client)
+
+    async def status(self) -> VmState:
+        """Ask QEMU (``query-status``) and update :attr:`state`."""
+        async with self._session() as client:
+            await self._refresh_status(client)
+        return self._state
+
+    # -- sessions -----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[_Client]:
+        if not self.shared:
+            client = self._client
+            if client is None or client.runstate is not Runstate.RUNNING:
+                raise VmDisconnected(self.name, f"not connected to {self.address}")
+            yield client
+            return
+        async with self._shared_lock:
+            client = await self._open_shared()
+            try:
+                yield client
+            finally:
+                await _close(client)
+                # Nothing seen on a closed session can be trusted later.
+                self._forget_session(VmDisconnected(self.name, "session closed"))
+
+    async def _open_shared(self) -> _Client:
+        client = _Client(self.name, self._on_event)
+        try:
+            await asyncio.wait_for(client.connect(self.target), self.connect_timeout)
+            await self._refresh_status(client)
+        except BaseException as exc:
+            await _close(client)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self._set_reachable(False)
+            if isinstance(exc, VmError):
+                raise
+            raise VmDisconnected(self.name, f"cannot reach {self.address}: {exc}") from exc
+        self._set_reachable(True)
+        return client
+
+    def _set_reachable(self, up: bool) -> None:
+        """Shared mode: record the outcome of a contact and tell on a change."""
+        if up:
+            self._last_contact = time.monotonic()
+        else:
+            self._state = VmState.DISCONNECTED
+        if up != self._reachable:
+            self._reachable = up
+            self._notify("connected" if up else "disconnected")
+
+    async def _shared_loop(self) -> None:
+        """Shared socket: never hold it.  Notice QEMU coming and going by a
+        cheap stat of the socket (a restarted QEMU makes a new inode) and a
+        brief probe every ``shared_probe_interval`` seconds."""
+        last_sig: tuple[int, int] | None = None
+        tick = min(2.0, self.shared_probe_interval)
+        while True:
+            sig = self._socket_signature()
+            changed = sig != last_sig
+            if changed and last_sig is not None and self._reachable:
+                self._set_reachable(False)  # a new QEMU: look again from scratch
+            last_sig = sig
+            stale = time.monotonic() - self._last_contact >= self.shared_probe_interval
+            if isinstance(self.target, str) and sig is None:
+                self._set_reachable(False)
+            elif changed or stale or not self._reachable:
+                with contextlib.suppress(VmError):
+                    async with self._session():
+                        pass
+            await asyncio.sleep(tick)
+
+    def _socket_signature(self) -> tuple[int, int] | None:
+        if not isinstance(self.target, str):
+            return (0, 0)
+        try:
+            st = Path(self.target).stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_ctime_ns)
+
+    async def _owned_loop(self) -> None:
+        """Own socket: connect, live on the event stream, reconnect with backoff."""
+        attempt = 0
+        reported = False
+        while True:
+            if isinstance(self.target, str) and not Path(self.target).exists():
+                await self._backoff(attempt)  # QEMU not started yet: a stat is all it costs
+                attempt += 1
+                continue
+            self._state = VmState.CONNECTING
+            client = _Client(self.name, self._on_event)
+            try:
+                await asyncio.wait_for(client.connect(self.target), self.connect_timeout)
+                await self._refresh_status(client)
+            except (QMPError, OSError, TimeoutError, VmError) as exc:
+                await _close(client)
+                self._state = VmState.DISCONNECTED
+                if not reported:
+                    log.info("vm %s: cannot connect to %s: %s", self.name, self.address, exc)
+                    reported = True
+                await self._backoff(attempt)
+                attempt += 1
+                continue
+            except BaseException:
+                await _close(client)
+                self._state = VmState.DISCONNECTED
+                raise
+            began = time.monotonic()
+            reported = False
+            self._client = client
+            self._up.set()
+            log.info("vm %s: connected to %s (%s)", self.name, self.address, self._state.value)
+            self._notify("connected")
+            try:
+                while client.runstate is Runstate.RUNNING:
+                    await client.runstate_changed()
+            finally:
+                self._client = None
+                self._up.clear()
+                await _close(client)
+                self._forget_session(VmDisconnected(self.name, "QEMU went away"))
+                self._state = VmState.DISCONNECTED
+            log.info("vm %s: disconnected from %s", self.name, self.address)
+            self._notify("disconnected")
+            # A session that dies at once (a broken peer) must not spin.
+            attempt = 0 if time.monotonic() - began > 1.0 else attempt + 1
+            await self._backoff(attempt)
+
+    async def _backoff(self, attempt: int) -> None:
+        delay = min(self.backoff_max, self.backoff_min * 2 ** min(attempt, 30))
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 (jitter, not crypto)
+
+    def _forget_session(self, why: VmError) -> None:
+        self._static.clear()
+        self._generation += 1
+        self._bus = None
+        for waiters in self._deleted.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(why)
+                    fut.exception()  # mark retrieved: a waiter may be gone already
+        self._deleted.clear()
+
+    # -- events -------------------------------------------------------------
+
+    def _on_event(self, msg: Message) -> None:
+        event = msg.get("event")
+        if event not in WATCHED_EVENTS:
+            return
+        data = msg.get("data")
+        data = data if isinstance(data, dict) else {}
+        if event == "DEVICE_DELETED":
+            dev_id = data.get("device")
+            path = data.get("path")
+            self._generation += 1
+            self._bus = None  # it may have been a controller
+            if isinstance(path, str):
+                self._static.pop(path, None)
+            if isinstance(dev_id, str) and dev_id:
+                self._static.pop(f"{PERIPHERAL}/{dev_id}", None)
+                for fut in self._deleted.pop(dev_id, []):
+                    if not fut.done():
+                        fut.set_result(None)
+                self._notify(f"DEVICE_DELETED:{dev_id}")
+            return
+        if event == "STOP":
+            self._state = VmState.PAUSED
+        elif event == "RESUME":
+            self._state = VmState.RUNNING
+        elif event == "SHUTDOWN":
+            self._state = VmState.SHUTDOWN
+        elif event == "GUEST_PANICKED":
+            self._state = VmState.CRASHED
+        elif event == "RESET" and self._client is not None:
+            # A reset of a stopped VM puts it back to prelaunch: ask, do not guess.
+            task = asyncio.create_task(self._refresh_after_event(self._client))
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+        self._notify(str(event))
+
+    async def _refresh_after_event(self, client: _Client) -> None:
+        with contextlib.suppress(VmError):
+            await self._refresh_status(client)
+
+    def _notify(self, reason: str) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(self.name, reason)
+        except Exception:
+            log.exception("vm %s: on_change(%r) failed", self.name, reason)
+
+    # -- commands -----------------------------------------------------------
+
+    async def _exec(
+        self, client: _Client, cmd: str, args: Mapping[str, object] | None = None
+    ) -> object:
+        try:
+            return await asyncio.wait_for(client.execute(cmd, args), self.command_timeout)
+        except ExecuteError as exc:
+            raise VmError(self.name, f"{cmd}: {exc}", qmp_class=exc.error_class) from exc
+        except TimeoutError:
+            raise VmTimeout(
+                self.name, f"{cmd}: no answer within {self.command_timeout:g} s"
+            ) from None
+        except (ExecInterruptedError, QMPError, OSError, EOFError) as exc:
+            raise VmDisconnected(self.name, f"{cmd}: connection lost ({exc})") from exc
+
+    async def _refresh_status(self, client: _Client) -> None:
+        status = await self._exec(client, "query-status")
+        if isinstance(status, dict) and isinstance(status.get("status"), str):
+            self._state = VmState.from_run_state(status["status"])
+
+    async def _qom_list(self, client: _Client, path: str) -> list[Any]:
+        """Children of a QOM path; a path that does not exist lists as empty."""
+        try:
+            found = await self._exec(client, "qom-list", {"path": path})
+        except VmError as exc:
+            if exc.qmp_class == "DeviceNotFound":
+                return []
+            raise
+        return found if isinstance(found, list) else []
+
+    async def _qom_get(self, client: _Client, path: str, prop: str) -> object:
+        return await self._exec(client, "qom-get", {"path": path, "property": prop})
+
+    async def _observe(
+        self, client: _Client, containers: tuple[str, ...]
+    ) -> dict[str, ObservedDevice]:
+        generation = self._generation
+        listings = await asyncio.gather(*(self._qom_list(client, c) for c in containers))
+        paths: list[tuple[str, str]] = []  # (key, QOM path)
+        for container, children in zip(containers, listings, strict=True):
+            for child in children:
+                if _child_type(child) == "usb-host":
+                    name = str(child["name"])
+                    path = f"{container}/{name}"
+                    paths.append((name if container == PERIPHERAL else path, path))
+        results = await asyncio.gather(
+            *(self._read_device(client, key, path, generation) for key, path in paths)
+        )
+        return {dev.id: dev for dev in results if dev is not None}
+
+    async def _read_device(
+        self, client: _Client, key: str, path: str, generation: int
+    ) -> ObservedDevice | None:
+        """Read one usb-host's properties; None when it vanished meanwhile."""
+        # The match properties are fixed at device_add: read them once per
+        # session (long-lived sessions only: there DEVICE_DELETED keeps the
+        # cache honest).  `attached` changes: read it every time.
+        static = self._static.get(path) if not self.shared else None
+        try:
+            if static is None:
+                values = await asyncio.gather(
+                    self._qom_get(client, path, "attached"),
+                    *(self._qom_get(client, path, p) for p in STATIC_PROPS),
+                )
+                attached = values[0]
+                static = _static_from(dict(zip(STATIC_PROPS, values[1:], strict=True)))
+                if not self.shared and generation == self._generation:
+                    self._static[path] = static
+            else:
+                attached = await self._qom_get(client, path, "attached")
+        except VmError as exc:
+            if exc.qmp_class == "DeviceNotFound":
+                return None
+            raise
+        return ObservedDevice(
+            id=key,
+            hostbus=static.hostbus,
+            hostaddr=static.hostaddr,
+            hostport=static.hostport,
+            vendorid=static.vendorid,
+            productid=static.productid,
+            attached=attached is True,
+            bus=static.bus,
+            path=path,
+        )
+
+    async def _find_buses(self, client: _Client) -> list[UsbBus]:
+        containers = (PERIPHERAL, PERIPHERAL_ANON, UNATTACHED)
+        listings = await asyncio.gather(*(self._qom_list(client, c) for c in containers))
+        controllers: list[tuple[str, str]] = []
+        for container, children in zip(containers, listings, strict=True):
+            for child in children:
+                qom_type = _child_type(child)
+                if qom_type is not None and _is_controller_type(qom_type):
+                    controllers.append((f"{container}/{child['name']}", qom_type))
+        inner = await asyncio.gather(*(self._qom_list(client, p) for p, _ in controllers))
+        buses: list[UsbBus] = []
+        for (path, qom_type), children in zip(controllers, inner, strict=True):
+            buses.extend(
+                UsbBus(name=str(child["name"]), controller=path, controller_type=qom_type)
+                for child in children
+                if _child_type(child) == "usb-bus"
+            )
+        return sorted(buses, key=lambda b: b.name)
+
+    async def _resolve_bus(self, client: _Client) -> str:
+        if self.usb_bus_config:
+            return self.usb_bus_config
+        if self._bus is not None:
+            return self._bus
+        generation = self._generation
+        buses = await self._find_buses(client)
+        if not buses and self.add_controller:
+            bus = await self._add_controller(client)
+        else:
+            bus = pick_usb_bus(self.name, buses).name
+        if generation == self._generation and not self.shared:
+            self._bus = bus
+        return bus
+
+    async def _add_controller(self, client: _Client) -> str:
+        """Hot-add a qemu-xhci.  On q35 the root bus takes no hot-plug: then
+        try each PCIe root port / PCI bridge in turn."""
+        args: dict[str, object] = {"driver": "qemu-xhci", "id": CONTROLLER_ID}
+        try:
+            await self._exec(client, "device_add", args)
+        except VmError as exc:
+            if exc.qmp_class != "GenericError":
+                raise
+            first = exc
+            for bus in await self._hotplug_buses(client):
+                try:
+                    await self._exec(client, "device_add", args | {"bus": bus})
+                except VmError as again:
+                    if again.qmp_class != "GenericError":
+                        raise
+                    continue
+                break
+            else:
+                raise VmConfigError(
+                    self.name,
+                    f"the VM has no USB controller and adding one failed ({first}); "
+                    "add -device qemu-xhci to its command line (on q35, or give it a free "
+                    "-device pcie-root-port for vmplug to use)",
+                    qmp_class=first.qmp_class,
+                ) from first
+        log.info("vm %s: added USB controller %s", self.name, CONTROLLER_ID)
+        return f"{CONTROLLER_ID}.0"
+
+    async def _hotplug_buses(self, client: _Client) -> list[str]:
+        """Buses of PCIe root ports and PCI bridges, where a controller may go."""
+        containers = (PERIPHERAL, PERIPHERAL_ANON)
+        listings = await asyncio.gather(*(self._qom_list(client, c) for c in containers))
+        ports: list[str] = []
+        for container, children in zip(containers, listings, strict=True):
+            for child in children:
+                qom_type = _child_type(child) or ""
+                if "root-port" in qom_type or "bridge" in qom_type:
+                    ports.append(f"{container}/{child['name']}")
+        inner = await asyncio.gather(*(self._qom_list(client, p) for p in ports))
+        return [
+            str(child["name"])
+            for children in inner
+            for child in children
+            if _child_type(child) in ("PCIE", "PCI")
+        ]
+
+
+__all__ = ["ID_PREFIX", "QmpVm", "parse_address"]
