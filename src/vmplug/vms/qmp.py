@@ -52,10 +52,21 @@ wire_log = logging.getLogger("vmplug.vms.qmp.wire")
 
 class _WireFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.CRITICAL or wire_log.getEffectiveLevel() <= logging.DEBUG
+        if record.levelno >= logging.CRITICAL:
+            return True
+        return logging.getLogger(record.name).getEffectiveLevel() <= logging.DEBUG
 
 
-wire_log.addFilter(_WireFilter())
+_WIRE_FILTER = _WireFilter()
+
+
+def _wire_logger(name: str) -> logging.Logger:
+    """A per-VM child of ``wire_log`` (a logger's filters see only its own records)."""
+    logger = wire_log.getChild(name.replace(".", "_"))
+    if _WIRE_FILTER not in logger.filters:
+        logger.addFilter(_WIRE_FILTER)
+    return logger
+
 
 PERIPHERAL = "/machine/peripheral"
 PERIPHERAL_ANON = "/machine/peripheral-anon"
@@ -96,7 +107,7 @@ class _Client(QMPClient):
 
     def __init__(self, name: str, on_event: Callable[[Message], None]) -> None:
         super().__init__(name)
-        self.logger = wire_log.getChild(name.replace(".", "_"))
+        self.logger = _wire_logger(name)
         self._vmplug_on_event = on_event
 
     async def _event_dispatch(self, msg: Message) -> None:
@@ -138,6 +149,20 @@ def _static_from(values: Mapping[str, object]) -> _Static:
         vendorid=_int_or_none(values.get("vendorid")),
         productid=_int_or_none(values.get("productid")),
         bus=parent.rsplit("/", 1)[-1] if parent else None,
+    )
+
+
+def _observed(key: str, path: str, static: _Static, attached: object) -> ObservedDevice:
+    return ObservedDevice(
+        id=key,
+        hostbus=static.hostbus,
+        hostaddr=static.hostaddr,
+        hostport=static.hostport,
+        vendorid=static.vendorid,
+        productid=static.productid,
+        attached=attached is True,
+        bus=static.bus,
+        path=path,
     )
 
 
@@ -205,6 +230,9 @@ class QmpVm:
         self._static: dict[str, _Static] = {}
         self._generation = 0
         self._bus: str | None = None
+        #: QEMU's version from the last greeting, and whether it has qom-list-get (10.1+).
+        self.qemu_version: tuple[int, int, int] | None = None
+        self._list_get = False
         self._side_tasks: set[asyncio.Task[None]] = set()
 
     # -- public state ---------------------------------------------------------
@@ -289,7 +317,18 @@ class QmpVm:
             bus = await self._resolve_bus(client)
             args: dict[str, object] = {"driver": "usb-host", "id": dev_id, "bus": bus}
             args.update(spec.qmp_args())
+            generation = self._generation
             await self._exec(client, "device_add", args)
+            if not self.shared and generation == self._generation and "/" not in bus:
+                # Match properties are what device_add stored; only `attached` moves.
+                self._static[f"{PERIPHERAL}/{dev_id}"] = _Static(
+                    hostbus=spec.hostbus,
+                    hostaddr=spec.hostaddr,
+                    hostport=spec.hostport,
+                    vendorid=spec.vendorid,
+                    productid=spec.productid,
+                    bus=bus,
+                )
 
     async def detach(self, dev_id: str, timeout: float = 5.0) -> None:
         """``device_del`` and wait for DEVICE_DELETED; a missing device is no error."""
@@ -365,6 +404,7 @@ class QmpVm:
         client = _Client(self.name, self._on_event)
         try:
             await asyncio.wait_for(client.connect(self.target), self.connect_timeout)
+            self._note_greeting(client)
             await self._refresh_status(client)
         except BaseException as exc:
             await _close(client)
@@ -430,6 +470,7 @@ class QmpVm:
             client = _Client(self.name, self._on_event)
             try:
                 await asyncio.wait_for(client.connect(self.target), self.connect_timeout)
+                self._note_greeting(client)
                 await self._refresh_status(client)
             except (QMPError, OSError, TimeoutError, VmError) as exc:
                 await _close(client)
@@ -545,6 +586,18 @@ class QmpVm:
         except (ExecInterruptedError, QMPError, OSError, EOFError) as exc:
             raise VmDisconnected(self.name, f"{cmd}: connection lost ({exc})") from exc
 
+    def _note_greeting(self, client: _Client) -> None:
+        version: object = None
+        greeting = client.greeting
+        if greeting is not None:
+            with contextlib.suppress(KeyError, TypeError):
+                version = greeting.QMP.version["qemu"]
+        if isinstance(version, dict):
+            parts = (version.get("major"), version.get("minor"), version.get("micro"))
+            if all(isinstance(v, int) for v in parts):
+                self.qemu_version = (int(parts[0] or 0), int(parts[1] or 0), int(parts[2] or 0))
+        self._list_get = self.qemu_version is not None and self.qemu_version >= (10, 1, 0)
+
     async def _refresh_status(self, client: _Client) -> None:
         status = await self._exec(client, "query-status")
         if isinstance(status, dict) and isinstance(status.get("status"), str):
@@ -575,10 +628,62 @@ class QmpVm:
                     name = str(child["name"])
                     path = f"{container}/{name}"
                     paths.append((name if container == PERIPHERAL else path, path))
-        results = await asyncio.gather(
-            *(self._read_device(client, key, path, generation) for key, path in paths)
-        )
+        if not paths:
+            return {}
+        bulk = await self._qom_list_get(client, [path for _, path in paths])
+        results: list[ObservedDevice | None]
+        if bulk is not None:
+            results = [
+                self._device_from(key, path, values, generation)
+                for (key, path), values in zip(paths, bulk, strict=True)
+            ]
+        else:
+            results = list(
+                await asyncio.gather(
+                    *(self._read_device(client, key, path, generation) for key, path in paths)
+                )
+            )
         return {dev.id: dev for dev in results if dev is not None}
+
+    async def _qom_list_get(
+        self, client: _Client, paths: list[str]
+    ) -> list[dict[str, object]] | None:
+        """Every property of every path in one command (QEMU 10.1+); None when
+        QEMU lacks it or a device vanished meanwhile (then read one by one)."""
+        if not self._list_get:
+            return None
+        try:
+            found = await self._exec(client, "qom-list-get", {"paths": paths})
+        except VmError as exc:
+            if exc.qmp_class == "CommandNotFound":
+                self._list_get = False
+                return None
+            if exc.qmp_class == "DeviceNotFound":
+                return None
+            raise
+        if not isinstance(found, list) or len(found) != len(paths):
+            return None
+        out: list[dict[str, object]] = []
+        for entry in found:
+            props = entry.get("properties") if isinstance(entry, dict) else None
+            if not isinstance(props, list):
+                return None
+            out.append(
+                {
+                    str(p["name"]): p.get("value")
+                    for p in props
+                    if isinstance(p, dict) and "name" in p
+                }
+            )
+        return out
+
+    def _device_from(
+        self, key: str, path: str, values: Mapping[str, object], generation: int
+    ) -> ObservedDevice:
+        static = _static_from(values)
+        if not self.shared and generation == self._generation:
+            self._static[path] = static
+        return _observed(key, path, static, values.get("attached"))
 
     async def _read_device(
         self, client: _Client, key: str, path: str, generation: int
@@ -604,17 +709,7 @@ class QmpVm:
             if exc.qmp_class == "DeviceNotFound":
                 return None
             raise
-        return ObservedDevice(
-            id=key,
-            hostbus=static.hostbus,
-            hostaddr=static.hostaddr,
-            hostport=static.hostport,
-            vendorid=static.vendorid,
-            productid=static.productid,
-            attached=attached is True,
-            bus=static.bus,
-            path=path,
-        )
+        return _observed(key, path, static, attached)
 
     async def _find_buses(self, client: _Client) -> list[UsbBus]:
         containers = (PERIPHERAL, PERIPHERAL_ANON, UNATTACHED)
