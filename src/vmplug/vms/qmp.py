@@ -309,8 +309,7 @@ class QmpVm:
     async def observe(self) -> dict[str, ObservedDevice]:
         """vmplug's usb-host devices (id ``vmplug-*``), keyed by id."""
         async with self._session() as client:
-            found = await self._observe(client, (PERIPHERAL,))
-        return {k: v for k, v in found.items() if v.managed}
+            return await self._observe(client, (PERIPHERAL,), managed_only=True)
 
     async def observe_all(self) -> dict[str, ObservedDevice]:
         """Every usb-host device, vmplug's and others' (see ``ObservedDevice.managed``).
@@ -635,17 +634,20 @@ class QmpVm:
         return await self._exec(client, "qom-get", {"path": path, "property": prop})
 
     async def _observe(
-        self, client: _Client, containers: tuple[str, ...]
+        self, client: _Client, containers: tuple[str, ...], *, managed_only: bool = False
     ) -> dict[str, ObservedDevice]:
         generation = self._generation
         listings = await asyncio.gather(*(self._qom_list(client, c) for c in containers))
         paths: list[tuple[str, str]] = []  # (key, QOM path)
         for container, children in zip(containers, listings, strict=True):
             for child in children:
-                if _child_type(child) == "usb-host":
-                    name = str(child["name"])
-                    path = f"{container}/{name}"
-                    paths.append((name if container == PERIPHERAL else path, path))
+                if _child_type(child) != "usb-host":
+                    continue
+                name = str(child["name"])
+                if managed_only and not name.startswith(ID_PREFIX):
+                    continue  # others' devices cost nothing unless asked for (observe_all)
+                path = f"{container}/{name}"
+                paths.append((name if container == PERIPHERAL else path, path))
         if not paths:
             return {}
         bulk = await self._qom_list_get(client, [path for _, path in paths])
