@@ -337,7 +337,9 @@ class Daemon:
             await asyncio.gather(*(self._act(a) for a in detaches))
         if attaches:
             await asyncio.gather(*(self._act(a) for a in attaches))
-        if not actions:
+        if due:
+            self.mark_dirty()  # look again: only a pass with nothing to do proves convergence
+        elif not actions:
             self._converged.set()
         return due
 

@@ -1,0 +1,390 @@
+"""The daemon end to end against real QEMU processes.
+
+The host side is a sysfs tree captured from a real kernel (tests/fixtures/
+sysfs) that the test changes the way the kernel would (a device directory
+disappears on unplug, comes back with a new device number on replug), and the
+uevents are replayed through a FIFO: each one is the captured device's own
+``uevent`` file plus ACTION/DEVPATH/SUBSYSTEM/SEQNUM, as the kernel sends them.
+Everything on the VM side is real: qemu-system-x86_64 with a qemu-xhci, a QMP
+socket for vmplug and a second one the test reads QOM through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu_proc import QemuProcess
+
+from vmplug.config import parse_config
+from vmplug.engine.daemon import Daemon
+from vmplug.host.events import ReplayEventSource
+from vmplug.store import Store
+from vmplug.vms.qmp import QmpVm
+
+pytestmark = pytest.mark.qemu
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "sysfs"
+
+
+class FakeKernel:
+    """A captured sysfs tree that plugs and unplugs devices, and the uevents for it."""
+
+    def __init__(self, capture: str, tmp: Path) -> None:
+        self.root = tmp / "sysfs"
+        shutil.copytree(FIXTURES / capture, self.root, symlinks=True)
+        self.stash = tmp / "unplugged"
+        self.stash.mkdir()
+        self.fifo = tmp / "uevents"
+        os.mkfifo(self.fifo)
+        self._fd = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
+        self.seq = 1000
+        self.where: dict[str, Path] = {}  # port -> device dir while plugged
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def _links(self) -> Path:
+        return self.root / "bus/usb/devices"
+
+    def devdir(self, port: str) -> Path:
+        return (self._links() / port).resolve()
+
+    def _send(self, action: str, devdir: Path, uevent_text: str) -> None:
+        self.seq += 1
+        props = dict(line.split("=", 1) for line in uevent_text.splitlines() if "=" in line)
+        props |= {
+            "ACTION": action,
+            "DEVPATH": "/" + str(devdir.relative_to(self.root)),
+            "SUBSYSTEM": "usb",
+            "SEQNUM": str(self.seq),
+        }
+        os.write(self._fd, (json.dumps(props) + "\n").encode())
+
+    def unplug(self, port: str) -> None:
+        real = self.devdir(port)
+        uevent = (real / "uevent").read_text()
+        for link in self._links().iterdir():
+            if link.name == port or link.name.startswith(f"{port}:"):
+                link.unlink()
+        self.where[port] = real
+        shutil.move(real, self.stash / port)
+        self._send("unbind", real, uevent)
+        self._send("remove", real, uevent)
+
+    def plug(self, port: str, devnum: int | None = None) -> None:
+        real = self.where.pop(port)
+        shutil.move(self.stash / port, real)
+        if devnum is not None:
+            (real / "devnum").write_text(f"{devnum}\n")
+            text = (real / "uevent").read_text().splitlines()
+            text = [f"DEVNUM={devnum:03d}" if t.startswith("DEVNUM=") else t for t in text]
+            (real / "uevent").write_text("\n".join(text) + "\n")
+        (self._links() / port).symlink_to(os.path.relpath(real, self._links()))
+        uevent = (real / "uevent").read_text()
+        self._send("add", real, uevent)
+        self._send("bind", real, uevent)
+
+    def overflow(self) -> None:
+        os.write(self._fd, b'{"OVERFLOW": "1"}\n')
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+class Rig:
+    """Kernel, VMs and daemons of one test; everything stopped at teardown."""
+
+    def __init__(self, tmp: Path, capture: str) -> None:
+        self.tmp = tmp
+        self.kernel = FakeKernel(capture, tmp)
+        self.qemus: dict[str, QemuProcess] = {}
+        # one short directory for every socket: a VM made again keeps its paths
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="vmplug-d", dir="/tmp"))
+        self.daemons: list[Daemon] = []
+        self.stores: list[Store] = []
+        self.observers: dict[str, QmpVm] = {}
+        self.config_path = tmp / "vmplug.toml"
+
+    def qemu(self, name: str, usb: bool = True) -> QemuProcess:
+        if name not in self.qemus:
+            self.qemus[name] = QemuProcess(
+                self.tmp,
+                ["-device", "qemu-xhci,id=xhci"] if usb else [],
+                qmp_sockets=2,
+                name=name,
+                sock_dir=self.sock_dir,
+            )
+        return self.qemus[name]
+
+    def write_config(self, rules: str, vms: tuple[str, ...] = ("a", "b")) -> None:
+        text = "".join(f'[vm.{n}]\nqmp = "{self.qemu(n).qmp_paths[0]}"\n\n' for n in vms)
+        self.config_path.write_text(text + rules)
+
+    async def daemon(self) -> Daemon:
+        config = parse_config(self.config_path.read_text(), self.config_path)
+        store = Store(self.tmp / "vmplug.db")
+        self.stores.append(store)
+        d = Daemon(
+            config,
+            sysfs_root=self.kernel.root,
+            source=ReplayEventSource(self.kernel.fifo),
+            store=store,
+            config_path=self.config_path,
+        )
+        self.daemons.append(d)
+        await d.start()
+        return d
+
+    async def stop_daemon(self, d: Daemon) -> None:
+        await d.stop()
+        self.daemons.remove(d)
+
+    async def held(self, vm: str) -> dict[str, Any]:
+        """What QEMU really holds, read through the test's own QMP socket."""
+        q = self.qemus[vm]
+        if not q.alive:
+            return {}
+        if vm not in self.observers:
+            self.observers[vm] = QmpVm(f"obs-{vm}", str(q.qmp_paths[1]), shared=True)
+            await self.observers[vm].start()
+        try:
+            return dict(await self.observers[vm].observe())
+        except Exception:
+            return {}
+
+    async def ports(self, vm: str) -> set[str]:
+        return {f"{o.hostbus}-{o.hostport}" for o in (await self.held(vm)).values()}
+
+    async def close(self) -> None:
+        for d in list(self.daemons):
+            await d.stop()
+        for obs in self.observers.values():
+            await obs.stop()
+        for s in self.stores:
+            s.close()
+        for q in self.qemus.values():
+            q.cleanup()
+        self.kernel.close()
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Callable[[str], Rig]]:
+    made: list[Rig] = []
+
+    def make(capture: str) -> Rig:
+        r = Rig(tmp_path, capture)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        await r.close()
+
+
+RULES_BY_PORT = """
+[[rule]]
+attach = "a"
+match = 'via-port "2-2.4.2"'
+
+[[rule]]
+attach = "b"
+match = 'via-port "1-3"'
+"""
+
+
+async def test_plug_unplug_replug_follow_the_device(rig: Callable[[str], Rig]) -> None:
+    r = rig("mixed")
+    r.write_config(RULES_BY_PORT)
+    r.qemu("a").start()
+    r.qemu("b").start()
+    d = await r.daemon()
+    # at start: both present devices attached to the VM their rule names
+    await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}))
+    await until(lambda: _eq(r.ports("b"), {"1-3"}))
+    held = await r.held("a")
+    kbd = next(iter(held.values()))
+    assert kbd.id == d.inventory["2-2.4.2"].qemu_id and kbd.id.startswith("vmplug-")
+    # unplug: detached from the VM (device_del, DEVICE_DELETED)
+    r.kernel.unplug("2-2.4.2")
+    await until(lambda: _eq(r.ports("a"), set()))
+    assert await r.ports("b") == {"1-3"}
+    # replug with a new device number: attached again, same stable id
+    r.kernel.plug("2-2.4.2", devnum=42)
+    await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}))
+    assert set((await r.held("a")).keys()) == {kbd.id}
+    assert d.inventory["2-2.4.2"].devnum == 42
+    # the history tells the story in order
+    kinds = [(e.kind, e.result) for e in r.stores[0].history(kbd_identity(d), limit=None)]
+    attach_ok = [k for k in kinds if k == ("attach", "ok")]
+    assert len(attach_ok) == 2
+    assert ("detach", "ok") in kinds and ("device-remove", None) in kinds
+    assert d.stats.event_to_add, "the bind-to-device_add latency was measured"
+
+
+def kbd_identity(d: Daemon) -> str:
+    return d.inventory["2-2.4.2"].identity
+
+
+async def _eq(value: Awaitable[set[str]], want: set[str]) -> bool:
+    return await value == want
+
+
+async def test_vm_started_after_device_and_vm_restart(rig: Callable[[str], Rig]) -> None:
+    r = rig("mixed")
+    r.write_config(RULES_BY_PORT)
+    d = await r.daemon()  # no VM runs yet: the sockets do not exist
+    await asyncio.sleep(0.3)
+    assert not d.vms["a"].connected
+    r.qemu("a").start()  # VM appears later: vmplug connects and attaches
+    await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}))
+    # VM killed and started again on the same socket: attached again
+    r.qemus["a"].kill()
+    r.qemus["a"].wait()
+    await until(lambda: _false(d.vms["a"].connected))
+    r.observers.pop("a")
+    r.qemus["a"].start()
+    await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}), timeout=20)
+    kinds = [e.kind for e in r.stores[0].history(None, limit=None)]
+    assert "vm-down" in kinds and kinds.count("vm-up") >= 2
+
+
+async def _false(value: bool) -> bool:
+    return not value
+
+
+async def test_daemon_restart_adopts_and_never_attaches_twice(rig: Callable[[str], Rig]) -> None:
+    r = rig("mixed")
+    r.write_config(RULES_BY_PORT)
+    r.qemu("a").start()
+    r.qemu("b").start()
+    d1 = await r.daemon()
+    await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}))
+    await r.stop_daemon(d1)  # leaves attached devices attached
+    assert await r.ports("a") == {"2-2.4.2"}
+    store = r.stores[0]
+    before = store.count()
+    d2 = await r.daemon()
+    assert await d2.wait_converged(10)
+    assert await r.ports("a") == {"2-2.4.2"}
+    assert len(await r.held("a")) == 1
+    after = store.history(None, limit=None)
+    new = [e for e in after if e.id > before and e.entry == "action"]
+    assert {(e.kind, e.vm) for e in new} == {("adopt", "a"), ("adopt", "b")}
+
+
+async def test_reload_moves_devices_and_refuses_a_bad_config(rig: Callable[[str], Rig]) -> None:
+    r = rig("mixed")
+    r.write_config(RULES_BY_PORT)
+    r.qemu("a").start()
+    r.qemu("b").start()
+    d = await r.daemon()
+    await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}))
+    # the keyboard now goes to b
+    r.write_config(RULES_BY_PORT.replace('attach = "a"', 'attach = "b"'))
+    ok, _ = await d.reload()
+    assert ok
+    await until(lambda: _eq(r.ports("b"), {"2-2.4.2", "1-3"}))
+    assert await r.ports("a") == set()
+    # an invalid config is refused; the running one stays and nothing moves
+    r.config_path.write_text(
+        r.config_path.read_text() + "\n[[rule]]\nattach = 'nope'\nmatch = 'id 1:*'\n"
+    )
+    ok, message = await d.reload()
+    assert not ok and "nope" in message
+    await asyncio.sleep(0.3)
+    assert await r.ports("b") == {"2-2.4.2", "1-3"}
+    routes = [e for e in r.stores[0].history(None, limit=None) if e.kind == "device-route"]
+    assert [(e.port, e.vm) for e in routes] == [("2-2.4.2", "b")]
+
+
+async def test_identical_devices_go_to_two_vms_by_port(rig: Callable[[str], Rig]) -> None:
+    r = rig("identical")
+    links = (r.kernel.root / "bus/usb/devices").iterdir()
+    devices = sorted(p.name for p in links if ":" not in p.name and "-" in p.name)
+    first, second = devices[0], devices[1]
+    r.write_config(
+        f"[[rule]]\nattach = 'a'\nmatch = 'via-port \"{first}\"'\n"
+        f"[[rule]]\nattach = 'b'\nmatch = 'via-port \"{second}\"'\n"
+    )
+    r.qemu("a").start()
+    r.qemu("b").start()
+    await r.daemon()
+    await until(lambda: _eq(r.ports("a"), {first}))
+    await until(lambda: _eq(r.ports("b"), {second}))
+    ids = set(await r.held("a")) | set(await r.held("b"))
+    assert len(ids) == 2  # distinct stable ids although vid:pid (and serial) are the same
+
+
+async def test_first_matching_rule_wins(rig: Callable[[str], Rig]) -> None:
+    r = rig("mixed")
+    # both rules match the keyboard; the first sends it to b
+    r.write_config(
+        "[[rule]]\nattach = 'b'\nmatch = 'id 0627:0001 with-interface { 03:01:01 }'\n"
+        "[[rule]]\nattach = 'a'\nmatch = 'via-port \"2-2.4.2\"'\n"
+        "[[rule]]\nblock = true\nmatch = 'id 0627:*'\n"
+    )
+    r.qemu("a").start()
+    r.qemu("b").start()
+    d = await r.daemon()
+    await until(lambda: _eq(r.ports("b"), {"2-2.4.2"}))
+    assert await d.wait_converged(5)
+    assert await r.ports("a") == set()  # tablets are blocked, hubs never go anywhere
+
+
+async def test_overflow_rescans_and_catches_up(rig: Callable[[str], Rig]) -> None:
+    r = rig("mixed")
+    r.write_config(RULES_BY_PORT)
+    r.qemu("a").start()
+    r.qemu("b").start()
+    d = await r.daemon()
+    await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}))
+    # the device goes away but its uevent is "lost": only an overflow arrives
+    real = r.kernel.devdir("2-2.4.2")
+    (r.kernel.root / "bus/usb/devices/2-2.4.2").unlink()
+    shutil.rmtree(real)
+    rescans = d.stats.rescans
+    r.kernel.overflow()
+    await until(lambda: _eq(r.ports("a"), set()))
+    assert d.stats.rescans == rescans + 1
+
+
+async def test_failed_attach_is_retried_until_the_vm_can_take_it(
+    rig: Callable[[str], Rig], tmp_path: Path
+) -> None:
+    r = rig("mixed")
+    # VM a has no USB controller: every attach fails with a QMP error
+    r.qemu("a", usb=False).start()
+    r.write_config(RULES_BY_PORT)
+    r.qemu("b").start()
+    d = await r.daemon()
+    await until(lambda: _true(("a", d.inventory["2-2.4.2"].qemu_id) in d.retries))
+    await asyncio.sleep(0.5)
+    retry = d.retries[("a", d.inventory["2-2.4.2"].qemu_id)]
+    assert retry.attempt >= 2 and "USB" in retry.error
+    errors = [e for e in r.stores[0].history(None, limit=None) if e.result == "error"]
+    assert errors and all(e.vm == "a" for e in errors)
+    # the VM comes back with a controller: the retry succeeds
+    r.qemus["a"].cleanup()
+    r.qemus.pop("a")
+    r.observers.pop("a", None)
+    r.qemu("a").start()
+    await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}), timeout=40)
+    assert await r.ports("b") == {"1-3"}
+
+
+async def _true(value: bool) -> bool:
+    return value
