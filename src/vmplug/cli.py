@@ -110,6 +110,7 @@ LAZY_COMMANDS = {
     "detach": "vmplug.cli_daemon",
     "reload": "vmplug.cli_daemon",
     "generate": "vmplug.generate.cli",
+    "demo": "vmplug.demo",
 }
 
 

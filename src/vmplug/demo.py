@@ -1,0 +1,497 @@
+"""``vmplug demo``: the daemon keeping USB devices in a VM, live, on any machine.
+
+Everything happens inside the lab guest (:mod:`vmplug.lab`): a Linux kernel
+under QEMU/TCG with an emulated hub, keyboard and tablet.  Inside it run
+
+* a second QEMU, the "VM" (``-S``, no disk: only its USB controller matters),
+  with two QMP sockets: ``vm.sock`` for vmplug, ``check.sock`` for us;
+* ``vmplug run`` with a config whose one rule sends ``0627:0001`` (both the
+  keyboard and the tablet) to that VM;
+* a tiny watcher (system ``python3 -I -S``, no imports beyond the standard
+  library: it starts in ~0.1 s where the venv's Python takes seconds over 9p)
+  that polls the VM's QOM through ``check.sock`` every 0.1 s and writes what
+  the VM really holds to ``state.json`` in the shared work directory.
+
+From the host we unplug and replug the keyboard (the guest QEMU's QMP), kill
+``-9`` and restart the VM, restart the daemon, and time how long the VM takes
+to hold again what it should.  The same steps (:class:`DemoLab`) drive
+``tests/lab/test_lab_daemon.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from vmplug.lab.guest import GuestProcess, LabDevice, LabError, LabGuest, lab_unavailable_reason
+
+#: Where the sockets live inside the guest (/tmp is a tmpfs there; unix sockets
+#: on the 9p work directory would not work).
+GUEST_DIR = "/tmp/vmplug-demo"
+VM_NAME = "demo"
+
+HUB = LabDevice("usb-hub", "xhci.0", "2", "hub1")
+KBD = LabDevice("usb-kbd", "xhci.0", "2.1", "kbd1")
+TABLET = LabDevice("usb-tablet", "xhci.0", "2.2", "tablet1")
+DEVICES = (HUB, KBD, TABLET)
+#: Guest kernel port paths (EHCI is bus 1, xHCI's USB 2 root hub bus 2).
+PORTS = {KBD.id: "2-2.1", TABLET.id: "2-2.2"}
+
+CONFIG = f"""\
+[vm.{VM_NAME}]
+qmp = "{GUEST_DIR}/vm.sock"
+
+[[rule]]
+attach = "{VM_NAME}"
+match = 'id 0627:0001'
+"""
+
+VM_COMMAND = (
+    "qemu-system-x86_64 -machine q35 -nodefaults -display none -accel tcg -S -m 64"
+    " -device qemu-xhci,id=xhci"
+    f" -qmp unix:{GUEST_DIR}/vm.sock,server=on,wait=off"
+    f" -qmp unix:{GUEST_DIR}/check.sock,server=on,wait=off"
+)
+
+#: Runs in the guest: polls the VM's usb-host devices over its own QMP socket
+#: and rewrites the state file (atomically) whenever what it sees changes.
+WATCHER = r"""
+import json, os, socket, sys, time
+sock_path, out = sys.argv[1], sys.argv[2]
+conn = 0
+last = None
+
+def write(state):
+    global last
+    if state == last:
+        return
+    last = state
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(state, t=time.time()), f)
+    os.replace(tmp, out)
+
+def ask(f, cmd, **args):
+    msg = {"execute": cmd}
+    if args:
+        msg["arguments"] = args
+    f.write(json.dumps(msg).encode() + b"\n")
+    f.flush()
+    while True:
+        line = f.readline()
+        if not line:
+            raise OSError("QMP closed")
+        reply = json.loads(line)
+        if "return" in reply:
+            return reply["return"]
+        if "error" in reply:
+            return None
+
+while True:
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(sock_path)
+        f = s.makefile("rwb")
+        f.readline()
+        ask(f, "qmp_capabilities")
+        conn += 1
+        while True:
+            devs = {}
+            for item in ask(f, "qom-list", path="/machine/peripheral") or []:
+                if item.get("type") != "child<usb-host>":
+                    continue
+                path = "/machine/peripheral/" + item["name"]
+                devs[item["name"]] = {
+                    "attached": bool(ask(f, "qom-get", path=path, property="attached")),
+                    "hostbus": ask(f, "qom-get", path=path, property="hostbus"),
+                    "hostport": ask(f, "qom-get", path=path, property="hostport"),
+                }
+            write({"up": True, "conn": conn, "devices": devs})
+            time.sleep(0.1)
+    except (OSError, ValueError):
+        write({"up": False, "conn": conn, "devices": {}})
+        with __import__("contextlib").suppress(Exception):
+            s.close()
+        time.sleep(0.1)
+"""
+
+
+@dataclass
+class VmState:
+    """What the VM holds, as the watcher last saw it."""
+
+    up: bool = False
+    conn: int = 0
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def ports(self, attached: bool = True) -> list[str]:
+        """Guest port paths of vmplug's usb-host devices (sorted; duplicates kept)."""
+        return sorted(
+            f"{d.get('hostbus')}-{d.get('hostport')}"
+            for name, d in self.devices.items()
+            if name.startswith("vmplug-") and bool(d.get("attached")) is attached
+        )
+
+    def holds(self, expected: Sequence[str]) -> bool:
+        """Exactly ``expected`` attached, once each, and nothing of ours pending."""
+        return self.up and self.ports() == sorted(expected) and not self.ports(attached=False)
+
+    def describe(self) -> str:
+        if not self.up:
+            return "VM down"
+        held = ", ".join(self.ports()) or "nothing"
+        waiting = self.ports(attached=False)
+        return f"VM holds {held}" + (f" (waiting: {', '.join(waiting)})" if waiting else "")
+
+
+@dataclass
+class StepResult:
+    name: str
+    expected: list[str]
+    ok: bool
+    seconds: float | None
+    held: list[str]
+    detail: str = ""
+
+
+class DemoLab:
+    """The lab guest with a VM, the daemon and a watcher inside; the demo's steps.
+
+    ``say`` receives every line worth showing (steps, daemon attach/detach
+    lines).  Always call :meth:`close` (a ``finally``): it stops the guest by
+    PID, which ends everything inside it.
+    """
+
+    def __init__(self, workdir: Path, say: Callable[[str], None] = lambda _l: None) -> None:
+        self.workdir = Path(workdir).absolute()
+        self.say = say
+        self.guest = LabGuest(DEVICES, self.workdir / "lab")
+        self.state_path = self.workdir / "lab" / "state.json"
+        self.vm: GuestProcess | None = None
+        self.daemon: GuestProcess | None = None
+        self.watcher: GuestProcess | None = None
+        self.daemon_starts = 0
+        self.vm_starts = 0
+        self.daemon_lines: list[str] = []
+        self._log_path: Path | None = None
+        self._log_offset = 0
+        self.python = "/usr/bin/python3 -I -S" if Path("/usr/bin/python3").exists() else None
+
+    # ------------------------------------------------------------- life cycle
+
+    def boot(self) -> float:
+        self.guest.start()
+        g = self.guest
+        g.run(f"rm -rf {GUEST_DIR} && mkdir -p {GUEST_DIR}", check=True)
+        (self.guest.workdir / "vmplug.toml").write_text(CONFIG)
+        (self.guest.workdir / "watcher.py").write_text(WATCHER)
+        # Wait until the guest kernel has enumerated both devices.
+        g.wait_for(" && ".join(f"test -e /sys/bus/usb/devices/{p}" for p in PORTS.values()))
+        return g.boot_seconds or 0.0
+
+    def start_watcher(self) -> None:
+        python = self.python or f"{sys.executable} -I -S"
+        self.state_path.unlink(missing_ok=True)
+        self.watcher = self.guest.spawn(
+            f"{python} {self.guest.workdir}/watcher.py {GUEST_DIR}/check.sock {self.state_path}",
+            log=f"{self.guest.workdir}/watcher.log",
+        )
+
+    def start_vm(self) -> None:
+        self.vm_starts += 1
+        self.vm = self.guest.spawn(VM_COMMAND, log=f"{self.guest.workdir}/vm-{self.vm_starts}.log")
+
+    def kill_vm(self) -> None:
+        if self.vm is not None:
+            self.guest.kill(self.vm, signal.SIGKILL)
+            self.vm = None
+
+    def start_daemon(self, timeout: float = 90.0) -> float:
+        """Start ``vmplug run`` in the guest; return seconds until its first rescan."""
+        self.daemon_starts += 1
+        log = self.guest.workdir / f"daemon-{self.daemon_starts}.log"
+        vmplug = Path(sys.executable).parent / "vmplug"
+        t0 = time.monotonic()
+        self.daemon = self.guest.spawn(
+            f"{vmplug} --sysfs-root / --config {self.guest.workdir}/vmplug.toml run"
+            f" --socket {GUEST_DIR}/vmplug.sock --db {GUEST_DIR}/vmplug.db --events kernel",
+            log=str(log),
+        )
+        self._log_path, self._log_offset = log, 0
+        deadline = t0 + timeout
+        while not any("rescan:" in line for line in self.daemon_log()):
+            if self.guest.poll(self.daemon) is not None:
+                raise LabError(f"vmplug run exited:\n{log.read_text(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise LabError(f"vmplug run did not rescan in {timeout}s")
+            self.tail()
+            time.sleep(0.2)
+        self.tail()
+        return time.monotonic() - t0
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None:
+            self.guest.kill(self.daemon, signal.SIGTERM)
+            self.daemon = None
+            self.tail()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            for proc in (self.daemon, self.vm, self.watcher):
+                if proc is not None and self.guest.qemu_pid is not None:
+                    self.guest.kill(proc, signal.SIGKILL, timeout=5)
+        self.guest.stop()
+
+    # ------------------------------------------------------------- observing
+
+    def daemon_log(self) -> list[str]:
+        if self._log_path is None:
+            return []
+        try:
+            return self._log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+
+    def tail(self) -> None:
+        """Show the daemon's new attach/detach/VM lines."""
+        if self._log_path is None:
+            return
+        try:
+            with self._log_path.open("rb") as f:
+                f.seek(self._log_offset)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1
+        self._log_offset += end
+        for raw in data[:end].decode(errors="replace").splitlines():
+            if any(w in raw for w in (" attach ", " detach ", "vm ", "failed", "Error", "rescan")):
+                self.daemon_lines.append(raw)
+                self.say(f"daemon: {raw.strip()}")
+
+    def state(self) -> VmState:
+        try:
+            raw = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return VmState()
+        return VmState(bool(raw.get("up")), int(raw.get("conn", 0)), dict(raw.get("devices", {})))
+
+    def wait(
+        self, pred: Callable[[VmState], bool], timeout: float, t0: float | None = None
+    ) -> float | None:
+        """Seconds from ``t0`` until ``pred`` holds (None on timeout); tails the daemon log."""
+        t0 = time.monotonic() if t0 is None else t0
+        while True:
+            self.tail()
+            now = time.monotonic()
+            if pred(self.state()):
+                return now - t0
+            if now - t0 > timeout:
+                return None
+            time.sleep(0.05)
+
+    def expect(
+        self,
+        name: str,
+        expected: Sequence[str],
+        t0: float,
+        timeout: float = 30.0,
+        after: Callable[[VmState], bool] = lambda _s: True,
+    ) -> StepResult:
+        secs = self.wait(lambda s: after(s) and s.holds(expected), timeout, t0)
+        st = self.state()
+        return StepResult(name, sorted(expected), secs is not None, secs, st.ports(), st.describe())
+
+    # ------------------------------------------------------------- the steps
+
+    def step_start(self) -> StepResult:
+        """VM and daemon start: both devices attached."""
+        self.start_watcher()
+        self.start_vm()
+        t0 = time.monotonic()
+        self.wait(lambda s: s.up, 30.0)
+        self.start_daemon()
+        return self.expect("daemon start: attach both", list(PORTS.values()), t0, timeout=60.0)
+
+    def step_unplug(self, dev: LabDevice = KBD) -> StepResult:
+        """Unplug a device: it leaves the VM."""
+        t0 = time.monotonic()
+        self.guest.unplug(dev.id)
+        rest = [p for i, p in PORTS.items() if i != dev.id]
+        res = self.expect(f"unplug {dev.id} ({PORTS[dev.id]})", rest, t0)
+        # "gone": not even a waiting usb-host device for it is left
+        if PORTS[dev.id] in self.state().ports(attached=False):
+            res.ok = False
+        return res
+
+    def step_replug(self, dev: LabDevice = KBD) -> StepResult:
+        """Plug it back in: it returns to the VM."""
+        t0 = time.monotonic()
+        self.guest.hotplug(dev)
+        return self.expect(f"replug {dev.id} ({PORTS[dev.id]})", list(PORTS.values()), t0)
+
+    def step_restart_vm(self) -> StepResult:
+        """Kill -9 the VM and start it again: its devices come back."""
+        conn = self.state().conn
+        t0 = time.monotonic()
+        self.kill_vm()
+        self.start_vm()
+        return self.expect(
+            "kill -9 VM, restart it",
+            list(PORTS.values()),
+            t0,
+            timeout=60.0,
+            after=lambda s: s.conn > conn,
+        )
+
+    def step_restart_daemon(self, hold: float = 3.0) -> StepResult:
+        """Restart vmplug: it adopts what the VM holds, no double attach."""
+        t0 = time.monotonic()
+        self.stop_daemon()
+        self.start_daemon()
+        res = self.expect("restart vmplug: adopt, no double attach", list(PORTS.values()), t0)
+        # and it stays that way once the new daemon has looked
+        end = time.monotonic() + hold
+        while res.ok and time.monotonic() < end:
+            self.tail()
+            st = self.state()
+            if not st.holds(list(PORTS.values())):
+                res.ok, res.held, res.detail = False, st.ports(), f"changed: {st.describe()}"
+            time.sleep(0.1)
+        return res
+
+    def steps(self) -> list[Callable[[], StepResult]]:
+        return [self.step_unplug, self.step_replug, self.step_restart_vm, self.step_restart_daemon]
+
+
+# ---------------------------------------------------------------------------
+# the command
+
+
+def _raise_interrupt(_sig: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@click.command("demo")
+@click.option(
+    "--steps",
+    "n_steps",
+    default=4,
+    show_default=True,
+    type=click.IntRange(0, 100),
+    help="Steps after the start (unplug, replug, VM restart, daemon restart, again...).",
+)
+@click.option(
+    "--keep-going/--stop-on-failure",
+    default=True,
+    show_default=True,
+    help="Go on after a step whose expected attach did not happen.",
+)
+@click.option("--pause", default=2.0, show_default=True, help="Seconds between steps.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the lab's files (logs, sockets' dir) here; default: a temporary directory.",
+)
+def demo(n_steps: int, keep_going: bool, pause: float, as_json: bool, workdir: Path | None) -> None:
+    """Show the daemon keeping USB devices in a VM, in a throwaway lab guest.
+
+    Boots the lab guest (emulated hub, keyboard, tablet), starts a VM (a second
+    QEMU) and `vmplug run` inside it, then unplugs and replugs the keyboard,
+    kills and restarts the VM, restarts the daemon, and shows each step and
+    how long the VM took to hold its devices again.  Needs no USB hardware;
+    takes two or three minutes.  Exit status 0 when every expected attach
+    happened.
+    """
+    from rich.console import Console  # noqa: PLC0415
+
+    console = Console(stderr=as_json, highlight=False)
+    reason = lab_unavailable_reason()
+    if reason:
+        console.print(f"[red]vmplug demo cannot run here:[/red] {reason}")
+        console.print("Run scripts/install.sh (it installs QEMU, qemu-guest-agent, virtme-ng).")
+        raise SystemExit(1)
+    start = time.monotonic()
+
+    def say(line: str, style: str = "") -> None:
+        stamp = f"[{time.monotonic() - start:6.1f}s] "
+        console.print(stamp + (f"[{style}]{line}[/{style}]" if style else line), markup=bool(style))
+
+    own_dir = workdir is None
+    wd = Path(tempfile.mkdtemp(prefix="vmplug-demo-", dir="/tmp")) if workdir is None else workdir
+    wd.mkdir(parents=True, exist_ok=True)
+    lab = DemoLab(wd, say=lambda line: say(line, "dim"))
+    results: list[StepResult] = []
+    summary: dict[str, Any] = {"workdir": str(wd)}
+    interrupted = False
+
+    def show(res: StepResult) -> None:
+        results.append(res)
+        if res.ok:
+            say(f"  ✓ {res.detail} after {res.seconds:.2f} s", "green")
+        else:
+            say(f"  ✗ expected {', '.join(res.expected) or 'nothing'}; {res.detail}", "red")
+
+    try:
+        with _sigterm_interrupts():
+            say("booting the lab guest (TCG, ~35 s)…", "bold")
+            summary["boot_s"] = round(lab.boot(), 1)
+            say(f"guest up in {summary['boot_s']} s; devices {PORTS}", "bold")
+            say("step 0: start the VM and `vmplug run` in the guest", "bold")
+            show(lab.step_start())
+            schedule = lab.steps()
+            for i in range(n_steps):
+                if results and not results[-1].ok and not keep_going:
+                    break
+                time.sleep(pause)
+                step = schedule[i % len(schedule)]
+                say(f"step {i + 1}/{n_steps}: {(step.__doc__ or step.__name__).strip()}", "bold")
+                show(step())
+    except KeyboardInterrupt:
+        interrupted = True
+        say("interrupted", "yellow")
+    except LabError as exc:
+        say(f"lab error: {exc}", "red")
+        results.append(StepResult("lab", [], False, None, [], str(exc)))
+    finally:
+        say("stopping the lab guest…")
+        lab.close()
+    ok = bool(results) and all(r.ok for r in results) and not interrupted
+    summary.update(
+        ok=ok,
+        interrupted=interrupted,
+        steps=[asdict(r) for r in results],
+        daemon_lines=lab.daemon_lines,
+        seconds=round(time.monotonic() - start, 1),
+    )
+    say(f"{'all expected attaches happened' if ok else 'FAILED'} ({summary['seconds']} s)")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    if own_dir and ok:
+        shutil.rmtree(wd, ignore_errors=True)
+    elif not ok:
+        say(f"logs kept in {wd}/lab")
+    raise SystemExit(0 if ok else 1)
