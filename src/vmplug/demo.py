@@ -3,7 +3,7 @@
 Everything happens inside the lab guest (:mod:`vmplug.lab`): a Linux kernel
 under QEMU/TCG with an emulated hub, keyboard and tablet.  Inside it run
 
-* a second QEMU, the "VM" (``-S``, no disk: only its USB controller matters),
+* a second QEMU, the "VM" (no disk: only its USB controller matters),
   with two QMP sockets: ``vm.sock`` for vmplug, ``check.sock`` for us;
 * ``vmplug run`` with a config whose one rule sends ``0627:0001`` (both the
   keyboard and the tablet) to that VM;
@@ -59,7 +59,10 @@ match = 'id 0627:0001'
 """
 
 VM_COMMAND = (
-    "qemu-system-x86_64 -machine q35 -nodefaults -display none -accel tcg -S -m 64"
+    # No -S: QEMU's usb-host only grabs host devices while the VM runs
+    # (usb_host_auto_check skips its scan when the run state is not running);
+    # with no disk the firmware just waits for a bootable device.
+    "qemu-system-x86_64 -machine q35 -nodefaults -display none -accel tcg -m 64"
     " -device qemu-xhci,id=xhci"
     f" -qmp unix:{GUEST_DIR}/vm.sock,server=on,wait=off"
     f" -qmp unix:{GUEST_DIR}/check.sock,server=on,wait=off"
