@@ -229,7 +229,7 @@ class DemoLab:
         vmplug = Path(sys.executable).parent / "vmplug"
         t0 = time.monotonic()
         self.daemon = self.guest.spawn(
-            f"{vmplug} --sysfs-root / --config {self.guest.workdir}/vmplug.toml run"
+            f"{vmplug} --config {self.guest.workdir}/vmplug.toml run"
             f" --socket {GUEST_DIR}/vmplug.sock --db {GUEST_DIR}/vmplug.db --events kernel",
             log=str(log),
         )
@@ -366,6 +366,13 @@ class DemoLab:
         self.stop_daemon()
         self.start_daemon()
         res = self.expect("restart vmplug: adopt, no double attach", list(PORTS.values()), t0)
+        # the new daemon has read the VM (connected, observed) before we judge it
+        end = time.monotonic() + 30.0
+        while not any(f"vm {VM_NAME}: connected" in ln for ln in self.daemon_log()):
+            if time.monotonic() > end:
+                res.ok, res.detail = False, "the new daemon never connected to the VM"
+                break
+            time.sleep(0.1)
         # and it stays that way once the new daemon has looked
         end = time.monotonic() + hold
         while res.ok and time.monotonic() < end:
@@ -431,7 +438,7 @@ def demo(n_steps: int, keep_going: bool, pause: float, as_json: bool, workdir: P
     """
     from rich.console import Console  # noqa: PLC0415
 
-    console = Console(stderr=as_json, highlight=False)
+    console = Console(stderr=as_json, highlight=False, soft_wrap=True)
     reason = lab_unavailable_reason()
     if reason:
         console.print(f"[red]vmplug demo cannot run here:[/red] {reason}")
