@@ -10,7 +10,7 @@ packages=(
   qemu-system-x86 qemu-utils qemu-guest-agent
   linux-image-amd64 busybox-static kmod udev usbutils usb.ids
   umockdev
-  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils
   systemd
 )
 missing=()

@@ -94,7 +94,7 @@ class VmplugFailure(click.ClickException):
 
     def __init__(self, error: VmplugError) -> None:
         super().__init__(error.render())
-        self.exit_code = error.exit_code
+        self.exit_code = error.exit_code  # type: ignore[misc]  # click's class default
 
     def show(self, file: Any = None) -> None:
         click.echo(self.message, err=True)

@@ -253,7 +253,7 @@ class UsbDevice:
     @property
     def qemu_id(self) -> str:
         """A valid QEMU device id derived from the stable identity."""
-        digest = hashlib.sha256(self.identity.encode()).hexdigest()[:12]
+        digest = hashlib.sha256(self.identity.encode("utf-8", "surrogatepass")).hexdigest()[:12]
         return f"vmplug-{digest}"
 
     @property

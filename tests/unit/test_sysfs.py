@@ -74,7 +74,7 @@ def _oracle(root: Path) -> list[dict[str, Any]]:
                 "authorized": _attr(dev, "authorized") == "1",
                 "power_control": _attr(dev, "power/control"),
                 "driver": (dev / "driver").readlink().name,
-                "interfaces": sorted(interfaces, key=lambda i: i["number"]),
+                "interfaces": sorted(interfaces, key=lambda i: int(i["number"] or 0)),
             }
         )
     return sorted(out, key=lambda d: d["port"])

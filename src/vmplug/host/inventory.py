@@ -35,7 +35,9 @@ def name_devices(devices: list[UsbDevice], ids: UsbIds | None = None) -> list[Us
 
 def mark_shared_serials(devices: list[UsbDevice]) -> list[UsbDevice]:
     """Flag devices whose vid:pid + serial another present device also has."""
-    counts = Counter((d.vendor_id, d.product_id, d.serial) for d in devices if d.serial)
+    counts: Counter[tuple[int | None, int | None, str | None]] = Counter(
+        (d.vendor_id, d.product_id, d.serial) for d in devices if d.serial
+    )
     out = []
     for dev in devices:
         shared = bool(dev.serial) and counts[(dev.vendor_id, dev.product_id, dev.serial)] > 1
