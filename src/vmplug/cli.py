@@ -355,7 +355,7 @@ def check_config_cmd(obj: Context, file: str | None, as_json: bool) -> None:
             }
         )
         return
-    obj.err.print(f"{escape(config.path)}: ok ({len(config.vms)} VMs, {len(config.rules)} rules)")
+    click.echo(f"{config.path}: ok ({len(config.vms)} VMs, {len(config.rules)} rules)", err=True)
     from rich.table import Table  # noqa: PLC0415
 
     table = Table(box=None, header_style="bold", pad_edge=False)
