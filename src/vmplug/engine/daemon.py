@@ -176,19 +176,26 @@ class Daemon:
         devices = read_devices(self.sysfs_root)
         self.inventory = {d.port: d for d in devices if not d.is_root_hub}
         self.stats.rescans += 1
-        self._record_event("rescan", detail={"devices": len(self.inventory)})
-        for dev in self.inventory.values():
-            if self.store is not None:
-                with contextlib.suppress(Exception):
-                    self.store.remember_device(dev)
-            self._record_event(
-                "device-add",
-                identity=dev.identity,
-                port=dev.port,
-                vm=target(dev, self.config, self.overrides),
-            )
+        # one transaction for the whole snapshot, not one commit per device
+        with self.store.batch() if self.store is not None else contextlib.nullcontext():
+            self._record_event("rescan", detail={"devices": len(self.inventory)})
+            for dev in self.inventory.values():
+                self._saw(dev, "device-add")
         log.info("rescan: %d USB devices", len(self.inventory))
         self.mark_dirty()
+
+    def _saw(self, dev: UsbDevice, kind: str, detail: dict[str, Any] | None = None) -> None:
+        """Remember a present device and record the event, with the VM it is meant for."""
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self.store.remember_device(dev)
+        self._record_event(
+            kind,
+            identity=dev.identity,
+            port=dev.port,
+            vm=target(dev, self.config, self.overrides),
+            detail=detail,
+        )
 
     def on_host_event(self, event: HostEvent) -> None:
         self.stats.events += 1
@@ -203,16 +210,7 @@ class Daemon:
             dev = self.inventory[event.port]
             self._bind_times[dev.identity] = time.perf_counter()
             log.info("device %s %s bound: %s", dev.port, dev.vidpid, _label(dev))
-            if self.store is not None:
-                with contextlib.suppress(Exception):
-                    self.store.remember_device(dev)
-            self._record_event(
-                "device-bind",
-                identity=dev.identity,
-                port=dev.port,
-                vm=target(dev, self.config, self.overrides),
-                detail=_event_detail(event),
-            )
+            self._saw(dev, "device-bind", _event_detail(event))
             self.mark_dirty()
         elif event.action == "remove":
             gone = self.inventory.pop(event.port, None)
