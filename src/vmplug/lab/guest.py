@@ -43,11 +43,14 @@ from typing import Any, NamedTuple, Self
 from vmplug.lab.wire import CommandError, QgaClient, QmpClient, WireError
 
 #: Kernel modules the guest loads before it reports ready (udev would load most
-#: of them on its own, but the lab must not depend on timing).
+#: of them on its own, but the lab must not depend on timing).  USB bus numbers
+#: follow the order the host controllers register, so udev must not load the
+#: controller drivers itself (see HCD_MODULES): EHCI first (bus 1), then xHCI
+#: (bus 2 for USB 2, bus 3 for USB 3), as in the committed captures.
 GUEST_MODULES = (
     "virtio_console",
-    "xhci_pci",
     "ehci_pci",
+    "xhci_pci",
     "usbhid",
     "hid_generic",
     "usb_storage",
@@ -55,6 +58,11 @@ GUEST_MODULES = (
     "sd_mod",
     "snd_usb_audio",
 )
+
+#: Kept from udev's alias-driven loading with ``modprobe.blacklist`` (which
+#: does not stop an explicit ``modprobe NAME``): when udev and the boot script
+#: both loaded them, the bus numbers changed from boot to boot.
+HCD_MODULES = ("ehci_pci", "xhci_pci")
 
 #: PATH inside the guest: this Python's bin directory (the project's venv, which
 #: the guest sees at the same path) first, then the system.
@@ -321,6 +329,7 @@ class LabGuest:
             "--memory", self.memory,
             "--rwdir", str(self.workdir),
             "--exec", f"sh {self.boot_script}",
+            "--append", f"modprobe.blacklist={','.join(HCD_MODULES)}",
             # vng joins --qemu-opts into a shell command line: quote each word.
             f"--qemu-opts={shlex.join(self.qemu_args())}",
         ]  # fmt: skip
