@@ -133,6 +133,13 @@ class Rig:
         text = "".join(f'[vm.{n}]\nqmp = "{self.qemu(n).qmp_paths[0]}"\n\n' for n in vms)
         self.config_path.write_text(text + rules)
 
+    async def up(self, rules: str | None = None) -> Daemon:
+        """Config, both VMs running, and a daemon started on them."""
+        self.write_config(RULES_BY_PORT if rules is None else rules)
+        self.qemu("a").start()
+        self.qemu("b").start()
+        return await self.daemon()
+
     async def daemon(self) -> Daemon:
         config = parse_config(self.config_path.read_text(), self.config_path)
         store = Store(self.tmp / "vmplug.db")
@@ -208,10 +215,7 @@ match = 'via-port "1-3"'
 
 async def test_plug_unplug_replug_follow_the_device(rig: Callable[[str], Rig]) -> None:
     r = rig("mixed")
-    r.write_config(RULES_BY_PORT)
-    r.qemu("a").start()
-    r.qemu("b").start()
-    d = await r.daemon()
+    d = await r.up()
     # at start: both present devices attached to the VM their rule names
     await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}))
     await until(lambda: _eq(r.ports("b"), {"1-3"}))
@@ -268,10 +272,7 @@ async def _false(value: bool) -> bool:
 
 async def test_daemon_restart_adopts_and_never_attaches_twice(rig: Callable[[str], Rig]) -> None:
     r = rig("mixed")
-    r.write_config(RULES_BY_PORT)
-    r.qemu("a").start()
-    r.qemu("b").start()
-    d1 = await r.daemon()
+    d1 = await r.up()
     await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}))
     await r.stop_daemon(d1)  # leaves attached devices attached
     assert await r.ports("a") == {"2-2.4.2"}
@@ -288,10 +289,7 @@ async def test_daemon_restart_adopts_and_never_attaches_twice(rig: Callable[[str
 
 async def test_reload_moves_devices_and_refuses_a_bad_config(rig: Callable[[str], Rig]) -> None:
     r = rig("mixed")
-    r.write_config(RULES_BY_PORT)
-    r.qemu("a").start()
-    r.qemu("b").start()
-    d = await r.daemon()
+    d = await r.up()
     await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}))
     # the keyboard now goes to b
     r.write_config(RULES_BY_PORT.replace('attach = "a"', 'attach = "b"'))
@@ -316,13 +314,10 @@ async def test_identical_devices_go_to_two_vms_by_port(rig: Callable[[str], Rig]
     links = (r.kernel.root / "bus/usb/devices").iterdir()
     devices = sorted(p.name for p in links if ":" not in p.name and "-" in p.name)
     first, second = devices[0], devices[1]
-    r.write_config(
+    await r.up(
         f"[[rule]]\nattach = 'a'\nmatch = 'via-port \"{first}\"'\n"
         f"[[rule]]\nattach = 'b'\nmatch = 'via-port \"{second}\"'\n"
     )
-    r.qemu("a").start()
-    r.qemu("b").start()
-    await r.daemon()
     await until(lambda: _eq(r.ports("a"), {first}))
     await until(lambda: _eq(r.ports("b"), {second}))
     ids = set(await r.held("a")) | set(await r.held("b"))
@@ -332,14 +327,11 @@ async def test_identical_devices_go_to_two_vms_by_port(rig: Callable[[str], Rig]
 async def test_first_matching_rule_wins(rig: Callable[[str], Rig]) -> None:
     r = rig("mixed")
     # both rules match the keyboard; the first sends it to b
-    r.write_config(
+    d = await r.up(
         "[[rule]]\nattach = 'b'\nmatch = 'id 0627:0001 with-interface { 03:01:01 }'\n"
         "[[rule]]\nattach = 'a'\nmatch = 'via-port \"2-2.4.2\"'\n"
         "[[rule]]\nblock = true\nmatch = 'id 0627:*'\n"
     )
-    r.qemu("a").start()
-    r.qemu("b").start()
-    d = await r.daemon()
     await until(lambda: _eq(r.ports("b"), {"2-2.4.2"}))
     assert await d.wait_converged(5)
     assert await r.ports("a") == set()  # tablets are blocked, hubs never go anywhere
@@ -347,10 +339,7 @@ async def test_first_matching_rule_wins(rig: Callable[[str], Rig]) -> None:
 
 async def test_overflow_rescans_and_catches_up(rig: Callable[[str], Rig]) -> None:
     r = rig("mixed")
-    r.write_config(RULES_BY_PORT)
-    r.qemu("a").start()
-    r.qemu("b").start()
-    d = await r.daemon()
+    d = await r.up()
     await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}))
     # the device goes away but its uevent is "lost": only an overflow arrives
     real = r.kernel.devdir("2-2.4.2")
