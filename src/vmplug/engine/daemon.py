@@ -26,6 +26,7 @@ import os
 import random
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,10 +99,10 @@ class Stats:
     actions_failed: int = 0
     events: int = 0
     rescans: int = 0
-    #: (port, seconds from the bind event to device_add sent), most recent last
-    event_to_add: list[tuple[str, float]] = field(default_factory=list)
-    #: (port, seconds from the bind event to device_add answered)
-    event_to_attached: list[tuple[str, float]] = field(default_factory=list)
+    #: (port, seconds from the bind event to device_add sent), the latest 1,000
+    event_to_add: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=1000))
+    #: (port, seconds from the bind event to device_add answered), the latest 1,000
+    event_to_attached: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=1000))
 
 
 class Daemon:
@@ -200,15 +201,16 @@ class Daemon:
     def on_host_event(self, event: HostEvent) -> None:
         self.stats.events += 1
         if event.action == "bind":
-            path = os.path.realpath(
-                os.path.join(self.sysfs_root, (event.devpath or "").lstrip("/"))  # noqa: PTH118
-            )
+            # DEVPATH is already the resolved /devices/... path: no realpath needed
+            path = os.path.join(self.sysfs_root, (event.devpath or "").lstrip("/"))  # noqa: PTH118
             if not os.path.isdir(path):  # noqa: PTH112 - gone again before we looked
                 return
             self.inventory[event.port] = name_devices([sysfs.read_device(path, event.port)])[0]
             self.inventory = {d.port: d for d in mark_shared_serials(list(self.inventory.values()))}
             dev = self.inventory[event.port]
-            self._bind_times[dev.identity] = time.perf_counter()
+            if target(dev, self.config, self.overrides) is not None:
+                # only a device that will be attached pops its entry again
+                self._bind_times[dev.identity] = time.perf_counter()
             log.info("device %s %s bound: %s", dev.port, dev.vidpid, _label(dev))
             self._saw(dev, "device-bind", _event_detail(event))
             self.mark_dirty()
