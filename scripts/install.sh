@@ -12,6 +12,8 @@ packages=(
   umockdev
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils
   systemd
+  libvirt-dev pkg-config gcc python3-dev
+  chromium
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -111,17 +111,32 @@ LAZY_COMMANDS = {
     "reload": "vmplug.cli_daemon",
     "generate": "vmplug.generate.cli",
     "demo": "vmplug.demo",
+    "doctor": "vmplug.doctor.cli",
+    "health": "vmplug.cli_health",
+    "vms": "vmplug.discover",
+    "init": "vmplug.discover",
 }
+
+
+def _lazy_available(name: str) -> bool:
+    import importlib.util  # noqa: PLC0415
+
+    try:
+        return importlib.util.find_spec(LAZY_COMMANDS[name]) is not None
+    except ImportError:
+        return False
 
 
 class VmplugGroup(click.Group):
     """Turns errors a user can cause into messages and exit codes, not tracebacks."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(self.commands) | set(LAZY_COMMANDS))
+        return sorted(set(self.commands) | {n for n in LAZY_COMMANDS if _lazy_available(n)})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands and cmd_name in LAZY_COMMANDS:
+            if not _lazy_available(cmd_name):
+                return None
             import importlib  # noqa: PLC0415
 
             module = importlib.import_module(LAZY_COMMANDS[cmd_name])

@@ -106,11 +106,24 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """``[api]``: the HTTP API beyond the unix socket (off unless ``listen`` is set)."""
+
+    #: "127.0.0.1:PORT" or "[::1]:PORT": loopback TCP with a bearer token
+    listen: str | None = None
+    #: file holding the bearer token (created, mode 0600, when missing)
+    token_file: str | None = None
+    #: group allowed on the unix socket (mode 0660) besides root
+    group: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     vms: Mapping[str, VmConfig]
     rules: tuple[RuleConfig, ...]
     daemon: DaemonConfig = DaemonConfig()
+    api: ApiConfig = ApiConfig()
 
     def decide(self, device: UsbDevice) -> RuleConfig | None:
         """The first rule that matches the device (``None``: stays on the host).
@@ -180,7 +193,9 @@ class _Locator:
 _VM_KEYS = {"qmp", "shared", "usb_bus", "add_controller"}
 _RULE_KEYS = {"attach", "block", "match", "comment"}
 _DAEMON_KEYS = {"socket", "database"}
-_TOP_KEYS = {"vm", "rule", "daemon"}
+_API_KEYS = {"listen", "token_file", "group"}
+_TOP_KEYS = {"vm", "rule", "daemon", "api"}
+_LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):(?P<port>\d{1,5})$")
 
 
 def _type_name(value: object) -> str:
@@ -316,7 +331,36 @@ class _Loader:
             database=self.typed(daemon_table, "database", str, "[daemon]", line)
             or defaults.database,
         )
-        return Config(path=str(self.path), vms=vms, rules=rules, daemon=daemon)
+        return Config(path=str(self.path), vms=vms, rules=rules, daemon=daemon, api=self.api(data))
+
+    def api(self, data: Mapping[str, Any]) -> ApiConfig:
+        table = data.get("api", {})
+        line = self.loc.table("api")
+        if not isinstance(table, dict):
+            raise self.error("api must be a table: [api]", self.loc.key(0, "api"))
+        self.unknown_keys(table, _API_KEYS, "[api]", line)
+        listen = self.typed(table, "listen", str, "[api]", line)
+        if listen is not None:
+            where = self.loc.key(line, "listen") or line
+            m = _LISTEN.match(listen)
+            if not m or not 0 < int(m.group("port")) < 65536:
+                raise self.error(f"[api]: listen {listen!r} is not HOST:PORT", where)
+            host = m.group("host").strip("[]")
+            if host not in ("localhost", "::1") and not host.startswith("127."):
+                raise self.error(
+                    f"[api]: listen {listen!r}: vmplug listens on loopback only "
+                    "(127.0.0.1 or [::1]); put a TLS proxy in front for anything else",
+                    where,
+                )
+        token_file = self.typed(table, "token_file", str, "[api]", line)
+        if token_file is not None and not token_file.startswith("/"):
+            where = self.loc.key(line, "token_file") or line
+            raise self.error(f"[api]: token_file {token_file!r} must be absolute", where)
+        return ApiConfig(
+            listen=listen,
+            token_file=token_file,
+            group=self.typed(table, "group", str, "[api]", line),
+        )
 
 
 def parse_config(text: str, path: Path | str = "<config>") -> Config:

@@ -69,17 +69,9 @@ VmFactory = Callable[[VmConfig, Callable[[str, str], None]], VmBackend]
 
 
 def default_vm_factory(vm: VmConfig, on_change: Callable[[str, str], None]) -> VmBackend:
-    from vmplug.vms.qmp import QmpVm  # noqa: PLC0415
+    from vmplug.vms.factory import make_backend  # noqa: PLC0415
 
-    backend: VmBackend = QmpVm(
-        vm.name,
-        vm.qmp,
-        shared=vm.shared,
-        usb_bus=vm.usb_bus,
-        add_controller=vm.add_controller,
-        on_change=on_change,
-    )
-    return backend
+    return make_backend(vm, on_change)
 
 
 @dataclass
@@ -139,6 +131,9 @@ class Daemon:
         self._gone: dict[str, str] = {}
         #: detaches vmplug asked for, so a DEVICE_DELETED for them is no loss
         self._detaching: set[tuple[str, str]] = set()
+        #: called with every event and action as it is recorded (the API's event
+        #: stream, metrics); a listener that raises is logged and kept
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     # -- small helpers ------------------------------------------------------
 
@@ -147,7 +142,16 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _publish(self, item: dict[str, Any]) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(item)
+            except Exception:
+                log.exception("event listener failed")
+
     def _record_event(self, kind: str, **fields: Any) -> None:
+        if self.listeners:
+            self._publish({"type": "event", "kind": kind, "ts": time.time(), **fields})
         if self.store is not None:
             try:
                 self.store.record_event(kind, **fields)
@@ -155,6 +159,10 @@ class Daemon:
                 log.exception("cannot record event %s", kind)
 
     def _record_action(self, kind: str, *, identity: str | None, **fields: Any) -> None:
+        if self.listeners:
+            self._publish(
+                {"type": "action", "kind": kind, "ts": time.time(), "identity": identity, **fields}
+            )
         if self.store is not None:
             try:
                 self.store.record_action(kind, identity=identity or fields["qemu_id"], **fields)
