@@ -134,6 +134,9 @@ class Daemon:
         #: called with every event and action as it is recorded (the API's event
         #: stream, metrics); a listener that raises is logged and kept
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        #: called after every reconcile pass with (seconds it took, actions tried)
+        self.pass_listeners: list[Callable[[float, int], None]] = []
+        self._last_pass_actions = 0
 
     # -- small helpers ------------------------------------------------------
 
@@ -159,10 +162,11 @@ class Daemon:
                 log.exception("cannot record event %s", kind)
 
     def _record_action(self, kind: str, *, identity: str | None, **fields: Any) -> None:
+        # seconds from the bind event to attached: for listeners, not the journal
+        latency = fields.pop("latency_s", None)
         if self.listeners:
-            self._publish(
-                {"type": "action", "kind": kind, "ts": time.time(), "identity": identity, **fields}
-            )
+            item = {"type": "action", "kind": kind, "ts": time.time(), "identity": identity}
+            self._publish({**item, **fields, "latency_s": latency})
         if self.store is not None:
             try:
                 self.store.record_action(kind, identity=identity or fields["qemu_id"], **fields)
@@ -330,8 +334,22 @@ class Daemon:
     async def reconcile_once(self) -> list[Action]:
         """One pass: diff and act.  Returns the actions it tried."""
         self.stats.passes += 1
+        t0 = time.perf_counter()
+        try:
+            return await self._reconcile_pass()
+        finally:
+            if self.pass_listeners:
+                elapsed = time.perf_counter() - t0
+                for listener in list(self.pass_listeners):
+                    try:
+                        listener(elapsed, self._last_pass_actions)
+                    except Exception:
+                        log.exception("pass listener failed")
+
+    async def _reconcile_pass(self) -> list[Action]:
         reachable = [n for n, vm in self.vms.items() if vm.connected and n in self.observed]
         actions = plan(self.wanted(), self.observed, reachable)
+        self._last_pass_actions = 0
         keys = {(a.vm, a.qemu_id) for a in actions}
         for stale in [k for k in self.retries if k not in keys]:
             del self.retries[stale]
@@ -345,6 +363,7 @@ class Daemon:
             await asyncio.gather(*(self._act(a) for a in detaches))
         if attaches:
             await asyncio.gather(*(self._act(a) for a in attaches))
+        self._last_pass_actions = len(due)
         if due:
             self.mark_dirty()  # look again: only a pass with nothing to do proves convergence
         elif not actions:
@@ -358,6 +377,7 @@ class Daemon:
         identity = att.identity if att else self._identity_of(action.qemu_id)
         attempt = self.retries[key].attempt + 1 if key in self.retries else 1
         t0 = time.perf_counter()
+        bound_at: float | None = None
         try:
             if action.kind == "attach" and att is not None:
                 from vmplug.vms.base import UsbHostSpec  # noqa: PLC0415
@@ -369,7 +389,7 @@ class Daemon:
                     vendorid=None,
                     productid=None,
                 )
-                bound = self._bind_times.pop(att.identity, None)
+                bound = bound_at = self._bind_times.pop(att.identity, None)
                 if bound is not None:
                     self.stats.event_to_add.append((att.port, t0 - bound))
                 await vm.attach(action.qemu_id, spec)
@@ -407,6 +427,11 @@ class Daemon:
         self.retries.pop(key, None)
         self.stats.actions_ok += 1
         elapsed = time.perf_counter() - t0
+        latency = (
+            self.stats.event_to_attached[-1][1]
+            if bound_at is not None and self.stats.event_to_attached
+            else None
+        )
         log.info(
             "%s %s %s ok in %.1f ms (%s)",
             action.kind, action.qemu_id, action.vm, elapsed * 1000, action.reason,
@@ -419,6 +444,7 @@ class Daemon:
             result="ok",
             duration_s=elapsed,
             attempt=attempt,
+            **({"latency_s": latency} if latency is not None else {}),
         )
 
     def _next_timeout(self) -> float | None:
