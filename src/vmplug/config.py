@@ -34,6 +34,7 @@ from vmplug.rules import Rule, RuleSyntaxError, parse_rule
 
 DEFAULT_PATH = Path("/etc/vmplug/vmplug.toml")
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_CONTAINER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 _TCP = re.compile(r"^tcp:(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
 
 
@@ -69,15 +70,53 @@ class ConfigError(VmplugError):
         return text
 
 
+#: The keys that say where a VM is; a ``[vm.NAME]`` has exactly one of them.
+VM_KINDS = ("qmp", "libvirt", "container", "proxmox")
+
+
 @dataclass(frozen=True, slots=True)
 class VmConfig:
-    """A VM vmplug manages, reached over QMP."""
+    """A VM vmplug manages: a QMP socket, a libvirt domain, a QEMU container or a
+    Proxmox VMID (exactly one; :attr:`kind` says which)."""
 
     name: str
-    qmp: str
+    #: QMP socket path or tcp:HOST:PORT ("" for the other kinds)
+    qmp: str = ""
     shared: bool = False
     usb_bus: str | None = None
     add_controller: bool = False
+    #: libvirt domain name
+    libvirt: str = ""
+    #: Docker/Podman container name or id (dockurr/windows and other QEMU images)
+    container: str = ""
+    #: Proxmox VE VMID (its QMP socket is /var/run/qemu-server/VMID.qmp)
+    proxmox: int | None = None
+    #: libvirt: connection URI (default qemu:///system); container: the Docker or
+    #: Podman API socket (unix:///var/run/docker.sock)
+    uri: str | None = None
+    #: libvirt: also write attached devices into the domain's persistent config
+    persist: bool = False
+
+    @property
+    def kind(self) -> str:
+        """``qmp``, ``libvirt``, ``container`` or ``proxmox``."""
+        if self.libvirt:
+            return "libvirt"
+        if self.container:
+            return "container"
+        if self.proxmox is not None:
+            return "proxmox"
+        return "qmp"
+
+    @property
+    def where(self) -> str:
+        """What the VM is, for people: the socket, domain, container or VMID."""
+        kind = self.kind
+        if kind == "qmp":
+            return self.qmp
+        if kind == "proxmox":
+            return f"proxmox:{self.proxmox}"
+        return f"{kind}:{self.libvirt or self.container}"
 
     @property
     def is_tcp(self) -> bool:
@@ -190,7 +229,7 @@ class _Locator:
         return self.lines[line - 1]
 
 
-_VM_KEYS = {"qmp", "shared", "usb_bus", "add_controller"}
+_VM_KEYS = {*VM_KINDS, "shared", "usb_bus", "add_controller", "uri", "persist"}
 _RULE_KEYS = {"attach", "block", "match", "comment"}
 _DAEMON_KEYS = {"socket", "database"}
 _API_KEYS = {"listen", "token_file", "group"}
@@ -255,23 +294,107 @@ class _Loader:
                 f"VM name {name!r}: use letters, digits, '_', '.', '-' (at most 64)", line
             )
         self.unknown_keys(table, _VM_KEYS, what, line)
-        qmp = self.typed(table, "qmp", str, what, line)
-        if not qmp:
-            raise self.error(f'{what}: missing qmp = "PATH" or "tcp:HOST:PORT"', line)
-        if qmp.startswith("tcp:"):
-            m = _TCP.match(qmp)
-            if not m or not 0 < int(m.group("port")) < 65536:
-                where = self.loc.key(line, "qmp") or line
-                raise self.error(f"{what}: qmp {qmp!r} is not tcp:HOST:PORT", where)
-        elif not qmp.startswith("/"):
-            where = self.loc.key(line, "qmp") or line
-            raise self.error(f"{what}: qmp socket path {qmp!r} must be absolute", where)
+        kinds = [k for k in VM_KINDS if k in table]
+        choices = (
+            'qmp = "PATH" | "tcp:HOST:PORT", libvirt = "DOMAIN", container = "NAME", proxmox = VMID'
+        )
+        if not kinds:
+            raise self.error(f"{what}: missing qmp (give exactly one of {choices})", line)
+        if len(kinds) > 1:
+            raise self.error(
+                f"{what}: give exactly one of {choices} (it has {' and '.join(kinds)})",
+                self.loc.key(line, kinds[1]) or line,
+            )
+        kind = kinds[0]
+
+        def at(key: str) -> tuple[int, int] | int | None:
+            return self.loc.key(line, key) or line
+
+        qmp = ""
+        libvirt = ""
+        container = ""
+        proxmox: int | None = None
+        if kind == "qmp":
+            qmp = self.typed(table, "qmp", str, what, line)
+            if not qmp:
+                raise self.error(f'{what}: missing qmp = "PATH" or "tcp:HOST:PORT"', at("qmp"))
+            if qmp.startswith("tcp:"):
+                m = _TCP.match(qmp)
+                if not m or not 0 < int(m.group("port")) < 65536:
+                    raise self.error(f"{what}: qmp {qmp!r} is not tcp:HOST:PORT", at("qmp"))
+            elif not qmp.startswith("/"):
+                raise self.error(f"{what}: qmp socket path {qmp!r} must be absolute", at("qmp"))
+        elif kind == "libvirt":
+            libvirt = self.typed(table, "libvirt", str, what, line)
+            if not libvirt.strip():
+                raise self.error(f'{what}: libvirt = "DOMAIN" names no domain', at("libvirt"))
+        elif kind == "container":
+            container = self.typed(table, "container", str, what, line)
+            if not _CONTAINER.match(container):
+                raise self.error(
+                    f"{what}: container {container!r} is not a container name or id",
+                    at("container"),
+                )
+        else:
+            proxmox = self.typed(table, "proxmox", int, what, line)
+            if proxmox is None or not 100 <= proxmox <= 999_999_999:
+                raise self.error(
+                    f"{what}: proxmox = {proxmox} is not a Proxmox VMID (100 ... 999999999)",
+                    at("proxmox"),
+                )
+        uri = self.typed(table, "uri", str, what, line)
+        if uri is not None and kind not in ("libvirt", "container"):
+            raise self.error(
+                f"{what}: uri applies to libvirt (connection URI) and container "
+                "(the Docker/Podman API socket) VMs only",
+                at("uri"),
+            )
+        if uri is not None and kind == "container" and not uri.startswith(("unix://", "/")):
+            raise self.error(
+                f"{what}: uri {uri!r}: the Docker/Podman API is reached over a unix socket "
+                "(unix:///var/run/docker.sock)",
+                at("uri"),
+            )
+        persist = self.typed(table, "persist", bool, what, line)
+        if persist is not None and kind != "libvirt":
+            raise self.error(f"{what}: persist applies to libvirt VMs only", at("persist"))
+        shared = self.typed(table, "shared", bool, what, line)
+        if kind == "proxmox" and shared is False:
+            raise self.error(
+                f"{what}: a Proxmox VM's QMP socket is also used by Proxmox's own tools, "
+                "so vmplug always shares it (remove shared = false)",
+                at("shared"),
+            )
+        if kind == "libvirt" and shared is not None:
+            raise self.error(
+                f"{what}: shared applies to QMP sockets; libvirt serves many clients",
+                at("shared"),
+            )
+        add_controller = self.typed(table, "add_controller", bool, what, line)
+        if kind == "libvirt" and add_controller is not None:
+            raise self.error(
+                f"{what}: add_controller applies to QMP VMs; give the domain a "
+                "<controller type='usb' model='qemu-xhci'/> instead",
+                at("add_controller"),
+            )
+        usb_bus = self.typed(table, "usb_bus", str, what, line)
+        if kind == "libvirt" and usb_bus is not None:
+            raise self.error(
+                f"{what}: usb_bus applies to QMP VMs; libvirt places a <hostdev> on the "
+                "domain's USB controller itself",
+                at("usb_bus"),
+            )
         return VmConfig(
             name=name,
             qmp=qmp,
-            shared=bool(self.typed(table, "shared", bool, what, line)),
-            usb_bus=self.typed(table, "usb_bus", str, what, line),
-            add_controller=bool(self.typed(table, "add_controller", bool, what, line)),
+            shared=bool(shared) or kind == "proxmox",
+            usb_bus=usb_bus,
+            add_controller=bool(add_controller),
+            libvirt=libvirt,
+            container=container,
+            proxmox=proxmox,
+            uri=uri,
+            persist=bool(persist),
         )
 
     def rule(self, index: int, table: Any, vms: Mapping[str, VmConfig]) -> RuleConfig:
