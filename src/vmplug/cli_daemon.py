@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -13,26 +14,58 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from vmplug.api.client import call, daemon_running
+from vmplug.api.client import ApiError, call, daemon_running
 from vmplug.cli import EPILOG_ENV, Context, cli, emit_json, pass_ctx
-from vmplug.config import Config, DaemonConfig, config_path, load_config
+from vmplug.config import ConfigError, DaemonConfig, config_path, load_config
 from vmplug.errors import UsageError, VmplugError
 from vmplug.host.select import describe, select_one
 
 SOCKET_HELP = "Daemon API socket (default: [daemon] socket in the config, /run/vmplug/vmplug.sock)."
 
 
-def _socket(explicit: str | None, config: Config | None) -> Path:
+class ReloadRefused(VmplugError):
+    """The daemon refused a config (exit status 2, as for any bad input)."""
+
+    exit_code = 2
+
+
+def _socket(explicit: str | None, daemon: DaemonConfig) -> Path:
     if explicit:
         return Path(explicit)
     if env := os.environ.get("VMPLUG_SOCKET"):
         return Path(env)
-    return Path((config.daemon if config else DaemonConfig()).socket)
+    return Path(daemon.socket)
 
 
-def _maybe_config(obj: Context) -> Config | None:
+def _daemon_settings(obj: Context, *, warn: bool = True) -> DaemonConfig:
+    """The ``[daemon]`` settings, even from a config with errors elsewhere.
+
+    ``status``, ``history`` and ``reload`` must work while the file is being
+    edited: the daemon keeps running the config it loaded, and these commands
+    only need to know where its socket and database are.
+    """
     path = config_path(obj.config)
-    return load_config(path) if path.exists() else None
+    if not path.exists():
+        return DaemonConfig()
+    try:
+        return load_config(path).daemon
+    except ConfigError as exc:
+        if warn:
+            obj.err.print(
+                f"warning: {escape(exc.render())}\n(a running daemon keeps the config it loaded)"
+            )
+    defaults = DaemonConfig()
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get("daemon", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return defaults
+    if not isinstance(table, dict):
+        return defaults
+    socket, database = table.get("socket"), table.get("database")
+    return DaemonConfig(
+        socket=socket if isinstance(socket, str) and socket else defaults.socket,
+        database=database if isinstance(database, str) and database else defaults.database,
+    )
 
 
 class _JournalFormatter(logging.Formatter):
@@ -120,7 +153,7 @@ def run_cmd(
     setup_logging(log_level)
     path = config_path(obj.config)
     config = load_config(path)
-    sock = _socket(socket_path, config)
+    sock = _socket(socket_path, config.daemon)
     if daemon_running(sock):
         raise VmplugError(f"a vmplug daemon already answers on {sock}")
     db = Path(db_path or config.daemon.database)
@@ -169,8 +202,7 @@ def status_cmd(obj: Context, socket_path: str | None, as_json: bool) -> None:
 
     Exit status 1 when no daemon runs (the message says so).
     """
-    config = _maybe_config(obj)
-    sock = _socket(socket_path, config)
+    sock = _socket(socket_path, _daemon_settings(obj))
     if not daemon_running(sock):
         if as_json:
             emit_json({"daemon": None, "socket": str(sock)})
@@ -236,8 +268,7 @@ def history_cmd(
     """
     from vmplug.store import Store  # noqa: PLC0415
 
-    config = _maybe_config(obj)
-    db = Path(db_path or (config.daemon if config else DaemonConfig()).database)
+    db = Path(db_path or _daemon_settings(obj).database)
     if not db.exists():
         raise VmplugError(f"no history database at {db} (has the daemon run? --db PATH)")
     identity = None
@@ -387,7 +418,7 @@ def _one_shot(
         raise UsageError(
             f"no VM named {vm!r} in {path} (VMs: {', '.join(sorted(config.vms)) or 'none'})"
         )
-    sock = _socket(socket_path, config)
+    sock = _socket(socket_path, config.daemon)
     devices = obj.devices(include_root_hubs=False)
     dev = select_one(devices, selector)
     if dev.is_hub:
@@ -442,8 +473,17 @@ def reload_cmd(obj: Context, socket_path: str | None) -> None:
     An invalid config is refused with its error, and the daemon keeps the
     one it runs (exit status 2).
     """
-    sock = _socket(socket_path, _maybe_config(obj))
+    # the daemon itself reports what is wrong with the file: no warning twice
+    sock = _socket(socket_path, _daemon_settings(obj, warn=False))
     if not daemon_running(sock):
         raise VmplugError(f"no vmplug daemon answers on {sock}")
-    data = call(sock, "POST", "/v1/reload")
+    try:
+        data = call(sock, "POST", "/v1/reload")
+    except ApiError as exc:
+        refused = exc.data.get("message") if isinstance(exc.data, dict) else None
+        if refused:  # the daemon's own words: file:line:col, the error, a caret
+            raise ReloadRefused(
+                f"{refused}\nreload refused: the daemon keeps its running config"
+            ) from None
+        raise
     obj.console.print(escape(data["message"]))

@@ -308,6 +308,7 @@ class UsbDevice:
             "iso_bandwidth_bps": round(self.iso_bandwidth_bps()),
             "interfaces": [i.to_json(speed) for i in self.interfaces],
             "identity": self.identity,
+            "qemu_id": self.qemu_id,
             "vm": None,
             "warnings": list(self.warnings),
         }
