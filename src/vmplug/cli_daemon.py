@@ -173,10 +173,12 @@ def run_cmd(
     async def main() -> None:
         api = Api(daemon)
         try:
-            await api.start_unix(sock)
+            await api.start_unix(sock, group=config.api.group)
         except OSError as exc:
             raise VmplugError(f"cannot listen on {sock}: {exc.strerror or exc}") from None
         logging.getLogger("vmplug").info("API on %s", sock)
+        if config.api.listen:
+            await _start_tcp(api, config)
         try:
             await daemon.run_forever()
         finally:
@@ -187,6 +189,23 @@ def run_cmd(
         asyncio.run(main())
     finally:
         store.close()
+
+
+async def _start_tcp(api: Any, config: Any) -> None:
+    """The loopback TCP listener of ``[api] listen``, with its bearer token."""
+    from vmplug.api.security import load_or_create_token  # noqa: PLC0415
+
+    assert config.api.listen is not None
+    token_file = Path(config.api.token_file or Path(config.daemon.database).parent / "api-token")
+    token = load_or_create_token(token_file)
+    try:
+        port = await api.start_tcp(config.api.listen, token)
+    except OSError as exc:
+        raise VmplugError(f"cannot listen on {config.api.listen}: {exc.strerror or exc}") from None
+    host = config.api.listen.rpartition(":")[0]
+    logging.getLogger("vmplug").info(
+        "API and web page on http://%s:%d/ (token in %s)", host, port, token_file
+    )
 
 
 # ---------------------------------------------------------------------------

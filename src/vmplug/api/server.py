@@ -1,135 +1,478 @@
-"""The daemon's local API: JSON over HTTP on a unix socket (root-only by default).
+"""The daemon's HTTP API, its live event stream, metrics and web page (aiohttp).
 
-The CLI's one-shot commands (``status``, ``attach``, ``detach``, ``reload``,
-``history``) use it when a daemon runs, so there is one owner of every QMP
-connection and one reconciler deciding.
+One application, served in the daemon's own event loop on two kinds of site:
+
+* the **unix socket** (``[daemon] socket``): root, or the ``[api] group`` with
+  mode 0660.  The CLI's one-shot commands (``status``, ``attach``, ``detach``,
+  ``reload``, ``history``, ``health``) use it, so there is one owner of every
+  QMP connection and one reconciler deciding.  No token: the file mode decides.
+* a **loopback TCP port** when ``[api] listen`` is set: the same API plus the
+  web page at ``/``; every request needs the bearer token (see
+  :mod:`vmplug.api.security`).
+
+The routes and their schemas are in :mod:`vmplug.api.openapi`
+(``GET /v1/openapi.json``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
+import json
+import logging
 import os
+import socket
 import stat
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from vmplug.api import security
+from vmplug.api.openapi import document
 from vmplug.engine.daemon import Daemon
+from vmplug.engine.desired import target
 from vmplug.errors import SelectorError, VmplugError
 from vmplug.host.select import describe, select_one
+from vmplug.model import UsbDevice
+
+log = logging.getLogger("vmplug.api")
 
 API_PREFIX = "/v1"
+MAX_SELECTOR = 256
+MAX_BODY = 64 * 1024
+DEFAULT_WINDOW_S = 7 * 86400.0
+MAX_WINDOW_S = 366 * 86400.0
+SSE_QUEUE = 1000
+SSE_KEEPALIVE_S = 15.0
+STATIC = {"app.js": "application/javascript", "app.css": "text/css"}
+#: no inline script or style, nothing from elsewhere, no framing
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+#: how a TCP request authenticated: ("bearer", "") or ("session", its CSRF token)
+AUTH = web.RequestKey("auth", tuple)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": ...}`` JSON with the given status."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.data = {"error": message, **extra}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.data, status=self.status)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise ApiError(413, f"body larger than {MAX_BODY} bytes")
+    raw = await request.read()
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"body larger than {MAX_BODY} bytes")
     try:
-        data = await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(
-            text='{"error": "body must be a JSON object"}', content_type="application/json"
-        ) from None
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "body must be a JSON object") from None
     if not isinstance(data, dict):
-        raise web.HTTPBadRequest(
-            text='{"error": "body must be a JSON object"}', content_type="application/json"
-        )
+        raise ApiError(400, "body must be a JSON object")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
     return data
 
 
-def _field(data: dict[str, Any], key: str) -> str:
+def _field(data: dict[str, Any], key: str, limit: int = MAX_SELECTOR) -> str:
     value = data.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise web.HTTPBadRequest(
-            text=f'{{"error": "missing string field {key!r}"}}', content_type="application/json"
-        )
+        raise ApiError(400, f"missing string field {key!r}")
+    if len(value) > limit:
+        raise ApiError(400, f"field {key!r} is longer than {limit} characters")
+    if any(ord(c) < 32 for c in value):
+        raise ApiError(400, f"field {key!r} holds control characters")
+    return value.strip()
+
+
+def _query_selector(request: web.Request, key: str) -> str | None:
+    value = request.query.get(key)
+    if value is None or value == "":
+        return None
+    if len(value) > MAX_SELECTOR or any(ord(c) < 32 for c in value):
+        raise ApiError(400, f"{key} must be at most {MAX_SELECTOR} printable characters")
     return value
 
 
-class Api:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.app = web.Application()
-        r = self.app.router
-        r.add_get(f"{API_PREFIX}/status", self.status)
-        r.add_get(f"{API_PREFIX}/devices", self.devices)
-        r.add_get(f"{API_PREFIX}/history", self.history)
-        r.add_post(f"{API_PREFIX}/attach", self.attach)
-        r.add_post(f"{API_PREFIX}/detach", self.detach)
-        r.add_post(f"{API_PREFIX}/reload", self.reload)
-        self._runner: web.AppRunner | None = None
+def _query_number(request: web.Request, key: str, default: float, lo: float, hi: float) -> float:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, f"{key} must be a number") from None
+    if not lo <= value <= hi:  # NaN fails this too
+        raise ApiError(400, f"{key} must be between {lo:g} and {hi:g}")
+    return value
 
-    async def start_unix(self, path: Path, mode: int = 0o600) -> None:
+
+def _query_int(request: web.Request, key: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise ApiError(400, f"{key} must be an integer between {lo} and {hi}")
+    value = int(raw)
+    if not lo <= value <= hi:
+        raise ApiError(400, f"{key} must be an integer between {lo} and {hi}")
+    return value
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("vmplug.api").joinpath("static", name).read_bytes()
+
+
+class Api:
+    """The application; sites are added by :meth:`start_unix` and :meth:`start_tcp`."""
+
+    def __init__(self, daemon: Daemon, *, metrics: bool = True) -> None:
+        self.daemon = daemon
+        self.token: str | None = None
+        self.sessions = security.Sessions()
+        self.tcp_port: int | None = None
+        self._streams: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        self._runner: web.AppRunner | None = None
+        self._openapi = json.dumps(document()).encode()
+        self._assets: dict[str, bytes] = {}
+        self.metrics: Any = None
+        if metrics:
+            from vmplug.metrics import Metrics  # noqa: PLC0415
+
+            self.metrics = Metrics(daemon)
+        daemon.listeners.append(self._on_item)
+        self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
+        r = self.app.router
+        p = API_PREFIX
+        r.add_get(f"{p}/status", self.status)
+        r.add_get(f"{p}/devices", self.devices)
+        r.add_get(f"{p}/devices/{{device}}", self.device)
+        r.add_get(f"{p}/vms", self.vms)
+        r.add_get(f"{p}/attachments", self.attachments)
+        r.add_get(f"{p}/rules", self.rules)
+        r.add_get(f"{p}/history", self.history)
+        r.add_get(f"{p}/health", self.health)
+        r.add_post(f"{p}/attach", self.attach)
+        r.add_post(f"{p}/detach", self.detach)
+        r.add_post(f"{p}/reload", self.reload)
+        r.add_get(f"{p}/events", self.events)
+        r.add_get(f"{p}/openapi.json", self.openapi)
+        r.add_get("/metrics", self.metrics_page)
+        r.add_get("/", self.page)
+        r.add_post("/login", self.login)
+        r.add_get("/static/{name}", self.static)
+
+    # -- sites ----------------------------------------------------------------
+
+    async def _ensure_runner(self) -> web.AppRunner:
+        if self._runner is None:
+            self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
+            await self._runner.setup()
+        return self._runner
+
+    async def start_unix(self, path: Path, mode: int = 0o600, group: str | None = None) -> None:
+        """Listen on ``path``; ``group``: that group may connect too (mode 0660)."""
+        gid = None
+        if group is not None:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise VmplugError(f"[api] group {group!r} does not exist") from None
+            mode = 0o660
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(path.lstat().st_mode):
                 path.unlink()  # a stale socket from a daemon that died
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
+        runner = await self._ensure_runner()
         old = os.umask(0o177)
         try:
-            await web.UnixSite(self._runner, str(path)).start()
+            await web.UnixSite(runner, str(path)).start()
         finally:
             os.umask(old)
+        if gid is not None:
+            os.chown(path, -1, gid)
         path.chmod(mode)
 
+    async def start_tcp(self, listen: str, token: str) -> int:
+        """Listen on loopback ``HOST:PORT`` (port 0: any free one); returns the port."""
+        host, _, port_s = listen.rpartition(":")
+        host = host.strip("[]")
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise VmplugError(f"[api] listen {listen!r}: vmplug listens on loopback only")
+        self.token = token
+        runner = await self._ensure_runner()
+        site = web.TCPSite(runner, host, int(port_s), reuse_address=True)
+        await site.start()
+        server = site._server  # aiohttp keeps the asyncio server here
+        sockets = getattr(server, "sockets", None) or []
+        self.tcp_port = sockets[0].getsockname()[1] if sockets else int(port_s)
+        return self.tcp_port
+
     async def stop(self) -> None:
+        for q in list(self._streams):
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(None)
+        if self.metrics is not None:
+            self.metrics.close()
+        with contextlib.suppress(ValueError):
+            self.daemon.listeners.remove(self._on_item)
         if self._runner is not None:
             await self._runner.cleanup()
+            self._runner = None
 
-    # -- handlers -----------------------------------------------------------
+    # -- the guard every request passes -----------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            if _is_tcp(request):
+                denied = self._check_tcp(request)
+                if denied is not None:
+                    return _headers(denied)
+            return _headers(await handler(request))
+        except ApiError as exc:
+            return _headers(exc.response())
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            # aiohttp's own 404/405/413: JSON like every other error
+            reason = exc.reason or "error"
+            extra = {}
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                extra["allowed"] = sorted(exc.allowed_methods)
+            resp = _error(exc.status, reason.lower(), **extra)
+            if "Allow" in exc.headers:
+                resp.headers["Allow"] = exc.headers["Allow"]
+            return _headers(resp)
+
+    def _check_tcp(self, request: web.Request) -> web.StreamResponse | None:
+        if not security.host_is_loopback(request.headers.get("Host")):
+            return _error(421, "the Host header must name a loopback address")
+        path = request.path
+        if path.startswith("/static/"):
+            return None
+        if path == "/login" and request.method == "POST":
+            return None  # checks the token and the Origin itself
+        auth = self._auth(request)
+        if auth is None:
+            if path == "/" and request.method in ("GET", "HEAD"):
+                return None  # the login form, or ?token= trading
+            resp = _error(401, "missing or wrong API token")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="vmplug"'
+            return resp
+        request[AUTH] = auth
+        if request.method not in ("GET", "HEAD", "OPTIONS") and auth[0] == "session":
+            origin = request.headers.get("Origin") or request.headers.get("Referer")
+            if not security.origin_matches(origin, request.headers.get("Host")):
+                return _error(403, "cross-site request refused: Origin is not this page")
+            sent = request.headers.get(security.CSRF_HEADER, "")
+            if not sent or not security.same(sent, auth[1]):
+                return _error(403, f"missing or wrong {security.CSRF_HEADER} header")
+        return None
+
+    def _auth(self, request: web.Request) -> tuple[str, str] | None:
+        """("bearer", "") or ("session", csrf token) or None."""
+        if self.token is None:
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value and security.same(value.strip(), self.token):
+            return ("bearer", "")
+        csrf = self.sessions.csrf(request.cookies.get(security.SESSION_COOKIE))
+        if csrf is not None:
+            return ("session", csrf)
+        return None
+
+    # -- live events --------------------------------------------------------------
+
+    def _on_item(self, item: dict[str, Any]) -> None:
+        for q in list(self._streams):
+            try:
+                q.put_nowait(item)
+            except asyncio.QueueFull:
+                # a reader that cannot keep up starts over from a fresh picture
+                while not q.empty():
+                    q.get_nowait()
+                q.put_nowait({"type": "resync"})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-store",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        _headers(resp)
+        await resp.prepare(request)
+        q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=SSE_QUEUE)
+        self._streams.add(q)
+        try:
+            await resp.write(b"retry: 1000\nevent: hello\ndata: {}\n\n")
+            while True:
+                try:
+                    item = await asyncio.wait_for(q.get(), SSE_KEEPALIVE_S)
+                except TimeoutError:
+                    await resp.write(b": keepalive\n\n")
+                    continue
+                if item is None:
+                    break
+                kind = item.get("type", "event")
+                data = json.dumps(item, default=str)
+                await resp.write(f"event: {kind}\ndata: {data}\n\n".encode())
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._streams.discard(q)
+        return resp
+
+    # -- views ----------------------------------------------------------------
+
+    def _device_json(self, dev: UsbDevice, held_by: dict[str, str]) -> dict[str, Any]:
+        data = dev.to_json()
+        del data["interfaces"]  # the page and scripts want the summary; `vmplug show` has more
+        want = target(dev, self.daemon.config, self.daemon.overrides)
+        have = held_by.get(dev.qemu_id)
+        retry = self.daemon.retries.get((want, dev.qemu_id)) if want else None
+        if want is None:
+            state = "host" if have is None else "elsewhere"
+        elif have == want:
+            state = "attached"
+        elif retry is not None:
+            state = "retrying"
+        elif have is not None:
+            state = "elsewhere"
+        else:
+            state = "pending"
+        data.update(
+            vm=want,
+            attached=have,
+            state=state,
+            override=dev.identity in self.daemon.overrides,
+            error=retry.error if retry else None,
+        )
+        return data
+
+    def _held_by(self) -> dict[str, str]:
+        return {qid: vm for vm, held in self.daemon.observed.items() for qid in held}
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.daemon.status())
 
     async def devices(self, request: web.Request) -> web.Response:
-        wanted = {a.identity: a.vm for a in self.daemon.wanted()}
+        held = self._held_by()
+        devs = sorted(self.daemon.inventory.values(), key=lambda d: _port_key(d.port))
+        return web.json_response([self._device_json(d, held) for d in devs])
+
+    async def device(self, request: web.Request) -> web.Response:
+        selector = request.match_info["device"]
+        if len(selector) > MAX_SELECTOR or any(ord(c) < 32 for c in selector):
+            raise ApiError(400, f"device must be at most {MAX_SELECTOR} printable characters")
+        dev = self._select(selector)
+        return web.json_response(self._device_json(dev, self._held_by()))
+
+    async def vms(self, request: web.Request) -> web.Response:
+        status = self.daemon.status()["vms"]
+        names = sorted(set(self.daemon.config.vms) | set(status))
         out = []
-        for dev in sorted(self.daemon.inventory.values(), key=lambda d: d.port):
-            data = dev.to_json()
-            data["vm"] = wanted.get(dev.identity)
-            out.append(data)
+        for name in names:
+            vm = status.get(name, {})
+            out.append(
+                {
+                    "name": name,
+                    "connected": bool(vm.get("connected")),
+                    "state": vm.get("state"),
+                    "qmp": vm.get("qmp"),
+                    "devices": list(vm.get("devices", [])),
+                }
+            )
         return web.json_response(out)
+
+    async def attachments(self, request: web.Request) -> web.Response:
+        return web.json_response(self.daemon.status()["attachments"])
+
+    async def rules(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            [
+                {
+                    "index": rc.index,
+                    "match": rc.rule.source,
+                    "action": "block" if rc.block else "attach",
+                    "vm": rc.attach,
+                    "line": rc.line,
+                }
+                for rc in self.daemon.config.rules
+            ]
+        )
+
+    def _identity(self, selector: str | None) -> str | None:
+        """A present device's identity, else the text as a stored identity."""
+        if not selector:
+            return None
+        with contextlib.suppress(VmplugError):
+            return select_one(list(self.daemon.inventory.values()), selector).identity
+        return selector
 
     async def history(self, request: web.Request) -> web.Response:
         store = self.daemon.store
+        limit = _query_int(request, "limit", 100, 1, 10000)
+        identity = self._identity(_query_selector(request, "device"))
         if store is None:
             return _error(503, "the daemon runs without a history database")
-        try:
-            limit = int(request.query.get("limit", "100"))
-        except ValueError:
-            return _error(400, "limit must be an integer")
-        if not 0 < limit <= 10000:
-            return _error(400, "limit must be between 1 and 10000")
-        identity = request.query.get("device")
-        if identity:
-            # A device that is gone is matched by the stored identity as given.
-            with contextlib.suppress(SelectorError):
-                identity = select_one(list(self.daemon.inventory.values()), identity).identity
-        entries = store.history(identity or None, limit=limit)
-        return web.json_response([e.to_json() if hasattr(e, "to_json") else e for e in entries])
+        entries = store.history(identity, limit=limit)
+        return web.json_response([e.to_json() for e in entries])
 
-    def _select(self, selector: str) -> Any:
+    async def health(self, request: web.Request) -> web.Response:
+        from vmplug.health import health_by_device  # noqa: PLC0415
+
+        store = self.daemon.store
+        window = _query_number(request, "window", DEFAULT_WINDOW_S, 1, MAX_WINDOW_S)
+        identity = self._identity(_query_selector(request, "device"))
+        if store is None:
+            return _error(503, "the daemon runs without a history database")
+        end = time.time()
+        start = end - window
+        entries = store.history(None, limit=None)
+        only = [identity] if identity else None
+        figures = health_by_device(entries, start, end, only)
+        return web.json_response(health_rows(figures, store, self.daemon.inventory.values()))
+
+    # -- changes ----------------------------------------------------------------
+
+    def _select(self, selector: str) -> UsbDevice:
         try:
             return select_one(list(self.daemon.inventory.values()), selector)
         except SelectorError as exc:
-            raise web.HTTPNotFound(
-                text=_json({"error": str(exc), "candidates": list(exc.candidates)}),
-                content_type="application/json",
-            ) from None
+            raise ApiError(404, str(exc), candidates=list(exc.candidates)) from None
         except VmplugError as exc:
-            raise web.HTTPBadRequest(
-                text=_json({"error": exc.render()}), content_type="application/json"
-            ) from None
+            raise ApiError(400, exc.render().removeprefix("vmplug: ")) from None
 
     async def attach(self, request: web.Request) -> web.Response:
-        data = await _body(request)
-        vm = _field(data, "vm")
-        dev = self._select(_field(data, "device"))
+        data = await _body(request, {"device", "vm"})
+        selector = _field(data, "device")
+        vm = _field(data, "vm", limit=128)
+        dev = self._select(selector)
         if vm not in self.daemon.vms:
             return _error(404, f"no VM named {vm!r}", vms=sorted(self.daemon.vms))
         if dev.is_hub:
@@ -139,7 +482,7 @@ class Api:
         return web.json_response({"device": describe(dev), "vm": vm, **state})
 
     async def detach(self, request: web.Request) -> web.Response:
-        data = await _body(request)
+        data = await _body(request, {"device"})
         dev = self._select(_field(data, "device"))
         self.daemon.set_route(overrides={**self.daemon.overrides, dev.identity: None})
         held = [n for n, h in self.daemon.observed.items() if dev.qemu_id in h]
@@ -165,8 +508,126 @@ class Api:
         ok, message = await self.daemon.reload()
         return web.json_response({"ok": ok, "message": message}, status=200 if ok else 422)
 
+    # -- documents, metrics, the page ------------------------------------------
 
-def _json(data: Any) -> str:
-    import json  # noqa: PLC0415
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, content_type="application/json")
 
-    return json.dumps(data)
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            return _error(404, "metrics are off")
+        body, ctype = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        ctype = STATIC.get(name)
+        if ctype is None:
+            return _error(404, f"no asset {name[:64]!r}")
+        if name not in self._assets:
+            self._assets[name] = _asset(name)
+        return web.Response(
+            body=self._assets[name],
+            headers={"Content-Type": f"{ctype}; charset=utf-8", "Cache-Control": "no-cache"},
+        )
+
+    async def page(self, request: web.Request) -> web.Response:
+        token = request.query.get("token")
+        auth = request.get(AUTH)
+        if _is_tcp(request) and token is not None:
+            if self.token is not None and security.same(token[:256], self.token):
+                return self._new_session("/")
+            return self._login_form("wrong token", status=401)
+        if _is_tcp(request) and auth is None:
+            return self._login_form()
+        csrf = auth[1] if auth and auth[0] == "session" else ""
+        html = _asset("index.html").decode().replace("{{CSRF}}", csrf)
+        return web.Response(
+            text=html, content_type="text/html", headers={"Cache-Control": "no-store"}
+        )
+
+    async def login(self, request: web.Request) -> web.Response:
+        if _is_tcp(request):
+            origin = request.headers.get("Origin") or request.headers.get("Referer")
+            if not security.origin_matches(origin, request.headers.get("Host")):
+                return _error(403, "cross-site request refused: Origin is not this page")
+        try:
+            form = await request.post()
+        except ValueError:
+            raise ApiError(400, "body must be a form with a token field") from None
+        token = form.get("token")
+        if (
+            isinstance(token, str)
+            and self.token is not None
+            and security.same(token.strip()[:256], self.token)
+        ):
+            return self._new_session("/")
+        return self._login_form("wrong token", status=401)
+
+    def _new_session(self, location: str) -> web.Response:
+        sid, _csrf = self.sessions.new()
+        resp = web.Response(status=303, headers={"Location": location})
+        resp.set_cookie(security.SESSION_COOKIE, sid, httponly=True, samesite="Strict", path="/")
+        return resp
+
+    def _login_form(self, message: str = "", status: int = 200) -> web.Response:
+        note = f'<p class="error">{message}</p>' if message else ""
+        html = (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            '<title>vmplug: sign in</title><link rel="stylesheet" href="/static/app.css">'
+            '</head><body class="login"><form method="post" action="/login">'
+            "<h1>vmplug</h1>"
+            f"{note}<label>API token (from the token file)"
+            '<input name="token" type="password" autocomplete="current-password" required>'
+            '</label><button type="submit">Sign in</button></form></body></html>'
+        )
+        return web.Response(text=html, content_type="text/html", status=status)
+
+
+def health_rows(figures: dict[str, Any], store: Any, present: Any) -> list[dict[str, Any]]:
+    """Health JSON with each device's port and name (present, or as last stored)."""
+    by_identity = {d.identity: d for d in present}
+    rows = []
+    for identity, h in figures.items():
+        row = h.to_json()
+        dev = by_identity.get(identity)
+        if dev is not None:
+            row.update(port=dev.port, name=_name(dev.display_manufacturer, dev.display_product))
+        else:
+            known = store.known_device(identity) if store is not None else None
+            row.update(
+                port=(known or {}).get("port"),
+                name=_name((known or {}).get("manufacturer"), (known or {}).get("product")),
+            )
+        row["present"] = dev is not None
+        rows.append(row)
+    return rows
+
+
+def _name(*parts: Any) -> str | None:
+    return " ".join(str(p) for p in parts if p) or None
+
+
+def _port_key(port: str) -> tuple[int, ...]:
+    out = []
+    for part in port.replace("-", ".").split("."):
+        out.append(int(part) if part.isdigit() else -1)
+    return tuple(out)
+
+
+def _is_tcp(request: web.Request) -> bool:
+    transport = request.transport
+    if transport is None:
+        return True
+    sock = transport.get_extra_info("socket")
+    return sock is None or sock.family != socket.AF_UNIX
+
+
+def _headers(resp: web.StreamResponse) -> web.StreamResponse:
+    h = resp.headers
+    h.setdefault("X-Content-Type-Options", "nosniff")
+    h.setdefault("X-Frame-Options", "DENY")
+    h.setdefault("Referrer-Policy", "same-origin")
+    h.setdefault("Content-Security-Policy", CSP)
+    return resp

@@ -1,0 +1,162 @@
+"""Prometheus metrics of a running daemon (served at ``/metrics``).
+
+Fed by the daemon's hooks, not by polling: ``Daemon.listeners`` receives every
+event and action as it is recorded, ``Daemon.pass_listeners`` the duration of
+every reconcile pass.  Gauges that describe the present (devices, VMs, per-device
+uptime) are computed when Prometheus scrapes.
+
+Counters
+  ``vmplug_events_total{kind}``                 host, VM and daemon events
+  ``vmplug_actions_total{kind,vm,result}``      attach/detach/adopt tried
+  ``vmplug_attachments_total{vm}``              successful attaches (device_add answered)
+  ``vmplug_qmp_errors_total{vm,error_class}``   failed actions, by QMP error class
+Histograms
+  ``vmplug_reconcile_duration_seconds``         one reconcile pass (diff + acting)
+  ``vmplug_hotplug_latency_seconds``            bind uevent -> device_add answered
+Gauges
+  ``vmplug_devices``                            USB devices present (no root hubs)
+  ``vmplug_vm_connected{vm}``                   1 while vmplug's QMP session is up
+  ``vmplug_vm_devices{vm}``                     vmplug devices the VM holds
+  ``vmplug_device_uptime_ratio{identity,port}`` share of wanted time attached, since
+                                                the daemon started (see vmplug.health)
+  ``vmplug_device_failures{identity,port}``     failures since the daemon started
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+#: health over the whole run is recomputed at most this often (a scrape is cheap)
+HEALTH_CACHE_S = 10.0
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PASS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+class Metrics:
+    """One registry per daemon (tests run several daemons in one process)."""
+
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events = Counter("vmplug_events", "Events recorded, by kind", ["kind"], registry=r)
+        self.actions = Counter(
+            "vmplug_actions", "Actions tried on VMs", ["kind", "vm", "result"], registry=r
+        )
+        self.attachments = Counter(
+            "vmplug_attachments", "Successful attaches (device_add answered)", ["vm"], registry=r
+        )
+        self.qmp_errors = Counter(
+            "vmplug_qmp_errors", "Failed actions, by QMP error class", ["vm", "error_class"],
+            registry=r,
+        )  # fmt: skip
+        self.reconcile = Histogram(
+            "vmplug_reconcile_duration_seconds", "Duration of one reconcile pass",
+            buckets=PASS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "vmplug_hotplug_latency_seconds", "From the bind uevent to device_add answered",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._state = _StateCollector(daemon)
+        r.register(self._state)
+        daemon.listeners.append(self.on_item)
+        daemon.pass_listeners.append(self.on_pass)
+
+    def close(self) -> None:
+        for hooks, fn in (
+            (self.daemon.listeners, self.on_item),
+            (self.daemon.pass_listeners, self.on_pass),
+        ):
+            if fn in hooks:
+                hooks.remove(fn)
+
+    def on_item(self, item: dict[str, Any]) -> None:
+        kind = str(item.get("kind"))
+        if item.get("type") == "event":
+            self.events.labels(kind).inc()
+            return
+        vm = str(item.get("vm") or "")
+        result = str(item.get("result") or "")
+        self.actions.labels(kind, vm, result).inc()
+        if result == "error":
+            self.qmp_errors.labels(vm, str(item.get("error_class") or "unknown")).inc()
+        elif kind == "attach" and result == "ok":
+            self.attachments.labels(vm).inc()
+            latency = item.get("latency_s")
+            if isinstance(latency, int | float):
+                self.latency.observe(latency)
+
+    def on_pass(self, seconds: float, actions: int) -> None:
+        self.reconcile.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StateCollector(Collector):
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon
+        self._health: tuple[float, dict[str, Any]] = (0.0, {})
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # computed at scrape time
+
+    def _health_now(self) -> dict[str, Any]:
+        from vmplug.health import health_by_device  # noqa: PLC0415
+
+        stamp, figures = self._health
+        now = time.monotonic()
+        store = self.daemon.store
+        if store is None or (now - stamp < HEALTH_CACHE_S and figures):
+            return figures
+        end = time.time()
+        start = self.daemon.stats.started
+        # the daemon's own start is in the journal after stats.started: no earlier
+        # state is needed, and a long journal is not read in full on every scrape
+        entries = store.history(None, limit=None, since=start - 1.0)
+        figures = health_by_device(entries, min(start, end), end)
+        self._health = (now, figures)
+        return figures
+
+    def collect(self) -> Iterator[Metric]:
+        d = self.daemon
+        devices = GaugeMetricFamily("vmplug_devices", "USB devices present")
+        devices.add_metric([], len(d.inventory))
+        yield devices
+        connected = GaugeMetricFamily(
+            "vmplug_vm_connected", "1 while the QMP session is up", labels=["vm"]
+        )
+        held = GaugeMetricFamily("vmplug_vm_devices", "vmplug devices the VM holds", labels=["vm"])
+        for name, backend in sorted(d.vms.items()):
+            connected.add_metric([name], 1.0 if backend.connected else 0.0)
+            held.add_metric([name], len(d.observed.get(name, {})))
+        yield connected
+        yield held
+        uptime = GaugeMetricFamily(
+            "vmplug_device_uptime_ratio",
+            "Share of the time wanted in a VM that the device was attached to it "
+            "(since the daemon started)",
+            labels=["identity", "port"],
+        )
+        failures = GaugeMetricFamily(
+            "vmplug_device_failures",
+            "Times the device left its VM by unplug or loss (since the daemon started)",
+            labels=["identity", "port"],
+        )
+        ports = {dev.identity: dev.port for dev in d.inventory.values()}
+        for identity, h in sorted(self._health_now().items()):
+            port = ports.get(identity, "")
+            if h.uptime is not None:
+                uptime.add_metric([identity, port], h.uptime)
+            failures.add_metric([identity, port], h.failures)
+        yield uptime
+        yield failures

@@ -1,0 +1,197 @@
+"""A daemon with its API on a unix socket and loopback TCP, real QEMU VMs, replayed uevents.
+
+The host side is a sysfs tree captured from a real kernel (tests/fixtures/sysfs)
+that the rig changes the way the kernel would (a device directory leaves on
+unplug and comes back on replug) while the matching uevents go through a FIFO
+to the daemon's ``replay:`` source -- as in tests/qemu/test_daemon.py.  The VMs
+are real qemu-system-x86_64 processes with a qemu-xhci; a second QMP socket per
+VM lets a test read what QEMU really holds.
+
+Used by tests/api, tests/web and bench/bench_api.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "qemu"))
+
+from qemu_proc import QemuProcess  # noqa: E402
+
+from vmplug.api.server import Api  # noqa: E402
+from vmplug.config import parse_config  # noqa: E402
+from vmplug.engine.daemon import Daemon  # noqa: E402
+from vmplug.host.events import ReplayEventSource  # noqa: E402
+from vmplug.store import Store  # noqa: E402
+from vmplug.vms.qmp import QmpVm  # noqa: E402
+
+FIXTURES = HERE.parent / "fixtures" / "sysfs"
+TOKEN = "test-token-0123456789abcdef"
+
+RULES = """
+[[rule]]
+attach = "a"
+match = 'via-port "2-2.4.2"'
+"""
+
+
+class FakeKernel:
+    """A captured sysfs tree that plugs and unplugs devices, and the uevents for it."""
+
+    def __init__(self, tmp: Path, capture: str = "mixed", root: Path | None = None) -> None:
+        self.root = tmp / "sysfs"
+        if root is None:
+            shutil.copytree(FIXTURES / capture, self.root, symlinks=True)
+        else:
+            self.root = root
+        self.stash = tmp / "unplugged"
+        self.stash.mkdir(exist_ok=True)
+        self.fifo = tmp / "uevents"
+        os.mkfifo(self.fifo)
+        self._fd = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
+        self.seq = 1000
+        self.where: dict[str, Path] = {}
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def _links(self) -> Path:
+        return self.root / "bus/usb/devices"
+
+    def _send(self, action: str, devdir: Path, uevent_text: str) -> None:
+        self.seq += 1
+        props = dict(line.split("=", 1) for line in uevent_text.splitlines() if "=" in line)
+        props |= {
+            "ACTION": action,
+            "DEVPATH": "/" + str(devdir.relative_to(self.root)),
+            "SUBSYSTEM": "usb",
+            "SEQNUM": str(self.seq),
+        }
+        os.write(self._fd, (json.dumps(props) + "\n").encode())
+
+    def unplug(self, port: str) -> None:
+        real = (self._links() / port).resolve()
+        uevent = (real / "uevent").read_text()
+        for link in self._links().iterdir():
+            if link.name == port or link.name.startswith(f"{port}:"):
+                link.unlink()
+        self.where[port] = real
+        shutil.move(real, self.stash / port)
+        self._send("unbind", real, uevent)
+        self._send("remove", real, uevent)
+
+    def plug(self, port: str) -> None:
+        real = self.where.pop(port)
+        shutil.move(self.stash / port, real)
+        (self._links() / port).symlink_to(os.path.relpath(real, self._links()))
+        uevent = (real / "uevent").read_text()
+        self._send("add", real, uevent)
+        self._send("bind", real, uevent)
+
+
+async def until(
+    check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = ""
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"not reached within {timeout}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+class ApiRig:
+    """Kernel, VMs, daemon and API of one test; :meth:`close` stops everything."""
+
+    def __init__(self, tmp: Path, *, sysfs_root: Path | None = None) -> None:
+        self.tmp = tmp
+        self.kernel = FakeKernel(tmp, root=sysfs_root)
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="vmplug-api", dir="/tmp"))
+        self.qemus: dict[str, QemuProcess] = {}
+        self.observers: dict[str, QmpVm] = {}
+        self.config_path = tmp / "vmplug.toml"
+        self.socket = self.sock_dir / "api.sock"
+        self.daemon: Daemon | None = None
+        self.store: Store | None = None
+        self.api: Api | None = None
+        self.port = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def qemu(self, name: str) -> QemuProcess:
+        if name not in self.qemus:
+            self.qemus[name] = QemuProcess(
+                self.tmp,
+                ["-device", "qemu-xhci,id=xhci"],
+                qmp_sockets=2,
+                name=name,
+                sock_dir=self.sock_dir,
+            )
+        return self.qemus[name]
+
+    async def up(self, rules: str = RULES, vms: tuple[str, ...] = ("a", "b")) -> Daemon:
+        text = "".join(f'[vm.{n}]\nqmp = "{self.qemu(n).qmp_paths[0]}"\n\n' for n in vms)
+        self.config_path.write_text(text + rules)
+        for n in vms:
+            self.qemu(n).start()
+        config = parse_config(self.config_path.read_text(), self.config_path)
+        self.store = Store(self.tmp / "vmplug.db")
+        self.daemon = Daemon(
+            config,
+            sysfs_root=self.kernel.root,
+            source=ReplayEventSource(self.kernel.fifo),
+            store=self.store,
+            config_path=self.config_path,
+        )
+        self.api = Api(self.daemon)
+        await self.api.start_unix(self.socket)
+        self.port = await self.api.start_tcp("127.0.0.1:0", TOKEN)
+        await self.daemon.start()
+        return self.daemon
+
+    async def held(self, vm: str) -> dict[str, Any]:
+        """What QEMU really holds, read through the test's own QMP socket."""
+        q = self.qemus[vm]
+        if not q.alive:
+            return {}
+        if vm not in self.observers:
+            self.observers[vm] = QmpVm(f"obs-{vm}", str(q.qmp_paths[1]), shared=True)
+            await self.observers[vm].start()
+        try:
+            return dict(await self.observers[vm].observe())
+        except Exception:
+            return {}
+
+    async def ports(self, vm: str) -> set[str]:
+        return {f"{o.hostbus}-{o.hostport}" for o in (await self.held(vm)).values()}
+
+    async def wait_ports(self, vm: str, want: set[str], timeout: float = 20.0) -> None:
+        async def check() -> bool:
+            return await self.ports(vm) == want
+
+        await until(check, timeout, f"{vm} holds {want}")
+
+    async def close(self) -> None:
+        if self.api is not None:
+            await self.api.stop()
+        if self.daemon is not None:
+            await self.daemon.stop()
+        for obs in self.observers.values():
+            await obs.stop()
+        if self.store is not None:
+            self.store.close()
+        for q in self.qemus.values():
+            q.cleanup()
+        self.kernel.close()
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
