@@ -1,0 +1,151 @@
+"""``vmplug doctor``: find where a USB pass-through breaks, layer by layer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from vmplug.cli import EPILOG_ENV, Context, emit_json, pass_ctx
+from vmplug.doctor.context import DoctorContext
+from vmplug.doctor.findings import CheckSpec, exit_status, run_checks
+from vmplug.doctor.report import render, to_json
+
+
+def all_checks() -> list[CheckSpec]:
+    from vmplug.doctor import container, guest, host, qemu  # noqa: PLC0415
+
+    return [*host.CHECKS, *container.CHECKS, *qemu.CHECKS, *guest.CHECKS]
+
+
+EPILOG = EPILOG_ENV.replace(
+    "Exit status: 0 success, 1 failure or nothing found, 2 bad input.",
+    "Exit status: 0 nothing to fix, 1 warnings, 2 errors (or bad input).",
+)
+
+
+@click.command("doctor", epilog=EPILOG)
+@click.argument("device", required=False, metavar="[DEVICE]")
+@click.option("--vm", help="Only this VM (a config [vm.NAME] or a QEMU -name).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document for scripts.")
+@click.option("-v", "--verbose", is_flag=True, help="Show the evidence of passed checks too.")
+@click.option(
+    "--compose",
+    "compose_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    metavar="FILE",
+    help="Check this compose file (dockurr/windows) too.",
+)
+@click.option(
+    "--inspect",
+    "inspect_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    metavar="FILE",
+    help="Check containers from `docker inspect` output saved in FILE.",
+)
+@click.option(
+    "--docker-socket",
+    "api_sockets",
+    multiple=True,
+    metavar="SOCKET",
+    help="Docker/Podman API socket (default: $DOCKER_HOST, /var/run/docker.sock, podman's).",
+)
+@click.option(
+    "--qmp", "qmp_sockets", multiple=True, metavar="SOCKET", help="A QMP socket to check."
+)
+@click.option("--qga", "qga_socket", metavar="SOCKET", help="The guest agent's socket.")
+@click.option(
+    "--kernel-log",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    metavar="FILE",
+    help="Read the kernel log from FILE (dmesg or journalctl -k output) instead of /dev/kmsg.",
+)
+@click.option(
+    "--db",
+    "store_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="vmplug's history database (default: the config's [daemon] database).",
+)
+@click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for a socket.")
+@pass_ctx
+def doctor(
+    obj: Context,
+    device: str | None,
+    vm: str | None,
+    as_json: bool,
+    verbose: bool,
+    compose_files: tuple[Path, ...],
+    inspect_files: tuple[Path, ...],
+    api_sockets: tuple[str, ...],
+    qmp_sockets: tuple[str, ...],
+    qga_socket: str | None,
+    kernel_log: Path | None,
+    store_path: Path | None,
+    timeout: float,
+) -> None:
+    """Find where a USB pass-through breaks: host, container, QEMU, guest.
+
+    Runs the checks bottom-up and reports each finding with its layer,
+    severity, the evidence it saw (the exact file, value or command output)
+    and a fix (a command or a config snippet).  DEVICE (a port path like
+    2-1.4, vid:pid, a serial, or rule:RULE) narrows the device checks to
+    it; without it, the devices a config rule or a running QEMU's usb-host
+    takes are checked.
+
+    \b
+    Host: device present (and since when, from vmplug's history), USB
+      errors in the kernel log, autosuspend on audio/MIDI devices, host
+      drivers and programs holding the device, its /dev/bus/usb node,
+      isochronous bandwidth per bus, controller sharing, stale udev symlinks.
+    Container: /dev/bus/usb as devices: instead of a bind mount, the
+      c 189:* rwm cgroup rule, SELinux, USB=N, vmplug's QMP socket,
+      usb-host by address in ARGUMENTS (Docker/Podman API, --compose, --inspect).
+    QEMU: processes (/proc, QMP sockets), USB controller kind, usb-host by
+      address, shared vendorid:productid, attached or waiting over QMP.
+    Guest (QEMU guest agent): Windows problem codes (Get-PnpDevice) and USB
+      selective suspend; a Linux guest's USB devices and drivers.
+
+    \b
+    Examples:
+      vmplug doctor                         # everything this host runs
+      vmplug doctor 1235:821a --vm windows  # one device, one VM
+      vmplug doctor --compose docker-compose.yml
+      vmplug doctor --qmp /run/vm.qmp --qga /run/vm-qga.sock --json
+    """
+    from vmplug.config import config_path, load_config  # noqa: PLC0415
+
+    config = None
+    path = config_path(obj.config)
+    if obj.config or path.exists():
+        config = load_config(obj.config)
+    ctx = DoctorContext(
+        sysfs_root=obj.sysfs_root,
+        kernel_log_source=(lambda: kernel_log.read_text(errors="replace")) if kernel_log else None,
+        config=config,
+        store_path=store_path,
+        device=device,
+        vm=vm,
+        qmp_sockets=list(qmp_sockets),
+        compose_files=list(compose_files),
+        inspect_files=list(inspect_files),
+        api_sockets=list(api_sockets) or None,
+        qga_socket=qga_socket,
+        timeout=timeout,
+        debug=obj.debug,
+    )
+    try:
+        findings = run_checks(ctx, all_checks())
+    finally:
+        ctx.close()
+    if as_json:
+        emit_json(to_json(findings))
+    else:
+        from rich.console import Console  # noqa: PLC0415
+
+        console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+        console.print(render(findings, verbose=verbose))
+    raise SystemExit(exit_status(findings))

@@ -1,0 +1,365 @@
+# ruff: noqa: PTH116, PTH120
+# (/proc, /dev and sysfs walks use plain os calls on string paths, like host/sysfs.py)
+"""Container-layer checks: how a QEMU container (dockurr/windows) gets USB devices."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterator
+
+from vmplug.doctor.container_info import ContainerSpec
+from vmplug.doctor.context import DoctorContext
+from vmplug.doctor.findings import CheckSpec, Finding, Severity
+from vmplug.doctor.qemu_info import parse_opts
+from vmplug.generate.compose import QMP_CONTAINER_DIR, QMP_CONTAINER_SOCKET, USB_CGROUP_RULE
+
+LAYER = "container"
+USB_OFF = ("n", "no", "0", "off", "false", "disabled", "none")
+
+#: The compose pieces `vmplug generate compose` writes (see generate/compose.py).
+COMPOSE_FIX = f"""\
+    volumes:
+      - /dev/bus/usb:/dev/bus/usb        # a bind mount: replugged devices appear
+      - ./qmp:{QMP_CONTAINER_DIR}                    # vmplug's QMP socket, for the host
+    device_cgroup_rules:
+      - '{USB_CGROUP_RULE}'                  # may open USB device nodes, also future ones
+# (and no /dev/bus/usb under devices:) -- or let vmplug write it:
+#   vmplug generate compose DEVICE... --merge docker-compose.yml"""
+
+
+def _f(check: str, sev: Severity, title: str, spec: ContainerSpec, **kw: object) -> Finding:
+    ev = kw.pop("evidence", ())
+    return Finding(
+        LAYER,
+        check,
+        sev,
+        f"{spec.name}: {title}",
+        evidence=(f"source: {spec.source}", *ev),  # type: ignore[misc]
+        subject=spec.name,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _usb_bind(spec: ContainerSpec) -> tuple[str, str] | None:
+    for src, dst in spec.binds:
+        if src.rstrip("/") in ("/dev/bus/usb", "/dev/bus", "/dev") and dst.rstrip("/") in (
+            "/dev/bus/usb",
+            "/dev/bus",
+            "/dev",
+        ):
+            return (src, dst)
+    return None
+
+
+def _cgroup_ok(rules: list[str]) -> str | None:
+    for rule in rules:
+        m = re.match(r"^\s*([abc])\s+(\*|\d+):(\*|\d+)\s+([rwm]+)\s*$", rule)
+        if not m:
+            continue
+        kind, major, _minor, perms = m.groups()
+        if kind in ("a", "c") and major in ("*", "189") and "r" in perms and "w" in perms:
+            return rule
+    return None
+
+
+def _qemu_args(spec: ContainerSpec) -> list[str]:
+    return spec.env.get("ARGUMENTS", "").split()
+
+
+def _usb_hosts(spec: ContainerSpec) -> list[dict[str, str]]:
+    args = _qemu_args(spec)
+    out = []
+    for i, a in enumerate(args):
+        if a in ("-device", "--device") and i + 1 < len(args):
+            props = parse_opts(args[i + 1], "driver")
+            if props.get("driver") == "usb-host":
+                out.append(props)
+    return out
+
+
+def _qmp_socket(spec: ContainerSpec) -> tuple[str, str] | None:
+    """(where it was set, container path) of a QMP unix socket for vmplug."""
+    args = _qemu_args(spec)
+    for i, a in enumerate(args):
+        if a in ("-qmp", "--qmp") and i + 1 < len(args) and args[i + 1].startswith("unix:"):
+            return ("ARGUMENTS", args[i + 1][5:].split(",")[0])
+    qmp = spec.env.get("QMP", "")
+    if qmp.startswith("unix:"):
+        return ("QMP", qmp[5:].split(",")[0])
+    return None
+
+
+def _specs(ctx: DoctorContext) -> tuple[list[ContainerSpec], list[Finding]]:
+    scan = ctx.containers
+    pre: list[Finding] = []
+    specs = [c for c in scan.containers if c.uses_usb()]
+    if not scan.containers:
+        if not scan.api_reached and not ctx.compose_files and not ctx.inspect_files:
+            pre.append(
+                Finding(
+                    LAYER,
+                    "container.engine",
+                    Severity.INFO,
+                    "no Docker or Podman API socket here, and no --compose or --inspect given: "
+                    "container checks skipped",
+                    evidence=tuple(scan.notes),
+                    fix="for a container setup, run where the engine runs, or pass "
+                    "--compose docker-compose.yml (or --inspect FILE from `docker inspect`)",
+                )
+            )
+        else:
+            pre.append(
+                Finding(
+                    LAYER,
+                    "container.engine",
+                    Severity.OK,
+                    "no containers",
+                    evidence=tuple(scan.notes),
+                )
+            )
+    elif not specs:
+        pre.append(
+            Finding(
+                LAYER,
+                "container.engine",
+                Severity.OK,
+                f"{len(scan.containers)} containers, none passes USB devices",
+                evidence=tuple(scan.notes),
+            )
+        )
+    return specs, pre
+
+
+def check_devices(ctx: DoctorContext) -> Iterator[Finding]:
+    """``/dev/bus/usb`` as ``devices:`` (made once at start) instead of a bind mount."""
+    specs, pre = _specs(ctx)
+    yield from pre
+    for spec in specs:
+        as_devices = [d for d in spec.devices if d.startswith("/dev/bus/usb")]
+        bind = _usb_bind(spec)
+        if as_devices:
+            yield _f(
+                "container.devices",
+                Severity.ERROR,
+                "/dev/bus/usb is passed as devices: its nodes are created once, at container "
+                "start, so a replugged device (new device number) never appears inside",
+                spec,
+                evidence=tuple(f"devices: {d}" for d in as_devices),
+                fix=COMPOSE_FIX,
+            )
+        elif bind is None:
+            yield _f(
+                "container.devices",
+                Severity.ERROR if _usb_hosts(spec) else Severity.WARNING,
+                "no /dev/bus/usb bind mount: QEMU in the container cannot open host USB devices",
+                spec,
+                evidence=tuple(f"bind {s}:{d}" for s, d in spec.binds) or ("no bind mounts",),
+                fix=COMPOSE_FIX,
+            )
+        else:
+            yield _f(
+                "container.devices",
+                Severity.OK,
+                "/dev/bus/usb is bind-mounted (replugged devices appear)",
+                spec,
+                evidence=(f"bind {bind[0]}:{bind[1]}",),
+            )
+
+
+def check_cgroup(ctx: DoctorContext) -> Iterator[Finding]:
+    """The device cgroup must allow USB nodes (``c 189:* rwm``) unless privileged."""
+    specs, _ = _specs(ctx)
+    for spec in specs:
+        if spec.privileged:
+            yield _f("container.cgroup", Severity.OK, "privileged: every device allowed", spec)
+            continue
+        rule = _cgroup_ok(spec.cgroup_rules)
+        if rule:
+            yield _f(
+                "container.cgroup",
+                Severity.OK,
+                f"device cgroup rule {rule!r} allows USB nodes",
+                spec,
+            )
+            continue
+        sev = Severity.ERROR if _usb_bind(spec) else Severity.WARNING
+        yield _f(
+            "container.cgroup",
+            sev,
+            f"no device_cgroup_rules '{USB_CGROUP_RULE}' and not privileged: opening "
+            "/dev/bus/usb nodes fails with EPERM",
+            spec,
+            evidence=(f"DeviceCgroupRules: {spec.cgroup_rules}", "Privileged: false"),
+            fix=f"    device_cgroup_rules:\n      - '{USB_CGROUP_RULE}'",
+        )
+
+
+def check_selinux(ctx: DoctorContext) -> Iterator[Finding]:
+    """SELinux enforcing: container_t may not open usb_device_t without label=disable."""
+    specs, _ = _specs(ctx)
+    if not specs:
+        return
+    try:
+        enforce = ctx.selinux_enforce.read_text().strip()
+    except OSError:
+        enforce = None
+    for spec in specs:
+        disabled = any(
+            re.sub(r"[:=]", "=", o.replace(" ", "")) == "label=disable" for o in spec.security_opt
+        )
+        if enforce != "1":
+            state = "not enforcing" if enforce == "0" else f"absent ({ctx.selinux_enforce})"
+            yield _f(
+                "container.selinux",
+                Severity.OK,
+                f"SELinux {state}",
+                spec,
+                evidence=(f"{ctx.selinux_enforce} = {enforce}",),
+            )
+        elif spec.privileged or disabled:
+            yield _f(
+                "container.selinux",
+                Severity.OK,
+                "SELinux enforcing, labels disabled for this container",
+                spec,
+                evidence=(f"SecurityOpt: {spec.security_opt}", f"Privileged: {spec.privileged}"),
+            )
+        else:
+            yield _f(
+                "container.selinux",
+                Severity.WARNING,
+                "SELinux is enforcing and the container keeps its labels: the container "
+                "process (container_t) is denied opening USB nodes (usb_device_t)",
+                spec,
+                evidence=(f"{ctx.selinux_enforce} = 1", f"SecurityOpt: {spec.security_opt}"),
+                fix="    security_opt:\n      - label=disable\n"
+                "# (check with: ausearch -m avc -ts recent | grep usb)",
+            )
+
+
+def check_usb_env(ctx: DoctorContext) -> Iterator[Finding]:
+    """``USB=N`` starts QEMU without its USB controller."""
+    specs, _ = _specs(ctx)
+    for spec in specs:
+        value = spec.env.get("USB")
+        if value is not None and value.strip().lower() in USB_OFF:
+            yield _f(
+                "container.usb-env",
+                Severity.ERROR,
+                f"USB={value}: the image starts QEMU without a USB controller, so no usb-host "
+                "device has a bus",
+                spec,
+                evidence=(f"environment USB={value}",),
+                fix="remove USB from environment: (the image's default is a qemu-xhci "
+                "controller), or set USB: qemu-xhci,id=xhci,p2=8,p3=8",
+            )
+        else:
+            yield _f(
+                "container.usb-env",
+                Severity.OK,
+                "USB controller on" + (f" (USB={value})" if value else " (image default)"),
+                spec,
+            )
+
+
+def check_qmp(ctx: DoctorContext) -> Iterator[Finding]:
+    """A QMP socket for vmplug, in a folder bind-mounted from the host."""
+    specs, _ = _specs(ctx)
+    for spec in specs:
+        found = _qmp_socket(spec)
+        if found is None:
+            yield _f(
+                "container.qmp",
+                Severity.WARNING,
+                "no QMP socket for vmplug (the image's own monitor is private to its scripts)",
+                spec,
+                evidence=(
+                    f"ARGUMENTS={spec.env.get('ARGUMENTS', '')!r}",
+                    f"QMP={spec.env.get('QMP', '')!r}",
+                ),
+                fix=f'    environment:\n      ARGUMENTS: "-qmp unix:{QMP_CONTAINER_SOCKET},'
+                f'server=on,wait=off ..."\n    volumes:\n      - ./qmp:{QMP_CONTAINER_DIR}',
+            )
+            continue
+        where, path = found
+        host = None
+        for src, dst in sorted(spec.binds, key=lambda b: -len(b[1])):
+            d = dst.rstrip("/")
+            if path == d or path.startswith(d + "/"):
+                host = src.rstrip("/") + path[len(d) :]
+                break
+        if host is None:
+            yield _f(
+                "container.qmp",
+                Severity.WARNING,
+                f"QMP socket {path} is not in a folder bind-mounted from the host: "
+                "vmplug on the host cannot reach it",
+                spec,
+                evidence=(f"{where}: -qmp unix:{path}", *(f"bind {s}:{d}" for s, d in spec.binds)),
+                fix=f"    volumes:\n      - ./qmp:{os.path.dirname(path) or QMP_CONTAINER_DIR}",
+            )
+            continue
+        evidence = [f"{where}: -qmp unix:{path}", f"host path {host}"]
+        try:
+            is_sock = stat.S_ISSOCK(os.stat(host).st_mode)
+        except OSError:
+            is_sock = None
+        if is_sock is None and spec.running:
+            yield _f(
+                "container.qmp",
+                Severity.WARNING,
+                f"QMP socket should be at {host} on the host but is not there",
+                spec,
+                evidence=tuple(evidence),
+                fix="restart the container; check the bind mount's host folder exists",
+            )
+        else:
+            if is_sock:
+                evidence.append(f"{host}: a socket")
+            yield _f(
+                "container.qmp",
+                Severity.OK,
+                f"QMP socket reachable from the host at {host}",
+                spec,
+                evidence=tuple(evidence),
+            )
+
+
+def check_arguments(ctx: DoctorContext) -> Iterator[Finding]:
+    """``usb-host`` in ARGUMENTS matched by ``hostaddr``/``hostdevice``: lost on replug."""
+    specs, _ = _specs(ctx)
+    for spec in specs:
+        hosts = _usb_hosts(spec)
+        bad = [h for h in hosts if h.get("hostaddr") or h.get("hostdevice")]
+        if bad:
+            yield _f(
+                "container.arguments",
+                Severity.WARNING,
+                f"{len(bad)} usb-host in ARGUMENTS matched by device address: QEMU never "
+                "takes the device again after a replug (new address)",
+                spec,
+                evidence=tuple(
+                    "-device " + ",".join(f"{k}={v}" for k, v in h.items()) for h in bad
+                ),
+                fix="match by vendorid/productid, or hostbus+hostport: "
+                "vmplug generate compose DEVICE --merge docker-compose.yml",
+            )
+        elif hosts:
+            yield _f(
+                "container.arguments",
+                Severity.OK,
+                f"{len(hosts)} usb-host in ARGUMENTS, none by address",
+                spec,
+            )
+
+
+CHECKS = (
+    CheckSpec(LAYER, "container.devices", check_devices),
+    CheckSpec(LAYER, "container.cgroup", check_cgroup),
+    CheckSpec(LAYER, "container.selinux", check_selinux),
+    CheckSpec(LAYER, "container.usb-env", check_usb_env),
+    CheckSpec(LAYER, "container.qmp", check_qmp),
+    CheckSpec(LAYER, "container.arguments", check_arguments),
+)

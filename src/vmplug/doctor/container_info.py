@@ -1,0 +1,251 @@
+# ruff: noqa: PTH110
+# (/proc, /dev and sysfs walks use plain os calls on string paths, like host/sysfs.py)
+"""Containers that run QEMU (dockurr/windows and the like), from three sources.
+
+* The Docker or Podman Engine API on its unix socket (``GET /containers/json``
+  then ``GET /containers/{id}/json``: the ``ContainerInspect`` document),
+  spoken as plain HTTP/1.1 over the socket with :mod:`http.client`;
+* ``docker inspect`` output saved to a file (``--inspect FILE``);
+* a compose file (``--compose FILE``).
+
+All three become one :class:`ContainerSpec`: what the checks need, in the
+terms of the Docker Engine API's ``HostConfig``/``Config``/``Mounts``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import posixpath
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from vmplug.doctor.context import DoctorContext
+
+DEFAULT_API_SOCKETS = (
+    "/var/run/docker.sock",
+    "/run/podman/podman.sock",
+)
+
+
+@dataclass
+class ContainerSpec:
+    name: str
+    source: str
+    image: str = ""
+    #: host paths passed as devices (HostConfig.Devices[].PathOnHost / compose devices:)
+    devices: list[str] = field(default_factory=list)
+    #: (host path, container path) bind mounts
+    binds: list[tuple[str, str]] = field(default_factory=list)
+    cgroup_rules: list[str] = field(default_factory=list)
+    privileged: bool = False
+    security_opt: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    running: bool | None = None
+    pid: int | None = None
+
+    def uses_usb(self) -> bool:
+        return (
+            "dockur" in self.image
+            or "qemux" in self.image
+            or "usb-host" in self.env.get("ARGUMENTS", "")
+            or any(d.startswith("/dev/bus/usb") for d in self.devices)
+            or any(s.startswith("/dev/bus/usb") for s, _ in self.binds)
+        )
+
+
+@dataclass
+class ContainerScan:
+    containers: list[ContainerSpec] = field(default_factory=list)
+    #: what was tried and what came of it ("socket /var/run/docker.sock: no such file")
+    notes: list[str] = field(default_factory=list)
+    api_reached: bool = False
+
+
+# ---------------------------------------------------------------- inspect documents
+
+
+def from_inspect(doc: dict[str, Any], source: str) -> ContainerSpec:
+    """A ``ContainerInspect`` document (``docker inspect`` prints a list of them)."""
+    host = doc.get("HostConfig") or {}
+    config = doc.get("Config") or {}
+    spec = ContainerSpec(
+        name=str(doc.get("Name", doc.get("Id", "?"))).lstrip("/"),
+        source=source,
+        image=str(config.get("Image") or doc.get("Image") or ""),
+        privileged=bool(host.get("Privileged")),
+        cgroup_rules=list(host.get("DeviceCgroupRules") or []),
+        security_opt=list(host.get("SecurityOpt") or []),
+    )
+    for dev in host.get("Devices") or []:
+        spec.devices.append(str(dev.get("PathOnHost", "")))
+    seen: set[tuple[str, str]] = set()
+    for mount in doc.get("Mounts") or []:
+        if mount.get("Type") == "bind":
+            pair = (str(mount.get("Source", "")), str(mount.get("Destination", "")))
+            seen.add(pair)
+            spec.binds.append(pair)
+    for bind in host.get("Binds") or []:
+        parts = str(bind).split(":")
+        if len(parts) >= 2:
+            pair = (parts[0], parts[1])
+            if pair not in seen:
+                seen.add(pair)
+                spec.binds.append(pair)
+    for item in config.get("Env") or []:
+        key, _, value = str(item).partition("=")
+        spec.env[key] = value
+    state = doc.get("State") or {}
+    if state:
+        spec.running = bool(state.get("Running"))
+        pid = state.get("Pid")
+        spec.pid = int(pid) if pid else None
+    return spec
+
+
+def load_inspect_file(path: Path) -> list[ContainerSpec]:
+    data = json.loads(path.read_text())
+    docs = data if isinstance(data, list) else [data]
+    return [from_inspect(d, f"{path}") for d in docs if isinstance(d, dict)]
+
+
+# ---------------------------------------------------------------- compose
+
+
+def load_compose_file(path: Path) -> list[ContainerSpec]:
+    """Each service of a compose file (relative bind sources resolved against its folder)."""
+    from ruamel.yaml import YAML  # noqa: PLC0415
+
+    doc = YAML(typ="safe", pure=True).load(path.read_text())
+    base = str(path.resolve().parent)
+    out: list[ContainerSpec] = []
+    services = (doc or {}).get("services") or {}
+    for name, raw in services.items():
+        svc = raw or {}
+        spec = ContainerSpec(
+            name=str(svc.get("container_name") or name),
+            source=f"{path} (service {name})",
+            image=str(svc.get("image") or ""),
+            privileged=bool(svc.get("privileged")),
+            cgroup_rules=[str(r) for r in svc.get("device_cgroup_rules") or []],
+            security_opt=[str(s) for s in svc.get("security_opt") or []],
+        )
+        for dev in svc.get("devices") or []:
+            if isinstance(dev, dict):
+                spec.devices.append(str(dev.get("source", "")))
+            else:
+                spec.devices.append(str(dev).split(":", 1)[0])
+        for vol in svc.get("volumes") or []:
+            if isinstance(vol, dict):
+                if vol.get("type", "volume") != "bind":
+                    continue
+                src, dst = str(vol.get("source", "")), str(vol.get("target", ""))
+            else:
+                parts = str(vol).split(":")
+                if len(parts) < 2:
+                    continue
+                src, dst = parts[0], parts[1]
+                if not (src.startswith(("/", ".", "~"))):
+                    continue  # a named volume
+            if src.startswith("."):
+                src = posixpath.normpath(posixpath.join(base, src))
+            spec.binds.append((src, dst))
+        env = svc.get("environment") or {}
+        if isinstance(env, dict):
+            spec.env = {str(k): "" if v is None else str(v) for k, v in env.items()}
+        else:
+            for item in env:
+                key, _, value = str(item).partition("=")
+                spec.env[key] = value
+        out.append(spec)
+    return out
+
+
+# ---------------------------------------------------------------- Engine API
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class EngineApiError(OSError):
+    pass
+
+
+def api_get(sock_path: str, url: str, timeout: float) -> Any:
+    """``GET url`` on a Docker/Podman API socket; the JSON body."""
+    conn = _UnixHTTPConnection(sock_path, timeout)
+    try:
+        conn.request("GET", url, headers={"Host": "docker"})
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise EngineApiError(f"GET {url}: HTTP {resp.status} {body[:200]!r}")
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+def list_via_api(sock_path: str, timeout: float) -> list[ContainerSpec]:
+    out: list[ContainerSpec] = []
+    for item in api_get(sock_path, "/containers/json", timeout) or []:
+        cid = str(item.get("Id", ""))
+        if not cid:
+            continue
+        doc = api_get(sock_path, f"/containers/{quote(cid, safe='')}/json", timeout)
+        out.append(from_inspect(doc, f"{sock_path} GET /containers/{cid[:12]}/json"))
+    return out
+
+
+def api_candidates(explicit: list[str] | None) -> list[str]:
+    if explicit is not None:
+        return explicit
+    out: list[str] = []
+    host = os.environ.get("DOCKER_HOST", "")
+    if host.startswith("unix://"):
+        out.append(host[len("unix://") :])
+    out += list(DEFAULT_API_SOCKETS)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        out.append(f"{runtime}/podman/podman.sock")
+    return list(dict.fromkeys(out))
+
+
+def scan_containers(ctx: DoctorContext) -> ContainerScan:
+    scan = ContainerScan()
+    for path in ctx.inspect_files:
+        scan.containers += load_inspect_file(path)
+        scan.notes.append(f"read {path}")
+    for path in ctx.compose_files:
+        scan.containers += load_compose_file(path)
+        scan.notes.append(f"read {path}")
+    for sock in api_candidates(ctx.api_sockets):
+        if not os.path.exists(sock):
+            scan.notes.append(f"{sock}: no such socket")
+            continue
+        try:
+            found = list_via_api(sock, ctx.timeout)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            scan.notes.append(f"{sock}: {exc}")
+            continue
+        scan.api_reached = True
+        scan.notes.append(f"{sock}: {len(found)} running containers")
+        scan.containers += found
+    return scan

@@ -1,0 +1,255 @@
+"""Guest-layer checks through the QEMU guest agent (``org.qemu.guest_agent.0``).
+
+Windows: ``Get-PnpDevice`` through ``guest-exec`` -> devices with a problem
+code; ``powercfg`` -> USB selective suspend.  Linux: the guest's
+``/sys/bus/usb/devices`` through ``guest-file-open``/``guest-file-read`` ->
+what the guest sees and which interfaces have no driver.  No channel: how to
+add one and install the agent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+from vmplug.doctor.context import DoctorContext
+from vmplug.doctor.findings import CheckSpec, Finding, Severity
+from vmplug.doctor.qemu_info import QemuInstance
+from vmplug.doctor.windows import (
+    ADVICE,
+    PNP_COMMAND,
+    POWERCFG_ARGS,
+    PnpDevice,
+    parse_pnp_json,
+    parse_selective_suspend,
+    usb_ids,
+)
+
+LAYER = "guest"
+
+ADD_CHANNEL = """\
+QEMU arguments:
+  -chardev socket,id=qga0,path=/run/vmplug/{name}-qga.sock,server=on,wait=off
+  -device virtio-serial-pci,id=vser0
+  -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0
+dockurr/windows (compose), appended to ARGUMENTS, with ./qmp bind-mounted at /qmp:
+  -chardev socket,id=qga0,path=/qmp/qga.sock,server=on,wait=off
+  -device virtio-serial-pci,id=vser0
+  -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0
+  (on one line, space-separated)
+libvirt (virsh edit {name}, under <devices>):
+  <channel type='unix'>
+    <target type='virtio' name='org.qemu.guest_agent.0'/>
+  </channel>
+In the guest:
+  Windows: install the virtio-win guest tools (virtio-win-guest-tools.exe, or
+  guest-agent\\qemu-ga-x86_64.msi from the virtio-win ISO); the service is "QEMU Guest Agent"
+  Debian/Ubuntu: apt install qemu-guest-agent   Fedora/RHEL: dnf install qemu-guest-agent"""
+
+INSTALL_AGENT = """\
+the channel exists but no agent answers on it; install and start it in the guest:
+  Windows: virtio-win guest tools (qemu-ga-x86_64.msi), service "QEMU Guest Agent"
+  Debian/Ubuntu: apt install qemu-guest-agent && systemctl enable --now qemu-guest-agent"""
+
+
+def _targets(ctx: DoctorContext) -> list[tuple[str, str | None, QemuInstance | None]]:
+    if ctx.qga_socket:
+        real = os.path.realpath(ctx.qga_socket)
+        try:
+            qemus = ctx.qemus
+        except Exception:
+            qemus = []
+        inst = next((q for q in qemus if q.qga_path and os.path.realpath(q.qga_path) == real), None)
+        return [(inst.name if inst else (ctx.vm or "guest"), ctx.qga_socket, inst)]
+    return [(q.name, q.qga_path, q) for q in ctx.qemus]
+
+
+def _f(check: str, sev: Severity, title: str, vm: str, **kw: object) -> Finding:
+    return Finding(LAYER, check, sev, f"VM {vm}: {title}", subject=vm, **kw)  # type: ignore[arg-type]
+
+
+def check_guest(ctx: DoctorContext) -> Iterator[Finding]:
+    """What the guest itself says about its USB devices."""
+    targets = _targets(ctx)
+    if not targets:
+        yield Finding(LAYER, "guest.agent", Severity.OK, "no VM to look into")
+        return
+    from vmplug.guest.qga import AgentError, GuestAgent  # noqa: PLC0415
+
+    for vm, path, inst in targets:
+        if path is None:
+            yield _f(
+                "guest.agent",
+                Severity.INFO,
+                "no guest agent channel (org.qemu.guest_agent.0): the guest cannot be checked",
+                vm,
+                evidence=("no virtserialport name=org.qemu.guest_agent.0 on the command line",),
+                fix=ADD_CHANNEL.format(name=vm.replace(" ", "-")),
+            )
+            continue
+        try:
+            agent = GuestAgent(path, timeout=max(ctx.timeout, 5.0))
+        except (OSError, AgentError) as exc:
+            yield _f(
+                "guest.agent",
+                Severity.WARNING,
+                "the guest agent does not answer",
+                vm,
+                evidence=(f"{path}: {exc}",),
+                fix=INSTALL_AGENT,
+            )
+            continue
+        with agent:
+            info = agent.info()
+            osinfo = agent.osinfo()
+            os_id = str(osinfo.get("id", ""))
+            os_name = osinfo.get("pretty-name") or osinfo.get("name") or os_id or "?"
+            evidence = (
+                f"{path}: qemu-ga {info.get('version', '?')}",
+                f"guest-get-osinfo: {os_name} {osinfo.get('kernel-release', '')}".rstrip(),
+            )
+            yield _f("guest.agent", Severity.OK, "guest agent answers", vm, evidence=evidence)
+            if os_id == "mswindows":
+                yield from _windows(agent, vm)
+            else:
+                yield from _linux(ctx, agent, vm, inst)
+
+
+def _linux(
+    ctx: DoctorContext, agent: object, vm: str, inst: QemuInstance | None
+) -> Iterator[Finding]:
+    from vmplug.guest.qga import GuestAgent, linux_usb_devices  # noqa: PLC0415
+
+    assert isinstance(agent, GuestAgent)
+    devs = linux_usb_devices(agent)
+    listing = tuple(
+        f"{d.port} {d.vidpid} {d.product or ''} {d.speed or '?'} Mbit/s: "
+        + (", ".join(f"if{i.number} {i.driver or 'NO DRIVER'}" for i in d.interfaces) or "-")
+        for d in devs
+    )
+    yield _f(
+        "guest.linux-usb",
+        Severity.OK,
+        f"the guest sees {sum(1 for d in devs if not d.is_root_hub)} USB devices "
+        "(/sys/bus/usb/devices, read with guest-file-read)",
+        vm,
+        evidence=listing,
+    )
+    for d in devs:
+        if d.is_root_hub:
+            continue
+        loose = [i for i in d.interfaces if not i.driver]
+        if loose:
+            yield _f(
+                "guest.linux-driver",
+                Severity.WARNING,
+                f"{d.port} ({d.vidpid} {d.product or ''}): no driver in the guest for interface "
+                + ", ".join(f"{i.number} (class {i.cls:02x})" for i in loose),
+                vm,
+                evidence=tuple(
+                    f"/sys/bus/usb/devices/{d.port}:1.{i.number}/uevent: no DRIVER=" for i in loose
+                ),
+                fix="load the driver in the guest (modprobe; the device's kernel module or "
+                "userspace driver), or check the device works at all on the host",
+                subject=d.port,
+            )
+    if inst is not None and inst.qom_hosts:
+        seen = {d.vidpid for d in devs}
+        for h in inst.qom_hosts:
+            if not h.attached:
+                continue
+            dev = next((x for x in ctx.devices if h.matches(x)), None)
+            if dev is not None and dev.vidpid not in seen:
+                yield _f(
+                    "guest.linux-usb",
+                    Severity.WARNING,
+                    f"QEMU holds {dev.port} ({dev.vidpid}) for the guest but the guest "
+                    "does not see it",
+                    vm,
+                    evidence=(h.describe(), "QOM attached = true", *listing),
+                    fix="check the guest's kernel log (dmesg) for USB errors",
+                )
+
+
+def _windows(agent: object, vm: str) -> Iterator[Finding]:
+    from vmplug.guest.qga import GuestAgent  # noqa: PLC0415
+
+    assert isinstance(agent, GuestAgent)
+    cmd = ["-NoProfile", "-NonInteractive", "-Command", PNP_COMMAND]
+    rc, out, err = agent.exec("powershell.exe", cmd, timeout=120)
+    if rc != 0:
+        yield _f(
+            "guest.windows-pnp",
+            Severity.WARNING,
+            f"Get-PnpDevice failed (exit {rc})",
+            vm,
+            evidence=(err.strip()[:500],),
+        )
+    else:
+        yield from windows_findings(parse_pnp_json(out), vm)
+    rc, out, err = agent.exec("powercfg.exe", POWERCFG_ARGS, timeout=60)
+    yield from selective_suspend_findings(out if rc == 0 else "", vm, err)
+
+
+def windows_findings(devices: Sequence[PnpDevice], vm: str) -> Iterator[Finding]:
+    """Findings for ``Get-PnpDevice`` results: one per device with a problem code."""
+    bad = 0
+    for d in devices:
+        if d.problem == 0:
+            continue
+        bad += 1
+        sev = Severity.WARNING if d.problem in (22, 45) else Severity.ERROR
+        ids = usb_ids(d.instance_id)
+        yield _f(
+            "guest.windows-pnp",
+            sev,
+            f"{d.name}{' (' + ids + ')' if ids else ''}: Code {d.problem} "
+            f"{d.problem_name}: {d.problem_text}",
+            vm,
+            evidence=(
+                f"Get-PnpDevice: InstanceId={d.instance_id} Class={d.cls} Status={d.status} "
+                f"Present={d.present} ConfigManagerErrorCode={d.problem}",
+            ),
+            fix=ADVICE.get(d.problem, "see Device Manager's properties of the device in the guest"),
+            subject=d.instance_id,
+        )
+    if not bad:
+        yield _f(
+            "guest.windows-pnp",
+            Severity.OK,
+            f"{len(devices)} USB/audio/HID devices in Windows, none with a problem code",
+            vm,
+        )
+
+
+def selective_suspend_findings(text: str, vm: str, err: str = "") -> Iterator[Finding]:
+    values = parse_selective_suspend(text)
+    if values is None:
+        yield _f(
+            "guest.windows-suspend",
+            Severity.INFO,
+            "could not read the USB selective suspend setting",
+            vm,
+            evidence=(err.strip()[:300] or text.strip()[:300] or "(no output)",),
+        )
+        return
+    ac, dc = values
+    ev = (f"powercfg {' '.join(POWERCFG_ARGS)}: AC {ac:#010x} DC {dc:#010x}",)
+    if ac or dc:
+        yield _f(
+            "guest.windows-suspend",
+            Severity.WARNING,
+            "USB selective suspend is enabled in the guest's power plan: audio and MIDI "
+            "devices may drop out when idle",
+            vm,
+            evidence=ev,
+            fix="in the guest (admin PowerShell):\n"
+            f"  powercfg /SETACVALUEINDEX SCHEME_CURRENT {POWERCFG_ARGS[2]} {POWERCFG_ARGS[3]} 0\n"
+            f"  powercfg /SETDCVALUEINDEX SCHEME_CURRENT {POWERCFG_ARGS[2]} {POWERCFG_ARGS[3]} 0\n"
+            "  powercfg /SETACTIVE SCHEME_CURRENT",
+        )
+    else:
+        yield _f("guest.windows-suspend", Severity.OK, "USB selective suspend off", vm, evidence=ev)
+
+
+CHECKS = (CheckSpec(LAYER, "guest.agent", check_guest),)

@@ -1,0 +1,71 @@
+"""Render findings: a readable report grouped by layer, or JSON for scripts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from vmplug.doctor.findings import LAYERS, Finding, Severity, exit_status
+
+MARKS = {
+    Severity.OK: ("✓", "green"),
+    Severity.INFO: ("i", "cyan"),
+    Severity.WARNING: ("!", "yellow"),
+    Severity.ERROR: ("✗", "red"),
+}
+SCHEMA_VERSION = 1
+
+
+def to_json(findings: Sequence[Finding]) -> dict[str, Any]:
+    """The ``--json`` document; its keys and values are stable for scripts."""
+    counts = {s.label: 0 for s in Severity}
+    for f in findings:
+        counts[f.severity.label] += 1
+    status = exit_status(findings)
+    return {
+        "version": SCHEMA_VERSION,
+        "status": ("ok", "warning", "error")[status],
+        "exit_status": status,
+        "counts": counts,
+        "findings": [f.to_json() for f in findings],
+    }
+
+
+def render(findings: Sequence[Finding], verbose: bool = False) -> str:
+    """Rich markup text: per layer, each finding with its evidence and fix.
+
+    ``ok`` findings show as one line each (evidence only with ``verbose``).
+    """
+    from rich.markup import escape  # noqa: PLC0415
+
+    lines: list[str] = []
+    for layer in LAYERS:
+        mine = [f for f in findings if f.layer == layer]
+        if not mine:
+            continue
+        lines.append(f"[bold]{layer}[/bold]")
+        for f in mine:
+            mark, style = MARKS[f.severity]
+            lines.append(f"  [{style}]{mark}[/{style}] {escape(f.title)}")
+            if f.severity >= Severity.INFO or verbose:
+                for ev in f.evidence:
+                    for i, part in enumerate(ev.splitlines() or [""]):
+                        lead = "seen: " if i == 0 else "      "
+                        lines.append(f"      [dim]{lead}{escape(part)}[/dim]")
+            if f.fix and f.severity >= Severity.INFO:
+                fix_lines = f.fix.splitlines()
+                lines.append(f"      [bold]fix:[/bold] {escape(fix_lines[0])}")
+                lines.extend(f"           {escape(x)}" for x in fix_lines[1:])
+        lines.append("")
+    counts = to_json(findings)["counts"]
+    status = exit_status(findings)
+    summary = (
+        f"{counts['error']} errors, {counts['warning']} warnings, {counts['info']} notes, "
+        f"{counts['ok']} checks passed"
+    )
+    if status == 0:
+        lines.append(f"[green]nothing to fix[/green] ({summary})")
+    else:
+        style = "red" if status == 2 else "yellow"
+        lines.append(f"[{style}]{summary}[/{style}]")
+    return "\n".join(lines)
