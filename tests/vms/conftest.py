@@ -3,31 +3,19 @@ a private libvirtd, and a Docker Engine API served on a unix socket."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "qemu"))
-
-from qemu_proc import XHCI, QemuProcess
-
-DOCKER_FIXTURES = Path(__file__).parent.parent / "fixtures" / "docker"
-SYSFS_FIXTURES = Path(__file__).parent.parent / "fixtures" / "sysfs"
-
-QemuFactory = Callable[..., QemuProcess]
+from vms.vmrig import XHCI, DockerApiServer, Libvirt, QemuFactory, QemuProcess, stop_process
 
 
 @pytest.fixture
@@ -44,32 +32,6 @@ def qemu(tmp_path: Path) -> Iterator[QemuFactory]:
     yield make
     for proc in made:
         proc.cleanup()
-
-
-def docker_doc(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((DOCKER_FIXTURES / f"{name}.json").read_text())
-    return data
-
-
-@dataclass
-class DockerApiServer:
-    """Serves ``GET /containers/{id}/json`` and ``/containers/json`` from ``docs``
-    (by name without the leading slash, and by id), as the Docker Engine does."""
-
-    socket: str
-    docs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    requests: list[str] = field(default_factory=list)
-
-    def add(self, doc: dict[str, Any]) -> None:
-        self.docs[str(doc["Name"]).lstrip("/")] = doc
-
-    def find(self, ref: str) -> dict[str, Any] | None:
-        if ref in self.docs:
-            return self.docs[ref]
-        for doc in self.docs.values():
-            if len(ref) >= 12 and str(doc["Id"]).startswith(ref):
-                return doc
-        return None
 
 
 @pytest.fixture
@@ -115,84 +77,6 @@ async def docker_api() -> AsyncIterator[DockerApiServer]:
     finally:
         await runner.cleanup()
         shutil.rmtree(sock_dir, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------
-# A private libvirtd: unprivileged (session mode, as nobody when the tests run
-# as root) so every path it uses is under the test's own directory.
-
-
-@dataclass
-class Libvirt:
-    root: Path
-    env: dict[str, str]
-    uid: int
-    proc: subprocess.Popen[str]
-
-    @property
-    def uri(self) -> str:
-        return f"qemu:///session?socket={self.root}/run/libvirt/libvirt-sock"
-
-    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(
-            ["virsh", "-c", self.uri, *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            user=self.uid,
-            group=self.uid,
-            extra_groups=[],
-            timeout=120,
-            check=False,
-        )
-        if check and res.returncode != 0:
-            raise AssertionError(f"virsh {' '.join(args)}: {res.stderr.strip()}")
-        return res
-
-    def define(self, name: str, *, start: bool = True) -> None:
-        """A TCG q35 domain with a qemu-xhci controller and no OS."""
-        path = self.root / f"{name}.xml"
-        path.write_text(domain_xml(name))
-        os.chown(path, self.uid, self.uid)
-        self.virsh("define", str(path))
-        if start:
-            self.virsh("start", name)
-
-    def qemu_pid(self, name: str) -> int | None:
-        pidfile = self.root / "config" / "libvirt" / "qemu" / "run" / f"{name}.pid"
-        for candidate in (pidfile, self.root / "run" / "libvirt" / "qemu" / "run" / f"{name}.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                return int(candidate.read_text().strip())
-        return None
-
-
-def domain_xml(name: str) -> str:
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <on_reboot>restart</on_reboot>
-  <devices>
-    <emulator>{shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"}</emulator>
-    <controller type='usb' model='qemu-xhci'/>
-    <video><model type='none'/></video>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-
-
-def _stop(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout)
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +130,6 @@ def libvirtd() -> Iterator[Libvirt]:
         if proc.poll() is None:
             for name in lv.virsh("list", "--name", check=False).stdout.split():
                 lv.virsh("destroy", name, check=False)
-        _stop(proc)
+        stop_process(proc)
         log.close()
         shutil.rmtree(root, ignore_errors=True)

@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SYSFS_FIXTURES, DockerApiServer, QemuFactory, docker_doc
-from qemu_proc import XHCI, QemuProcess
 
 from vmplug.config import parse_config
 from vmplug.engine.daemon import Daemon
@@ -30,6 +28,7 @@ from vmplug.vms.container import (
     read_container,
 )
 from vmplug.vms.qmp import QmpVm
+from vms.vmrig import SYSFS_FIXTURES, XHCI, DockerApiServer, QemuFactory, QemuProcess, docker_doc
 
 
 def test_inspect_documents_name_the_host_socket_or_the_problem() -> None:

@@ -16,13 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import QemuFactory
-from qemu_proc import XHCI
 
 from vmplug.config import parse_config
 from vmplug.vms.base import UsbHostSpec
 from vmplug.vms.factory import make_backend
 from vmplug.vms.proxmox import ProxmoxVm, list_vmids
+from vms.vmrig import XHCI, QemuFactory
 
 pytestmark = pytest.mark.qemu
 

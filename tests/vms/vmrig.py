@@ -1,0 +1,138 @@
+"""Helpers for the VM backend tests: a Docker Engine API document store, a
+private libvirtd's handle, the domain the tests define."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "qemu"))
+
+from qemu_proc import XHCI, QemuProcess
+
+DOCKER_FIXTURES = Path(__file__).parent.parent / "fixtures" / "docker"
+SYSFS_FIXTURES = Path(__file__).parent.parent / "fixtures" / "sysfs"
+
+QemuFactory = Callable[..., QemuProcess]
+
+
+def docker_doc(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((DOCKER_FIXTURES / f"{name}.json").read_text())
+    return data
+
+
+@dataclass
+class DockerApiServer:
+    """Serves ``GET /containers/{id}/json`` and ``/containers/json`` from ``docs``
+    (by name without the leading slash, and by id), as the Docker Engine does."""
+
+    socket: str
+    docs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+
+    def add(self, doc: dict[str, Any]) -> None:
+        self.docs[str(doc["Name"]).lstrip("/")] = doc
+
+    def find(self, ref: str) -> dict[str, Any] | None:
+        if ref in self.docs:
+            return self.docs[ref]
+        for doc in self.docs.values():
+            if len(ref) >= 12 and str(doc["Id"]).startswith(ref):
+                return doc
+        return None
+
+
+@dataclass
+class Libvirt:
+    root: Path
+    env: dict[str, str]
+    uid: int
+    proc: subprocess.Popen[str]
+
+    @property
+    def uri(self) -> str:
+        return f"qemu:///session?socket={self.root}/run/libvirt/libvirt-sock"
+
+    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            ["virsh", "-c", self.uri, *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            user=self.uid,
+            group=self.uid,
+            extra_groups=[],
+            timeout=120,
+            check=False,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"virsh {' '.join(args)}: {res.stderr.strip()}")
+        return res
+
+    def define(self, name: str, *, start: bool = True) -> None:
+        """A TCG q35 domain with a qemu-xhci controller and no OS."""
+        path = self.root / f"{name}.xml"
+        path.write_text(domain_xml(name))
+        os.chown(path, self.uid, self.uid)
+        self.virsh("define", str(path))
+        if start:
+            self.virsh("start", name)
+
+    def qemu_pid(self, name: str) -> int | None:
+        pidfile = self.root / "config" / "libvirt" / "qemu" / "run" / f"{name}.pid"
+        for candidate in (pidfile, self.root / "run" / "libvirt" / "qemu" / "run" / f"{name}.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                return int(candidate.read_text().strip())
+        return None
+
+
+def domain_xml(name: str) -> str:
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <on_reboot>restart</on_reboot>
+  <devices>
+    <emulator>{shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"}</emulator>
+    <controller type='usb' model='qemu-xhci'/>
+    <video><model type='none'/></video>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+
+
+__all__ = [
+    "DOCKER_FIXTURES",
+    "SYSFS_FIXTURES",
+    "XHCI",
+    "DockerApiServer",
+    "Libvirt",
+    "QemuFactory",
+    "QemuProcess",
+    "docker_doc",
+    "domain_xml",
+    "stop_process",
+]
