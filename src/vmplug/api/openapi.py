@@ -240,7 +240,7 @@ def _csrf_param() -> dict[str, Any]:
         "in": "header",
         "required": False,
         "description": "the page's CSRF token; required with cookie authentication",
-        "schema": {"type": "string", "maxLength": 256},
+        "schema": {"type": "string"},
     }
 
 
@@ -254,7 +254,9 @@ def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     }
 
 
-DEVICE_Q = _q("device", SELECTOR, "only this device (a selector, or a stored identity)")
+DEVICE_Q = _q(
+    "device", SELECTOR, "only this device: a selector of a present one, or a stored identity"
+)
 
 
 def document() -> dict[str, Any]:
@@ -296,6 +298,7 @@ def document() -> dict[str, Any]:
                 ),
             ],
             **BAD,
+            **{"404": _err("no such device, present or in the history")},
             **{"503": _err("no history database")},
         ),
         "/v1/health": _get(
@@ -310,6 +313,7 @@ def document() -> dict[str, Any]:
                 ),
             ],
             **BAD,
+            **{"404": _err("no such device, present or in the history")},
             **{"503": _err("no history database")},
         ),
         "/v1/attach": _post(
@@ -352,7 +356,10 @@ def document() -> dict[str, Any]:
             "The web page (a login form without a session)",
             html,
             [_q("token", {"type": "string", "maxLength": 256}, "trade the token for a session")],
-            **{"303": {"description": "session made; go to /"}},
+            **{
+                "303": {"description": "session made; go to /"},
+                "401": {"description": "wrong token: the login form", "content": {"text/html": {}}},
+            },
         ),
         "/login": {
             "post": {
