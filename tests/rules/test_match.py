@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import time
+import base64
+import hashlib
 
 import pytest
-from rule_devices import DEVICES
+from rule_devices import CAPTURES, DEVICES
 
 from vmplug.model import Interface, UsbDevice
 from vmplug.rules import Rule, first_match, parse_rule
@@ -14,6 +15,10 @@ AUDIO = DEVICES["qemu-audio"]  # with-interface values: 01:01:04 01:02:00 01:02:
 SCARLETT = DEVICES["scarlett-4i4"]  # 1235:821a
 KEYLAB = DEVICES["keylab-mkii"]  # no serial
 UNREADABLE = DEVICES["unreadable"]  # no IDs, no strings, no interfaces
+# usbguard's hash: base64 of the SHA-256 of the descriptors, from the capture's own bytes
+KEYLAB_SHA256 = base64.b64encode(
+    hashlib.sha256((CAPTURES / "gadgets/bus/usb/devices/5-1/descriptors").read_bytes()).digest()
+).decode()
 
 
 def test_audio_fixture_lists_alternate_settings() -> None:
@@ -136,11 +141,14 @@ STRING_TABLE = [
     ('name "KeyLab mkII 61"', True),
     ('name "keylab mkii 61"', False),  # strings are exact
     ('name "KeyLab mkII"', False),  # and whole
-    ('via-port "1-1.3"', True),
-    ('via-port "1-1"', False),
-    ('with-connect-type "hotplug"', True),
-    ('with-connect-type one-of { "hardwired" "not used" }', False),
-    ('hash "Ab3De5Gh7Jk9Lm1Np3Qr5St7Uv9Wx1Yz3Bc5Df7Gh9I="', True),
+    ('via-port "5-1"', True),
+    ('via-port "5"', False),
+    ('via-port "5-1.1"', False),
+    # the kernel's port/connect_type of dummy_hcd's root port (no ACPI data)
+    ('with-connect-type "unknown"', True),
+    ('with-connect-type one-of { "hardwired" "hotplug" "not used" }', False),
+    (f'hash "{KEYLAB_SHA256}"', True),
+    ('hash "Ab3De5Gh7Jk9Lm1Np3Qr5St7Uv9Wx1Yz3Bc5Df7Gh9I="', False),
     ('label "anything"', True),  # labels do not take part in matching
 ]
 # fmt: on
@@ -191,60 +199,3 @@ def test_rule_value_semantics() -> None:
     assert parse_rule("id 1235:821A").attributes == a.attributes
     assert parse_rule("1235:821a").to_text() == "id 1235:821a"
     assert {a, Rule("id 1235:821a")} == {a}
-
-
-def _many_devices(n: int) -> list[UsbDevice]:
-    base = list(DEVICES.values())
-    return [
-        UsbDevice(
-            port=f"{i % 8 + 1}-{i % 4 + 1}.{i % 7 + 1}",
-            vendor_id=(d.vendor_id or 0) + i % 3,
-            product_id=d.product_id,
-            product=d.product,
-            serial=f"{d.serial}{i}",
-            connect_type=d.connect_type,
-            interfaces=d.interfaces,
-        )
-        for i, d in ((i, base[i % len(base)]) for i in range(n))
-    ]
-
-
-def test_matching_is_fast() -> None:
-    # 20 rules of every kind, none of which matches most devices, so that
-    # first_match looks at all of them: the worst case.
-    rules = [
-        parse_rule(text)
-        for text in [
-            "id 1235:821b",
-            "id 1c75:*",
-            "id one-of { 0001:0002 0003:* 0005:0006 }",
-            'serial "nope"',
-            'name "nope"',
-            'via-port "9-9"',
-            'via-port one-of { "9-1" "9-2" }',
-            'with-connect-type "hardwired"',
-            "with-interface 0e:*:*",
-            "with-interface one-of { 0e:*:* 0b:00:00 }",
-            "with-interface all-of { 01:01:* 0e:*:* }",
-            "with-interface none-of { 01:*:* 03:*:* 08:*:* 09:*:* fe:*:* }",
-            "with-interface equals { 03:01:01 03:00:00 }",
-            "with-interface match-all { 0e:*:* }",
-            'id 46f4:* serial "x"',
-            'id 0627:0001 name "QEMU USB Mouse"',
-            'hash "nope"',
-            "id none-of { *:* }",
-            'serial none-of { "" } id 9999:*',
-            "with-interface equals-ordered { 01:01:00 01:03:01 }",
-        ]
-    ]
-    assert len(rules) == 20
-    devices = _many_devices(1000)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        results = [first_match(rules, d) for d in devices]
-        best = min(best, time.perf_counter() - start)
-    assert results.count(None) > 800  # the unreadable devices match "id none-of { *:* }"
-    # Typically 3-5 ms on a laptop; the bound leaves room for slow CI machines.
-    print(f"1000 devices x 20 rules: {best * 1000:.1f} ms")
-    assert best < 0.05, f"1000 devices x 20 rules took {best * 1000:.1f} ms"

@@ -159,7 +159,10 @@ class _Capture:
             real = (devices_dir / name).resolve()
             if _DEVICE.match(name):
                 self.device(real)
-                if name.startswith("usb") and _PCI.match(real.parent.name):
+                # a PCI controller, or a platform one (SoCs, dummy_hcd)
+                if name.startswith("usb") and (
+                    _PCI.match(real.parent.name) or real.parent.parent.name == "platform"
+                ):
                     controllers.add(real.parent)
             elif _INTERFACE.match(name):
                 pass  # copied with its device

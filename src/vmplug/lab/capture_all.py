@@ -17,10 +17,15 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from vmplug.lab.gadgets import GADGETS, setup_script
 from vmplug.lab.guest import LabDevice, LabGuest
 from vmplug.lab.topologies import TOPOLOGIES
 
 REMAKE = ".venv/bin/python -m vmplug.lab.capture_all"
+
+
+#: Captures whose devices the guest kernel makes itself (see vmplug.lab.gadgets).
+SCRIPTED: dict[str, tuple[str, int]] = {"gadgets": (setup_script(GADGETS), len(GADGETS))}
 
 
 def capture_topology(
@@ -29,6 +34,12 @@ def capture_topology(
     """Boot a guest with ``devices``, capture its USB sysfs into ``out``; return metadata."""
     with LabGuest(devices, workdir) as guest:
         expected = len(devices)
+        script = None
+        if name in SCRIPTED:
+            script, expected = SCRIPTED[name]
+            path = workdir / "setup.sh"
+            path.write_text(script)
+            guest.run(f"sh {path}", timeout=120, check=True)
         guest.wait_for(
             "n=$(ls /sys/bus/usb/devices | grep -c -E '^[0-9]+-[0-9.]+$'); "
             f'test "$n" -ge {expected}',
@@ -40,6 +51,7 @@ def capture_topology(
             "qemu": guest.qemu_version(),
             "devices": [d.to_json() for d in devices],
             "qemu_opts": guest.qemu_args(),
+            **({"setup_script": script} if script else {}),
             "remake": REMAKE,
         }
         meta_path = workdir / "meta.json"
@@ -66,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help=f"topologies (default: all of {list(TOPOLOGIES)})")
     parser.add_argument("--out", type=Path, default=Path("tests/fixtures/sysfs"))
     args = parser.parse_args(argv)
-    names = args.names or list(TOPOLOGIES)
+    known = {**TOPOLOGIES, **dict.fromkeys(SCRIPTED, ())}
+    names = args.names or list(known)
     for name in names:
-        if name not in TOPOLOGIES:
+        if name not in known:
             parser.error(f"unknown topology {name!r}")
     for name in names:
         with tempfile.TemporaryDirectory(prefix=f"vmplug-lab-{name}-", dir="/tmp") as tmp:
-            info = capture_topology(name, TOPOLOGIES[name], args.out / name, Path(tmp))
+            info = capture_topology(name, known[name], args.out / name, Path(tmp))
         print(f"{name}: {len(info.get('usb_devices', []))} USB devices ({info.get('files')} files)")  # type: ignore[arg-type]
     return 0
 
