@@ -66,10 +66,11 @@ time (it adds none at all until the clock catches up).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmplug.model import UsbDevice
 from vmplug.store import ActionKind, EventKind, HistoryEntry, Result
 
 
@@ -363,3 +364,28 @@ def device_health(
 ) -> Health:
     """Health of one device (entries of other devices are skipped)."""
     return health_by_device(entries, start, end, (identity,))[identity]
+
+
+def health_rows(
+    figures: Mapping[str, Health], store: Any = None, present: Iterable[UsbDevice] = ()
+) -> list[dict[str, Any]]:
+    """Health JSON for people and scripts: each device's figures plus its port and
+    name (as present now, else as the store last saw it) and whether it is present."""
+    by_identity = {d.identity: d for d in present}
+    rows = []
+    for identity, h in figures.items():
+        row = h.to_json()
+        dev = by_identity.get(identity)
+        port: str | None
+        if dev is not None:
+            port, parts = dev.port, (dev.display_manufacturer, dev.display_product)
+        else:
+            known = (store.known_device(identity) if store is not None else None) or {}
+            port, parts = known.get("port"), (known.get("manufacturer"), known.get("product"))
+        row.update(
+            port=port,
+            name=" ".join(str(p) for p in parts if p) or None,
+            present=dev is not None,
+        )
+        rows.append(row)
+    return rows

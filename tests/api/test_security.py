@@ -210,6 +210,7 @@ async def test_bad_input_gets_a_clear_4xx_on_every_endpoint(rig: ApiRig) -> None
     auth = {"Authorization": f"Bearer {TOKEN}"}
     covered = set()
     for method, path, body, want, words in BAD:
+        data: bytes | str | None
         if isinstance(body, bytes):
             data, headers = body, {**auth, "Content-Type": "application/json"}
         elif body is None:

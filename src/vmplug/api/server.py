@@ -445,7 +445,7 @@ class Api:
         return web.json_response([e.to_json() for e in entries])
 
     async def health(self, request: web.Request) -> web.Response:
-        from vmplug.health import health_by_device  # noqa: PLC0415
+        from vmplug.health import health_by_device, health_rows  # noqa: PLC0415
 
         store = self.daemon.store
         window = _query_number(request, "window", DEFAULT_WINDOW_S, 1, MAX_WINDOW_S)
@@ -584,30 +584,6 @@ class Api:
             '</label><button type="submit">Sign in</button></form></body></html>'
         )
         return web.Response(text=html, content_type="text/html", status=status)
-
-
-def health_rows(figures: dict[str, Any], store: Any, present: Any) -> list[dict[str, Any]]:
-    """Health JSON with each device's port and name (present, or as last stored)."""
-    by_identity = {d.identity: d for d in present}
-    rows = []
-    for identity, h in figures.items():
-        row = h.to_json()
-        dev = by_identity.get(identity)
-        if dev is not None:
-            row.update(port=dev.port, name=_name(dev.display_manufacturer, dev.display_product))
-        else:
-            known = store.known_device(identity) if store is not None else None
-            row.update(
-                port=(known or {}).get("port"),
-                name=_name((known or {}).get("manufacturer"), (known or {}).get("product")),
-            )
-        row["present"] = dev is not None
-        rows.append(row)
-    return rows
-
-
-def _name(*parts: Any) -> str | None:
-    return " ".join(str(p) for p in parts if p) or None
 
 
 def _port_key(port: str) -> tuple[int, ...]:
