@@ -576,7 +576,8 @@ class Api:
         html = (
             '<!doctype html><html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            '<title>vmplug: sign in</title><link rel="stylesheet" href="/static/app.css">'
+            '<title>vmplug: sign in</title><link rel="icon" href="data:,">'
+            '<link rel="stylesheet" href="/static/app.css">'
             '</head><body class="login"><form method="post" action="/login">'
             "<h1>vmplug</h1>"
             f"{note}<label>API token (from the token file)"

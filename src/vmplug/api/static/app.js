@@ -221,12 +221,17 @@
 
   let inflight = null;
   let again = false;
+  let detailsDirty = false; // an event about the selected device: reload its details
 
   async function load() {
     const [devices, vms] = await Promise.all([api("GET", "/v1/devices"), api("GET", "/v1/vms")]);
     state.devices = new Map(devices.map((d) => [d.port, d]));
     state.vms = vms;
     render();
+    if (state.selected && detailsDirty) {
+      detailsDirty = false;
+      loadDetails();
+    }
   }
 
   function refresh() {
@@ -259,16 +264,17 @@
       live.textContent = "reconnecting…";
     });
     const onItem = (ev) => {
-      refresh();
-      if (!state.selected) return;
-      let item = {};
-      try {
-        item = JSON.parse(ev.data);
-      } catch {
-        return;
+      if (state.selected) {
+        let item = {};
+        try {
+          item = JSON.parse(ev.data);
+        } catch {
+          item = {};
+        }
+        const d = state.devices.get(state.selected);
+        if (!item.identity || (d && item.identity === d.identity)) detailsDirty = true;
       }
-      const d = state.devices.get(state.selected);
-      if (!item.identity || (d && item.identity === d.identity)) loadDetails();
+      refresh();
     };
     for (const t of ["event", "action", "resync"]) es.addEventListener(t, onItem);
   }
@@ -340,6 +346,7 @@
 
   function select(port) {
     state.selected = port;
+    document.body.classList.add("with-details");
     render();
     loadDetails();
   }
@@ -355,6 +362,7 @@
     else if (t.id === "d-close") {
       state.selected = null;
       $("details").hidden = true;
+      document.body.classList.remove("with-details");
       render();
     }
   });
