@@ -56,6 +56,7 @@ class FoundVm:
     uri: str | None = None  # libvirt URI, container API socket
     qmp: str | None = None  # the QMP socket on the host, when there is one
     problem: str | None = None
+    sockets: list[str] = field(default_factory=list)  # a process's unix QMP sockets
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -163,9 +164,9 @@ def scan_processes(proc_root: Path = Path("/proc")) -> list[FoundVm]:
         name = _qemu_name(argv) or f"qemu-{pid}"
         if _libvirt_managed(argv):
             continue  # libvirt's monitor is libvirt's: the domain is listed from libvirt
-        paths = qmp_paths_in_args(argv[1:])
+        sockets: list[str] = []
         cwd: str | None = None
-        for given in paths:
+        for given in qmp_paths_in_args(argv[1:]):
             path = given
             if not path.startswith("/"):
                 with contextlib.suppress(OSError):
@@ -173,21 +174,22 @@ def scan_processes(proc_root: Path = Path("/proc")) -> list[FoundVm]:
                 if cwd is None:
                     continue
                 path = os.path.normpath(os.path.join(cwd, path))  # noqa: PTH118
-            found.append(FoundVm(name=name, kind="qmp", where=path, source="process", pids=[pid]))
-            break  # one socket per process is enough to reach it
-        else:
-            found.append(
-                FoundVm(
-                    name=name,
-                    kind="qmp",
-                    where="",
-                    source="process",
-                    pids=[pid],
-                    state="no-qmp",
-                    problem="no unix QMP socket on its command line: add "
-                    "-qmp unix:/run/vmplug/NAME.sock,server=on,wait=off",
-                )
+            sockets.append(path)
+        vm = FoundVm(
+            name=name,
+            kind="qmp",
+            where=sockets[0] if sockets else "",
+            source="process",
+            pids=[pid],
+            sockets=sockets,
+        )
+        if not sockets:
+            vm.state = "no-qmp"
+            vm.problem = (
+                "no unix QMP socket on its command line: add "
+                "-qmp unix:/run/vmplug/NAME.sock,server=on,wait=off"
             )
+        found.append(vm)
     return found
 
 
@@ -205,7 +207,8 @@ def _qemu_name(argv: Sequence[str]) -> str | None:
 
 
 def _libvirt_managed(argv: Sequence[str]) -> bool:
-    return any("id=charmonitor" in a and "libvirt" in a for a in argv)
+    """libvirt names its monitor chardev ``charmonitor`` (and passes it as an fd)."""
+    return any(a.startswith("socket,id=charmonitor") for a in argv)
 
 
 async def scan_libvirt(uri: str, timeout: float) -> tuple[list[FoundVm], str | None]:
@@ -401,37 +404,23 @@ async def discover(
 
     merged: dict[tuple[str, str], FoundVm] = {}
     for vm in rows:
+        if vm.source == "process":
+            continue
         key = _key(vm)
         have = merged.get(key)
         if have is None:
             merged[key] = vm
             continue
-        # the first (config, then the richer source) keeps its name; add what is new
-        have.pids = sorted(set(have.pids) | set(vm.pids))
-        if have.source == "config":
-            have.state = vm.state if vm.state != "unknown" else have.state
-            have.usb_buses = have.usb_buses or vm.usb_buses
-            have.devices = have.devices or vm.devices
-            have.problem = have.problem or vm.problem
-            if have.kind == "container" and vm.qmp:
-                have.qmp = vm.qmp
-    # a container or Proxmox VM's QEMU seen as a process too: one row
-    by_socket = {os.path.realpath(v.qmp): v for v in merged.values() if v.qmp and v.kind != "qmp"}
-    vms = []
-    for vm in merged.values():
-        if vm.kind == "qmp" and vm.source == "process" and vm.qmp is None and vm.where:
-            owner = by_socket.get(os.path.realpath(vm.where))
-            if owner is not None:
-                owner.pids = sorted(set(owner.pids) | set(vm.pids))
-                continue
-        if vm.kind == "qmp" and vm.where and vm.qmp is None:
-            vm.qmp = vm.where
-        vms.append(vm)
-    if patterns:
-        vms = [v for v in vms if any(fnmatch.fnmatchcase(v.name, p) for p in patterns)]
-    # config VMs of a container kind: ask the API where their socket is
+        # the config's row keeps its name; it learns what the scan saw
+        have.state = vm.state if vm.state != "unknown" else have.state
+        have.usb_buses = have.usb_buses or vm.usb_buses
+        have.devices = have.devices or vm.devices
+        have.problem = have.problem or vm.problem
+        have.qmp = have.qmp or vm.qmp
+    vms = list(merged.values())
+    # a config's container VM the scan did not see (another API socket): ask for it
     for vm in vms:
-        if vm.kind == "container" and vm.source == "config" and vm.qmp is None:
+        if vm.kind == "container" and vm.qmp is None and vm.source == "config":
             from vmplug.vms.container import ContainerError, DockerApiError, locate  # noqa: PLC0415
 
             try:
@@ -440,6 +429,19 @@ async def discover(
             except (ContainerError, DockerApiError) as exc:
                 vm.state = "unreachable"
                 vm.problem = str(exc)
+    # a QEMU process behind a config, container or Proxmox VM: the same row
+    by_socket = {os.path.realpath(v.qmp): v for v in vms if v.qmp and v.qmp.startswith("/")}
+    for proc in (v for v in rows if v.source == "process"):
+        owner = next(
+            (by_socket[r] for r in map(os.path.realpath, proc.sockets) if r in by_socket), None
+        )
+        if owner is not None:
+            owner.pids = sorted(set(owner.pids) | set(proc.pids))
+            continue
+        proc.qmp = proc.where or None
+        vms.append(proc)
+    if patterns:
+        vms = [v for v in vms if any(fnmatch.fnmatchcase(v.name, p) for p in patterns)]
     await asyncio.gather(
         *(
             probe_qmp(vm, vm.qmp, timeout)
@@ -561,9 +563,9 @@ def vms(
         emit_json(found.to_json())
         return
     for note in found.notes:
-        obj.err.print(f"note: {escape(note)}")
+        click.echo(f"note: {note}", err=True)
     if not found.vms:
-        obj.err.print("no VMs found")
+        click.echo("no VMs found", err=True)
         return
     from rich.table import Table  # noqa: PLC0415
 
@@ -795,9 +797,10 @@ def init(
             }
         )
         return
-    obj.err.print(
-        f"wrote {escape(str(target))}: {len(chosen)} VMs, {len(rules)} rules "
-        "(check it with `vmplug check-config`, run with `vmplug run`)"
+    click.echo(
+        f"wrote {target}: {len(chosen)} VMs, {len(rules)} rules "
+        "(check it with `vmplug check-config`, run with `vmplug run`)",
+        err=True,
     )
 
 
