@@ -48,7 +48,7 @@ def test_qemu_from_real_sysfs(vmplug: Run, start_qemu: Callable[[list[str]], Qem
     assert code == 0, err
     args = [w for ln in out.splitlines() if not ln.startswith("#") for w in shlex.split(ln)]
     assert "isochronous" in out  # 2-2.1 is QEMU's usb-audio: iso OUT endpoint
-    assert any("vendorid=0x46f4,productid=0x0002,isobufs=16,isobsize=32" in a for a in args)
+    assert any("vendorid=0x46f4,productid=0x0002,isobufs=16,isobsize=8" in a for a in args)
     assert any("port=1,vendorid=0x46f4,productid=0x0001" in a for a in args)  # USB 3 first
     run_ = start_qemu(args)
     names = {p["name"] for p in run_.qmp.cmd("qom-list", path="/machine/peripheral")}

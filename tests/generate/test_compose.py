@@ -21,7 +21,7 @@ from vmplug.errors import UsageError
 from vmplug.generate import compose
 from vmplug.generate.common import CannotExpress
 
-from .devices import DISK, KEYLAB, SCARLETT, SERIAL_A, SERIAL_B
+from .devices import AUDIO, DISK, KEYLAB, SERIAL_A, SERIAL_B
 
 BASE = Path("/srv/windows")
 
@@ -68,7 +68,7 @@ def image_split(arguments: str, cwd: Path) -> list[str]:
 
 
 def test_golden_new(golden: Callable[[str, str], None]) -> None:
-    plan = compose.plan_compose([SCARLETT, KEYLAB, DISK], base_dir=BASE)
+    plan = compose.plan_compose([AUDIO, KEYLAB, DISK], base_dir=BASE)
     golden("compose-new.yaml", compose.render_new(plan))
     golden("compose-vmplug.toml", compose.vmplug_snippet(plan))
 
@@ -82,7 +82,7 @@ def test_golden_qmp_env_by_port(golden: Callable[[str, str], None]) -> None:
 
 @pytest.mark.parametrize("qmp_env", [False, True])
 def test_new_file_is_valid_compose(qmp_env: bool, tmp_path: Path) -> None:
-    plan = compose.plan_compose([SCARLETT, KEYLAB, DISK], base_dir=BASE, qmp_env=qmp_env)
+    plan = compose.plan_compose([AUDIO, KEYLAB, DISK], base_dir=BASE, qmp_env=qmp_env)
     data = validate(compose.render_new(plan))
     svc = data["services"]["windows"]
     assert "/dev/bus/usb:/dev/bus/usb" in svc["volumes"]
@@ -104,13 +104,13 @@ def test_new_file_is_valid_compose(qmp_env: bool, tmp_path: Path) -> None:
 
 
 def test_snippet_is_a_valid_vmplug_config() -> None:
-    plan = compose.plan_compose([SCARLETT, KEYLAB], base_dir=BASE, qmp_dir="./qmp")
+    plan = compose.plan_compose([AUDIO, KEYLAB], base_dir=BASE, qmp_dir="./qmp")
     config = parse_config(compose.vmplug_snippet(plan), "snippet.toml")
     vm = config.vms["windows"]
     assert vm.qmp == "/srv/windows/qmp/qmp.sock"
     assert vm.usb_bus == "vmplug-xhci.0"
     assert [r.attach for r in config.rules] == ["windows", "windows"]
-    assert [config.decide(d).attach for d in (SCARLETT, KEYLAB)] == ["windows", "windows"]  # type: ignore[union-attr]
+    assert [config.decide(d).attach for d in (AUDIO, KEYLAB)] == ["windows", "windows"]  # type: ignore[union-attr]
     assert config.decide(DISK) is None
 
 
@@ -130,7 +130,7 @@ services:
     environment:
       - VERSION=11
       - RAM_SIZE=8G
-      - ARGUMENTS=-device usb-host,vendorid=0x1235,productid=0x821a -cpu host
+      - ARGUMENTS=-device usb-host,vendorid=0x46f4,productid=0x0002 -cpu host
     devices:
       - /dev/kvm
       - /dev/bus/usb   # old way
@@ -146,7 +146,7 @@ services:
 
 
 def test_merge_keeps_comments_order_and_is_idempotent(tmp_path: Path) -> None:
-    plan = compose.plan_compose([SCARLETT, KEYLAB], base_dir=tmp_path)
+    plan = compose.plan_compose([AUDIO, KEYLAB], base_dir=tmp_path)
     merged, changes = compose.merge_text(USER_FILE, plan)
     for line in USER_FILE.splitlines():
         if "#" in line and "/dev/bus/usb" not in line:
@@ -164,20 +164,20 @@ def test_merge_keeps_comments_order_and_is_idempotent(tmp_path: Path) -> None:
     assert args[2:] == plan.arguments
     assert "/dev/bus/usb" not in svc["devices"]
     assert any("removed /dev/bus/usb" in c for c in changes)
-    assert any("removed -device usb-host,vendorid=0x1235" in c for c in changes)
+    assert any("removed -device usb-host,vendorid=0x46f4" in c for c in changes)
     assert data["services"]["samba"] == {"image": "dockurr/samba"}
     again, changes2 = compose.merge_text(merged, plan)
     assert again == merged and changes2 == []
 
 
 def test_merge_replaces_earlier_vmplug_devices(tmp_path: Path) -> None:
-    first = compose.plan_compose([SCARLETT, KEYLAB], base_dir=tmp_path)
+    first = compose.plan_compose([AUDIO, KEYLAB], base_dir=tmp_path)
     text, _ = compose.merge_text(USER_FILE, first)
     second = compose.plan_compose([DISK], base_dir=tmp_path)
     text2, changes = compose.merge_text(text, second)
     args = env_of(validate(text2)["services"]["windows"])["ARGUMENTS"].split(" ")
     assert args == ["-cpu", "host", *second.arguments]
-    assert any(SCARLETT.qemu_id in c and "removed" in c for c in changes)
+    assert any(AUDIO.qemu_id in c and "removed" in c for c in changes)
 
 
 def test_merge_mapping_env_with_dollar_and_double_quotes(tmp_path: Path) -> None:

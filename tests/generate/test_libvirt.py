@@ -16,7 +16,7 @@ from vmplug.generate import libvirt
 from vmplug.generate.common import CannotExpress
 
 from .conftest import Libvirt, Qmp
-from .devices import HUB, KEYLAB, SCARLETT, SERIAL_A, SERIAL_B
+from .devices import AUDIO, HUB, KEYLAB, SERIAL_A, SERIAL_B
 
 NS = {"qemu": libvirt.QEMU_NS}
 
@@ -55,7 +55,7 @@ def virt_xml_validate(path: Path) -> None:
 
 
 def test_golden(golden: Callable[[str, str], None]) -> None:
-    plan = libvirt.plan_libvirt([SCARLETT, KEYLAB], qmp="/var/lib/vmplug/win.qmp")
+    plan = libvirt.plan_libvirt([AUDIO, KEYLAB], qmp="/var/lib/vmplug/win.qmp")
     golden("libvirt-fragment.xml", libvirt.render_fragment(plan))
     golden("libvirt-domain.xml", libvirt.render_domain(plan, "vmplug-demo"))
     by_addr = libvirt.plan_libvirt([SERIAL_A, SERIAL_B], by_address=True)
@@ -63,14 +63,14 @@ def test_golden(golden: Callable[[str, str], None]) -> None:
 
 
 def test_shape() -> None:
-    plan = libvirt.plan_libvirt([SCARLETT])
+    plan = libvirt.plan_libvirt([AUDIO])
     frag = ET.fromstring(f"<f>{libvirt.render_fragment(plan)}</f>")
     (hostdev,) = frag.findall("hostdev")
     assert hostdev.attrib == {"mode": "subsystem", "type": "usb", "managed": "yes"}
     src = hostdev.find("source")
     assert src is not None and src.get("startupPolicy") == "optional"
-    assert src.find("vendor").get("id") == "0x1235"  # type: ignore[union-attr]
-    assert src.find("product").get("id") == "0x821a"  # type: ignore[union-attr]
+    assert src.find("vendor").get("id") == "0x46f4"  # type: ignore[union-attr]
+    assert src.find("product").get("id") == "0x0002"  # type: ignore[union-attr]
     assert src.find("address") is None  # only with --by-address
     assert frag.find("qemu:commandline", NS) is None
 
@@ -84,7 +84,7 @@ def test_errors() -> None:
 
 @pytest.mark.parametrize("qmp", [None, "/tmp/vm.qmp"])
 def test_virt_xml_validate(tmp_path: Path, qmp: str | None) -> None:
-    plan = libvirt.plan_libvirt([SCARLETT, KEYLAB], qmp=qmp)
+    plan = libvirt.plan_libvirt([AUDIO, KEYLAB], qmp=qmp)
     full = tmp_path / "domain.xml"
     full.write_text(libvirt.render_domain(plan, "vmplug-test"))
     virt_xml_validate(full)
@@ -99,14 +99,14 @@ def test_virt_xml_validate(tmp_path: Path, qmp: str | None) -> None:
 
 def test_virsh_define_and_start(libvirtd: Libvirt) -> None:
     qmp_sock = libvirtd.root / "home" / "vmplug, own.qmp"
-    plan = libvirt.plan_libvirt([SCARLETT, KEYLAB], qmp=str(qmp_sock))
+    plan = libvirt.plan_libvirt([AUDIO, KEYLAB], qmp=str(qmp_sock))
     xml_path = libvirtd.root / "home" / "domain.xml"
     xml_path.write_text(libvirt.render_domain(plan, "vmplug-define"))
     libvirtd.virsh("define", str(xml_path))
     dumped = ET.fromstring(libvirtd.virsh("dumpxml", "vmplug-define").stdout)
     hostdevs = dumped.findall("devices/hostdev")
     assert len(hostdevs) == 2
-    for el, want in zip(hostdevs, ("0x1235", "0x1c75"), strict=True):
+    for el, want in zip(hostdevs, ("0x46f4", "0x1c75"), strict=True):
         assert el.get("managed") == "yes"
         assert el.find("source").get("startupPolicy") == "optional"  # type: ignore[union-attr]
         assert el.find("source/vendor").get("id") == want  # type: ignore[union-attr]

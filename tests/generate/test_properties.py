@@ -22,7 +22,7 @@ from vmplug.generate import compose, libvirt, qemu, spice, systemd, udev
 from vmplug.generate.common import CannotExpress, comment_text
 from vmplug.model import UsbDevice
 
-from .devices import DISK, KEYLAB, SCARLETT
+from .devices import AUDIO, DISK, KEYLAB
 from .parsers import parse_exec_start, parse_readconfig, usbredir_string_to_rules
 from .udev_parse import parse_rules, udev_match
 
@@ -53,7 +53,7 @@ serial_text = st.text(
 
 @st.composite
 def devices(draw: st.DrawFn) -> list[UsbDevice]:
-    templates = draw(st.lists(st.sampled_from([SCARLETT, KEYLAB, DISK]), min_size=1, max_size=4))
+    templates = draw(st.lists(st.sampled_from([AUDIO, KEYLAB, DISK]), min_size=1, max_size=4))
     out: list[UsbDevice] = []
     for i, tmpl in enumerate(templates):
         out.append(

@@ -14,7 +14,7 @@ from vmplug.generate.common import CannotExpress
 from vmplug.model import UsbDevice
 
 from .conftest import QemuRun, Qmp, qemu_fails
-from .devices import DISK, HUB, KEYLAB, ROOT, SCARLETT, SERIAL_A, SERIAL_B
+from .devices import AUDIO, DISK, HUB, KEYLAB, ROOT, SERIAL_A, SERIAL_B
 
 
 def _args(text: str) -> list[str]:
@@ -23,12 +23,12 @@ def _args(text: str) -> list[str]:
 
 
 def test_golden_args(golden: Callable[[str, str], None]) -> None:
-    plan = qemu.plan_qemu([SCARLETT, KEYLAB, DISK])
+    plan = qemu.plan_qemu([AUDIO, KEYLAB, DISK])
     golden("qemu-args.txt", qemu.render_args(plan))
 
 
 def test_golden_readconfig(golden: Callable[[str, str], None]) -> None:
-    plan = qemu.plan_qemu([SCARLETT, KEYLAB, DISK], qmp="/srv/vm/qmp.sock")
+    plan = qemu.plan_qemu([AUDIO, KEYLAB, DISK], qmp="/srv/vm/qmp.sock")
     golden("qemu-readconfig.cfg", qemu.render_readconfig(plan))
 
 
@@ -38,22 +38,33 @@ def test_golden_by_port(golden: Callable[[str, str], None]) -> None:
 
 
 def test_rendered_args_are_the_plan() -> None:
-    plan = qemu.plan_qemu([SCARLETT, KEYLAB, DISK], qmp="/tmp/a b,c.sock")
+    plan = qemu.plan_qemu([AUDIO, KEYLAB, DISK], qmp="/tmp/a b,c.sock")
     assert _args(qemu.render_args(plan)) == plan.args()
 
 
 def test_usb3_first_on_usb3_ports_and_audio_buffers() -> None:
-    plan = qemu.plan_qemu([SCARLETT, KEYLAB, DISK])
+    plan = qemu.plan_qemu([AUDIO, KEYLAB, DISK])
     ports = {d.id: d.port for d in plan.devices}
     assert ports[DISK.qemu_id] == 1  # the only USB 3 device: USB 3 port 1
     assert plan.p3 >= 1 and plan.p2 >= 3
     by_id = {d.id: d for d in plan.devices}
-    scarlett = by_id[SCARLETT.qemu_id]
-    assert (scarlett.isobufs, scarlett.isobsize) == qemu.AUDIO_HS
-    assert "isochronous" in scarlett.notes[0]
+    audio = by_id[AUDIO.qemu_id]  # full speed: 1 ms frames
+    assert (audio.isobufs, audio.isobsize) == qemu.AUDIO_FS
+    assert "isochronous" in audio.notes[0]
     keylab = by_id[KEYLAB.qemu_id]  # audio class but MIDI over bulk: defaults
     assert (keylab.isobufs, keylab.isobsize) == (None, None)
-    assert [d.id for d in plan.devices] == [SCARLETT.qemu_id, KEYLAB.qemu_id, DISK.qemu_id]
+    assert [d.id for d in plan.devices] == [AUDIO.qemu_id, KEYLAB.qemu_id, DISK.qemu_id]
+
+
+def test_high_speed_audio_gets_microframe_sized_buffers() -> None:
+    hs_audio = dataclasses.replace(AUDIO, speed_mbps=480.0)  # the same device on a HS port
+    [dev] = qemu.plan_qemu([hs_audio]).devices
+    assert (dev.isobufs, dev.isobsize) == qemu.AUDIO_HS
+    assert "8 ms each" in dev.notes[0]
+    assert "64 ms" in dev.notes[0]
+    [fs] = qemu.plan_qemu([AUDIO]).devices
+    assert "8 ms each" in fs.notes[0]
+    assert "128 ms" in fs.notes[0]
 
 
 def test_never_hostaddr() -> None:
@@ -63,8 +74,8 @@ def test_never_hostaddr() -> None:
 
 
 def test_by_port_uses_bus_and_port_chain() -> None:
-    plan = qemu.plan_qemu([SCARLETT], by_port=True)
-    assert dict(plan.devices[0].match) == {"hostbus": "3", "hostport": "1.2"}
+    plan = qemu.plan_qemu([AUDIO], by_port=True)
+    assert dict(plan.devices[0].match) == {"hostbus": "2", "hostport": "2.1"}
 
 
 def test_many_usb3_devices_grow_p3() -> None:
@@ -99,7 +110,7 @@ def test_errors(devices: list[UsbDevice], by_port: bool, message: str) -> None:
 
 
 def test_readconfig_refuses_a_quote() -> None:
-    plan = qemu.plan_qemu([SCARLETT], qmp='/tmp/a"b.sock')
+    plan = qemu.plan_qemu([AUDIO], qmp='/tmp/a"b.sock')
     with pytest.raises(CannotExpress, match="double quote"):
         qemu.render_readconfig(plan)
     assert '"' in _args(qemu.render_args(plan))[-1]  # the argument form can
@@ -142,7 +153,7 @@ def _check_in_qemu(run: QemuRun, plan: qemu.QemuPlan) -> None:
 
 def test_qemu_takes_the_args(start_qemu: Callable[[list[str]], QemuRun], tmp_path: Path) -> None:
     sock = tmp_path / "vm,qmp.sock"
-    plan = qemu.plan_qemu([SCARLETT, KEYLAB, DISK], qmp=str(sock))
+    plan = qemu.plan_qemu([AUDIO, KEYLAB, DISK], qmp=str(sock))
     run = start_qemu(_args(qemu.render_args(plan)))
     _check_in_qemu(run, plan)
     # vmplug's own QMP socket works too (the comma in its name was escaped).
@@ -152,7 +163,7 @@ def test_qemu_takes_the_args(start_qemu: Callable[[list[str]], QemuRun], tmp_pat
 
 
 def test_qemu_takes_by_port(start_qemu: Callable[[list[str]], QemuRun]) -> None:
-    plan = qemu.plan_qemu([SERIAL_A, SERIAL_B, SCARLETT], by_port=True)
+    plan = qemu.plan_qemu([SERIAL_A, SERIAL_B, AUDIO], by_port=True)
     _check_in_qemu(start_qemu(_args(qemu.render_args(plan))), plan)
 
 
@@ -164,7 +175,7 @@ def test_qemu_takes_the_readconfig(
         dataclasses.replace(DISK, port=f"4-{i}", product_id=0x2300 + i, serial=f"S{i}")
         for i in range(1, 6)
     ]
-    plan = qemu.plan_qemu([SCARLETT, KEYLAB, *disks], qmp=str(sock))
+    plan = qemu.plan_qemu([AUDIO, KEYLAB, *disks], qmp=str(sock))
     cfg = tmp_path / "usb.cfg"
     cfg.write_text(qemu.render_readconfig(plan))
     run = start_qemu(["-readconfig", str(cfg)])

@@ -14,7 +14,7 @@ from vmplug.generate import spice, systemd
 from vmplug.generate.common import CannotExpress
 
 from .conftest import QemuRun, qemu_fails
-from .devices import DISK, HUB, KEYLAB, SCARLETT
+from .devices import AUDIO, DISK, HUB, KEYLAB
 from .parsers import parse_exec_start, usbredir_string_to_rules
 
 # ---------------------------------------------------------------------------
@@ -22,16 +22,16 @@ from .parsers import parse_exec_start, usbredir_string_to_rules
 
 
 def test_spice_golden(golden: Callable[[str, str], None]) -> None:
-    plan = spice.plan_spice([SCARLETT, KEYLAB])
+    plan = spice.plan_spice([AUDIO, KEYLAB])
     golden("spice-filter.txt", spice.render(plan, "spice"))
     golden("spice-filter-qemu.txt", spice.render(plan, "qemu"))
 
 
 def test_spice_rules() -> None:
-    plan = spice.plan_spice([SCARLETT, KEYLAB], match_version=True)
+    plan = spice.plan_spice([AUDIO, KEYLAB], match_version=True)
     rules = usbredir_string_to_rules(plan.filter(","), ",")
     assert rules == [
-        (-1, 0x1235, 0x821A, 0x0643, 1),
+        (-1, 0x46F4, 0x0002, 0x0000, 1),
         (-1, 0x1C75, 0x02CB, 0x0100, 1),
         (-1, -1, -1, -1, 0),
     ]
@@ -43,7 +43,7 @@ def test_spice_rules() -> None:
 
 
 def test_qemu_usb_redir_takes_the_filter(start_qemu: Callable[[list[str]], QemuRun]) -> None:
-    plan = spice.plan_spice([SCARLETT, KEYLAB, DISK])
+    plan = spice.plan_spice([AUDIO, KEYLAB, DISK])
     qfilter = spice.render(plan, "qemu").strip()
     run = start_qemu(
         [

@@ -50,10 +50,13 @@ MAX_PORTS = 15
 DEFAULT_PORTS = 4
 #: QEMU's usb-host defaults (host-libusb.c): 4 URBs of 32 packets.
 QEMU_ISOBUFS, QEMU_ISOBSIZE = 4, 32
-#: vmplug's values for audio: high speed 8 x 64 microframes = 64 ms in flight,
-#: each URB spanning 8 ms; full speed 16 x 32 frames (a URB already spans 32 ms).
+#: vmplug's values for audio: URBs of 8 ms at both speeds (a URB's data reaches
+#: the guest only when the whole URB completes, so shorter URBs mean less
+#: latency), and more of them queued, so a host scheduling delay finds room:
+#: high speed 8 x 64 microframes = 64 ms, full speed 16 x 8 frames = 128 ms
+#: (QEMU's 4 x 32 makes 32 ms URBs at full speed).
 AUDIO_HS = (8, 64)
-AUDIO_FS = (16, 32)
+AUDIO_FS = (16, 8)
 #: A readconfig line is read with fgets() into 1024 bytes; values max 1023.
 _READCONFIG_LINE = 1022
 
@@ -216,11 +219,14 @@ def _usb_host(
         frame = "microframes of 125 us" if hs else "frames of 1 ms"
         in_flight_default = QEMU_ISOBUFS * QEMU_ISOBSIZE * (0.125 if hs else 1.0)
         in_flight = bufs * bsize * (0.125 if hs else 1.0)
+        urb_ms = bsize * (0.125 if hs else 1.0)
+        urb_default_ms = QEMU_ISOBSIZE * (0.125 if hs else 1.0)
         notes.append(
-            f"audio with isochronous endpoints: isobufs={bufs},isobsize={bsize} keeps "
-            f"{in_flight:g} ms of audio in flight ({bufs} URBs of {bsize} {frame}) instead of "
-            f"QEMU's {QEMU_ISOBUFS}x{QEMU_ISOBSIZE} = {in_flight_default:g} ms, so a host "
-            "scheduling delay does not drop packets (clicks and crackles in the guest)"
+            f"audio with isochronous endpoints: isobufs={bufs},isobsize={bsize} queues up to "
+            f"{in_flight:g} ms of audio in {bufs} URBs of {bsize} {frame} ({urb_ms:g} ms each; "
+            f"QEMU's {QEMU_ISOBUFS}x{QEMU_ISOBSIZE}: {in_flight_default:g} ms in URBs of "
+            f"{urb_default_ms:g} ms), so a host scheduling delay does not drop packets "
+            "(clicks and crackles in the guest) and each URB adds little latency"
         )
     for name, value in (("isobufs", bufs), ("isobsize", bsize)):
         if value is not None and not 1 <= value <= 1024:
