@@ -22,10 +22,16 @@ from pathlib import Path
 
 from vmplug.store import Store
 
+GADGETS = Path(__file__).parents[1] / "fixtures" / "sysfs" / "gadgets"
+
 CHILD = r"""
+import dataclasses
 import sys
-from vmplug.model import UsbDevice
+from vmplug.host.sysfs import read_devices
 from vmplug.store import Store
+
+# a device captured from the lab kernel, remembered under changing serials
+base = next(d for d in read_devices(sys.argv[2]) if d.port == "4-1")
 
 store = Store(sys.argv[1])
 # Checkpoint every few pages so kills also land inside checkpoints.
@@ -49,8 +55,7 @@ while True:
         last = store.record_event("device-add", identity=ident, port="3-1", vm="w",
                                   detail={"i": i, "pad": "y" * 100})
     if i % 5 == 0:
-        store.remember_device(UsbDevice(port=f"3-{i % 4}", vendor_id=0x1235,
-                                        product_id=0x821A, serial=str(i % 7)))
+        store.remember_device(dataclasses.replace(base, port=f"3-{i % 4}", serial=str(i % 7)))
     print(last, flush=True)
 """
 
@@ -59,7 +64,7 @@ def _run_and_kill(path: Path, rng: random.Random) -> int:
     """Start the writer, SIGKILL it at a random moment; return the last acked id."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(path)],
+        [sys.executable, "-c", CHILD, str(path), str(GADGETS)],
         stdout=subprocess.PIPE,
         text=True,
         env=env,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import statistics
 import time
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from vmplug.model import UsbDevice
+from vmplug.host.sysfs import read_devices
 from vmplug.store import (
     SCHEMA_VERSION,
     ActionKind,
@@ -21,19 +22,12 @@ from vmplug.store import (
     StoreError,
 )
 
-SCARLETT = UsbDevice(
-    port="3-1.2",
-    busnum=3,
-    devnum=7,
-    vendor_id=0x1235,
-    product_id=0x821A,
-    manufacturer="Focusrite",
-    product="Scarlett 4i4 USB",
-    serial="Y7X",
-    speed_mbps=480.0,
-    usb_version="2.00",
-)
-KEYLAB = UsbDevice(port="3-1.3", busnum=3, devnum=8, vendor_id=0x1C75, product_id=0x02CB)
+# devices captured from the lab kernel (tests/fixtures/sysfs/gadgets): the
+# Scarlett 4i4 identity with a serial, the KeyLab identity without one
+_CAPTURED = {d.port: d for d in read_devices(Path(__file__).parents[1] / "fixtures/sysfs/gadgets")}
+SCARLETT = _CAPTURED["4-1"]
+KEYLAB = _CAPTURED["5-1"]
+SERIAL = "P9EDDN6231A8D1"
 
 
 @pytest.fixture
@@ -95,7 +89,7 @@ def test_events_and_actions_merge_in_journal_order(store: Store) -> None:
     a = store.record_event(
         EventKind.DEVICE_ADD,
         identity=ident,
-        port="3-1.2",
+        port=SCARLETT.port,
         vm="windows",
         detail={"busnum": 3, "devnum": 7},
         ts=100.0,
@@ -133,7 +127,7 @@ def test_events_and_actions_merge_in_journal_order(store: Store) -> None:
         ("action", "attach"),
     ]
     assert hist[0].detail == {"busnum": 3, "devnum": 7}
-    assert hist[0].port == "3-1.2"
+    assert hist[0].port == SCARLETT.port
     assert hist[1] == HistoryEntry(
         id=b,
         ts=100.5,
@@ -202,22 +196,14 @@ def test_action_vocabulary_is_enforced(store: Store) -> None:
 def test_remember_device_and_known_device(store: Store) -> None:
     assert store.known_device(SCARLETT.identity) is None
     store.remember_device(SCARLETT, ts=10.0)
-    moved = UsbDevice(
-        vendor_id=SCARLETT.vendor_id,
-        product_id=SCARLETT.product_id,
-        port="1-4",
-        busnum=1,
-        devnum=2,
-        serial="Y7X",
-        product="Scarlett 4i4 USB",
-    )
+    moved = dataclasses.replace(SCARLETT, port="1-4", busnum=1, devnum=2)  # replugged elsewhere
     assert moved.identity == SCARLETT.identity
     store.remember_device(moved, ts=20.0)
     known = store.known_device(SCARLETT.identity)
     assert known is not None
     assert known["port"] == "1-4" and known["devnum"] == 2
     assert known["vidpid"] == "1235:821a"
-    assert known["product"] == "Scarlett 4i4 USB" and known["serial"] == "Y7X"
+    assert known["product"] == "Scarlett 4i4 USB" and known["serial"] == SERIAL
     assert known["qemu_id"] == SCARLETT.qemu_id
     assert known["first_seen"] == 10.0 and known["last_seen"] == 20.0
     store.remember_device(KEYLAB, ts=30.0)
@@ -232,7 +218,7 @@ def test_known_device_survives_reopen(tmp_path: Path) -> None:
         s.remember_device(KEYLAB)
     with Store(tmp_path / "v.db") as s:
         known = s.known_device(KEYLAB.identity)
-        assert known is not None and known["port"] == "3-1.3"
+        assert known is not None and known["port"] == "5-1"
 
 
 def test_batch_is_one_transaction_and_rolls_back(store: Store) -> None:
