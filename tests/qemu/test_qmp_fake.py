@@ -171,3 +171,36 @@ async def test_old_qemu_is_never_sent_qom_list_get() -> None:
         finally:
             await vm.stop()
     assert "qom-list-get" not in fake.commands
+
+
+@pytest.mark.parametrize(("version", "list_get"), [((7, 2, 0), False), ((10, 1, 0), True)])
+async def test_observe_bindings_reads_each_device_once_per_session(
+    version: tuple[int, int, int], list_get: bool
+) -> None:
+    fake = FakeQemu(version, list_get=list_get)
+    async with fake_qemu(fake) as sock:
+        vm = QmpVm("reconciler", sock)
+        await vm.start()
+        try:
+            assert await vm.wait_connected(5)
+            fake.commands.clear()
+            first = await vm.observe_bindings()
+            cold = list(fake.commands)
+            fake.commands.clear()
+            second = await vm.observe_bindings()
+            warm = list(fake.commands)
+        finally:
+            await vm.stop()
+    assert first == second
+    assert set(first) == {"vmplug-aaaaaaaaaaaa", "vmplug-bbbbbbbbbbbb"}  # not user-dev
+    by_port = first["vmplug-bbbbbbbbbbbb"]
+    assert (by_port.hostbus, by_port.hostport) == (3, "1.2")
+    assert (first["vmplug-aaaaaaaaaaaa"].hostbus, first["vmplug-aaaaaaaaaaaa"].hostport) == (
+        None,
+        None,
+    )
+    if list_get:
+        assert cold == ["qom-list", "qom-list-get"]
+    else:  # hostbus and hostport of the two vmplug devices, nothing else
+        assert sorted(cold) == ["qom-get"] * 4 + ["qom-list"]
+    assert warm == ["qom-list"]

@@ -334,6 +334,47 @@ async def test_add_controller_on_pc(qemu: QemuFactory, make_vm: MakeVm) -> None:
     assert (await vm.observe())[DEV].bus == "vmplug-xhci.0"
 
 
+async def test_concurrent_attaches_add_one_controller(qemu: QemuFactory, make_vm: MakeVm) -> None:
+    sock = qemu(extra_args=[], machine="pc").start()
+    vm, _ = await connected_vm(make_vm, sock, add_controller=True)
+    ids = [f"vmplug-00000000000{i}" for i in range(5)]
+    await asyncio.gather(
+        *(vm.attach(i, UsbHostSpec.by_port(1, f"{n + 1}")) for n, i in enumerate(ids))
+    )
+    assert await vm.usb_buses() == ["vmplug-xhci.0"]
+    assert set(await vm.observe()) == set(ids)
+
+
+async def test_observe_bindings_follow_devices_others_replace(
+    qemu: QemuFactory, make_vm: MakeVm
+) -> None:
+    proc = qemu(qmp_sockets=2)
+    sock = proc.start()
+    vm, changes = await connected_vm(make_vm, sock)
+    await vm.attach(DEV, UsbHostSpec.by_port(1, "4"))
+    other = QMPClient("other")
+    await other.connect(str(proc.qmp_paths[1]))
+    try:
+        add = {"driver": "usb-host", "bus": "xhci.0", "hostbus": 3}
+        await other.execute("device_add", add | {"id": DEV2, "hostport": "1.2"})
+        await other.execute("device_add", add | {"id": "user-dev", "hostport": "1.3"})
+        seen = await vm.observe_bindings()
+        assert {k: (b.hostbus, b.hostport) for k, b in seen.items()} == {
+            DEV: (1, "4"),
+            DEV2: (3, "1.2"),
+        }
+        assert seen[DEV].hostaddr is None
+        # another client replaces DEV2 under the same id: DEVICE_DELETED makes vmplug read again
+        await other.execute("device_del", {"id": DEV2})
+        await changes.wait_for(f"DEVICE_DELETED:{DEV2}")
+        await other.execute("device_add", add | {"id": DEV2, "hostport": "2.1"})
+        again = await vm.observe_bindings()
+        assert (again[DEV2].hostbus, again[DEV2].hostport) == (3, "2.1")
+        assert again[DEV] == seen[DEV]
+    finally:
+        await other.disconnect()
+
+
 async def test_add_controller_on_q35_uses_a_free_root_port(
     qemu: QemuFactory, make_vm: MakeVm
 ) -> None:
