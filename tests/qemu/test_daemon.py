@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from qemu_proc import QemuProcess
 
 from vmplug.config import parse_config
 from vmplug.engine.daemon import Daemon
+from vmplug.engine.desired import Attachment
 from vmplug.host.events import ReplayEventSource
 from vmplug.store import Store
 from vmplug.vms.qmp import QmpVm
@@ -140,11 +142,11 @@ class Rig:
         self.qemu("b").start()
         return await self.daemon()
 
-    async def daemon(self) -> Daemon:
+    async def daemon(self, cls: type[Daemon] = Daemon) -> Daemon:
         config = parse_config(self.config_path.read_text(), self.config_path)
         store = Store(self.tmp / "vmplug.db")
         self.stores.append(store)
-        d = Daemon(
+        d = cls(
             config,
             sysfs_root=self.kernel.root,
             source=ReplayEventSource(self.kernel.fifo),
@@ -377,3 +379,32 @@ async def test_failed_attach_is_retried_until_the_vm_can_take_it(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+class RefusedNodeDaemon(Daemon):
+    """Believes every device has a usbfs node, at a path no host has (bus 255):
+    QEMU itself refuses it, as it would a node gone again or not permitted."""
+
+    def devnode(self, att: Attachment) -> str | None:
+        return f"/dev/bus/usb/255/{att.hostaddr:03d}" if att.hostaddr else None
+
+
+async def test_a_node_qemu_refuses_falls_back_to_the_port_form(
+    rig: Callable[[str], Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vmplug")
+    r = rig("mixed")
+    r.write_config(RULES_BY_PORT)
+    r.qemu("a").start()
+    r.qemu("b").start()
+    d = await r.daemon(RefusedNodeDaemon)
+    await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}))
+    assert await d.wait_converged(10)
+    (obs,) = (await r.held("a")).values()
+    assert obs.hostaddr is None and obs.hostport == "2.4.2"  # the port form: QEMU re-grabs
+    assert d.observed["a"][obs.id].hostaddr is None  # and vmplug knows it is not pinned
+    kinds = [(e.kind, e.result) for e in r.stores[0].history(kbd_identity(d), limit=None)]
+    assert kinds.count(("attach", "ok")) == 1
+    assert ("attach", "error") not in kinds  # one action, no failure to count in health
+    refused = [rec.getMessage() for rec in caplog.records if "refused" in rec.getMessage()]
+    assert any("/dev/bus/usb/255/" in m and "attaching by port" in m for m in refused)

@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import signal
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -108,6 +109,7 @@ class Daemon:
         vm_factory: VmFactory = default_vm_factory,
         detach_on_exit: bool = False,
         config_path: Path | None = None,
+        devnodes: bool | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path or Path(config.path)
@@ -116,6 +118,10 @@ class Daemon:
         self.store = store
         self.vm_factory = vm_factory
         self.detach_on_exit = detach_on_exit
+        #: give QEMU the device's /dev/bus/usb node (opened at once) rather than
+        #: only its port (found by QEMU's 2 s scan); by default only when the
+        #: devices come from the live kernel's /sys
+        self.devnodes = Path(sysfs_root).resolve() == Path("/sys") if devnodes is None else devnodes
         self.inventory: dict[str, UsbDevice] = {}
         self.vms: dict[str, VmBackend] = {}
         self.observed: dict[str, dict[str, Attachment]] = {}
@@ -212,19 +218,35 @@ class Daemon:
 
     def on_host_event(self, event: HostEvent) -> None:
         self.stats.events += 1
-        if event.action == "bind":
+        if event.action in ("add", "bind"):
             # DEVPATH is already the resolved /devices/... path: no realpath needed
             path = os.path.join(self.sysfs_root, (event.devpath or "").lstrip("/"))  # noqa: PTH118
             if not os.path.isdir(path):  # noqa: PTH112 - gone again before we looked
+                if event.action == "add":
+                    self._record_event("device-add", port=event.port, detail=_event_detail(event))
                 return
-            self.inventory[event.port] = name_devices([sysfs.read_device(path, event.port)])[0]
+            dev = name_devices([sysfs.read_device(path, event.port)])[0]
+            if event.action == "add" and not dev.interfaces:
+                # Several configurations and none chosen yet: the interfaces a
+                # rule may ask about are not known before the kernel picks one.
+                self._record_event("device-add", port=event.port, detail=_event_detail(event))
+                return
+            # The kernel announces a device ("add") once it is addressed and its
+            # descriptors are read, before any driver binds: everything a rule
+            # looks at is there, and QEMU can open its node.  Acting on "add"
+            # spares the wait for the host's drivers to bind (and QEMU the work
+            # of unbinding them again); "bind" re-reads it with its drivers.
+            known = self.inventory.get(event.port)
+            self.inventory[event.port] = dev
             self.inventory = {d.port: d for d in mark_shared_serials(list(self.inventory.values()))}
             dev = self.inventory[event.port]
-            if target(dev, self.config, self.overrides) is not None:
+            if target(dev, self.config, self.overrides) is not None and (
+                event.action == "add" or known is None or known.devnum != dev.devnum
+            ):
                 # only a device that will be attached pops its entry again
                 self._bind_times[dev.identity] = time.perf_counter()
-            log.info("device %s %s bound: %s", dev.port, dev.vidpid, _label(dev))
-            self._saw(dev, "device-bind", _event_detail(event))
+            log.info("device %s %s %s: %s", dev.port, dev.vidpid, _VERB[event.action], _label(dev))
+            self._saw(dev, f"device-{event.action}", _event_detail(event))
             self.mark_dirty()
         elif event.action == "remove":
             gone = self.inventory.pop(event.port, None)
@@ -238,9 +260,6 @@ class Daemon:
                 detail=_event_detail(event),
             )
             self.mark_dirty()
-        elif event.action == "add":
-            # Not ready yet: QEMU would answer "failed to find host usb device".
-            self._record_event("device-add", port=event.port, detail=_event_detail(event))
 
     def on_overflow(self) -> None:
         self._record_event("overflow")
@@ -290,6 +309,7 @@ class Daemon:
                 hostbus=getattr(obs, "hostbus", None) or 0,
                 hostport=getattr(obs, "hostport", None) or "",
                 hostaddr=getattr(obs, "hostaddr", None),
+                live=bool(getattr(obs, "attached", True)),
             )
         previous = self.observed.get(name)
         self.observed[name] = held
@@ -380,19 +400,10 @@ class Daemon:
         bound_at: float | None = None
         try:
             if action.kind == "attach" and att is not None:
-                from vmplug.vms.base import UsbHostSpec  # noqa: PLC0415
-
-                spec = UsbHostSpec(
-                    hostbus=att.hostbus,
-                    hostaddr=None,
-                    hostport=att.hostport,
-                    vendorid=None,
-                    productid=None,
-                )
                 bound = bound_at = self._bind_times.pop(att.identity, None)
                 if bound is not None:
                     self.stats.event_to_add.append((att.port, t0 - bound))
-                await vm.attach(action.qemu_id, spec)
+                att = await self._attach(vm, action.qemu_id, att)
                 if bound is not None:
                     self.stats.event_to_attached.append((att.port, time.perf_counter() - bound))
                 self.observed.setdefault(action.vm, {})[action.qemu_id] = att
@@ -446,6 +457,55 @@ class Daemon:
             attempt=attempt,
             **({"latency_s": latency} if latency is not None else {}),
         )
+
+    def devnode(self, att: Attachment) -> str | None:
+        """The usbfs node of the device ``att`` wants, when QEMU can be given it:
+        only for the live kernel's devices (a captured or replayed tree has no
+        nodes) and only when the node is that device (its dev_t is the one sysfs
+        shows for the port now)."""
+        if not self.devnodes or att.hostaddr is None:
+            return None
+        dev = self.inventory.get(att.port)
+        if dev is None or dev.sysfs_path is None:
+            return None
+        path = f"/dev/bus/usb/{att.hostbus:03d}/{att.hostaddr:03d}"
+        try:
+            with open(os.path.join(dev.sysfs_path, "dev")) as f:  # noqa: PTH118
+                major, _, minor = f.read().strip().partition(":")
+            st = os.stat(path)  # noqa: PTH116
+        except (OSError, ValueError):
+            return None
+        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(int(major), int(minor)):
+            return None
+        return path
+
+    async def _attach(self, vm: VmBackend, dev_id: str, att: Attachment) -> Attachment:
+        """device_add the device; return what QEMU holds now.
+
+        A present device goes by its node: QEMU opens it at once (see
+        :mod:`vmplug.engine.desired`).  When QEMU refuses the node (gone again
+        in between, no permission, a QEMU without ``hostdevice``), the port
+        form follows at once, and QEMU's own scan takes the device when it can.
+        """
+        from vmplug.vms.base import UsbHostSpec, VmDisconnected, VmTimeout  # noqa: PLC0415
+
+        by_port = UsbHostSpec(hostbus=att.hostbus, hostport=att.hostport)
+        node = self.devnode(att)
+        if node is not None:
+            spec = dataclasses.replace(by_port, hostaddr=att.hostaddr, hostdevice=node)
+            try:
+                await vm.attach(dev_id, spec)
+            except VmplugError as exc:
+                # Only a refusal QEMU answered: a lost or silent QEMU is retried as usual.
+                if isinstance(exc, (VmDisconnected, VmTimeout)) or not getattr(
+                    exc, "qmp_class", None
+                ):
+                    raise
+                log.info("%s: QEMU refused %s (%s); attaching by port", dev_id, node, exc)
+            else:
+                return att
+        await vm.attach(dev_id, by_port)
+        return dataclasses.replace(att, hostaddr=None)
 
     def _next_timeout(self) -> float | None:
         if not self.retries:
@@ -597,6 +657,9 @@ class Daemon:
             "attachments": attachments,
             "overrides": dict(self.overrides),
         }
+
+
+_VERB = {"add": "added", "bind": "bound"}
 
 
 def _same(a: Attachment, b: Attachment) -> bool:

@@ -6,15 +6,32 @@ holds.  The daemon only feeds them and carries out the plan, so every path —
 plug, unplug, replug, VM restart, daemon restart, rule change — is the same
 code.
 
-vmplug binds a device to a VM by ``hostbus`` + ``hostport``: the one physical
-socket the device sits in, so identical devices (same vid:pid, no serial)
-stay distinct.  QEMU accepts that form while the device is absent and grabs
-the device as soon as it is there; ``hostaddr`` (the device number) would
-fail at once when the device is gone and change at every replug.  A
-different device in the same socket is not taken by surprise: vmplug
-detaches on ``remove`` (within milliseconds) and attaches again only what
-the rules want; while vmplug is down, QEMU's own 2 s re-grab of the same
-socket is a safety net for the common case, the same device replugged.
+vmplug names a device to QEMU by ``hostbus`` + ``hostport``: the one
+physical socket it sits in, so identical devices (same vid:pid, no serial)
+stay distinct, and a restarted daemon recognises what it attached.  How QEMU
+*finds* the device is a separate matter (QEMU 7.2, hw/usb/host-libusb.c):
+
+* the port form alone is accepted while the device is absent and opened by
+  QEMU's scan of libusb's device list: at device_add, then every 2 s.  libusb
+  learns of a new device from udevd's broadcast, which comes after udevd has
+  run its rules (hundreds of ms under load, seconds under TCG), so a device
+  added on the kernel's ``bind`` is usually not in the list yet and waits for
+  the next 2 s tick;
+* ``hostbus`` + ``hostaddr`` alone is opened at realize or refused at once
+  ("failed to find host usb device"), but it, too, looks in libusb's list;
+* ``hostdevice=/dev/bus/usb/BBB/DDD`` comes first of all: QEMU opens the
+  node itself (libusb_wrap_sys_device), which devtmpfs creates before the
+  kernel even announces the device.  No udevd, no list, no poll.
+
+So vmplug attaches a present device with ``hostdevice`` *plus* ``hostbus``,
+``hostport`` and ``hostaddr`` (QEMU only stores those; QOM shows them, so the
+observed port still identifies the attachment).  Such an attachment is
+pinned to one device number and never re-grabbed by QEMU: vmplug detaches on
+``remove`` and attaches the new number on ``bind``, and :func:`plan` replaces
+an observed attachment whose number is not the device's any more (a replug
+vmplug did not see) or that QEMU no longer holds.  When the node cannot be
+used (no live /sys, a QEMU that refuses it), the port form stays: QEMU's own
+2 s re-grab of the same socket is then the safety net.
 """
 
 from __future__ import annotations
@@ -36,10 +53,13 @@ class Attachment:
     qemu_id: str
     hostbus: int
     hostport: str
-    #: informational: what QEMU is told is the socket, not the device number
+    #: wanted: the device's number now; observed: the number QEMU is pinned to
+    #: (``hostdevice`` form), or None when QEMU follows the port by itself
     hostaddr: int | None = field(default=None, compare=False)
     identity: str = field(default="", compare=False)
     port: str = field(default="", compare=False)
+    #: observed: QOM ``attached`` (QEMU holds the host device open)
+    live: bool = field(default=True, compare=False)
 
     @property
     def binding(self) -> tuple[int, str]:
@@ -55,6 +75,15 @@ class Action:
     qemu_id: str
     attachment: Attachment | None = None  # for attach: what to attach
     reason: str = ""
+
+
+def stale_pin(have: Attachment, want: Attachment) -> bool:
+    """True when ``have`` is pinned to a device number (``hostdevice``/``hostaddr``
+    form) that is not the wanted device's now, or that QEMU has let go of.
+    QEMU never re-grabs a pinned device: only a new device_add brings it back."""
+    if have.hostaddr is None:
+        return False  # the port form: QEMU follows the socket itself
+    return have.hostaddr != want.hostaddr or not have.live
 
 
 def host_port(port: str) -> str:
@@ -145,6 +174,17 @@ def plan(
                         have.qemu_id,
                         reason=f"stale: holds {have.hostbus}-{have.hostport}, "
                         f"device is now at {want.hostbus}-{want.hostport}",
+                    )
+                )
+            elif stale_pin(have, want):
+                actions.append(
+                    Action(
+                        "detach",
+                        vm,
+                        have.qemu_id,
+                        reason=f"stale: holds device {have.hostbus}:{have.hostaddr}"
+                        f"{'' if have.live else ' (gone)'}, device is now "
+                        f"{want.hostbus}:{want.hostaddr}",
                     )
                 )
             else:

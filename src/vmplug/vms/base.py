@@ -20,6 +20,8 @@ ID_PREFIX = "vmplug-"
 _QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 # A usb-host hostport: root port then hub ports, "1" .. "1.2.3.4.5" (USB allows 7 tiers).
 _HOSTPORT = re.compile(r"[1-9][0-9]{0,2}(\.[1-9][0-9]{0,2}){0,6}\Z")
+# A usb-host hostdevice: the usbfs node of one device (nothing a user could point elsewhere).
+_HOSTDEVICE = re.compile(r"/dev/bus/usb/[0-9]{3}/[0-9]{3}\Z")
 
 
 class VmState(enum.Enum):
@@ -96,6 +98,11 @@ class UsbHostSpec:
     The forms behave differently in QEMU: vendor/product and bus+port are
     re-grabbed after a replug (QEMU polls every 2 s); bus+address is not, and
     fails at once when the device is not there.
+
+    ``hostdevice`` (a ``/dev/bus/usb/BBB/DDD`` node, QEMU 5.1+ with libusb
+    1.0.23+) comes before every match field: QEMU opens that node at once and
+    never looks for the device again.  The match fields given with it are only
+    stored (QOM shows them), which lets an observer still see the port.
     """
 
     hostbus: int | None = None
@@ -105,6 +112,7 @@ class UsbHostSpec:
     productid: int | None = None
     isobufs: int | None = None
     isobsize: int | None = None
+    hostdevice: str | None = None
 
     @classmethod
     def by_id(cls, vendorid: int, productid: int) -> UsbHostSpec:
@@ -133,8 +141,11 @@ class UsbHostSpec:
                 return f"{name}={value} is out of range {low}..{high}"
         if self.hostport is not None and not _HOSTPORT.match(self.hostport):
             return f"hostport={self.hostport!r} is not a port path like 1.2.3"
+        if self.hostdevice is not None and not _HOSTDEVICE.match(self.hostdevice):
+            return f"hostdevice={self.hostdevice!r} is not a node like /dev/bus/usb/001/002"
         named = (
-            (self.vendorid is not None and self.productid is not None)
+            self.hostdevice is not None
+            or (self.vendorid is not None and self.productid is not None)
             or (self.hostbus is not None and self.hostport is not None)
             or (self.hostbus is not None and self.hostaddr is not None)
         )
@@ -151,7 +162,7 @@ class UsbHostSpec:
         if problem is not None:
             raise ValueError(problem)
         args: dict[str, int | str] = {}
-        for key in ("hostbus", "hostaddr", "hostport", "vendorid", "productid"):
+        for key in ("hostdevice", "hostbus", "hostaddr", "hostport", "vendorid", "productid"):
             value = getattr(self, key)
             if value is not None:
                 args[key] = value
