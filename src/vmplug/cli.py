@@ -206,7 +206,7 @@ def _speed_text(speed: float | None) -> str:
 
 
 def _name(dev: UsbDevice) -> str:
-    return " ".join(p for p in (dev.display_manufacturer, dev.display_product) if p) or "-"
+    return dev.display_name or "-"
 
 
 def _holders(dev: UsbDevice) -> str:
@@ -256,7 +256,8 @@ def _tree(devices: Sequence[UsbDevice]) -> Tree:
             f"  {escape(_holders(d))}"
         )
         if d.is_root_hub and d.controller:
-            label += f"  pci {d.controller}"
+            kind = "pci" if d.controller.startswith("0000:") else "platform"
+            label += f"  {kind} {d.controller}"
         label += "[/]"
         parent = nodes.get(d.parent_port or "", root)
         nodes[d.port] = parent.add(label)

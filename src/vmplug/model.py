@@ -239,6 +239,15 @@ class UsbDevice:
         return self.product or self.product_name
 
     @property
+    def display_name(self) -> str:
+        """Maker and product for people: "Focusrite Scarlett 4i4 USB", "QEMU USB Audio"
+        (not "QEMU QEMU USB Audio": many products already begin with the maker)."""
+        maker, product = self.display_manufacturer, self.display_product
+        if maker and product and product.casefold().startswith(maker.casefold()):
+            return product
+        return " ".join(p for p in (maker, product) if p)
+
+    @property
     def identity(self) -> str:
         """What survives a replug: vid:pid + serial, else vid:pid + port path.
 

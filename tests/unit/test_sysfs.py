@@ -106,7 +106,9 @@ def test_list_json_matches_kernel_attributes_field_by_field(capture: str) -> Non
                 assert g[key] == value, (w["port"], key, g[key], value)
         assert g["vm"] is None
         assert g["warnings"] == []
-        assert isinstance(g["controller"], str) and g["controller"].startswith("0000:")
+        assert isinstance(g["controller"], str)
+        # a PCI controller, or dummy_hcd's platform device in the gadgets capture
+        assert g["controller"].startswith(("0000:", "dummy_hcd."))
 
 
 @pytest.mark.parametrize("capture", CAPTURES)

@@ -61,7 +61,7 @@ def comment_text(text: str, limit: int = _COMMENT_MAX) -> str:
 
 def device_label(device: UsbDevice) -> str:
     """Who this is, for a comment: name, id, port and serial (sanitised)."""
-    name = " ".join(p for p in (device.display_manufacturer, device.display_product) if p)
+    name = device.display_name
     parts = [device.vidpid or "????:????", f"port {device.port}"]
     if device.serial:
         parts.append(f"serial {device.serial}")

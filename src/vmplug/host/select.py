@@ -22,7 +22,7 @@ _VIDPID_RE = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{4})$")
 
 def describe(device: UsbDevice) -> str:
     """One line that tells a person which device this is."""
-    name = " ".join(p for p in (device.display_manufacturer, device.display_product) if p)
+    name = device.display_name
     serial = f" serial={device.serial}" if device.serial else ""
     return f"{device.port}  {device.vidpid or '????:????'}  {name or '(no name)'}{serial}"
 

@@ -199,13 +199,16 @@ def _speed(value: str | None, warnings: list[str]) -> float | None:
 
 
 def _controller(real: str) -> str | None:
-    """PCI address of the host controller: the last PCI component above usbN."""
+    """The host controller: the last PCI address above usbN, else (a platform
+    controller: SoCs, dummy_hcd) the device usbN hangs from, e.g. ``xhci-hcd.0``."""
     found = None
+    previous = None
     for part in real.split("/"):
         if _PCI_ADDR.match(part):
             found = part
         elif part.startswith("usb") and part[3:].isdigit():
-            return found
+            return found or previous
+        previous = part
     return found
 
 
