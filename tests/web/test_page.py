@@ -142,7 +142,9 @@ async def test_phone_width_has_no_sideways_scroll_and_every_control_is_reachable
     await page.tap('#d-actions button.go[data-vm="b"]')
     await rig.wait_ports("b", {TABLET})
     # and the per-device menu moves it on: to a
-    await page.select_option(f'#tree li[data-port="{TABLET}"] > .row select.to', "a")
+    menu = f'#tree li[data-port="{TABLET}"] > .row select.to'
+    await page.tap(menu)  # the menu gets its VMs when reached for
+    await page.select_option(menu, "a")
     await rig.wait_ports("a", {KBD, TABLET})
     await rig.wait_ports("b", set())
     assert errors == []

@@ -35,7 +35,6 @@ from aiohttp import web
 from vmplug.api import security
 from vmplug.api.openapi import document
 from vmplug.engine.daemon import Daemon
-from vmplug.engine.desired import target
 from vmplug.errors import SelectorError, VmplugError
 from vmplug.host.select import describe, select_one
 from vmplug.model import UsbDevice
@@ -154,6 +153,7 @@ class Api:
         self._runner: web.AppRunner | None = None
         self._openapi = json.dumps(document()).encode()
         self._assets: dict[str, bytes] = {}
+        self._memo: dict[int, tuple[UsbDevice, dict[str, Any]]] = {}
         self.metrics: Any = None
         if metrics:
             from vmplug.metrics import Metrics  # noqa: PLC0415
@@ -347,12 +347,48 @@ class Api:
 
     # -- views ----------------------------------------------------------------
 
-    def _device_json(self, dev: UsbDevice, held_by: dict[str, str]) -> dict[str, Any]:
-        data = dev.to_json()
-        del data["interfaces"]  # the page and scripts want the summary; `vmplug show` has more
-        want = target(dev, self.daemon.config, self.daemon.overrides)
-        have = held_by.get(dev.qemu_id)
-        retry = self.daemon.retries.get((want, dev.qemu_id)) if want else None
+    def _static_json(self, dev: UsbDevice) -> dict[str, Any]:
+        """What never changes for this device object (identity, ids, names), memoised:
+        ``identity`` and ``qemu_id`` are computed properties (a sha256 each)."""
+        hit = self._memo.get(id(dev))
+        if hit is not None and hit[0] is dev:
+            return hit[1]
+        data = {
+            "port": dev.port,
+            "identity": dev.identity,
+            "qemu_id": dev.qemu_id,
+            "busnum": dev.busnum,
+            "devnum": dev.devnum,
+            "vendor_id": None if dev.vendor_id is None else f"{dev.vendor_id:04x}",
+            "product_id": None if dev.product_id is None else f"{dev.product_id:04x}",
+            "manufacturer": dev.display_manufacturer,
+            "product": dev.display_product,
+            "serial": dev.serial,
+            "speed_mbps": dev.speed_mbps,
+            "is_hub": dev.is_hub,
+        }
+        if len(self._memo) > 4 * len(self.daemon.inventory) + 64:
+            self._memo.clear()  # devices replaced by rescans and replugs
+        self._memo[id(dev)] = (dev, data)
+        return data
+
+    def _device_json(
+        self, dev: UsbDevice, held_by: dict[str, str], *, full: bool = False
+    ) -> dict[str, Any]:
+        """The device and where it is; ``full``: every attribute and interface too."""
+        static = self._static_json(dev)
+        data = dev.to_json() if full else dict(static)
+        identity, qemu_id = static["identity"], static["qemu_id"]
+        overrides = self.daemon.overrides
+        if dev.is_hub or dev.is_root_hub:
+            want = None
+        elif identity in overrides:
+            want = overrides[identity]
+        else:  # the rules: engine.desired.target without recomputing the identity
+            rc = self.daemon.config.decide(dev)
+            want = None if rc is None or rc.block else rc.attach
+        have = held_by.get(qemu_id)
+        retry = self.daemon.retries.get((want, qemu_id)) if want else None
         if want is None:
             state = "host" if have is None else "elsewhere"
         elif have == want:
@@ -367,7 +403,7 @@ class Api:
             vm=want,
             attached=have,
             state=state,
-            override=dev.identity in self.daemon.overrides,
+            override=identity in overrides,
             error=retry.error if retry else None,
         )
         return data
@@ -388,7 +424,7 @@ class Api:
         if len(selector) > MAX_SELECTOR:
             raise ApiError(400, f"device must be at most {MAX_SELECTOR} characters")
         dev = self._select(selector)
-        return web.json_response(self._device_json(dev, self._held_by()))
+        return web.json_response(self._device_json(dev, self._held_by(), full=True))
 
     async def vms(self, request: web.Request) -> web.Response:
         status = self.daemon.status()["vms"]

@@ -7,6 +7,8 @@
   const $ = (id) => document.getElementById(id);
   const state = { devices: new Map(), vms: [], selected: null, version: 0 };
   const rows = new Map(); // port -> tree row <li>
+  // timings of the first render and the last refresh, for benchmarks and the curious
+  window.vmplugStats = { firstRenderMs: 0, fetchMs: 0, renderMs: 0, refreshes: 0, log: [] };
   let treeKey = "";
   let vmKey = "";
 
@@ -70,14 +72,25 @@
     return i < 0 ? null : port.slice(0, i);
   }
 
+  // The per-device menu holds only where the device is until someone reaches for it:
+  // 200 rows x 21 VMs of <option> would be most of the page's nodes.
   function moveSelect(d) {
     const here = where(d);
-    let html = `<select class="to" aria-label="Move ${esc(d.port)} to" data-port="${esc(d.port)}">`;
-    html += `<option value=""${here ? "" : " selected"}>host</option>`;
+    return (
+      `<select class="to" aria-label="Move ${esc(d.port)} to" data-port="${esc(d.port)}">` +
+      `<option value="${esc(here)}" selected>${here ? esc(here) : "host"}</option></select>`
+    );
+  }
+
+  function fillSelect(sel) {
+    if (sel.dataset.full) return;
+    sel.dataset.full = "1";
+    const here = sel.value;
+    let html = `<option value=""${here ? "" : " selected"}>host</option>`;
     for (const vm of state.vms) {
       html += `<option value="${esc(vm.name)}"${vm.name === here ? " selected" : ""}>${esc(vm.name)}</option>`;
     }
-    return html + "</select>";
+    sel.innerHTML = html;
   }
 
   function rowInner(d) {
@@ -212,6 +225,7 @@
     $("summary").textContent = `${state.devices.size} devices, ${attached} in ${state.vms.length} VMs`;
     state.version += 1;
     document.body.dataset.version = String(state.version);
+    if (state.version === 1) window.vmplugStats.firstRenderMs = performance.now();
     if (state.selected && !state.devices.has(state.selected)) {
       $("d-info").textContent = "unplugged";
     }
@@ -223,11 +237,19 @@
   let again = false;
   let detailsDirty = false; // an event about the selected device: reload its details
 
+
   async function load() {
+    const t0 = performance.now();
     const [devices, vms] = await Promise.all([api("GET", "/v1/devices"), api("GET", "/v1/vms")]);
+    const t1 = performance.now();
     state.devices = new Map(devices.map((d) => [d.port, d]));
     state.vms = vms;
     render();
+    const st = window.vmplugStats;
+    st.fetchMs = t1 - t0;
+    st.renderMs = performance.now() - t1;
+    st.refreshes += 1;
+    st.log = (st.log || []).slice(-9).concat([[performance.timeOrigin + t0, st.fetchMs, st.renderMs, devices.length]]);
     if (state.selected && detailsDirty) {
       detailsDirty = false;
       loadDetails();
@@ -366,6 +388,16 @@
       render();
     }
   });
+  for (const type of ["pointerdown", "focusin", "keydown", "touchstart"]) {
+    document.addEventListener(
+      type,
+      (ev) => {
+        const t = ev.target;
+        if (t && t.classList && t.classList.contains("to")) fillSelect(t);
+      },
+      { capture: true, passive: true },
+    );
+  }
   document.addEventListener("change", (ev) => {
     const t = ev.target;
     if (t.classList && t.classList.contains("to")) moveTo(t.dataset.port, t.value);
