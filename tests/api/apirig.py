@@ -129,11 +129,12 @@ class ApiRig:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def qemu(self, name: str) -> QemuProcess:
+    def qemu(self, name: str, usb: bool = True) -> QemuProcess:
+        """QEMU ``name``; ``usb=False``: no USB controller, so every attach fails."""
         if name not in self.qemus:
             self.qemus[name] = QemuProcess(
                 self.tmp,
-                ["-device", "qemu-xhci,id=xhci"],
+                ["-device", "qemu-xhci,id=xhci"] if usb else [],
                 qmp_sockets=2,
                 name=name,
                 sock_dir=self.sock_dir,

@@ -205,3 +205,43 @@ def test_openapi_document_names_every_route_and_no_other() -> None:
     # every 2xx JSON answer names a schema that exists
     refs = re.findall(r'"#/components/schemas/(\w+)"', json.dumps(doc))
     assert set(refs) <= set(doc["components"]["schemas"])
+
+
+async def test_metrics_count_qmp_errors_and_time_hotplugs(rig: ApiRig) -> None:
+    rig.qemu("nousb", usb=False)  # every device_add fails: "no USB bus"
+    d = await rig.up(vms=("a", "b", "nousb"))
+    await rig.wait_ports("a", {KBD})
+    # an attach the VM cannot take: the API says "retrying" with QEMU's error
+    code, res = await post(rig, "/v1/attach", {"device": TABLET, "vm": "nousb"})
+    assert code == 200 and res["state"] == "retrying" and res["attempts"] >= 1, res
+    code, dev = await get(rig, f"/v1/devices/{TABLET}")
+    assert dev["state"] == "retrying" and dev["error"]
+    # a replug: bind -> attached, timed into the hot-plug histogram
+    rig.kernel.unplug(KBD)
+    await rig.wait_ports("a", set())
+    rig.kernel.plug(KBD)
+    await rig.wait_ports("a", {KBD})
+    code, text = await get(rig, "/metrics")
+    errors = re.search(
+        r'^vmplug_qmp_errors_total\{error_class="(\w+)",vm="nousb"\} (\d+)\.0$', text, re.M
+    )
+    assert errors and int(errors.group(2)) >= 1, text
+    assert d.store is not None
+    failed = [e for e in d.store.history(None, limit=None) if e.result == "error"]
+    assert {e.error_class for e in failed} == {errors.group(1)}
+    assert 1 <= int(errors.group(2)) <= len(failed)  # retries go on after the scrape
+    assert re.search(r"^vmplug_hotplug_latency_seconds_count 1\.0$", text, re.M), text
+    assert re.search(r'^vmplug_attachments_total\{vm="a"\} 2\.0$', text, re.M)
+    assert re.search(r'^vmplug_events_total\{kind="device-remove"\} 1\.0$', text, re.M)
+    assert re.search(r'^vmplug_vm_connected\{vm="nousb"\} 1\.0$', text, re.M)
+    # the keyboard's failure (its unplug) shows in its figures and the metric
+    identity = d.inventory[KBD].identity
+    assert re.search(
+        rf'^vmplug_device_failures\{{identity="{re.escape(identity)}",port="{KBD}"\}} 1\.0$',
+        text,
+        re.M,
+    ), text
+    code, health = await get(rig, f"/v1/health?device={TABLET}")
+    assert health[0]["errors"] >= 1 and health[0]["errors_per_hour"] > 0
+    code, health = await get(rig, f"/v1/health?device={KBD}")
+    assert health[0]["failures"] == 1 and health[0]["recoveries"] == 1
