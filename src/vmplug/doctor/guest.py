@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import CheckSpec, Finding, Severity
-from vmplug.doctor.qemu_info import QemuInstance
+from vmplug.doctor.qemu_info import QemuInstance, find_processes, query_qmp
 from vmplug.doctor.windows import (
     ADVICE,
     PNP_COMMAND,
@@ -54,18 +54,25 @@ the channel exists but no agent answers on it; install and start it in the guest
 
 def _targets(ctx: DoctorContext) -> list[tuple[str, str | None, QemuInstance | None]]:
     if ctx.qga_socket:
+        # Only the QEMU behind this socket is looked at (over QMP), not every VM here.
         real = os.path.realpath(ctx.qga_socket)
-        try:
-            qemus = ctx.qemus
-        except Exception:
-            qemus = []
-        inst = next((q for q in qemus if q.qga_path and os.path.realpath(q.qga_path) == real), None)
+        inst = next(
+            (
+                q
+                for q in find_processes(ctx.proc_root)
+                if q.qga_path and os.path.realpath(q.qga_path) == real
+            ),
+            None,
+        )
+        if inst is not None:
+            query_qmp(inst, ctx.timeout)
         return [(inst.name if inst else (ctx.vm or "guest"), ctx.qga_socket, inst)]
     return [(q.name, q.qga_path, q) for q in ctx.qemus]
 
 
 def _f(check: str, sev: Severity, title: str, vm: str, **kw: object) -> Finding:
-    return Finding(LAYER, check, sev, f"VM {vm}: {title}", subject=vm, **kw)  # type: ignore[arg-type]
+    kw.setdefault("subject", vm)
+    return Finding(LAYER, check, sev, f"VM {vm}: {title}", **kw)  # type: ignore[arg-type]
 
 
 def check_guest(ctx: DoctorContext) -> Iterator[Finding]:

@@ -348,9 +348,11 @@ def _qom_hosts(client: Any, timeout: float) -> list[UsbHostArg]:
                 value = client.execute("qom-get", {"path": path, "property": key}, timeout=timeout)
             except Exception:  # noqa: S112 - an older QEMU lacks the property: skip it
                 continue
+            if value in (None, "", 0):
+                continue  # QOM says 0 / "" for a property that was not set
             if isinstance(value, int) and key in ("vendorid", "productid"):
                 props[key] = f"0x{value:04x}"
-            elif value not in (None, "", 0):
+            else:
                 props[key] = str(value)
         attached = bool(
             client.execute("qom-get", {"path": path, "property": "attached"}, timeout=timeout)

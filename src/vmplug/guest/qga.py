@@ -243,7 +243,8 @@ def _uevent(text: str | None) -> dict[str, str]:
 
 
 def _triple(text: str) -> tuple[int, int, int]:
-    parts = [int(p, 16) for p in text.split("/")[:3]]
+    """``TYPE=``/``INTERFACE=`` of a uevent: decimal ``class/subclass/protocol``."""
+    parts = [int(p, 10) for p in text.split("/")[:3]]
     while len(parts) < 3:
         parts.append(0)
     return parts[0], parts[1], parts[2]
@@ -261,9 +262,11 @@ def _read_device(agent: GuestAgent, name: str) -> GuestUsbDevice | None:
     ifaces: list[GuestInterface] = []
     cfg = agent.read_text(f"{SYS_USB}/{name}/bConfigurationValue")
     count = agent.read_text(f"{SYS_USB}/{name}/bNumInterfaces")
+    # a root hub "usbN" names its interfaces "N-0:C.I"
+    iname = f"{name[3:]}-0" if name.startswith("usb") else name
     if cfg and count and count.strip().isdigit():
         for i in range(int(count)):
-            iev = _uevent(agent.read_text(f"{SYS_USB}/{name}:{cfg}.{i}/uevent"))
+            iev = _uevent(agent.read_text(f"{SYS_USB}/{iname}:{cfg}.{i}/uevent"))
             if "INTERFACE" in iev:
                 c, s, p = _triple(iev["INTERFACE"])
                 ifaces.append(GuestInterface(i, c, s, p, iev.get("DRIVER")))
