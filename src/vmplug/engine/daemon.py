@@ -131,6 +131,12 @@ class Daemon:
         self._dirty = asyncio.Event()
         self._stopping = asyncio.Event()
         self._bind_times: dict[str, float] = {}
+        #: host events waiting for _pump (None: an overflow, rescan)
+        self._host_queue: deque[HostEvent | None] = deque()
+        self._host_ready = asyncio.Event()
+        self._wanted_now = False
+        #: one reconcile pass at a time (the loop's and the pump's)
+        self._pass_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._converged = asyncio.Event()
         #: qemu id -> identity of devices that left, so their detach names them
@@ -217,6 +223,43 @@ class Daemon:
         )
 
     def on_host_event(self, event: HostEvent) -> None:
+        """Queue a uevent; :meth:`_pump` handles them in order."""
+        self._host_queue.append(event)
+        self._host_ready.set()
+
+    def on_overflow(self) -> None:
+        self._host_queue.append(None)  # in order with the events before it
+        self._host_ready.set()
+
+    async def _pump(self) -> None:
+        """Handle host events in order.  When one makes a device wanted, the
+        reconciler acts on it before the next is handled: a device's ``add`` is
+        followed by a burst of events (its interfaces, its drivers, its
+        ``bind``) whose handling would otherwise delay the device_add, and
+        QEMU's work grows once the host's drivers have bound (it must unbind
+        them again)."""
+        while True:
+            await self._host_ready.wait()
+            self._host_ready.clear()
+            while self._host_queue:
+                item = self._host_queue.popleft()
+                self._wanted_now = False
+                try:
+                    if item is None:
+                        self._record_event("overflow")
+                        self.rescan()
+                    else:
+                        self._handle_host_event(item)
+                except Exception:
+                    log.exception("cannot handle %s", item or "overflow")
+                if self._wanted_now:
+                    async with self._pass_lock:
+                        try:
+                            await self.reconcile_once()
+                        except Exception:
+                            log.exception("reconcile pass failed")
+
+    def _handle_host_event(self, event: HostEvent) -> None:
         self.stats.events += 1
         if event.action in ("add", "bind"):
             # DEVPATH is already the resolved /devices/... path: no realpath needed
@@ -245,6 +288,7 @@ class Daemon:
             ):
                 # only a device that will be attached pops its entry again
                 self._bind_times[dev.identity] = time.perf_counter()
+                self._wanted_now = True
             log.info("device %s %s %s: %s", dev.port, dev.vidpid, _VERB[event.action], _label(dev))
             self._saw(dev, f"device-{event.action}", _event_detail(event))
             self.mark_dirty()
@@ -260,10 +304,6 @@ class Daemon:
                 detail=_event_detail(event),
             )
             self.mark_dirty()
-
-    def on_overflow(self) -> None:
-        self._record_event("overflow")
-        self.rescan()
 
     # -- VM side ------------------------------------------------------------
 
@@ -414,6 +454,12 @@ class Daemon:
                 finally:
                     self._detaching.discard(key)
                 self.observed.get(action.vm, {}).pop(action.qemu_id, None)
+                # QmpVm forgets the VM's USB bus on every DEVICE_DELETED (it may
+                # have been a controller): look it up again now, while nothing
+                # waits, not when the device comes back
+                warm = getattr(vm, "usb_bus", None)
+                if warm is not None and not getattr(vm, "shared", False):
+                    self._spawn(_quietly(warm()))
         except VmplugError as exc:
             delay = min(RETRY_FIRST * 2 ** (attempt - 1), RETRY_MAX) * random.uniform(0.8, 1.2)  # noqa: S311
             self.retries[key] = Retry(attempt, time.monotonic() + delay, str(exc))
@@ -443,9 +489,15 @@ class Daemon:
             if bound_at is not None and self.stats.event_to_attached
             else None
         )
+        since = (
+            f"; {latency * 1000:.0f} ms after the device appeared, "
+            f"device_add sent after {(t0 - bound_at) * 1000:.0f} ms"
+            if latency is not None and bound_at is not None
+            else ""
+        )
         log.info(
-            "%s %s %s ok in %.1f ms (%s)",
-            action.kind, action.qemu_id, action.vm, elapsed * 1000, action.reason,
+            "%s %s %s ok in %.1f ms (%s%s)",
+            action.kind, action.qemu_id, action.vm, elapsed * 1000, action.reason, since,
         )  # fmt: skip
         self._record_action(
             action.kind,
@@ -521,7 +573,8 @@ class Daemon:
                 return
             self._dirty.clear()
             try:
-                await self.reconcile_once()
+                async with self._pass_lock:
+                    await self.reconcile_once()
             except Exception:
                 log.exception("reconcile pass failed")
                 await asyncio.sleep(RETRY_FIRST)
@@ -571,6 +624,7 @@ class Daemon:
         log.info(
             "vmplug daemon starting (pid %d), events: %s", os.getpid(), self.source.description
         )
+        self._spawn(self._pump())
         self.source.start(self.on_host_event, self.on_overflow)
         self.rescan()
         for vm in self.config.vms.values():
@@ -660,6 +714,11 @@ class Daemon:
 
 
 _VERB = {"add": "added", "bind": "bound"}
+
+
+async def _quietly(coro: Any) -> None:
+    with contextlib.suppress(Exception):
+        await coro
 
 
 def _same(a: Attachment, b: Attachment) -> bool:
