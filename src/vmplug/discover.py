@@ -730,7 +730,7 @@ def init(
       vmplug init
       vmplug init -o vmplug.toml --vm win=/srv/win/qmp/qmp.sock --device 1235:821a
       vmplug init --vm win11=libvirt:win11 --device win11=3-1.2 --by-port
-      vmplug init --vm windows --device windows=rule:with-interface one-of { 01:*:* }
+      vmplug init --vm windows --device 'windows=rule:with-interface one-of { 01:*:* }'
 
     Exit status: 0 written, 1 failure, 2 bad input (or the file exists).
     """
