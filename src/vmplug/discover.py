@@ -166,6 +166,12 @@ def scan_processes(proc_root: Path = Path("/proc")) -> list[FoundVm]:
             continue  # libvirt's monitor is libvirt's: the domain is listed from libvirt
         sockets: list[str] = []
         cwd: str | None = None
+        # a QEMU in a container names paths of its own mount namespace: reach
+        # them through /proc/PID/root (the same socket file, whatever the mounts)
+        root = ""
+        with contextlib.suppress(OSError):
+            if str((proc_root / str(pid) / "root").readlink()) != "/":
+                root = str(proc_root / str(pid) / "root")
         for given in qmp_paths_in_args(argv[1:]):
             path = given
             if not path.startswith("/"):
@@ -174,7 +180,7 @@ def scan_processes(proc_root: Path = Path("/proc")) -> list[FoundVm]:
                 if cwd is None:
                     continue
                 path = os.path.normpath(os.path.join(cwd, path))  # noqa: PTH118
-            sockets.append(path)
+            sockets.append(root + path)
         vm = FoundVm(
             name=name,
             kind="qmp",
@@ -362,6 +368,17 @@ class Discovery:
         return {"vms": [v.to_json() for v in self.vms], "notes": self.notes}
 
 
+def _socket_id(path: str) -> tuple[int, int] | str | None:
+    """The socket file itself (device, inode): the same whatever path leads to it
+    (a container's bind mount, /proc/PID/root, a symlink); its real path when it
+    cannot be stat'ed."""
+    try:
+        st = os.stat(path)  # noqa: PTH116
+    except OSError:
+        return os.path.realpath(path) if path.startswith("/") else None
+    return (st.st_dev, st.st_ino)
+
+
 def _key(vm: FoundVm) -> tuple[str, str]:
     if vm.kind == "libvirt":
         return ("libvirt", f"{vm.uri or DEFAULT_LIBVIRT_URI}|{vm.where}")
@@ -430,11 +447,10 @@ async def discover(
                 vm.state = "unreachable"
                 vm.problem = str(exc)
     # a QEMU process behind a config, container or Proxmox VM: the same row
-    by_socket = {os.path.realpath(v.qmp): v for v in vms if v.qmp and v.qmp.startswith("/")}
+    by_socket = {_socket_id(v.qmp): v for v in vms if v.qmp and v.qmp.startswith("/")}
+    by_socket.pop(None, None)
     for proc in (v for v in rows if v.source == "process"):
-        owner = next(
-            (by_socket[r] for r in map(os.path.realpath, proc.sockets) if r in by_socket), None
-        )
+        owner = next((by_socket[r] for r in map(_socket_id, proc.sockets) if r in by_socket), None)
         if owner is not None:
             owner.pids = sorted(set(owner.pids) | set(proc.pids))
             continue

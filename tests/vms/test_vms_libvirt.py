@@ -106,7 +106,7 @@ async def test_lifecycle_events_and_a_clear_attach_error(
 
 
 async def test_daemon_retries_a_failed_attach(
-    libvirtd: Libvirt, domain: str, tmp_path: Path
+    libvirtd: Libvirt, domain: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sysfs = tmp_path / "sysfs"
     shutil.copytree(MIXED, sysfs, symlinks=True)
@@ -118,7 +118,7 @@ async def test_daemon_retries_a_failed_attach(
         f'[vm.w]\nlibvirt = "{domain}"\nuri = "{libvirtd.uri}"\n\n'
         '[[rule]]\nattach = "w"\nmatch = \'via-port "2-2.4.2"\'\n'
     )
-    os.environ["VMPLUG_SYSFS_ROOT"] = str(sysfs)
+    monkeypatch.setenv("VMPLUG_SYSFS_ROOT", str(sysfs))
     daemon = Daemon(
         parse_config(config_path.read_text(), config_path),
         sysfs_root=sysfs,
@@ -135,7 +135,6 @@ async def test_daemon_retries_a_failed_attach(
         assert status["vms"]["w"]["connected"] is True
     finally:
         await daemon.stop()
-        del os.environ["VMPLUG_SYSFS_ROOT"]
         os.close(keep)
 
 
