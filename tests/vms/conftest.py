@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,34 +100,15 @@ def libvirtd() -> Iterator[Libvirt]:
         "XDG_DATA_HOME": str(root / "data"),
         "LANG": "C.UTF-8",
     }
-    log = (root / "libvirtd.log").open("w")
-    proc = subprocess.Popen(
-        ["libvirtd", "--timeout", "0"],
-        env=env,
-        user=uid,
-        group=uid,
-        extra_groups=[],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lv = Libvirt(root, env, uid, proc)
+    lv = Libvirt(root, env, uid)
     try:
-        sock = root / "run" / "libvirt" / "libvirt-sock"
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"libvirtd exited {proc.returncode}: {(root / 'libvirtd.log').read_text()}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError("libvirtd did not create its socket")
-            time.sleep(0.1)
+        lv.launch()
         yield lv
     finally:
-        if proc.poll() is None:
+        proc = lv.proc
+        if proc is not None and proc.poll() is None:
             for name in lv.virsh("list", "--name", check=False).stdout.split():
                 lv.virsh("destroy", name, check=False)
-        stop_process(proc)
-        log.close()
+        if proc is not None:
+            stop_process(proc)
         shutil.rmtree(root, ignore_errors=True)

@@ -176,3 +176,19 @@ def test_hostdev_element() -> None:
     assert (parsed.dev_id, parsed.bus, parsed.device, parsed.vendor) == (
         "vmplug-0123456789ab", 3, 17, 0x1235,
     )  # fmt: skip
+
+
+async def test_libvirtd_restart_reconnects(libvirtd: Libvirt, domain: str) -> None:
+    """libvirtd restarted under a running domain (an upgrade, a crash): vmplug
+    hears the connection close, reconnects, and finds the domain running."""
+    reasons: list[str] = []
+    vm = LibvirtVm("w", domain, uri=libvirtd.uri, on_change=lambda _n, r: reasons.append(r))
+    await vm.start()
+    try:
+        assert await vm.wait_connected(30)
+        libvirtd.restart()
+        await until(lambda: reasons.count("connected") == 2)
+        assert reasons[:3] == ["connected", "disconnected", "connected"], reasons
+        assert vm.connected and await vm.observe() == {}
+    finally:
+        await vm.stop()

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,37 @@ class Libvirt:
     root: Path
     env: dict[str, str]
     uid: int
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[str] | None = None
+
+    def launch(self, timeout: float = 30.0) -> None:
+        """Start libvirtd (as ``uid``) and wait for its socket."""
+        sock = self.root / "run" / "libvirt" / "libvirt-sock"
+        with (self.root / "libvirtd.log").open("a") as log:
+            self.proc = proc = subprocess.Popen(
+                ["libvirtd", "--timeout", "0"],
+                env=self.env,
+                user=self.uid,
+                group=self.uid,
+                extra_groups=[],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not sock.exists():
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"libvirtd exited {proc.returncode}: {(self.root / 'libvirtd.log').read_text()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError("libvirtd did not create its socket")
+            time.sleep(0.1)
+
+    def restart(self) -> None:
+        """Stop libvirtd by PID and start it again (its domains keep running)."""
+        if self.proc is not None:
+            stop_process(self.proc)
+        self.launch()
 
     @property
     def uri(self) -> str:
