@@ -18,7 +18,7 @@ from vmplug.config import parse_config
 from vmplug.engine.daemon import Daemon
 from vmplug.host.events import ReplayEventSource
 from vmplug.vms.base import UsbHostSpec, VmDisconnected, VmError
-from vmplug.vms.factory import make_backend
+from vmplug.vms.factory import make_backend, one_shot
 from vmplug.vms.libvirt import HostUsb, LibvirtVm, hostdev_xml, usb_hostdevs
 from vms.vmrig import SYSFS_FIXTURES, Libvirt
 
@@ -192,3 +192,21 @@ async def test_libvirtd_restart_reconnects(libvirtd: Libvirt, domain: str) -> No
         assert vm.connected and await vm.observe() == {}
     finally:
         await vm.stop()
+
+
+async def test_one_shot_backend_for_commands_without_a_daemon(
+    libvirtd: Libvirt, domain: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMPLUG_SYSFS_ROOT", str(MIXED))
+    cfg = parse_config(
+        f'[vm.w]\nlibvirt = "{domain}"\nuri = "{libvirtd.uri}"\n\n'
+        f'[vm.x]\nlibvirt = "nosuch"\nuri = "{libvirtd.uri}"\n'
+    )
+    async with one_shot(cfg.vms["w"]) as vm:
+        assert vm.connected and await vm.observe() == {}
+        with pytest.raises(VmError, match="/sys/bus/usb/devices"):
+            await vm.attach("vmplug-0123456789ab", UsbHostSpec.by_port(2, "2.4.2"))
+    assert not vm.connected
+    with pytest.raises(VmDisconnected, match="has no domain 'nosuch'"):
+        async with one_shot(cfg.vms["x"], timeout=2):
+            pass

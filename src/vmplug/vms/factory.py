@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from vmplug.config import VmConfig
@@ -56,3 +58,24 @@ def make_backend(vm: VmConfig, on_change: Callable[[str, str], None]) -> VmBacke
             on_change=on_change,
         )
     return backend
+
+
+@contextlib.asynccontextmanager
+async def one_shot(vm: VmConfig, timeout: float = 10.0) -> AsyncIterator[VmBackend]:
+    """A started backend for one operation without the daemon (``vmplug attach``
+    when no daemon runs), reachable or a :class:`~vmplug.vms.base.VmDisconnected`;
+    stopped on exit.  A QMP socket is used per operation (shared), as the daemon
+    may start at any moment and wants it."""
+    from vmplug.vms.base import VmDisconnected  # noqa: PLC0415
+
+    config = dataclasses.replace(vm, shared=True) if vm.kind == "qmp" else vm
+    backend = make_backend(config, lambda _vm, _reason: None)
+    await backend.start()
+    try:
+        wait = getattr(backend, "wait_connected", None)
+        if wait is not None and not await wait(timeout):
+            why = getattr(backend, "error", None) or f"{vm.where} did not answer in {timeout:g} s"
+            raise VmDisconnected(vm.name, why)
+        yield backend
+    finally:
+        await backend.stop()
