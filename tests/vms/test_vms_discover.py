@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import os
+import pty
 import shutil
 import subprocess
 import sys
@@ -291,3 +292,20 @@ async def test_init_interactive(
     assert config.vms["win11"].libvirt == f"{t}-lv"
     assert config.vms[f"{t}-a"].qmp == f"{host.sock_dir}/{t}-a-qmp0.sock"
     assert [r.attach for r in config.rules] == ["win11", f"{t}-a"]
+    # a terminal on stdin is enough: no --interactive needed
+    tty_out = tmp_path / "tty.toml"
+    master, slave = pty.openpty()
+    try:
+        os.write(master, b"1\n\n\n")  # the libvirt domain, its name, no device
+        res2 = await asyncio.to_thread(
+            subprocess.run,
+            [str(Path(sys.executable).parent / "vmplug"), "init", "-o", str(tty_out),
+             "--match", f"{t}-lv", *host.args()],
+            stdin=slave, capture_output=True, text=True, env=host.env, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert res2.returncode == 0, res2.stderr
+    assert "VMs to manage" in res2.stderr
+    assert list(load_config(tty_out).vms) == [f"{t}-lv"]
