@@ -70,6 +70,20 @@ EPILOG = EPILOG_ENV.replace(
     metavar="FILE",
     help="vmplug's history database (default: the config's [daemon] database).",
 )
+@click.option(
+    "--proc-root",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=Path("/proc"),
+    show_default=True,
+    help="Find processes here (e.g. the host's /proc mounted into a container).",
+)
+@click.option(
+    "--dev-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/dev"),
+    show_default=True,
+    help="Device nodes (/dev/bus/usb, udev symlinks) under this directory.",
+)
 @click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for a socket.")
 @pass_ctx
 def doctor(
@@ -85,6 +99,8 @@ def doctor(
     qga_socket: str | None,
     kernel_log: Path | None,
     store_path: Path | None,
+    proc_root: Path,
+    dev_root: Path,
     timeout: float,
 ) -> None:
     """Find where a USB pass-through breaks: host, container, QEMU, guest.
@@ -124,6 +140,8 @@ def doctor(
         config = load_config(obj.config)
     ctx = DoctorContext(
         sysfs_root=obj.sysfs_root,
+        dev_root=dev_root,
+        proc_root=proc_root,
         kernel_log_source=(lambda: kernel_log.read_text(errors="replace")) if kernel_log else None,
         config=config,
         store_path=store_path,

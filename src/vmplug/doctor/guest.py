@@ -95,7 +95,7 @@ def check_guest(ctx: DoctorContext) -> Iterator[Finding]:
             )
             continue
         try:
-            agent = GuestAgent(path, timeout=max(ctx.timeout, 5.0))
+            agent = GuestAgent(path, timeout=max(ctx.timeout, 1.0))
         except (OSError, AgentError) as exc:
             yield _f(
                 "guest.agent",
