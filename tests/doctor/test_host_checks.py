@@ -268,3 +268,12 @@ def test_udev_symlinks(tmp_path: Path) -> None:
     assert gone.severity is Severity.WARNING and "gone" in gone.title
     other = found[str(links / "1c75-02cb-port2-1")]
     assert "now another device (0627:0001)" in other.title
+
+
+def test_usb1_controller_shares_one_schedule(tmp_path: Path) -> None:
+    # the capture's xHCI USB 2 root hub, as a USB 1.1 controller's would read (12)
+    root = _copy_tree(MIXED, tmp_path / "sys")
+    next(root.glob("devices/pci*/*/usb2/speed")).write_text("12\n")
+    domains = host.bandwidth_domains(read_devices(root))
+    assert "bus 2 (USB 1.1 controller, 12 Mbit/s)" in domains
+    assert not any(k.startswith("full-speed tree") for k in domains)

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from vmplug.cli import cli
 from vmplug.doctor import guest, qemu
+from vmplug.doctor import qemu as qemu_checks
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import Finding, Severity, run_checks
 from vmplug.doctor.qemu_info import parse_cmdline
@@ -230,3 +231,31 @@ def test_no_guest_agent_channel_says_how_to_add_one(qemu: Any) -> None:
     assert "-device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0" in fix
     assert "<target type='virtio' name='org.qemu.guest_agent.0'/>" in fix
     assert "ARGUMENTS" in fix and "apt install qemu-guest-agent" in fix and ".msi" in fix
+
+
+def test_vm_in_a_container_found_through_its_compose_file(qemu: Any) -> None:
+    """A QEMU whose QMP socket is in the compose project's ./qmp, bound at /qmp inside."""
+    project = Path(tempfile.mkdtemp(prefix="vmplug-dc", dir="/tmp"))
+    try:
+        name = unique()
+        proc = qemu(["-usb"], machine="pc", name=name, sock_dir=project / "qmp")
+        (project / "qmp").mkdir()
+        proc.start()
+        compose = project / "docker-compose.yml"
+        compose.write_text(
+            "services:\n  windows:\n    image: dockurr/windows\n    container_name: studio\n"
+            "    environment:\n"
+            f'      ARGUMENTS: "-qmp unix:/qmp/{name}-qmp0.sock,server=on,wait=off"\n'
+            "    volumes:\n      - ./qmp:/qmp\n      - /dev/bus/usb:/dev/bus/usb\n"
+        )
+        ctx = DoctorContext(
+            sysfs_root=MINIMAL, vm="studio", compose_files=[compose], api_sockets=[]
+        )
+        found = run_checks(ctx, list(qemu_checks.CHECKS))
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+    by = {f.check: f for f in found}
+    # the process in /proc and the container's socket are one VM, named after the container
+    assert by["qemu.process"].title == f"VM studio: QEMU found, QMP answers on {proc.qmp_path}"
+    assert by["qemu.process"].severity is Severity.OK
+    assert by["qemu.controller"].severity is Severity.WARNING  # -usb on pc: UHCI only

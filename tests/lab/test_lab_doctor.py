@@ -16,6 +16,8 @@ Python takes ~15 s to start over 9p):
    devices behind one full-speed hub, a VM with only UHCI (``-usb``) that
    binds the keyboard by ``hostaddr`` (then the keyboard is replugged: new
    address) and takes ``vendorid:productid`` 0627:0001 that two devices share;
+   and a config rule sending the audio devices to that VM while a program has
+   one's sound card open (the host driver and the program hold it);
 4. the tablet unplugged: ``vmplug doctor 1-2`` says it is gone, with the
    kernel's disconnect line as evidence.
 """
@@ -57,8 +59,10 @@ class Lab:
         self.guest = LabGuest([AUDIO, KBD, TABLET, HUB], workdir / "lab")
         self.vms: list[GuestProcess] = []
 
-    def doctor(self, *args: str) -> tuple[int, dict[str, Any]]:
-        res = self.guest.run(f"{VMPLUG} doctor --json --timeout 5 {' '.join(args)}", timeout=240)
+    def doctor(self, *args: str, config: Path | None = None) -> tuple[int, dict[str, Any]]:
+        pre = f"--config {config} " if config else ""
+        cmd = f"{VMPLUG} {pre}doctor --json --timeout 5 {' '.join(args)}"
+        res = self.guest.run(cmd, timeout=240)
         assert res.stdout.strip(), f"doctor printed nothing (rc={res.rc}): {res.stderr}"
         return res.rc, json.loads(res.stdout)
 
@@ -203,8 +207,25 @@ def test_faults_are_found(lab: Lab) -> None:
     g.wait_for("test -e /sys/bus/usb/devices/2-2")
     assert lab.devnum("2-2") != old
 
-    rc, doc = lab.doctor()
+    # a config whose rule sends the audio devices to the VM, and a program (standing in
+    # for PipeWire) with the sound card of one of them open
+    config = g.workdir / "vmplug.toml"
+    config.write_text(
+        f'[vm.bad]\nqmp = "{GDIR}/bad.sock"\n\n[[rule]]\nattach = "bad"\nmatch = \'id 46f4:0002\'\n'
+    )
+    card = g.run("ls /sys/bus/usb/devices/2-3.1:1.0/sound", check=True).stdout.split()[0]
+    player = g.spawn(f"sleep 600 </dev/snd/controlC{card.removeprefix('card')}")
+    try:
+        rc, doc = lab.doctor(config=config)
+    finally:
+        g.kill(player)
     assert rc == 2 and doc["status"] == "error", json.dumps(doc, indent=1)
+    held = {f["subject"]: f for f in found(doc, "host.holders", "warning")}
+    assert "in use by sleep" in held["2-3.1"]["title"]
+    assert "snd-usb-audio" in held["2-3.1"]["title"]
+    assert any(e.startswith("sound card open by sleep (pid ") for e in held["2-3.1"]["evidence"])
+    assert "pipewire" in held["2-3.1"]["fix"]
+    assert "in use by" not in held["2-3.2"]["title"]  # its card is open by nobody
     (suspend,) = found(doc, "host.autosuspend", "warning")
     assert suspend["subject"] == "2-1"
     assert suspend["evidence"] == [

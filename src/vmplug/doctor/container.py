@@ -8,23 +8,33 @@ import os
 import re
 import stat
 from collections.abc import Iterator
+from typing import Any
 
-from vmplug.doctor.container_info import ContainerSpec
+from vmplug.doctor.container_info import ContainerSpec, host_path, qmp_socket
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import CheckSpec, Finding, Severity
 from vmplug.doctor.qemu_info import parse_opts
-from vmplug.generate.compose import QMP_CONTAINER_DIR, QMP_CONTAINER_SOCKET, USB_CGROUP_RULE
 
 LAYER = "container"
 USB_OFF = ("n", "no", "0", "off", "false", "disabled", "none")
 
-#: The compose pieces `vmplug generate compose` writes (see generate/compose.py).
-COMPOSE_FIX = f"""\
+
+def _gc() -> Any:
+    """vmplug.generate.compose, imported only when a container needs it (ruamel is slow)."""
+    from vmplug.generate import compose  # noqa: PLC0415
+
+    return compose
+
+
+def compose_fix() -> str:
+    """The compose pieces `vmplug generate compose` writes (see generate/compose.py)."""
+    gc = _gc()
+    return f"""\
     volumes:
-      - /dev/bus/usb:/dev/bus/usb        # a bind mount: replugged devices appear
-      - ./qmp:{QMP_CONTAINER_DIR}                    # vmplug's QMP socket, for the host
+      - {gc.USB_BIND}        # a bind mount: replugged devices appear
+      - ./qmp:{gc.QMP_CONTAINER_DIR}                    # vmplug's QMP socket, for the host
     device_cgroup_rules:
-      - '{USB_CGROUP_RULE}'                  # may open USB device nodes, also future ones
+      - '{gc.USB_CGROUP_RULE}'                  # may open USB device nodes, also future ones
 # (and no /dev/bus/usb under devices:) -- or let vmplug write it:
 #   vmplug generate compose DEVICE... --merge docker-compose.yml"""
 
@@ -77,18 +87,6 @@ def _usb_hosts(spec: ContainerSpec) -> list[dict[str, str]]:
             if props.get("driver") == "usb-host":
                 out.append(props)
     return out
-
-
-def _qmp_socket(spec: ContainerSpec) -> tuple[str, str] | None:
-    """(where it was set, container path) of a QMP unix socket for vmplug."""
-    args = _qemu_args(spec)
-    for i, a in enumerate(args):
-        if a in ("-qmp", "--qmp") and i + 1 < len(args) and args[i + 1].startswith("unix:"):
-            return ("ARGUMENTS", args[i + 1][5:].split(",")[0])
-    qmp = spec.env.get("QMP", "")
-    if qmp.startswith("unix:"):
-        return ("QMP", qmp[5:].split(",")[0])
-    return None
 
 
 def _specs(ctx: DoctorContext) -> tuple[list[ContainerSpec], list[Finding]]:
@@ -147,7 +145,7 @@ def check_devices(ctx: DoctorContext) -> Iterator[Finding]:
                 "start, so a replugged device (new device number) never appears inside",
                 spec,
                 evidence=tuple(f"devices: {d}" for d in as_devices),
-                fix=COMPOSE_FIX,
+                fix=compose_fix(),
             )
         elif bind is None:
             yield _f(
@@ -156,7 +154,7 @@ def check_devices(ctx: DoctorContext) -> Iterator[Finding]:
                 "no /dev/bus/usb bind mount: QEMU in the container cannot open host USB devices",
                 spec,
                 evidence=tuple(f"bind {s}:{d}" for s, d in spec.binds) or ("no bind mounts",),
-                fix=COMPOSE_FIX,
+                fix=compose_fix(),
             )
         else:
             yield _f(
@@ -188,11 +186,11 @@ def check_cgroup(ctx: DoctorContext) -> Iterator[Finding]:
         yield _f(
             "container.cgroup",
             sev,
-            f"no device_cgroup_rules '{USB_CGROUP_RULE}' and not privileged: opening "
+            f"no device_cgroup_rules '{_gc().USB_CGROUP_RULE}' and not privileged: opening "
             "/dev/bus/usb nodes fails with EPERM",
             spec,
             evidence=(f"DeviceCgroupRules: {spec.cgroup_rules}", "Privileged: false"),
-            fix=f"    device_cgroup_rules:\n      - '{USB_CGROUP_RULE}'",
+            fix=f"    device_cgroup_rules:\n      - '{_gc().USB_CGROUP_RULE}'",
         )
 
 
@@ -268,7 +266,7 @@ def check_qmp(ctx: DoctorContext) -> Iterator[Finding]:
     """A QMP socket for vmplug, in a folder bind-mounted from the host."""
     specs, _ = _specs(ctx)
     for spec in specs:
-        found = _qmp_socket(spec)
+        found = qmp_socket(spec)
         if found is None:
             yield _f(
                 "container.qmp",
@@ -279,17 +277,12 @@ def check_qmp(ctx: DoctorContext) -> Iterator[Finding]:
                     f"ARGUMENTS={spec.env.get('ARGUMENTS', '')!r}",
                     f"QMP={spec.env.get('QMP', '')!r}",
                 ),
-                fix=f'    environment:\n      ARGUMENTS: "-qmp unix:{QMP_CONTAINER_SOCKET},'
-                f'server=on,wait=off ..."\n    volumes:\n      - ./qmp:{QMP_CONTAINER_DIR}',
+                fix=f'    environment:\n      ARGUMENTS: "-qmp unix:{_gc().QMP_CONTAINER_SOCKET},'
+                f'server=on,wait=off ..."\n    volumes:\n      - ./qmp:{_gc().QMP_CONTAINER_DIR}',
             )
             continue
         where, path = found
-        host = None
-        for src, dst in sorted(spec.binds, key=lambda b: -len(b[1])):
-            d = dst.rstrip("/")
-            if path == d or path.startswith(d + "/"):
-                host = src.rstrip("/") + path[len(d) :]
-                break
+        host = host_path(spec, path)
         if host is None:
             yield _f(
                 "container.qmp",
@@ -298,7 +291,7 @@ def check_qmp(ctx: DoctorContext) -> Iterator[Finding]:
                 "vmplug on the host cannot reach it",
                 spec,
                 evidence=(f"{where}: -qmp unix:{path}", *(f"bind {s}:{d}" for s, d in spec.binds)),
-                fix=f"    volumes:\n      - ./qmp:{os.path.dirname(path) or QMP_CONTAINER_DIR}",
+                fix=f"    volumes:\n      - ./qmp:{os.path.dirname(path) or '/qmp'}",
             )
             continue
         evidence = [f"{where}: -qmp unix:{path}", f"host path {host}"]

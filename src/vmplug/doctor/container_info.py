@@ -14,7 +14,6 @@ terms of the Docker Engine API's ``HostConfig``/``Config``/``Mounts``.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import posixpath
@@ -65,6 +64,27 @@ class ContainerScan:
     #: what was tried and what came of it ("socket /var/run/docker.sock: no such file")
     notes: list[str] = field(default_factory=list)
     api_reached: bool = False
+
+
+def qmp_socket(spec: ContainerSpec) -> tuple[str, str] | None:
+    """(where it was set, container path) of a QMP unix socket for vmplug."""
+    args = spec.env.get("ARGUMENTS", "").split()
+    for i, a in enumerate(args):
+        if a in ("-qmp", "--qmp") and i + 1 < len(args) and args[i + 1].startswith("unix:"):
+            return ("ARGUMENTS", args[i + 1][5:].split(",")[0])
+    qmp = spec.env.get("QMP", "")
+    if qmp.startswith("unix:"):
+        return ("QMP", qmp[5:].split(",")[0])
+    return None
+
+
+def host_path(spec: ContainerSpec, path: str) -> str | None:
+    """Where a container path is on the host, through the longest bind mount over it."""
+    for src, dst in sorted(spec.binds, key=lambda b: -len(b[1])):
+        d = dst.rstrip("/")
+        if path == d or path.startswith(d + "/"):
+            return src.rstrip("/") + path[len(d) :]
+    return None
 
 
 # ---------------------------------------------------------------- inspect documents
@@ -169,29 +189,26 @@ def load_compose_file(path: Path) -> list[ContainerSpec]:
 # ---------------------------------------------------------------- Engine API
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 class EngineApiError(OSError):
     pass
 
 
 def api_get(sock_path: str, url: str, timeout: float) -> Any:
     """``GET url`` on a Docker/Podman API socket; the JSON body."""
-    conn = _UnixHTTPConnection(sock_path, timeout)
+    import http.client  # noqa: PLC0415 - only when an engine socket exists
+
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(sock_path)
+            except OSError:
+                sock.close()
+                raise
+            self.sock = sock
+
+    conn = UnixHTTPConnection("localhost", timeout=timeout)
     try:
         conn.request("GET", url, headers={"Host": "docker"})
         resp = conn.getresponse()
@@ -242,7 +259,7 @@ def scan_containers(ctx: DoctorContext) -> ContainerScan:
             continue
         try:
             found = list_via_api(sock, ctx.timeout)
-        except (OSError, ValueError, http.client.HTTPException) as exc:
+        except Exception as exc:
             scan.notes.append(f"{sock}: {exc}")
             continue
         scan.api_reached = True

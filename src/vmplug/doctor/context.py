@@ -70,6 +70,16 @@ def _dmesg() -> str:
     return res.stdout
 
 
+def _sock_key(path: str) -> tuple[int, int] | str:
+    """The socket file's identity: the same socket seen through /proc/PID/root or a
+    bind mount has another path but the same inode."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
+
+
 @dataclass
 class DoctorContext:
     """The inputs of one doctor run."""
@@ -137,29 +147,46 @@ class DoctorContext:
         from vmplug.doctor.qemu_info import QemuInstance, find_processes, query_qmp  # noqa: PLC0415
 
         found = find_processes(self.proc_root)
-        known = {os.path.realpath(p) for inst in found for p in inst.qmp_paths}
-        sockets: list[tuple[str, str]] = [(f"--qmp {s}", s) for s in self.qmp_sockets]
+        by_key = {_sock_key(p): inst for inst in found for p in inst.qmp_paths}
+        sockets: list[tuple[str, str, str]] = [(s, f"--qmp {s}", s) for s in self.qmp_sockets]
         if self.config is not None:
             sockets += [
-                (f"config [vm.{vm.name}]", vm.qmp)
+                (vm.name, f"config [vm.{vm.name}]", vm.qmp)
                 for vm in self.config.vms.values()
                 if not vm.is_tcp
             ]
-        for source, sock in sockets:
-            if os.path.realpath(sock) in known:
-                for inst in found:  # name the process after the config's VM
-                    paths = {os.path.realpath(p) for p in inst.qmp_paths}
-                    if os.path.realpath(sock) in paths and source.startswith("config"):
-                        inst.name = source.split(".", 1)[1].rstrip("]")
+        sockets += self._container_sockets()
+        for name, source, sock in sockets:
+            key = _sock_key(sock)
+            inst = by_key.get(key)
+            if inst is not None:  # a process we saw: name it after the config or container
+                if not source.startswith("--qmp"):
+                    inst.name = name
                 continue
-            known.add(os.path.realpath(sock))
-            name = source.split(".", 1)[1].rstrip("]") if source.startswith("config") else sock
-            found.append(QemuInstance(name=name, source=source, qmp_paths=[sock]))
+            inst = QemuInstance(name=name, source=source, qmp_paths=[sock])
+            by_key[key] = inst
+            found.append(inst)
         if self.vm is not None:
             found = [q for q in found if q.name == self.vm]
         for inst in found:
             query_qmp(inst, self.timeout)
         return found
+
+    def _container_sockets(self) -> list[tuple[str, str, str]]:
+        """QMP sockets of containers (dockurr/windows) that exist on this host."""
+        from vmplug.doctor.container_info import host_path, qmp_socket  # noqa: PLC0415
+
+        try:
+            scan = self.containers
+        except Exception:
+            return []
+        out = []
+        for spec in scan.containers:
+            found = qmp_socket(spec)
+            host = host_path(spec, found[1]) if found else None
+            if host and Path(host).exists():
+                out.append((spec.name, f"container {spec.name} ({spec.source})", host))
+        return out
 
     # ------------------------------------------------------------ targets
 

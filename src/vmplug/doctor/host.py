@@ -497,8 +497,10 @@ def bandwidth_domains(devices: list[UsbDevice]) -> dict[str, tuple[float, list[U
     """Domain name -> (capacity bit/s, devices sharing it).
 
     A high-speed (or faster) device shares its bus; a full/low-speed device
-    shares the 12 Mbit/s of its transaction translator: the first hub above it
-    that runs at high speed (or the root hub, whose companion or TT carries it).
+    shares the 12 Mbit/s of its transaction translator: the tree under the
+    topmost full-speed device below a high-speed hub or an xHCI root port
+    (which has a TT of its own); on a USB 1.1 controller (UHCI/OHCI, an
+    EHCI's companion) the whole bus shares one 12 Mbit/s schedule.
     """
     by_port = {d.port: d for d in devices}
     domains: dict[str, tuple[float, list[UsbDevice]]] = {}
@@ -511,13 +513,19 @@ def bandwidth_domains(devices: list[UsbDevice]) -> dict[str, tuple[float, list[U
             key = f"bus {dev.busnum} ({speed:g} Mbit/s)"
             cap = speed * 1e6 * share
         else:
+            root = by_port.get(f"usb{dev.busnum}")
             top = dev
             while True:
                 parent = by_port.get(top.parent_port or "")
                 if parent is None or parent.is_root_hub or (parent.speed_mbps or 0) >= HIGH_SPEED:
                     break
                 top = parent
-            key = f"full-speed tree under {top.port} (12 Mbit/s)"
+            if root is not None and (root.speed_mbps or 0) < HIGH_SPEED:
+                # a USB 1.1 controller (UHCI/OHCI, or an EHCI's companion): one
+                # 12 Mbit/s schedule for every port of it
+                key = f"bus {dev.busnum} (USB 1.1 controller, 12 Mbit/s)"
+            else:
+                key = f"full-speed tree under {top.port} (12 Mbit/s)"
             cap = FULL_SPEED * 1e6 * PERIODIC_SHARE_FS
         domains.setdefault(key, (cap, []))[1].append(dev)
     return domains
