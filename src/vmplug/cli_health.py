@@ -56,16 +56,18 @@ def _fmt_s(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-def _database(obj: Context, explicit: str | None) -> Path:
-    if explicit:
-        return Path(explicit)
+def _settings(obj: Context) -> DaemonConfig:
     path = config_path(obj.config)
     if not path.exists():
-        return Path(DaemonConfig().database)
+        return DaemonConfig()
     try:
-        return Path(load_config(path).daemon.database)
+        return load_config(path).daemon
     except VmplugError:
-        return Path(DaemonConfig().database)  # a config being edited: the default place
+        return DaemonConfig()  # a config being edited: the default places
+
+
+def _database(obj: Context, explicit: str | None) -> Path:
+    return Path(explicit) if explicit else Path(_settings(obj).database)
 
 
 def _resolve(device: str, present: list[Any], known: list[dict[str, Any]]) -> str:
@@ -140,7 +142,9 @@ def health(
                 counted, it is no fault of vmplug's
       ERRORS/H  failed attach/detach attempts per hour of the window
 
-    Reads the database directly (no daemon needed; read access to it is).
+    Reads the database directly (no daemon needed); a user who cannot read
+    it (a member of the [api] group) gets the figures from the running
+    daemon instead.
 
     \b
     Examples:
@@ -155,7 +159,22 @@ def health(
     end = parse_time(until) if until else dt.datetime.now().timestamp()
     start = end - span
     db = _database(obj, db_path)
-    if not db.exists():
+    if not db_path and not until and not os.access(db, os.R_OK):
+        # a member of the [api] group: the running daemon reads the database for us
+        rows = _from_daemon(obj, device, span)
+        if rows is not None:
+            _print(obj, rows, as_json, window, start)
+            return
+    try:
+        exists = db.exists()
+    except PermissionError:
+        exists = None
+    if exists is None or (exists and not os.access(db, os.R_OK)):
+        raise VmplugError(
+            f"cannot read the history database {db} and no daemon answers "
+            "(run as root, or join the [api] group while the daemon runs)"
+        )
+    if not exists:
         raise VmplugError(f"no history database at {db} (has the daemon run? --db PATH)")
     store = Store(db, readonly=not os.access(db, os.W_OK))
     try:
@@ -166,6 +185,26 @@ def health(
         rows = health_rows(figures, store, present)
     finally:
         store.close()
+    _print(obj, rows, as_json, window, start)
+
+
+def _from_daemon(obj: Context, device: str | None, span: float) -> list[dict[str, Any]] | None:
+    """The figures from the daemon's API; ``None`` when no daemon answers."""
+    from urllib.parse import urlencode  # noqa: PLC0415
+
+    from vmplug.api.client import DEFAULT_SOCKET, call, daemon_running  # noqa: PLC0415
+
+    sock = Path(os.environ.get("VMPLUG_SOCKET") or _settings(obj).socket or DEFAULT_SOCKET)
+    if not daemon_running(sock):
+        return None
+    query = {"window": f"{span:g}", **({"device": device} if device else {})}
+    rows: list[dict[str, Any]] = call(sock, "GET", f"/v1/health?{urlencode(query)}")
+    return rows
+
+
+def _print(
+    obj: Context, rows: list[dict[str, Any]], as_json: bool, window: str, start: float
+) -> None:
     if as_json:
         emit_json(rows)
         return

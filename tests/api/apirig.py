@@ -141,7 +141,9 @@ class ApiRig:
             )
         return self.qemus[name]
 
-    async def up(self, rules: str = RULES, vms: tuple[str, ...] = ("a", "b")) -> Daemon:
+    async def up(
+        self, rules: str = RULES, vms: tuple[str, ...] = ("a", "b"), group: str | None = None
+    ) -> Daemon:
         text = "".join(f'[vm.{n}]\nqmp = "{self.qemu(n).qmp_paths[0]}"\n\n' for n in vms)
         self.config_path.write_text(text + rules)
         for n in vms:
@@ -156,7 +158,7 @@ class ApiRig:
             config_path=self.config_path,
         )
         self.api = Api(self.daemon)
-        await self.api.start_unix(self.socket)
+        await self.api.start_unix(self.socket, group=group)
         self.port = await self.api.start_tcp("127.0.0.1:0", TOKEN)
         await self.daemon.start()
         return self.daemon
