@@ -177,9 +177,9 @@ def run_cmd(
         except OSError as exc:
             raise VmplugError(f"cannot listen on {sock}: {exc.strerror or exc}") from None
         logging.getLogger("vmplug").info("API on %s", sock)
-        if config.api.listen:
-            await _start_tcp(api, config)
         try:
+            if config.api.listen:
+                await _start_tcp(api, config)
             await daemon.run_forever()
         finally:
             await api.stop()
