@@ -150,7 +150,7 @@ def test_cmdline_parsing() -> None:
     assert inst.name == "win" and inst.machine == "pc-q35-8.2" and not inst.usb_flag
     assert inst.qmp_paths == ["/run/libvirt/qemu/win.monitor"]
     assert inst.qga_path == "/var/lib/vm/qga.sock"
-    assert inst.controllers == [("ich9-usb-ehci1", "ehci")]  # JSON -device: not parsed
+    assert inst.controllers == [("qemu-xhci", "xhci"), ("ich9-usb-ehci1", "ehci")]
     (by_dev, by_id) = inst.usb_hosts
     assert by_dev.by_address() and by_dev.id == "hostdev0"
     assert by_id.vidpid() == (0x1235, 0x821A) and by_id.props["serial"] == "a,b"
@@ -259,3 +259,19 @@ def test_vm_in_a_container_found_through_its_compose_file(qemu: Any) -> None:
     assert by["qemu.process"].title == f"VM studio: QEMU found, QMP answers on {proc.qmp_path}"
     assert by["qemu.process"].severity is Severity.OK
     assert by["qemu.controller"].severity is Severity.WARNING  # -usb on pc: UHCI only
+
+
+def test_libvirt_monitor_passed_as_fd() -> None:
+    inst = parse_cmdline(
+        [
+            "qemu-system-x86_64", "-name", "guest=win11,debug-threads=on",
+            "-chardev", "socket,id=charmonitor,fd=27,server=on,wait=off",
+            "-mon", "chardev=charmonitor,id=monitor,mode=control",
+        ]
+    )  # fmt: skip
+    assert inst.qmp_paths == [] and inst.monitor_fd and inst.name == "win11"
+
+
+def test_cli_bad_rule_is_bad_input() -> None:
+    res = CliRunner().invoke(cli, ["--sysfs-root", str(MINIMAL), "doctor", "rule:id zz:qq"])
+    assert res.exit_code == 2 and "Traceback" not in res.output

@@ -134,6 +134,10 @@ def doctor(
     """
     from vmplug.config import config_path, load_config  # noqa: PLC0415
 
+    if device and device.strip().startswith("rule:"):
+        from vmplug.rules import parse_rule  # noqa: PLC0415
+
+        parse_rule(device.strip()[len("rule:") :])  # a bad rule is bad input: exit 2 now
     config = None
     path = config_path(obj.config)
     if obj.config or path.exists():

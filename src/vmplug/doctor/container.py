@@ -311,10 +311,11 @@ def check_qmp(ctx: DoctorContext) -> Iterator[Finding]:
         else:
             if is_sock:
                 evidence.append(f"{host}: a socket")
+            where_now = "is" if is_sock else "will be (once the container runs)"
             yield _f(
                 "container.qmp",
                 Severity.OK,
-                f"QMP socket reachable from the host at {host}",
+                f"vmplug's QMP socket {where_now} reachable from the host at {host}",
                 spec,
                 evidence=tuple(evidence),
             )

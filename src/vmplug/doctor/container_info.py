@@ -253,7 +253,10 @@ def scan_containers(ctx: DoctorContext) -> ContainerScan:
     for path in ctx.compose_files:
         scan.containers += load_compose_file(path)
         scan.notes.append(f"read {path}")
-    for sock in api_candidates(ctx.api_sockets):
+    sockets = api_candidates(ctx.api_sockets)
+    if ctx.api_sockets is None:
+        sockets = list(dict.fromkeys([*ctx.config_api_sockets(), *sockets]))
+    for sock in sockets:
         if not os.path.exists(sock):
             scan.notes.append(f"{sock}: no such socket")
             continue

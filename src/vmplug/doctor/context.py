@@ -149,12 +149,12 @@ class DoctorContext:
         found = find_processes(self.proc_root)
         by_key = {_sock_key(p): inst for inst in found for p in inst.qmp_paths}
         sockets: list[tuple[str, str, str]] = [(s, f"--qmp {s}", s) for s in self.qmp_sockets]
-        if self.config is not None:
-            sockets += [
-                (vm.name, f"config [vm.{vm.name}]", vm.qmp)
-                for vm in self.config.vms.values()
-                if not vm.is_tcp
-            ]
+        for vm in self.config.vms.values() if self.config is not None else ():
+            if vm.kind == "qmp" and vm.qmp and not vm.is_tcp:
+                sockets.append((vm.name, f"config [vm.{vm.name}]", vm.qmp))
+            elif vm.kind == "proxmox":
+                path = f"/var/run/qemu-server/{vm.proxmox}.qmp"
+                sockets.append((vm.name, f"config [vm.{vm.name}] proxmox = {vm.proxmox}", path))
         sockets += self._container_sockets()
         for name, source, sock in sockets:
             key = _sock_key(sock)
@@ -180,12 +180,26 @@ class DoctorContext:
             scan = self.containers
         except Exception:
             return []
+        names = {
+            vm.container: vm.name
+            for vm in (self.config.vms.values() if self.config is not None else ())
+            if vm.container
+        }
         out = []
         for spec in scan.containers:
             found = qmp_socket(spec)
             host = host_path(spec, found[1]) if found else None
             if host and Path(host).exists():
-                out.append((spec.name, f"container {spec.name} ({spec.source})", host))
+                name = names.get(spec.name, spec.name)
+                out.append((name, f"container {spec.name} ({spec.source})", host))
+        return out
+
+    def config_api_sockets(self) -> list[str]:
+        """Docker/Podman sockets named by container VMs in the config (``uri``)."""
+        out: list[str] = []
+        for vm in self.config.vms.values() if self.config is not None else ():
+            if vm.container and vm.uri and vm.uri.startswith("unix://"):
+                out.append(vm.uri[len("unix://") :])
         return out
 
     # ------------------------------------------------------------ targets

@@ -17,6 +17,7 @@ from vmplug.doctor.findings import CheckSpec, Finding, Severity
 from vmplug.model import CLASS_AUDIO, FULL_SPEED, HIGH_SPEED, SUPER_SPEED, UsbDevice
 
 LAYER = "host"
+_PORT = re.compile(r"^\d+-\d+(\.\d+)*$")
 
 
 def _f(check: str, sev: Severity, title: str, **kw: object) -> Finding:
@@ -71,8 +72,6 @@ def check_present(ctx: DoctorContext) -> Iterator[Finding]:
     evidence = [f"no device under {ctx.sysfs_root}/bus/usb/devices matches {ctx.device!r}"]
     port = None
     if hist is not None:
-        from vmplug.host.select import select  # noqa: PLC0415
-
         for known in hist.known_devices():
             if _known_matches(known, ctx.device):
                 port = known.get("port")
@@ -81,8 +80,7 @@ def check_present(ctx: DoctorContext) -> Iterator[Finding]:
                     f"at port {port} (first seen {_when(known['first_seen'])})"
                 )
                 break
-        del select
-    if port is None and re.match(r"^\d+-\d+(\.\d+)*$", ctx.device):
+    if port is None and _PORT.match(ctx.device):
         port = ctx.device
     if port:
         with_port = [ln for ln in _log_lines(ctx) if f"usb {port}:" in ln]
@@ -162,7 +160,7 @@ def check_kernel_log(ctx: DoctorContext) -> Iterator[Finding]:
     ports: set[str] | None = None
     if ctx.device:
         ports = {d.port for d in ctx.selected}
-        if not ports and re.match(r"^\d+-\d+(\.\d+)*$", ctx.device):
+        if not ports and _PORT.match(ctx.device):
             ports = {ctx.device}
     hits: dict[tuple[str, str], list[str]] = defaultdict(list)
     sev_of: dict[str, Severity] = {}
@@ -350,8 +348,9 @@ def check_holders(ctx: DoctorContext) -> Iterator[Finding]:
             if apps:
                 title += f", in use by {apps}"
             fix = (
-                "QEMU's usb-host detaches the host driver when it claims the device; until "
-                "then the host uses it"
+                f"let a VM take it: `vmplug attach {dev.port} --vm VM` (QEMU's usb-host "
+                "detaches the host driver when it claims the device); if a usb-host should "
+                "already hold it, see the qemu layer for why it waits"
             )
             if apps:
                 fix = (

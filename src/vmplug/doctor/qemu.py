@@ -63,6 +63,18 @@ def check_process(ctx: DoctorContext) -> Iterator[Finding]:
                 inst,
                 evidence=tuple(evidence),
             )
+        elif not inst.qmp_paths and inst.monitor_fd:
+            yield _f(
+                "qemu.process",
+                Severity.INFO,
+                "QEMU's only QMP monitor is libvirt's (a file descriptor): reach this VM "
+                "through libvirt",
+                inst,
+                evidence=tuple(evidence),
+                fix='configure it as a libvirt VM in vmplug ([vm.NAME] libvirt = "DOMAIN"), '
+                "or add a QMP socket of vmplug's own (libvirt XML, from vmplug generate "
+                "libvirt --qmp PATH)",
+            )
         elif not inst.qmp_paths:
             yield _f(
                 "qemu.process",

@@ -20,6 +20,7 @@ through ``/proc/PID/root``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -81,6 +82,25 @@ def split_opts(text: str) -> list[str]:
         i += 1
     items.append("".join(cur))
     return items
+
+
+def _json_opts(text: str) -> dict[str, str]:
+    """A JSON ``-device`` (libvirt writes them so): values as QemuOpts would spell them."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, bool):
+            out[key] = "on" if value else "off"
+        elif isinstance(value, int) and key in ("vendorid", "productid"):
+            out[key] = f"0x{value:04x}"
+        else:
+            out[key] = str(value)
+    return out
 
 
 def parse_opts(text: str, implied: str) -> dict[str, str]:
@@ -172,6 +192,8 @@ class QemuInstance:
     usb_hosts: list[UsbHostArg] = field(default_factory=list)
     qmp_paths: list[str] = field(default_factory=list)
     qga_path: str | None = None
+    #: the QMP monitor was handed over as a file descriptor (libvirt does this)
+    monitor_fd: bool = False
     #: filled by :func:`query_qmp`
     qmp_used: str | None = None
     qmp_error: str | None = None
@@ -217,7 +239,7 @@ def parse_cmdline(argv: list[str], cwd: str | None = None) -> QemuInstance:
             val = argv[i + 1]
             i += 2
             if opt == "-device":
-                props = parse_opts(val, "driver")
+                props = _json_opts(val) if val.startswith("{") else parse_opts(val, "driver")
                 drv = props.get("driver", "")
                 if drv in CONTROLLER_KINDS:
                     inst.controllers.append((drv, CONTROLLER_KINDS[drv]))
@@ -247,8 +269,12 @@ def parse_cmdline(argv: list[str], cwd: str | None = None) -> QemuInstance:
         i += 1
     for mon in mons:
         cd = chardevs.get(mon.get("chardev", ""))
-        if mon.get("mode") == "control" and cd and cd.get("backend") == "socket" and "path" in cd:
+        if mon.get("mode") != "control" or not cd or cd.get("backend") != "socket":
+            continue
+        if "path" in cd:
             inst.qmp_paths.append(_abs(cd["path"], cwd))
+        elif "fd" in cd:
+            inst.monitor_fd = True  # libvirt passes its monitor socket as a descriptor
     for port in serialports:
         cd = chardevs.get(port.get("chardev", ""))
         if port.get("name") == QGA_PORT_NAME and cd and "path" in cd:
