@@ -12,7 +12,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "qemu"))
 
-from qemu_proc import QemuProcess, qemu_available
+from qemu_proc import BASE_ARGS, QEMU, XHCI, QemuProcess, qemu_available
+
+__all__ = ["BASE_ARGS", "QEMU", "XHCI", "QemuProcess", "qemu_available"]
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 SYSFS = FIXTURES / "sysfs"

@@ -8,9 +8,14 @@ captured one (this machine has no USB bus).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
+import subprocess
 import tempfile
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +23,14 @@ import pytest
 from click.testing import CliRunner
 
 from vmplug.cli import cli
-from vmplug.doctor import guest, qemu
+from vmplug.doctor import guest, host, qemu
 from vmplug.doctor import qemu as qemu_checks
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import Finding, Severity, run_checks
 from vmplug.doctor.qemu_info import parse_cmdline
 from vmplug.lab.wire import QmpClient
 
-from .conftest import DOCTOR, SYSFS
+from .conftest import BASE_ARGS, DOCTOR, QEMU, SYSFS, XHCI
 
 pytestmark = pytest.mark.qemu
 MINIMAL = SYSFS / "minimal"
@@ -275,3 +280,78 @@ def test_libvirt_monitor_passed_as_fd() -> None:
 def test_cli_bad_rule_is_bad_input() -> None:
     res = CliRunner().invoke(cli, ["--sysfs-root", str(MINIMAL), "doctor", "rule:id zz:qq"])
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+@pytest.fixture
+def spawn_qemu() -> Iterator[Callable[[list[str]], subprocess.Popen[bytes]]]:
+    """QEMU started with a command line of the test's own (killed by PID at teardown)."""
+    made: list[subprocess.Popen[bytes]] = []
+
+    def start(argv: list[str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        made.append(proc)
+        return proc
+
+    yield start
+    for proc in made:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def test_qemu_without_qmp(spawn_qemu: Any) -> None:
+    vm = unique()
+    proc = spawn_qemu([QEMU, "-machine", "q35", *BASE_ARGS, "-name", vm, *XHCI])
+    deadline = time.monotonic() + 20
+    while f"-name\0{vm}".encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    (p,) = check(vm)["qemu.process"]
+    assert p.severity is Severity.WARNING and "no QMP unix socket" in p.title
+    assert p.fix and p.fix.startswith(f"-qmp unix:/run/vmplug/{vm}.qmp,server=on,wait=off")
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_qemu_user_may_not_open_the_node(spawn_qemu: Any, tmp_path: Path) -> None:
+    """QEMU running as nobody; the device node root:root 0660, as without a udev rule."""
+    vm = unique()
+    sock_dir = Path(tempfile.mkdtemp(prefix="vmplug-q", dir="/tmp"))
+    try:
+        sock_dir.chmod(0o777)
+        sock = sock_dir / "qmp.sock"
+        setpriv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        proc = spawn_qemu(
+            [*setpriv, QEMU, "-machine", "q35", *BASE_ARGS, "-name", vm, *XHCI,
+             "-qmp", f"unix:{sock},server=on,wait=off"]
+        )  # fmt: skip
+        _wait_for(sock, proc)
+        dev_root = tmp_path / "dev"
+        node = dev_root / "bus" / "usb" / "002" / "002"
+        node.parent.mkdir(parents=True)
+        major, minor = next(MINIMAL.glob("devices/pci*/*/usb2/2-1/dev")).read_text().split(":")
+        os.mknod(node, stat.S_IFCHR | 0o660, os.makedev(int(major), int(minor)))
+        node.chmod(0o660)
+        ctx = DoctorContext(sysfs_root=MINIMAL, vm=vm, device="2-1", dev_root=dev_root)
+        (f,) = run_checks(ctx, [c for c in host.CHECKS if c.id == "host.devnode"])
+        assert f.severity is Severity.ERROR, f
+        assert f"QEMU ({vm} pid {proc.pid}) may not open {node}" in f.title
+        assert f"{vm} pid {proc.pid}: uid 65534 gids [65534]" in f.evidence
+        assert f.fix and 'GROUP="kvm", MODE="0660"' in f.fix
+        node.chmod(0o666)  # what a MODE="0666" rule would do: quiet
+        ctx = DoctorContext(sysfs_root=MINIMAL, vm=vm, device="2-1", dev_root=dev_root)
+        (f,) = run_checks(ctx, [c for c in host.CHECKS if c.id == "host.devnode"])
+        assert f.severity is Severity.OK and "QEMU may open it" in f.title
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)

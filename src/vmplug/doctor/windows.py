@@ -30,7 +30,10 @@ PROBLEM_CODES: dict[int, tuple[str, str]] = {
         "identification number.",
     ),
     10: ("CM_PROB_FAILED_START", "This device cannot start."),
-    12: ("CM_PROB_NORMAL_CONFLICT", "This device cannot find enough free resources it can use."),
+    12: (
+        "CM_PROB_NORMAL_CONFLICT",
+        "This device cannot find enough free resources that it can use.",
+    ),
     14: (
         "CM_PROB_NEED_RESTART",
         "This device cannot work properly until you restart your computer.",
@@ -147,7 +150,8 @@ PROBLEM_CODES: dict[int, tuple[str, str]] = {
     ),
     53: (
         "CM_PROB_USED_BY_DEBUGGER",
-        "This device has been reserved for use by the Windows kernel debugger.",
+        "This device has been reserved for use by the Windows kernel debugger for the "
+        "duration of this boot session.",
     ),
     54: ("CM_PROB_DEVICE_RESET", "This device has failed and is undergoing a reset."),
     55: ("CM_PROB_CONSOLE_LOCKED", "The device cannot start while the console is locked."),
