@@ -15,6 +15,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
 from api.apirig import TOKEN, ApiRig
+from vmplug.api.security import Sessions
 from web.conftest import CHROMIUM, CHROMIUM_ARGS, keep
 
 pytestmark = pytest.mark.qemu
@@ -96,6 +97,16 @@ async def test_tree_click_attach_and_live_unplug(
     await rig.wait_ports("a", {KBD, TABLET})
     assert errors == []
     print(f"\nscreenshot: {keep(shot, artifacts)}")
+    # a daemon restart forgets sessions: the next update sends the page to the login
+    # form, and the form (a same-origin POST with its Origin) signs in again
+    assert rig.api is not None
+    rig.api.sessions = Sessions()
+    rig.kernel.unplug(TABLET)
+    await page.wait_for_selector('form[action="/login"]', timeout=20000)
+    await page.fill('input[name="token"]', TOKEN)
+    await page.click('button[type="submit"]')
+    await page.wait_for_selector(card("a", KBD))
+    assert await page.locator(f'#tree li[data-port="{TABLET}"]').count() == 0
 
 
 async def test_phone_width_has_no_sideways_scroll_and_every_control_is_reachable(

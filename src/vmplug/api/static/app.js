@@ -31,6 +31,10 @@
       init.body = JSON.stringify(body);
     }
     const resp = await fetch(path, init);
+    if (resp.status === 401) {
+      location.assign("/"); // the session is gone (daemon restarted): sign in again
+      throw new Error("signed out");
+    }
     const data = await resp.json().catch(() => ({ error: resp.statusText }));
     if (!resp.ok) throw new Error(data.error || `${resp.status}`);
     return data;
