@@ -125,6 +125,12 @@ def doctor(
     Guest (QEMU guest agent): Windows problem codes (Get-PnpDevice) and USB
       selective suspend; a Linux guest's USB devices and drivers.
 
+    --json prints one object: {"version": 1, "status": "ok"|"warning"|"error",
+    "exit_status", "counts": {"ok", "info", "warning", "error"}, "findings":
+    [{"layer", "check", "severity", "title", "subject", "evidence": [...],
+    "fix"}]}, findings in layer order (host, container, qemu, guest).  A
+    check that itself fails is reported as the finding CHECK.failed.
+
     \b
     Examples:
       vmplug doctor                         # everything this host runs
