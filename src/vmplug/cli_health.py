@@ -180,7 +180,7 @@ def health(
     try:
         present = obj.devices(include_root_hubs=False)
         identity = _resolve(device, present, store.known_devices()) if device else None
-        entries = store.history(None, limit=None)
+        entries = store.history(identity, limit=None)  # with the global entries
         figures = health_by_device(entries, start, end, [identity] if identity else None)
         rows = health_rows(figures, store, present)
     finally:

@@ -339,8 +339,8 @@ class Api:
                 kind = item.get("type", "event")
                 data = json.dumps(item, default=str)
                 await resp.write(f"event: {kind}\ndata: {data}\n\n".encode())
-        except (ConnectionError, asyncio.CancelledError):
-            pass
+        except ConnectionError:
+            pass  # the reader went away
         finally:
             self._streams.discard(q)
         return resp
@@ -490,7 +490,8 @@ class Api:
             return _error(503, "the daemon runs without a history database")
         end = time.time()
         start = end - window
-        entries = store.history(None, limit=None)
+        # one device: its entries and the global ones (VMs, daemon) are all it needs
+        entries = store.history(identity, limit=None)
         only = [identity] if identity else None
         figures = health_by_device(entries, start, end, only)
         return web.json_response(health_rows(figures, store, self.daemon.inventory.values()))
