@@ -257,3 +257,29 @@ def test_daemon_restart_adopts_without_duplicates(lab: LibvirtLab) -> None:
     assert " attach vmplug-" in lab.log(0), "the first daemon's log names its attaches"
     new_log = lab.log()
     assert " attach vmplug-" not in new_log, new_log
+
+
+def test_persist_writes_the_domain_config(lab: LibvirtLab) -> None:
+    """``persist = true``: what vmplug attaches also goes into the persistent
+    config, so the domain gets its devices at start even with no vmplug."""
+    (lab.guest.workdir / "vmplug.toml").write_text(
+        CONFIG.replace(f'libvirt = "{DOMAIN}"', f'libvirt = "{DOMAIN}"\npersist = true')
+    )
+    assert lab.daemon is not None
+    lab.run(f"kill -HUP {lab.daemon.pid}")
+    deadline = time.monotonic() + 60
+    while "config reloaded" not in lab.log():
+        assert time.monotonic() < deadline, lab.log()[-2000:]
+        time.sleep(0.3)
+    assert usb_hostdevs(lab.run(f"{VIRSH} dumpxml --inactive {DOMAIN}")) == []
+    # a restart makes the daemon attach again, now live and into the config
+    lab.run(f"{VIRSH} destroy {DOMAIN} && {VIRSH} start {DOMAIN}", timeout=300)
+    live = lab.wait(lambda h: h.holds(both()), timeout=180)
+    saved = usb_hostdevs(lab.run(f"{VIRSH} dumpxml --inactive {DOMAIN}"))
+    assert sorted(h.dev_id for h in saved) == sorted(live.ports)
+    assert all("startupPolicy" in h.xml for h in saved)
+    # no vmplug at all: libvirt itself gives the domain its devices at start
+    lab.stop_daemon()
+    lab.run(f"{VIRSH} destroy {DOMAIN} && {VIRSH} start {DOMAIN}", timeout=300)
+    assert lab.held().holds(both())
+    assert all(lab.qom().values()) and len(lab.qom()) == 2
