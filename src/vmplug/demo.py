@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
+import shlex
 import shutil
 import signal
 import sys
@@ -66,7 +68,10 @@ VM_COMMAND = (
     " -device qemu-xhci,id=xhci"
     f" -qmp unix:{GUEST_DIR}/vm.sock,server=on,wait=off"
     f" -qmp unix:{GUEST_DIR}/check.sock,server=on,wait=off"
+    f" -qmp unix:{GUEST_DIR}/timing.sock,server=on,wait=off"
 )
+#: A third QMP socket of the VM, for :data:`HOTPLUG_TOOL` (one client per socket).
+TIMING_SOCK = f"{GUEST_DIR}/timing.sock"
 
 #: Runs in the guest: polls the VM's usb-host devices over its own QMP socket
 #: and rewrites the state file (atomically) whenever what it sees changes.
@@ -130,6 +135,188 @@ while True:
             s.close()
         time.sleep(0.1)
 """
+
+
+#: Runs in the guest (system python3 -I -S, standard library only) to time
+#: hot-plug with the guest's one clock.  ``watch`` receives the kernel's (and
+#: udevd's) uevents on a netlink socket; on the ``add`` of the device at PORT
+#: (the moment it appears in sysfs: the kernel creates the directory before it
+#: announces it) it polls QOM ``attached`` of the usb-host DEV_ID every 4 ms
+#: until it is true, and writes one JSON line: ``dt`` (seconds), the device
+#: number, the ``hostaddr`` QEMU holds, and when the kernel's ``bind`` and
+#: udevd's broadcasts arrived.  ``floor`` is a bare attacher (device_add the
+#: instant the ``add`` arrives, the same arguments vmplug sends; device_del
+#: on ``remove``); ``add``/``del``/``find`` run one command.  A DEV_ID ending
+#: in ``*`` names the one usb-host whose id starts so.
+#: Usage: tool.py MODE PORT QMP_SOCKET OUT_FILE DEV_ID [DEVICE_ADD_ARGS_JSON]
+HOTPLUG_TOOL = r"""
+import json, os, select, socket, sys, time
+
+NETLINK_KOBJECT_UEVENT = 15
+
+def uevents(groups):
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    s.bind((0, groups))  # 1: the kernel's uevents, 2: udevd's broadcasts
+    return s
+
+def parse(data):
+    if data.startswith(b"libudev\0"):  # udevd's header: properties at properties_off
+        src, body = "udev", data[int.from_bytes(data[16:20], sys.byteorder):]
+    else:
+        src, body = "kernel", data.partition(b"\0")[2]
+    props = {}
+    for item in body.split(b"\0"):
+        k, sep, v = item.partition(b"=")
+        if sep:
+            props[k.decode()] = v.decode(errors="replace")
+    return src, props
+
+class Qmp:
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.connect(path)
+        self.f = self.s.makefile("rwb")
+        self.f.readline()
+        self.events = []
+        self.ask("qmp_capabilities")
+
+    def ask(self, cmd, **args):
+        msg = {"execute": cmd}
+        if args:
+            msg["arguments"] = args
+        self.f.write(json.dumps(msg).encode() + b"\n")
+        self.f.flush()
+        while True:
+            reply = json.loads(self.f.readline())
+            if "return" in reply:
+                return True, reply["return"]
+            if "error" in reply:
+                return False, reply["error"].get("desc", "")
+            self.events.append(reply)
+
+    def wait_deleted(self, dev_id, timeout=10.0):
+        end = time.monotonic() + timeout
+        self.s.settimeout(timeout)
+        while time.monotonic() < end:
+            if any(e.get("event") == "DEVICE_DELETED"
+                   and e.get("data", {}).get("device") == dev_id for e in self.events):
+                return True
+            line = self.f.readline()
+            if not line:
+                return False
+            self.events.append(json.loads(line))
+        return False
+
+def usb_host_args(dev_id, busnum, devnum, port):
+    return {"driver": "usb-host", "id": dev_id, "bus": "xhci.0",
+            "hostdevice": "/dev/bus/usb/%03d/%03d" % (busnum, devnum),
+            "hostbus": busnum, "hostport": port.partition("-")[2], "hostaddr": devnum}
+
+def attached(q, dev_id):
+    ok, val = q.ask("qom-get", path="/machine/peripheral/" + dev_id, property="attached")
+    return ok and val is True
+
+mode, port, qmp_path, out, dev_id = sys.argv[1:6]
+q = Qmp(qmp_path)
+log = open(out, "a", buffering=1)
+
+def emit(**kw):
+    print(json.dumps(kw), file=log)
+
+def mine(props):
+    return (props.get("DEVTYPE") == "usb_device"
+            and props.get("DEVPATH", "").endswith("/" + port))
+
+if dev_id.endswith("*"):  # the one usb-host whose id has this prefix
+    ok, items = q.ask("qom-list", path="/machine/peripheral")
+    found = [i["name"] for i in items or [] if i.get("type") == "child<usb-host>"
+             and i["name"].startswith(dev_id[:-1])]
+    if len(found) != 1:
+        emit(error="expected one usb-host %s, found %s" % (dev_id, found))
+        sys.exit(1)
+    dev_id = found[0]
+
+if mode == "find":
+    emit(id=dev_id, attached=attached(q, dev_id))
+    sys.exit(0)
+if mode == "del":
+    ok, err = q.ask("device_del", id=dev_id)
+    emit(deleted=ok and q.wait_deleted(dev_id), err=None if ok else err)
+    sys.exit(0)
+if mode == "add":
+    args = json.loads(sys.argv[6])
+    ok, err = q.ask("device_add", id=dev_id, **args)
+    emit(added=ok, err=None if ok else err)
+    sys.exit(0 if ok else 1)
+
+s = uevents(1 | 2 if mode == "watch" else 1)
+emit(ready=mode, id=dev_id, pid=os.getpid())
+
+if mode == "floor":
+    while True:
+        data = s.recv(65536)
+        t = time.monotonic()
+        src, props = parse(data)
+        if not mine(props):
+            continue
+        if props.get("ACTION") == "add":
+            args = usb_host_args(dev_id, int(props["BUSNUM"]), int(props["DEVNUM"]), port)
+            args.pop("id")
+            tries, errors = 0, []
+            while True:
+                tries += 1
+                ok, err = q.ask("device_add", id=dev_id, **args)
+                if ok:
+                    break
+                if len(errors) < 3:
+                    errors.append(err)
+                if tries > 20000:
+                    break
+            emit(floor_add_s=time.monotonic() - t, ok=ok, tries=tries, errors=errors)
+        elif props.get("ACTION") == "remove":
+            q.ask("device_del", id=dev_id)
+
+# watch: one line per replug: add -> attached, and what came in between
+while True:
+    data = s.recv(65536)
+    t_add = time.monotonic()
+    src, props = parse(data)
+    if not mine(props):
+        continue
+    act = props.get("ACTION")
+    if src == "kernel" and act == "remove":
+        # wait until the attacher's device is no longer attached (or gone)
+        end = t_add + 30
+        while attached(q, dev_id) and time.monotonic() < end:
+            time.sleep(0.01)
+        emit(removed=True, still_attached=attached(q, dev_id))
+        continue
+    if src != "kernel" or act != "add":
+        continue
+    marks = {}
+    polls = 0
+    t_att = None
+    while True:
+        polls += 1
+        if attached(q, dev_id):
+            t_att = time.monotonic()
+            break
+        if time.monotonic() - t_add > 30:
+            break
+        ready, _, _ = select.select([s], [], [], 0.004)
+        while ready:
+            data = s.recv(65536)
+            now = time.monotonic()
+            src2, p2 = parse(data)
+            if mine(p2):
+                marks.setdefault(src2 + "_" + p2.get("ACTION", "?"), now - t_add)
+            ready, _, _ = select.select([s], [], [], 0)
+    ok, hostaddr = q.ask("qom-get", path="/machine/peripheral/" + dev_id, property="hostaddr")
+    emit(dt=None if t_att is None else t_att - t_add, polls=polls,
+         devnum=int(props.get("DEVNUM", 0)), hostaddr=hostaddr if ok else None, marks=marks)
+"""
+HOTPLUG_TOOL_NAME = "hotplug_tool.py"
 
 
 @dataclass
@@ -201,6 +388,7 @@ class DemoLab:
         g.run(f"rm -rf {GUEST_DIR} && mkdir -p {GUEST_DIR}", check=True)
         (self.guest.workdir / "vmplug.toml").write_text(CONFIG)
         (self.guest.workdir / "watcher.py").write_text(WATCHER)
+        (self.guest.workdir / HOTPLUG_TOOL_NAME).write_text(HOTPLUG_TOOL)
         # Wait until the guest kernel has enumerated both devices.
         g.wait_for(" && ".join(f"test -e /sys/bus/usb/devices/{p}" for p in PORTS.values()))
         return g.boot_seconds or 0.0
@@ -317,6 +505,83 @@ class DemoLab:
         secs = self.wait(lambda s: after(s) and s.holds(expected), timeout, t0)
         st = self.state()
         return StepResult(name, sorted(expected), secs is not None, secs, st.ports(), st.describe())
+
+    # ------------------------------------------------------------- timing
+
+    def _tool(self, mode: str, sock: str, out: Path, dev_id: str, port: str) -> str:
+        python = self.python or f"{sys.executable} -I -S"
+        tool = self.guest.workdir / HOTPLUG_TOOL_NAME
+        return f"{python} {tool} {mode} {port} {sock} {out} {shlex.quote(dev_id)}"
+
+    def tool_spawn(
+        self, mode: str, sock: str, out: str, dev_id: str, port: str = PORTS[KBD.id]
+    ) -> tuple[GuestProcess, dict[str, Any]]:
+        """Start :data:`HOTPLUG_TOOL` in the background (``watch`` or ``floor``);
+        return it with its first line (``ready``, the resolved ``id``).  Stop it
+        with ``guest.kill``."""
+        path = self.guest.workdir / out
+        path.unlink(missing_ok=True)
+        proc = self.guest.spawn(
+            self._tool(mode, sock, path, dev_id, port), log=f"{self.guest.workdir}/{out}.err"
+        )
+        try:
+            first = self.wait_record(path, lambda r: "ready" in r or "error" in r, 60.0)
+            if "error" in first:
+                raise LabError(f"{mode}: {first['error']}")
+        except BaseException:
+            self.guest.kill(proc, signal.SIGKILL, timeout=5)
+            raise
+        return proc, first
+
+    def tool_run(
+        self, mode: str, sock: str, dev_id: str, *extra: str, port: str = PORTS[KBD.id]
+    ) -> dict[str, Any]:
+        """Run one ``add``/``del``/``find`` of :data:`HOTPLUG_TOOL`; its JSON line."""
+        out = self.guest.workdir / f"tool-{mode}.log"
+        out.unlink(missing_ok=True)
+        args = " ".join(shlex.quote(e) for e in extra)
+        self.guest.run(f"{self._tool(mode, sock, out, dev_id, port)} {args}", timeout=60)
+        records = self.records(out)
+        return records[-1] if records else {}
+
+    @staticmethod
+    def records(path: Path) -> list[dict[str, Any]]:
+        """The complete JSON lines a tool wrote so far."""
+        try:
+            text = path.read_text()
+        except OSError:
+            return []
+        return [json.loads(x) for x in text.splitlines() if x.strip().endswith("}")]
+
+    def wait_record(
+        self,
+        path: Path,
+        pred: Callable[[dict[str, Any]], bool],
+        timeout: float,
+        skip: int = 0,
+    ) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for rec in self.records(path)[skip:]:
+                if pred(rec):
+                    return rec
+            time.sleep(0.05)
+        raise LabError(f"no matching line in {path.name} within {timeout:g} s")
+
+    def timed_replug(
+        self, watch_log: Path, dev: LabDevice = KBD, pause: tuple[float, float] = (0.5, 2.5)
+    ) -> dict[str, Any]:
+        """Unplug ``dev``, wait until the watcher saw the VM let it go, replug it
+        after a random pause (0.5-2.5 s: a random phase against QEMU's 2 s scan,
+        which restarts when QEMU lets the device go) and return
+        the watcher's line for it (``dt``: seconds from sysfs to ``attached``)."""
+        skip = len(self.records(watch_log))
+        self.guest.unplug(dev.id)
+        self.wait_record(watch_log, lambda r: "removed" in r, 40.0, skip)
+        time.sleep(random.uniform(*pause))  # noqa: S311 - not crypto
+        skip = len(self.records(watch_log))
+        self.guest.hotplug(dev)
+        return self.wait_record(watch_log, lambda r: "dt" in r, 45.0, skip)
 
     # ------------------------------------------------------------- the steps
 

@@ -135,6 +135,8 @@ class Daemon:
         self._host_queue: deque[HostEvent | None] = deque()
         self._host_ready = asyncio.Event()
         self._wanted_now = False
+        #: journal writes held back while a device that just appeared is attached
+        self._held: list[tuple[str, Callable[[], object]]] | None = None
         #: one reconcile pass at a time (the loop's and the pump's)
         self._pass_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -164,26 +166,41 @@ class Daemon:
             except Exception:
                 log.exception("event listener failed")
 
+    def _store_write(self, what: str, write: Callable[[], object]) -> None:
+        """Run a journal write now, or after the attach in progress (in order)."""
+        if self._held is not None:
+            self._held.append((what, write))
+            return
+        try:
+            write()
+        except Exception:  # a full disk must not stop the routing of devices
+            log.exception("cannot record %s", what)
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held or [], None
+        for what, write in held:
+            self._store_write(what, write)
+
     def _record_event(self, kind: str, **fields: Any) -> None:
+        ts = time.time()
         if self.listeners:
-            self._publish({"type": "event", "kind": kind, "ts": time.time(), **fields})
+            self._publish({"type": "event", "kind": kind, "ts": ts, **fields})
         if self.store is not None:
-            try:
-                self.store.record_event(kind, **fields)
-            except Exception:  # a full disk must not stop the routing of devices
-                log.exception("cannot record event %s", kind)
+            store = self.store
+            self._store_write(f"event {kind}", lambda: store.record_event(kind, ts=ts, **fields))
 
     def _record_action(self, kind: str, *, identity: str | None, **fields: Any) -> None:
         # seconds from the bind event to attached: for listeners, not the journal
         latency = fields.pop("latency_s", None)
+        ts = time.time()
         if self.listeners:
-            item = {"type": "action", "kind": kind, "ts": time.time(), "identity": identity}
+            item = {"type": "action", "kind": kind, "ts": ts, "identity": identity}
             self._publish({**item, **fields, "latency_s": latency})
         if self.store is not None:
-            try:
-                self.store.record_action(kind, identity=identity or fields["qemu_id"], **fields)
-            except Exception:
-                log.exception("cannot record action")
+            store, who = self.store, identity or fields["qemu_id"]
+            self._store_write(
+                f"action {kind}", lambda: store.record_action(kind, identity=who, ts=ts, **fields)
+            )
 
     def _identity_of(self, qemu_id: str) -> str | None:
         for dev in self.inventory.values():
@@ -212,8 +229,8 @@ class Daemon:
     def _saw(self, dev: UsbDevice, kind: str, detail: dict[str, Any] | None = None) -> None:
         """Remember a present device and record the event, with the VM it is meant for."""
         if self.store is not None:
-            with contextlib.suppress(Exception):
-                self.store.remember_device(dev)
+            store, ts = self.store, time.time()
+            self._store_write("device", lambda: store.remember_device(dev, ts=ts))
         self._record_event(
             kind,
             identity=dev.identity,
@@ -244,20 +261,21 @@ class Daemon:
             while self._host_queue:
                 item = self._host_queue.popleft()
                 self._wanted_now = False
+                # the journal is written after the attach, in the same order
+                self._held = [] if item is not None else None
                 try:
                     if item is None:
                         self._record_event("overflow")
                         self.rescan()
                     else:
                         self._handle_host_event(item)
+                    if self._wanted_now:
+                        async with self._pass_lock:
+                            await self.reconcile_once()
                 except Exception:
                     log.exception("cannot handle %s", item or "overflow")
-                if self._wanted_now:
-                    async with self._pass_lock:
-                        try:
-                            await self.reconcile_once()
-                        except Exception:
-                            log.exception("reconcile pass failed")
+                finally:
+                    self._flush_held()
 
     def _handle_host_event(self, event: HostEvent) -> None:
         self.stats.events += 1

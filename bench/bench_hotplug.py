@@ -1,0 +1,253 @@
+"""Hot-plug latency in the lab: replug -> attached in a VM, three attachers side by side.
+
+Everything runs inside the lab guest (a Linux kernel under QEMU/TCG with an
+emulated hub and keyboard, see :mod:`vmplug.demo`): a VM (a second QEMU,
+the "inner" QEMU) and, one after the other,
+
+* **vmplug** — ``vmplug run`` with a rule that sends the keyboard to the VM;
+* **qemu** — QEMU's own re-grab: one ``usb-host,vendorid=0x0627,productid=0x0001``
+  added once; QEMU finds the replugged device on its own (its 2 s scan);
+* **floor** — a bare attacher with no policy: a loop that listens to kernel
+  uevents and sends ``device_add`` the instant the device's ``add`` arrives
+  (the same ``usb-host`` arguments vmplug sends: ``hostdevice`` = the
+  device's /dev/bus/usb node, plus hostbus/hostport/hostaddr), retrying at
+  once on failure, and ``device_del`` on ``remove``.
+
+The host unplugs and replugs the keyboard through the lab guest's QMP
+(``--replugs`` times per attacher).  The time is taken **inside the guest,
+with one clock**: a watcher process there receives the kernel's uevents on a
+netlink socket (the ``add`` of the keyboard's usb_device is the moment it
+appears in sysfs: the kernel creates the directory before it announces it)
+and then polls the inner QEMU's QOM property ``attached`` of the attacher's
+usb-host device every 4 ms until it is true (``info usb`` would keep stale
+product names).  It also notes when the kernel's ``bind`` and udevd's ``add``
+broadcast arrived (the latter is when libusb, and so QEMU's scan, can first
+see the device).
+
+Prints median, p90, p99 and max per attacher, the ratios vmplug/qemu and
+vmplug/floor, and the host's and the guest's load average.  Takes about
+6-10 minutes under TCG; prints progress.  Not part of the test suite.
+
+Run: .venv/bin/python bench/bench_hotplug.py [--replugs 30] [--order floor,vmplug,qemu]
+     [--json] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vmplug.demo import GUEST_DIR, HUB, KBD, PORTS, TABLET, TIMING_SOCK, DemoLab
+from vmplug.lab.guest import GuestProcess, LabError, lab_unavailable_reason
+
+PORT = PORTS[KBD.id]  # "2-2.1" in the guest kernel
+VM_SOCK = f"{GUEST_DIR}/vm.sock"  # the attacher's socket (vmplug's, or the floor's)
+CHECK_SOCK = f"{GUEST_DIR}/check.sock"  # for setting up and cleaning up
+ATTACHERS = ("floor", "vmplug", "qemu")
+IDS = {"floor": "floor", "qemu": "regrab", "vmplug": "vmplug-*"}
+#: QEMU's own re-grab: matched by vendor/product, found by its scan
+REGRAB = {"driver": "usb-host", "bus": "xhci.0", "vendorid": 0x0627, "productid": 0x0001}
+
+
+class Bench:
+    def __init__(self, workdir: Path, replugs: int, say: Callable[[str], None]) -> None:
+        self.lab = DemoLab(workdir, say=lambda _l: None)
+        self.replugs = replugs
+        self.say = say
+        self.procs: list[GuestProcess] = []
+        self.loads: dict[str, dict[str, str]] = {}
+        self.records: dict[str, list[dict[str, Any]]] = {}
+
+    def boot(self) -> None:
+        self.lab.boot()
+        # one keyboard: a vendorid/productid usb-host would grab the tablet too
+        self.lab.guest.unplug(TABLET.id)
+        self.lab.start_vm()
+        self.lab.guest.wait_for(
+            f"test -S {VM_SOCK} && test -S {TIMING_SOCK} && test -S {CHECK_SOCK}", timeout=60
+        )
+        time.sleep(1.0)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if self.lab.guest.qemu_pid is not None:
+                with contextlib.suppress(LabError):
+                    self.lab.guest.kill(proc, signal.SIGKILL, timeout=5)
+        self.lab.close()
+
+    def spawn(self, mode: str, sock: str, out: str, dev_id: str) -> tuple[GuestProcess, str]:
+        proc, first = self.lab.tool_spawn(mode, sock, out, dev_id)
+        self.procs.append(proc)
+        return proc, str(first["id"])
+
+    def stop(self, proc: GuestProcess) -> None:
+        self.lab.guest.kill(proc, signal.SIGKILL, timeout=5)
+        self.procs.remove(proc)
+
+    def load(self, label: str) -> None:
+        host = Path("/proc/loadavg").read_text().split()[:3]
+        guest = self.lab.guest.run("cat /proc/loadavg").stdout.split()[:3]
+        self.loads[label] = {"host": " ".join(host), "guest": " ".join(guest)}
+
+    def series(self, name: str, watch_log: Path) -> list[float | None]:
+        results: list[float | None] = []
+        records = self.records.setdefault(name, [])
+        for i in range(self.replugs):
+            rec = self.lab.timed_replug(watch_log)
+            records.append(rec)
+            results.append(rec["dt"])
+            marks = " ".join(f"{k}={v * 1000:.0f}" for k, v in sorted(rec["marks"].items()))
+            shown = "timeout" if rec["dt"] is None else f"{rec['dt'] * 1000:7.1f} ms"
+            self.say(f"  {name:6} {i + 1:2d}/{self.replugs}: {shown}  ({marks} ms)")
+            time.sleep(0.3)
+        return results
+
+    def phase(self, name: str) -> list[float | None]:
+        self.load(f"{name} before")
+        watch_log = self.lab.guest.workdir / f"watch-{name}.log"
+        cleanup: list[Callable[[], object]] = []
+        try:
+            if name == "vmplug":
+                self.say("  starting vmplug run in the guest…")
+                self.lab.start_daemon()
+                cleanup.append(self.lab.stop_daemon)
+                self.wait_vmplug_attached()
+            elif name == "qemu":
+                added = self.lab.tool_run("add", VM_SOCK, IDS[name], json.dumps(REGRAB))
+                if not added.get("added"):
+                    raise LabError(f"device_add of the re-grab usb-host failed: {added}")
+            else:
+                floor, _ = self.spawn("floor", VM_SOCK, "floor.log", IDS[name])
+                cleanup.append(lambda: self.stop(floor))
+            watcher, _ = self.spawn("watch", TIMING_SOCK, watch_log.name, IDS[name])
+            cleanup.insert(0, lambda: self.stop(watcher))
+            return self.series(name, watch_log)
+        finally:
+            for step in cleanup:
+                step()
+            # leave the VM empty for the next attacher
+            self.lab.tool_run("del", CHECK_SOCK, IDS[name])
+            self.load(f"{name} after")
+
+    def wait_vmplug_attached(self, timeout: float = 60.0) -> None:
+        """Until the daemon has attached the keyboard (the watcher needs its id)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.lab.tool_run("find", CHECK_SOCK, IDS["vmplug"]).get("attached"):
+                return
+            time.sleep(0.5)
+        raise LabError("vmplug did not attach the keyboard")
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Nearest-rank quantile (p99 of 30 samples is the largest but none)."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 1))))
+    return ordered[rank - 1]
+
+
+def summarize(samples: list[float | None]) -> dict[str, Any]:
+    ok = [s for s in samples if s is not None]
+    if not ok:
+        return {"n": len(samples), "timeouts": len(samples)}
+    return {
+        "n": len(samples),
+        "timeouts": len(samples) - len(ok),
+        "median_ms": round(statistics.median(ok) * 1000, 1),
+        "p90_ms": round(quantile(ok, 0.90) * 1000, 1),
+        "p99_ms": round(quantile(ok, 0.99) * 1000, 1),
+        "max_ms": round(max(ok) * 1000, 1),
+        "min_ms": round(min(ok) * 1000, 1),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--replugs", type=int, default=30, help="replugs per attacher (default 30)")
+    ap.add_argument("--order", default="floor,vmplug,qemu", help="attachers, in order")
+    ap.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    ap.add_argument("--workdir", type=Path, help="keep the lab's files here")
+    args = ap.parse_args()
+    order = [a.strip() for a in args.order.split(",") if a.strip()]
+    if any(a not in ATTACHERS for a in order):
+        ap.error(f"--order takes {', '.join(ATTACHERS)}")
+    reason = lab_unavailable_reason()
+    if reason:
+        print(f"the lab guest cannot run here: {reason}", file=sys.stderr)
+        return 1
+    start = time.monotonic()
+
+    def say(line: str) -> None:
+        print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True)
+
+    own = args.workdir is None
+    wd = Path(tempfile.mkdtemp(prefix="vmplug-hp-", dir="/tmp")) if own else args.workdir
+    wd.mkdir(parents=True, exist_ok=True)
+    bench = Bench(wd, args.replugs, say)
+    results: dict[str, list[float | None]] = {}
+    try:
+        say(f"booting the lab guest (TCG; devices: {HUB.id}, {KBD.id})…")
+        bench.boot()
+        for name in order:
+            say(f"{name}: {args.replugs} replugs of {PORT}")
+            results[name] = bench.phase(name)
+    except KeyboardInterrupt:
+        say("interrupted")
+    finally:
+        say("stopping the lab guest…")
+        bench.close()
+    summary = {name: summarize(samples) for name, samples in results.items()}
+    print()
+    print(f"replug -> QOM attached=true, in the lab guest (TCG), {args.replugs} replugs each")
+    print(f"{'attacher':8} {'n':>3} {'median':>9} {'p90':>9} {'p99':>9} {'max':>9} {'min':>9}")
+    for name, s in summary.items():
+        if "median_ms" not in s:
+            print(f"{name:8} {s['n']:3d}  all timed out")
+            continue
+        print(
+            f"{name:8} {s['n']:3d} {s['median_ms']:7.1f}ms {s['p90_ms']:7.1f}ms "
+            f"{s['p99_ms']:7.1f}ms {s['max_ms']:7.1f}ms {s['min_ms']:7.1f}ms"
+            + (f"  ({s['timeouts']} timeouts)" if s["timeouts"] else "")
+        )
+    ratios: dict[str, float] = {}
+    v = summary.get("vmplug", {})
+    for other in ("qemu", "floor"):
+        o = summary.get(other, {})
+        if "median_ms" in v and "median_ms" in o:
+            ratios[f"vmplug/{other} median"] = round(v["median_ms"] / o["median_ms"], 3)
+            ratios[f"vmplug/{other} p99"] = round(v["p99_ms"] / o["p99_ms"], 3)
+    for k, r in ratios.items():
+        print(f"{k:22} {r:6.3f}")
+    if "vmplug/qemu median" in ratios:
+        print(f"vmplug is {1 / ratios['vmplug/qemu median']:.1f}x faster than QEMU (median)")
+    print("load average (1/5/15 min):")
+    for label, load in bench.loads.items():
+        print(f"  {label:16} host {load['host']:16} guest {load['guest']}")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "summary": summary,
+                    "ratios": ratios,
+                    "loads": bench.loads,
+                    "records": bench.records,
+                }
+            )
+        )
+    if own:
+        shutil.rmtree(wd, ignore_errors=True)
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
