@@ -122,6 +122,7 @@ async def test_container_vm_attaches_through_the_mount(
         observer = QmpVm("obs", proc.qmp_path, shared=True)
         assert await held_ports(observer) == {"2-1.2"}
         assert set(await vm.observe()) == {"vmplug-0123456789ab"}
+        assert await vm.usb_bus() == "xhci.0"  # what the daemon warms after a detach
         # the container restarts: its QEMU goes away and comes back on the same mount
         proc.stop()
         await until(lambda: _false(vm.connected))

@@ -393,7 +393,7 @@ class ContainerVm:
         self.container = container
         self.uri = uri
         self.shared = shared
-        self.usb_bus = usb_bus
+        self.usb_bus_config = usb_bus
         self.add_controller = add_controller
         self.on_change = on_change
         self.lookup_interval = lookup_interval
@@ -472,7 +472,7 @@ class ContainerVm:
                     self.name,
                     socket,
                     shared=self.shared,
-                    usb_bus=self.usb_bus,
+                    usb_bus=self.usb_bus_config,
                     add_controller=self.add_controller,
                     on_change=self._inner_change,
                 )
@@ -519,6 +519,10 @@ class ContainerVm:
 
     async def usb_buses(self) -> list[str]:
         return await self._vm().usb_buses()
+
+    async def usb_bus(self) -> str:
+        """The bus attach() uses (as :meth:`QmpVm.usb_bus`)."""
+        return await self._vm().usb_bus()
 
 
 __all__ = [
