@@ -213,6 +213,7 @@ def test_faults_are_found(lab: Lab) -> None:
     config.write_text(
         f'[vm.bad]\nqmp = "{GDIR}/bad.sock"\n\n[[rule]]\nattach = "bad"\nmatch = \'id 46f4:0002\'\n'
     )
+    g.wait_for("ls /sys/bus/usb/devices/2-3.1:1.0/sound | grep -q card")
     card = g.run("ls /sys/bus/usb/devices/2-3.1:1.0/sound", check=True).stdout.split()[0]
     player = g.spawn(f"sleep 600 </dev/snd/controlC{card.removeprefix('card')}")
     try:
