@@ -453,6 +453,7 @@ async def discover(
         owner = next((by_socket[r] for r in map(_socket_id, proc.sockets) if r in by_socket), None)
         if owner is not None:
             owner.pids = sorted(set(owner.pids) | set(proc.pids))
+            owner.sockets = list(dict.fromkeys([*owner.sockets, *proc.sockets]))
             continue
         proc.qmp = proc.where or None
         vms.append(proc)
@@ -460,12 +461,23 @@ async def discover(
         vms = [v for v in vms if any(fnmatch.fnmatchcase(v.name, p) for p in patterns)]
     await asyncio.gather(
         *(
-            probe_qmp(vm, vm.qmp, timeout)
+            _probe_first_free(vm, timeout)
             for vm in vms
             if vm.qmp and vm.kind != "libvirt" and vm.state not in ("stopped", "no-qmp")
         )
     )
     return Discovery(vms, notes)
+
+
+async def _probe_first_free(vm: FoundVm, timeout: float) -> None:
+    """Probe the VM's QMP socket; a process with several tries the next while
+    one is busy (a running vmplug daemon holds its own)."""
+    candidates = [vm.qmp or "", *(s for s in vm.sockets if s != vm.qmp)]
+    for address in candidates:
+        vm.state, vm.problem = "unknown", None
+        await probe_qmp(vm, address, timeout)
+        if vm.state != "busy":
+            return
 
 
 # ---------------------------------------------------------------------------

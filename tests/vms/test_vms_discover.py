@@ -14,6 +14,7 @@ import json
 import os
 import pty
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,7 @@ async def host(
         [*XHCI, "-device", "usb-host,id=vmplug-0123456789ab,hostbus=2,hostport=4.1"],
         name=f"{tag}-a",
         sock_dir=sock_dir,
+        qmp_sockets=2,
     )
     a.start()
     pids["a"] = a.pid
@@ -145,7 +147,6 @@ async def host(
 
 
 def _wait_listening(path: str, timeout: float = 10.0) -> None:
-    import socket  # noqa: PLC0415
     import time  # noqa: PLC0415
 
     deadline = time.monotonic() + timeout
@@ -169,7 +170,12 @@ async def test_vms_finds_every_kind(host: Host) -> None:
     Path(host.env["VMPLUG_CONFIG"]).write_text(
         f'[vm.mine]\nqmp = "{host.sock_dir}/{t}-a-qmp0.sock"\n'
     )
-    res = await host.vmplug("vms", f"{t}*", "pve105", "mine", *host.args(), "--json")
+    # another client (a running vmplug daemon) holds the config's socket: the
+    # VM is read through the other socket on its command line
+    with socket.socket(socket.AF_UNIX) as held:
+        held.connect(f"{host.sock_dir}/{t}-a-qmp0.sock")
+        assert b"QMP" in held.recv(4096)
+        res = await host.vmplug("vms", f"{t}*", "pve105", "mine", *host.args(), "--json")
     assert res.returncode == 0, res.stderr
     rows = by_name(json.loads(res.stdout)["vms"])
     assert set(rows) == {"mine", f"{t}-b", f"{t}-win", f"{t}-plain", "pve105", f"{t}-lv"}
@@ -177,6 +183,7 @@ async def test_vms_finds_every_kind(host: Host) -> None:
     mine = rows["mine"]  # the config's VM, seen as a process too: one row
     assert (mine["source"], mine["config"], mine["state"]) == ("config", "mine", "prelaunch")
     assert mine["pids"] == [host.pids["a"]]
+    assert mine["qmp"] == f"{host.sock_dir}/{t}-a-qmp1.sock"
     assert mine["usb_buses"] == ["xhci.0 (qemu-xhci)"]
     assert mine["devices"] == [
         {
