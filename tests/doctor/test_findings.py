@@ -80,3 +80,19 @@ def test_report_groups_by_layer_with_marks_evidence_and_fix() -> None:
     assert "✓[/green] fine" in text and "[yellow]![/yellow] hm" in text
     assert "seen: a: 1" in text and "fix:[/bold] do x" in text
     assert "1 warnings" in text
+
+
+def test_a_long_note_fix_is_shown_once() -> None:
+    notes = [
+        Finding(
+            "guest",
+            "guest.agent",
+            Severity.INFO,
+            f"VM {n}: no channel",
+            fix="line1\nline2",
+            subject=n,
+        )
+        for n in ("a", "b")
+    ]
+    text = render(notes)
+    assert text.count("line2") == 1 and "fix:[/bold] as for a above" in text

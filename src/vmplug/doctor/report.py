@@ -39,6 +39,8 @@ def render(findings: Sequence[Finding], verbose: bool = False) -> str:
     from rich.markup import escape  # noqa: PLC0415
 
     lines: list[str] = []
+    #: a note's long fix is shown once per check (many VMs without an agent channel)
+    shown: dict[str, str] = {}
     for layer in LAYERS:
         mine = [f for f in findings if f.layer == layer]
         if not mine:
@@ -52,7 +54,11 @@ def render(findings: Sequence[Finding], verbose: bool = False) -> str:
                     for i, part in enumerate(ev.splitlines() or [""]):
                         lead = "seen: " if i == 0 else "      "
                         lines.append(f"      [dim]{lead}{escape(part)}[/dim]")
-            if f.fix and f.severity >= Severity.INFO:
+            if f.fix and f.severity == Severity.INFO and f.check in shown:
+                lines.append(f"      [bold]fix:[/bold] as for {escape(shown[f.check])} above")
+            elif f.fix and f.severity >= Severity.INFO:
+                if f.severity == Severity.INFO:
+                    shown[f.check] = f.subject or f.title
                 fix_lines = f.fix.splitlines()
                 lines.append(f"      [bold]fix:[/bold] {escape(fix_lines[0])}")
                 lines.extend(f"           {escape(x)}" for x in fix_lines[1:])
