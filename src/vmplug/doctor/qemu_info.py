@@ -23,6 +23,8 @@ import contextlib
 import json
 import os
 import re
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,19 +326,87 @@ def reachable(path: str, proc_root: Path, pid: int) -> str:
     return inside if os.path.exists(inside) else path
 
 
+class QmpProbeError(RuntimeError):
+    """QMP answered with an error, or not in time."""
+
+
+class QmpProbe:
+    """A short synchronous QMP session: greeting, capabilities, a few queries.
+
+    The doctor asks a handful of questions and leaves; the daemon's
+    long-lived client (:mod:`vmplug.vms.qmp`) is asyncio and event-driven.
+    """
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._buf = b""
+        self._n = 0
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(path)
+            greeting = self._message(time.monotonic() + timeout)
+            if "QMP" not in greeting:
+                raise QmpProbeError(f"{path}: not a QMP greeting")
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _message(self, deadline: float) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QmpProbeError(f"{self.path}: timed out waiting for QMP")
+            self._sock.settimeout(remaining)
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise QmpProbeError(f"{self.path}: QEMU closed the connection")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise QmpProbeError(f"{self.path}: unexpected QMP message {msg!r}")
+        return msg
+
+    def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
+        self._n += 1
+        tag = f"doctor-{self._n}"
+        req: dict[str, Any] = {"execute": command, "id": tag}
+        if arguments:
+            req["arguments"] = arguments
+        self._sock.sendall(json.dumps(req).encode() + b"\n")
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            msg = self._message(deadline)
+            if msg.get("id") != tag:
+                continue  # an event
+            if "error" in msg:
+                err = msg["error"]
+                raise QmpProbeError(f"{command}: {err.get('class')}: {err.get('desc')}")
+            return msg.get("return")
+
+
 def query_qmp(inst: QemuInstance, timeout: float) -> None:
     """Fill ``qom_hosts`` and ``pci_controllers`` from the first QMP socket that answers.
 
     A QMP socket serves one client at a time: one that another client holds
     (vmplug's daemon, libvirt) does not greet us before ``timeout``.
     """
-    from vmplug.lab.wire import QmpClient, WireError  # noqa: PLC0415
-
     errors: list[str] = []
     for path in inst.qmp_paths:
         try:
-            client = QmpClient(Path(path), timeout=timeout)
-        except (OSError, WireError) as exc:
+            client = QmpProbe(path, timeout)
+        except (OSError, QmpProbeError) as exc:
             errors.append(f"{path}: {_why(exc)}")
             continue
         try:
@@ -345,7 +415,7 @@ def query_qmp(inst: QemuInstance, timeout: float) -> None:
             inst.qmp_used = path
             inst.qmp_error = None
             return
-        except (OSError, WireError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, QmpProbeError, ValueError, KeyError, TypeError) as exc:
             errors.append(f"{path}: {_why(exc)}")
         finally:
             client.close()
