@@ -378,13 +378,16 @@ def health_rows(
         dev = by_identity.get(identity)
         port: str | None
         if dev is not None:
-            port, parts = dev.port, (dev.display_manufacturer, dev.display_product)
+            port, name = dev.port, dev.display_name
         else:
             known = (store.known_device(identity) if store is not None else None) or {}
-            port, parts = known.get("port"), (known.get("manufacturer"), known.get("product"))
+            maker, product = known.get("manufacturer"), known.get("product")
+            if maker and product and str(product).casefold().startswith(str(maker).casefold()):
+                maker = None  # "QEMU USB Audio", not "QEMU QEMU USB Audio"
+            port, name = known.get("port"), " ".join(str(p) for p in (maker, product) if p)
         row.update(
             port=port,
-            name=" ".join(str(p) for p in parts if p) or None,
+            name=name or None,
             present=dev is not None,
         )
         rows.append(row)

@@ -51,6 +51,7 @@ SCHEMAS: dict[str, Any] = {
             "product_id": STR_N,
             "manufacturer": STR_N,
             "product": STR_N,
+            "name": STR_N,
             "serial": STR_N,
             "speed_mbps": NUM_N,
             "is_hub": {"type": "boolean"},

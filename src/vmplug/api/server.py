@@ -363,6 +363,7 @@ class Api:
             "product_id": None if dev.product_id is None else f"{dev.product_id:04x}",
             "manufacturer": dev.display_manufacturer,
             "product": dev.display_product,
+            "name": dev.display_name or None,
             "serial": dev.serial,
             "speed_mbps": dev.speed_mbps,
             "is_hub": dev.is_hub,

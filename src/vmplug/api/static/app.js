@@ -16,7 +16,7 @@
     String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 
   const label = (d) =>
-    [d.manufacturer, d.product].filter(Boolean).join(" ") || (d.is_hub ? "USB hub" : "(no name)");
+    d.name || (d.is_hub ? "USB hub" : "(no name)");
 
   const vidpid = (d) => `${d.vendor_id ?? "????"}:${d.product_id ?? "????"}`;
 
