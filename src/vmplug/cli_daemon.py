@@ -373,19 +373,14 @@ def _rule_escape(text: str) -> str:
 
 
 async def _direct(vmc: Any, op: str, qemu_id: str, spec: Any = None) -> None:
-    from vmplug.vms.qmp import QmpVm  # noqa: PLC0415
+    """One attach or detach straight to the VM, whatever its kind, no daemon."""
+    from vmplug.vms.factory import one_shot  # noqa: PLC0415
 
-    vm = QmpVm(
-        vmc.name, vmc.qmp, shared=True, usb_bus=vmc.usb_bus, add_controller=vmc.add_controller
-    )
-    await vm.start()
-    try:
+    async with one_shot(vmc) as vm:
         if op == "attach":
             await vm.attach(qemu_id, spec)
         else:
             await vm.detach(qemu_id)
-    finally:
-        await vm.stop()
 
 
 @cli.command("attach", epilog=EPILOG_ENV)
@@ -466,7 +461,7 @@ def _one_shot(
         )
         for vmc in targets:
             asyncio.run(_direct(vmc, op, dev.qemu_id, spec))
-        result |= {"via": "qmp", "state": "attached" if op == "attach" else "detached"}
+        result |= {"via": "direct", "state": "attached" if op == "attach" else "detached"}
         if op == "attach" and not persist:
             result["note"] = (
                 "no daemon runs: QEMU itself re-grabs a device replugged into the same "

@@ -272,10 +272,10 @@ def test_without_a_daemon_commands_say_so_or_go_straight_to_qmp(cli: Cli) -> Non
     assert "no vmplug daemon" in res.stderr
 
     out = cli.json("attach", "2-2.1", "--vm", "b")
-    assert out["via"] == "qmp"
+    assert out["via"] == "direct"
     assert cli.held("b") == {_id(cli, "2-2.1"): "2-2.1"}
     out = cli.json("detach", "2-2.1")
-    assert out["via"] == "qmp"
+    assert out["via"] == "direct"
     assert cli.held("b") == {}
 
 
