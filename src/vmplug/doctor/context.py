@@ -153,7 +153,9 @@ class DoctorContext:
             if vm.kind == "qmp" and vm.qmp and not vm.is_tcp:
                 sockets.append((vm.name, f"config [vm.{vm.name}]", vm.qmp))
             elif vm.kind == "proxmox":
-                path = f"/var/run/qemu-server/{vm.proxmox}.qmp"
+                from vmplug.vms.proxmox import socket_path  # noqa: PLC0415
+
+                path = str(socket_path(int(vm.proxmox or 0)))
                 sockets.append((vm.name, f"config [vm.{vm.name}] proxmox = {vm.proxmox}", path))
         sockets += self._container_sockets()
         for name, source, sock in sockets:

@@ -25,7 +25,7 @@ def _f(check: str, sev: Severity, title: str, **kw: object) -> Finding:
 
 
 def _name(dev: UsbDevice) -> str:
-    name = " ".join(p for p in (dev.display_manufacturer, dev.display_product) if p)
+    name = dev.display_name
     return f"{dev.port} ({dev.vidpid or '????:????'}{' ' + name if name else ''})"
 
 
