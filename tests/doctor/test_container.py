@@ -97,6 +97,29 @@ def test_qmp_socket_not_reachable_from_the_host() -> None:
     assert f.fix and "./qmp:/run" in f.fix
 
 
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        "-qmp unix:/qmp/qmp.sock,server=on,wait=off",
+        "-chardev socket,id=vq,path=/qmp/qmp.sock,server=on,wait=off -mon chardev=vq,mode=control",
+    ],
+)
+def test_qmp_socket_in_either_form_is_found_the_way_the_daemon_finds_it(arguments: str) -> None:
+    from vmplug.doctor.container_info import ContainerSpec, qmp_socket  # noqa: PLC0415
+
+    spec = ContainerSpec(name="windows", source="test", env={"ARGUMENTS": arguments})
+    assert qmp_socket(spec) == ("ARGUMENTS", "/qmp/qmp.sock")
+    # the image's own HMP monitor is not vmplug's QMP socket
+    assert (
+        qmp_socket(ContainerSpec(name="w", source="t", env={"QMP": "/run/shm/monitor.sock"}))
+        is None
+    )
+    assert qmp_socket(ContainerSpec(name="w", source="t", env={"QMP": "unix:/q/s.sock"})) == (
+        "QMP",
+        "/q/s.sock",
+    )
+
+
 def test_selinux_enforcing(tmp_path: Path) -> None:
     enforce = tmp_path / "enforce"
     enforce.write_text("1")

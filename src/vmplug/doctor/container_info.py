@@ -67,15 +67,23 @@ class ContainerScan:
 
 
 def qmp_socket(spec: ContainerSpec) -> tuple[str, str] | None:
-    """(where it was set, container path) of a QMP unix socket for vmplug."""
-    args = spec.env.get("ARGUMENTS", "").split()
-    for i, a in enumerate(args):
-        if a in ("-qmp", "--qmp") and i + 1 < len(args) and args[i + 1].startswith("unix:"):
-            return ("ARGUMENTS", args[i + 1][5:].split(",")[0])
+    """(where it was set, container path) of a QMP unix socket for vmplug.
+
+    The same reading as the container backend's (``-qmp``, ``-qmp-pretty``,
+    ``-chardev socket,path=`` + ``-mon mode=control`` in ``ARGUMENTS``, or the
+    ``QMP`` variable of newer dockurr images), so the doctor finds exactly
+    the socket ``vmplug run`` would use.
+    """
+    from vmplug.vms.container import IMAGE_MONITOR, qmp_paths_in_args  # noqa: PLC0415
+
+    paths = qmp_paths_in_args(spec.env.get("ARGUMENTS", "").split())
+    if paths:
+        return ("ARGUMENTS", paths[0])
     qmp = spec.env.get("QMP", "")
-    if qmp.startswith("unix:"):
-        return ("QMP", qmp[5:].split(",")[0])
-    return None
+    found = qmp_paths_in_args(["-qmp", qmp]) if qmp else []
+    if not found and qmp.startswith("/") and qmp != IMAGE_MONITOR:
+        found = [qmp]
+    return ("QMP", found[0]) if found else None
 
 
 def host_path(spec: ContainerSpec, path: str) -> str | None:
