@@ -581,10 +581,15 @@ async def idle(rig: Rig, window: float, strace_s: float) -> None:
             finally:
                 tracer.send_signal(signal.SIGINT)
                 _, err = tracer.communicate(timeout=10)
-            text = out.read_text() if out.exists() else err.decode()
-            say(f"  strace -c -f over {strace_s:g} s of idle:")
-            for line in text.strip().splitlines()[-8:]:
-                say(f"    {line}")
+            text = out.read_text().strip() if out.exists() else ""
+            if not text and tracer.returncode not in (0, -signal.SIGINT):
+                say(f"  strace failed: {err.decode().strip()[-200:]}")
+            elif not text:  # strace -c prints no table when it saw no call
+                say(f"  strace -c -f over {strace_s:g} s of idle: no system call at all")
+            else:
+                say(f"  strace -c -f over {strace_s:g} s of idle:")
+                for line in text.splitlines()[-8:]:
+                    say(f"    {line}")
     finally:
         for proc in (daemon, base):
             if proc is not None and proc.poll() is None:
