@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from vmplug.vms.base import UsbHostSpec
-from vmplug.vms.qmp import QmpVm
+from vmplug.vms.qmp import Binding, QmpVm
 
 DEVICES: dict[str, dict[str, Any]] = {
     "vmplug-aaaaaaaaaaaa": {"vendorid": 0x1235, "productid": 0x821A, "attached": True},
@@ -38,13 +38,20 @@ DEFAULTS: dict[str, Any] = {
 class FakeQemu:
     """Answers the handful of commands QmpVm sends, and counts them."""
 
-    def __init__(self, version: tuple[int, int, int], *, list_get: bool) -> None:
+    def __init__(
+        self,
+        version: tuple[int, int, int],
+        *,
+        list_get: bool,
+        devices: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.version = version
         self.list_get = list_get
+        self.devices = DEVICES if devices is None else devices
         self.commands: list[str] = []
 
     def props(self, dev: str) -> dict[str, Any]:
-        return DEFAULTS | DEVICES[dev]
+        return DEFAULTS | self.devices[dev]
 
     def answer(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         if cmd in ("qmp_capabilities", "device_add"):
@@ -52,7 +59,7 @@ class FakeQemu:
         if cmd == "query-status":
             return {"return": {"status": "running", "running": True}}
         if cmd == "qom-list" and args["path"] == "/machine/peripheral":
-            children = [{"name": d, "type": "child<usb-host>"} for d in DEVICES]
+            children = [{"name": d, "type": "child<usb-host>"} for d in self.devices]
             xhci = {"name": "xhci", "type": "child<qemu-xhci>"}
             return {"return": [{"name": "type", "type": "string"}, xhci, *children]}
         if cmd == "qom-list" and args["path"] == "/machine/peripheral/xhci":
@@ -173,11 +180,15 @@ async def test_old_qemu_is_never_sent_qom_list_get() -> None:
     assert "qom-list-get" not in fake.commands
 
 
+PINNED = "vmplug-cccccccccccc"  # hostdevice form: pinned to device 3:7
+
+
 @pytest.mark.parametrize(("version", "list_get"), [((7, 2, 0), False), ((10, 1, 0), True)])
 async def test_observe_bindings_reads_each_device_once_per_session(
     version: tuple[int, int, int], list_get: bool
 ) -> None:
-    fake = FakeQemu(version, list_get=list_get)
+    pinned = {"hostbus": 3, "hostport": "1.4", "hostaddr": 7, "attached": False}
+    fake = FakeQemu(version, list_get=list_get, devices=DEVICES | {PINNED: pinned})
     async with fake_qemu(fake) as sock:
         vm = QmpVm("reconciler", sock)
         await vm.start()
@@ -192,15 +203,17 @@ async def test_observe_bindings_reads_each_device_once_per_session(
         finally:
             await vm.stop()
     assert first == second
-    assert set(first) == {"vmplug-aaaaaaaaaaaa", "vmplug-bbbbbbbbbbbb"}  # not user-dev
+    assert set(first) == {"vmplug-aaaaaaaaaaaa", "vmplug-bbbbbbbbbbbb", PINNED}  # not user-dev
     by_port = first["vmplug-bbbbbbbbbbbb"]
-    assert (by_port.hostbus, by_port.hostport) == (3, "1.2")
-    assert (first["vmplug-aaaaaaaaaaaa"].hostbus, first["vmplug-aaaaaaaaaaaa"].hostport) == (
+    assert (by_port.hostbus, by_port.hostport, by_port.hostaddr, by_port.attached) == (
+        3,
+        "1.2",
         None,
-        None,
+        None,  # the port form: `attached` decides nothing, so it is not read
     )
+    assert first[PINNED] == Binding(PINNED, 3, "1.4", 7, False)
     if list_get:
         assert cold == ["qom-list", "qom-list-get"]
-    else:  # hostbus and hostport of the two vmplug devices, nothing else
-        assert sorted(cold) == ["qom-get"] * 4 + ["qom-list"]
-    assert warm == ["qom-list"]
+    else:  # the three binding properties of the three vmplug devices, `attached` of one
+        assert sorted(cold) == ["qom-get"] * 10 + ["qom-list"]
+    assert sorted(warm) == ["qom-get", "qom-list"]  # only the pinned device's `attached`

@@ -193,17 +193,22 @@ class _Static:
 
 @dataclass(frozen=True, slots=True)
 class Binding:
-    """What the reconciler compares of a vmplug device: the host socket it is
-    bound to.  ``hostaddr`` is known only when the session read or set it."""
+    """What a reconciler compares of a vmplug device: the host socket it is
+    bound to, the device number it is pinned to (``hostaddr``; None: QEMU
+    follows the socket itself), and, for a pinned device only, QOM's
+    ``attached`` (None when not read: it decides nothing for the port form,
+    where QEMU re-grabs the device by itself)."""
 
     id: str
     hostbus: int | None
     hostport: str | None
-    hostaddr: int | None = None
+    hostaddr: int | None
+    attached: bool | None = None
 
 
-#: The properties observe_bindings() reads of a device it has not seen yet.
-BINDING_PROPS = ("hostbus", "hostport")
+#: The properties observe_bindings() reads once per session of each device.
+BINDING_PROPS = ("hostbus", "hostport", "hostaddr")
+_BindingKey = tuple[int | None, str | None, int | None]
 
 
 def _int_or_none(value: object) -> int | None:
@@ -302,7 +307,7 @@ class QmpVm:
         self._deleted: dict[str, list[asyncio.Future[None]]] = {}
         # Per-session caches, kept honest by DEVICE_DELETED (events reach every monitor).
         self._static: dict[str, _Static] = {}
-        self._bindings: dict[str, tuple[int | None, str | None]] = {}
+        self._bindings: dict[str, _BindingKey] = {}
         self._generation = 0
         self._bus: str | None = None
         self._bus_lock = asyncio.Lock()
@@ -377,66 +382,91 @@ class QmpVm:
             return await self._observe(client, (PERIPHERAL,), managed_only=True)
 
     async def observe_bindings(self) -> dict[str, Binding]:
-        """vmplug's usb-host devices with only their binding (hostbus, hostport).
+        """vmplug's usb-host devices with only what a reconciler compares (:class:`Binding`).
 
-        What a reconciler needs, at a fraction of :meth:`observe`'s cost on
-        QEMU before 10.1 (one qom-get per property; QEMU spends ~0.45 ms on
-        each): two qom-gets for a device the session has not seen, none for
-        one it added or read before (the binding cannot change after
-        device_add, and DEVICE_DELETED reaches every monitor).  One qom-list
-        when nothing is new.
+        A fraction of :meth:`observe`'s cost on QEMU before 10.1 (one qom-get
+        per property, ~0.45 ms of QEMU CPU each): three qom-gets for a device
+        the session has not seen, none for one it added or read before (they
+        cannot change after device_add, and DEVICE_DELETED reaches every
+        monitor), plus ``attached`` of pinned devices on every call.  A single
+        qom-list when nothing is new and nothing is pinned.
         """
         async with self._session() as client:
             generation = self._generation
             children = await self._qom_list(client, PERIPHERAL)
-            out: dict[str, Binding] = {}
+            known: dict[str, _BindingKey] = {}
             todo: list[str] = []
             for child in children:
                 name = str(child.get("name", "")) if isinstance(child, dict) else ""
                 if _child_type(child) != "usb-host" or not name.startswith(ID_PREFIX):
                     continue
                 path = f"{PERIPHERAL}/{name}"
-                known = self._known_binding(name, path)
-                if known is None:
+                key = self._known_binding(path)
+                if key is None:
                     todo.append(path)
                 else:
-                    out[name] = known
-            if not todo:
-                return out
-            bulk = await self._qom_list_get(client, todo)
-            if bulk is not None:
-                for path, values in zip(todo, bulk, strict=True):
-                    name = path.rsplit("/", 1)[1]
-                    dev = self._device_from(name, path, values, generation)
-                    out[name] = Binding(name, dev.hostbus, dev.hostport, dev.hostaddr)
-                return out
-            read = await _map_bounded(lambda p: self._read_binding(client, p, generation), todo)
-            out.update((b.id, b) for b in read if b is not None)
-            return out
+                    known[path] = key
+            if todo:
+                bulk = await self._qom_list_get(client, todo)
+                if bulk is not None:  # QEMU 10.1+: everything at once
+                    out: dict[str, Binding] = {}
+                    for path, values in zip(todo, bulk, strict=True):
+                        name = path.rsplit("/", 1)[1]
+                        dev = self._device_from(name, path, values, generation)
+                        live = dev.attached if dev.hostaddr is not None else None
+                        out[name] = Binding(name, dev.hostbus, dev.hostport, dev.hostaddr, live)
+                    return out | await self._complete(client, known)
+                read = await _map_bounded(lambda p: self._read_binding(client, p, generation), todo)
+                known.update((path, key) for path, key in zip(todo, read, strict=True) if key)
+            return await self._complete(client, known)
 
-    def _known_binding(self, name: str, path: str) -> Binding | None:
+    async def _complete(self, client: _Client, keys: dict[str, _BindingKey]) -> dict[str, Binding]:
+        """Bindings from their keys, with ``attached`` read for pinned devices."""
+        pinned = [path for path, key in keys.items() if key[2] is not None]
+        live = await _map_bounded(lambda p: self._attached(client, p), pinned)
+        attached = dict(zip(pinned, live, strict=True))
+        out: dict[str, Binding] = {}
+        for path, key in keys.items():
+            name = path.rsplit("/", 1)[1]
+            state = attached.get(path)
+            if key[2] is not None and state is None:
+                continue  # vanished meanwhile
+            out[name] = Binding(name, *key, state)
+        return out
+
+    async def _attached(self, client: _Client, path: str) -> bool | None:
+        """QOM ``attached`` of one device; None when it vanished meanwhile."""
+        try:
+            return await self._qom_get(client, path, "attached") is True
+        except VmError as exc:
+            if exc.qmp_class == "DeviceNotFound":
+                return None
+            raise
+
+    def _known_binding(self, path: str) -> _BindingKey | None:
         if self.shared:
             return None
         static = self._static.get(path)
         if static is not None:
-            return Binding(name, static.hostbus, static.hostport, static.hostaddr)
-        pair = self._bindings.get(path)
-        return None if pair is None else Binding(name, *pair)
+            return (static.hostbus, static.hostport, static.hostaddr)
+        return self._bindings.get(path)
 
-    async def _read_binding(self, client: _Client, path: str, generation: int) -> Binding | None:
-        """hostbus and hostport of one device; None when it vanished meanwhile."""
+    async def _read_binding(
+        self, client: _Client, path: str, generation: int
+    ) -> _BindingKey | None:
+        """The binding properties of one device; None when it vanished meanwhile."""
         try:
-            bus, port = await asyncio.gather(
+            bus, port, addr = await asyncio.gather(
                 *(self._qom_get(client, path, p) for p in BINDING_PROPS)
             )
         except VmError as exc:
             if exc.qmp_class == "DeviceNotFound":
                 return None
             raise
-        pair = (_int_or_none(bus), _str_or_none(port))
+        key = (_int_or_none(bus), _str_or_none(port), _int_or_none(addr))
         if not self.shared and generation == self._generation:
-            self._bindings[path] = pair
-        return Binding(path.rsplit("/", 1)[1], *pair)
+            self._bindings[path] = key
+        return key
 
     async def observe_all(self) -> dict[str, ObservedDevice]:
         """Every usb-host device, vmplug's and others' (see ``ObservedDevice.managed``).
