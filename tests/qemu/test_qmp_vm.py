@@ -345,6 +345,26 @@ async def test_concurrent_attaches_add_one_controller(qemu: QemuFactory, make_vm
     assert set(await vm.observe()) == set(ids)
 
 
+async def test_replug_after_detach_needs_no_bus_lookup(
+    qemu: QemuFactory, make_vm: MakeVm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = qemu().start()
+    vm, _ = await connected_vm(make_vm, sock)
+    await vm.attach(DEV, UsbHostSpec.by_port(1, "4"))
+    sent: list[str] = []
+    real_exec = vm._exec
+
+    async def spy(client: object, cmd: str, args: object = None) -> object:
+        sent.append(cmd)
+        return await real_exec(client, cmd, args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(vm, "_exec", spy)
+    await vm.detach(DEV)  # DEVICE_DELETED of a usb-host: the controller is still there
+    await vm.attach(DEV, UsbHostSpec.by_port(1, "4"))
+    assert sent == ["device_del", "device_add"]
+    assert set(await vm.observe_bindings()) == {DEV}
+
+
 async def test_observe_bindings_follow_devices_others_replace(
     qemu: QemuFactory, make_vm: MakeVm
 ) -> None:

@@ -708,13 +708,15 @@ class QmpVm:
             dev_id = data.get("device")
             path = data.get("path")
             self._generation += 1
-            self._bus = None  # it may have been a controller
-            if isinstance(path, str):
-                self._static.pop(path, None)
-                self._bindings.pop(path, None)
+            paths = [p for p in (path, dev_id and f"{PERIPHERAL}/{dev_id}") if isinstance(p, str)]
+            # A usb-host this session added or read cannot have been the
+            # controller: keep the bus (a replug's device_add needs it at once).
+            if not any(p in self._static or p in self._bindings for p in paths):
+                self._bus = None  # it may have been a controller
+            for p in paths:
+                self._static.pop(p, None)
+                self._bindings.pop(p, None)
             if isinstance(dev_id, str) and dev_id:
-                self._static.pop(f"{PERIPHERAL}/{dev_id}", None)
-                self._bindings.pop(f"{PERIPHERAL}/{dev_id}", None)
                 for fut in self._deleted.pop(dev_id, []):
                     if not fut.done():
                         fut.set_result(None)
