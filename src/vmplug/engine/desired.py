@@ -14,9 +14,9 @@ stay distinct, and a restarted daemon recognises what it attached.  How QEMU
 * the port form alone is accepted while the device is absent and opened by
   QEMU's scan of libusb's device list: at device_add, then every 2 s.  libusb
   learns of a new device from udevd's broadcast, which comes after udevd has
-  run its rules (hundreds of ms under load, seconds under TCG), so a device
-  added on the kernel's ``bind`` is usually not in the list yet and waits for
-  the next 2 s tick;
+  run its rules (in the lab guest 0.15-1.3 s after the kernel's uevent, and
+  once 11 s on a loaded host), so a device added on the kernel's uevent is
+  often not in the list yet and waits for the next 2 s tick;
 * ``hostbus`` + ``hostaddr`` alone is opened at realize or refused at once
   ("failed to find host usb device"), but it, too, looks in libusb's list;
 * ``hostdevice=/dev/bus/usb/BBB/DDD`` comes first of all: QEMU opens the
@@ -27,7 +27,7 @@ So vmplug attaches a present device with ``hostdevice`` *plus* ``hostbus``,
 ``hostport`` and ``hostaddr`` (QEMU only stores those; QOM shows them, so the
 observed port still identifies the attachment).  Such an attachment is
 pinned to one device number and never re-grabbed by QEMU: vmplug detaches on
-``remove`` and attaches the new number on ``bind``, and :func:`plan` replaces
+``remove`` and attaches the new number on ``add``, and :func:`plan` replaces
 an observed attachment whose number is not the device's any more (a replug
 vmplug did not see) or that QEMU no longer holds.  When the node cannot be
 used (no live /sys, a QEMU that refuses it), the port form stays: QEMU's own
