@@ -14,7 +14,9 @@ the "inner" QEMU) and, one after the other,
   once on failure, and ``device_del`` on ``remove``.
 
 The host unplugs and replugs the keyboard through the lab guest's QMP
-(``--replugs`` times per attacher).  The time is taken **inside the guest,
+(``--replugs`` times per attacher), waiting until the guest saw it go and
+then 0.5-2.5 s more: QEMU restarts its 2 s scan timer when it lets a device
+go, so a fixed pause would lock the replug to one phase of it.  The time is taken **inside the guest,
 with one clock**: a watcher process there receives the kernel's uevents on a
 netlink socket (the ``add`` of the keyboard's usb_device is the moment it
 appears in sysfs: the kernel creates the directory before it announces it)
@@ -23,6 +25,13 @@ usb-host device every 4 ms until it is true (``info usb`` would keep stale
 product names).  It also notes when the kernel's ``bind`` and udevd's ``add``
 broadcast arrived (the latter is when libusb, and so QEMU's scan, can first
 see the device).
+
+What bounds the numbers: the kernel holds the device's lock while it probes
+drivers (~0.1 s under TCG); QEMU's open() of the node and any read of the
+serial wait for it, so no attacher that must know which device this is can
+act before the probe ends.  The floor's QEMU is already blocked in open() then
+and goes on at once; vmplug still has to read the device, match rules and
+send device_add (tens of ms of Python under TCG).
 
 Prints median, p90, p99 and max per attacher, the ratios vmplug/qemu and
 vmplug/floor, and the host's and the guest's load average.  Takes about
