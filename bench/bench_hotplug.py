@@ -16,9 +16,9 @@ the "inner" QEMU) and, one after the other,
 The host unplugs and replugs the keyboard through the lab guest's QMP
 (``--replugs`` times per attacher), waiting until the guest saw it go and
 then 0.5-2.5 s more: QEMU restarts its 2 s scan timer when it lets a device
-go, so a fixed pause would lock the replug to one phase of it.  The time is taken **inside the guest,
-with one clock**: a watcher process there receives the kernel's uevents on a
-netlink socket (the ``add`` of the keyboard's usb_device is the moment it
+go, so a fixed pause would lock the replug to one phase of it.  The time is
+taken **inside the guest, with one clock**: a watcher process there receives
+the kernel's uevents on a netlink socket (the ``add`` of the keyboard's usb_device is the moment it
 appears in sysfs: the kernel creates the directory before it announces it)
 and then polls the inner QEMU's QOM property ``attached`` of the attacher's
 usb-host device every 4 ms until it is true (``info usb`` would keep stale
