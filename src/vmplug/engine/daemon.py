@@ -474,12 +474,6 @@ class Daemon:
                 finally:
                     self._detaching.discard(key)
                 self.observed.get(action.vm, {}).pop(action.qemu_id, None)
-                # QmpVm forgets the VM's USB bus on every DEVICE_DELETED (it may
-                # have been a controller): look it up again now, while nothing
-                # waits, not when the device comes back
-                warm = getattr(vm, "usb_bus", None)
-                if warm is not None and not getattr(vm, "shared", False):
-                    self._spawn(_quietly(warm()))
         except VmplugError as exc:
             delay = min(RETRY_FIRST * 2 ** (attempt - 1), RETRY_MAX) * random.uniform(0.8, 1.2)  # noqa: S311
             self.retries[key] = Retry(attempt, time.monotonic() + delay, str(exc))
@@ -734,11 +728,6 @@ class Daemon:
 
 
 _VERB = {"add": "added", "bind": "bound"}
-
-
-async def _quietly(coro: Any) -> None:
-    with contextlib.suppress(Exception):
-        await coro
 
 
 def _same(a: Attachment, b: Attachment) -> bool:
