@@ -18,13 +18,14 @@ The host unplugs and replugs the keyboard through the lab guest's QMP
 then 0.5-2.5 s more: QEMU restarts its 2 s scan timer when it lets a device
 go, so a fixed pause would lock the replug to one phase of it.  The time is
 taken **inside the guest, with one clock**: a watcher process there receives
-the kernel's uevents on a netlink socket (the ``add`` of the keyboard's usb_device is the moment it
-appears in sysfs: the kernel creates the directory before it announces it)
-and then polls the inner QEMU's QOM property ``attached`` of the attacher's
-usb-host device every 4 ms until it is true (``info usb`` would keep stale
-product names).  It also notes when the kernel's ``bind`` and udevd's ``add``
-broadcast arrived (the latter is when libusb, and so QEMU's scan, can first
-see the device).
+the kernel's uevents on a netlink socket (the ``add`` of the keyboard's
+usb_device is the moment it appears in sysfs: the kernel creates the
+directory before it announces it; the watcher waits for it at real-time
+priority, so its stamp is not late) and then, at normal priority, polls the
+inner QEMU's QOM property ``attached`` of the attacher's usb-host device every
+10 ms until it is true (``info usb`` would keep stale product names).  It also
+notes when the kernel's ``bind`` and udevd's ``add`` broadcast arrived (the
+latter is when libusb, and so QEMU's scan, can first see the device).
 
 What bounds the numbers: the kernel holds the device's lock while it probes
 drivers (~0.1 s under TCG); QEMU's open() of the node and any read of the
