@@ -173,12 +173,17 @@ async def _map_bounded(
     return out  # type: ignore[return-value]  # every slot was filled
 
 
+#: seconds a disconnect may take before vmplug lets the session go
+CLOSE_TIMEOUT = 5.0
+
+
 async def _close(client: _Client) -> None:
     """Disconnect, swallowing what the bottom half died of (EOF, reset...)."""
     if client.runstate is Runstate.IDLE:
         return
+    # bounded: a peer that stopped reading must not hold up a daemon's shutdown
     with contextlib.suppress(Exception):
-        await client.disconnect()
+        await asyncio.wait_for(client.disconnect(), CLOSE_TIMEOUT)
 
 
 @dataclass(frozen=True, slots=True)
