@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from vmplug.aio import cancel_and_wait
 from vmplug.config import Config, VmConfig, load_config
 from vmplug.engine.desired import ID_PREFIX, Action, Attachment, desired, plan, target
 from vmplug.errors import VmplugError
@@ -698,9 +699,7 @@ class Daemon:
         for backend in list(self.vms.values()):
             with contextlib.suppress(Exception):
                 await backend.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))
         self._record_event("daemon-stop")
         log.info("vmplug daemon stopped")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from vmplug.aio import cancel_and_wait
 from vmplug.vms.base import ObservedDevice, UsbHostSpec, VmConfigError, VmDisconnected, VmState
 from vmplug.vms.qmp import OnChange, QmpVm
 
@@ -424,10 +425,7 @@ class ContainerVm:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait([task])
         inner, self.inner = self.inner, None
         if inner is not None:
             await inner.stop()

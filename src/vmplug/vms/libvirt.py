@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmplug.aio import cancel_and_wait
 from vmplug.host.inventory import sysfs_root_from_env
 from vmplug.vms.base import (
     ID_PREFIX,
@@ -323,10 +324,7 @@ class LibvirtVm:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait([task])
         await self._disconnect()
         self._state = VmState.DISCONNECTED
 

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
 from qemu.qmp.message import Message
 
+from vmplug.aio import cancel_and_wait
 from vmplug.vms.base import (
     ID_PREFIX,
     ObservedDevice,
@@ -352,12 +353,7 @@ class QmpVm:
     async def stop(self) -> None:
         """Stop reconnecting and close the session, if any."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for side in list(self._side_tasks):
-            side.cancel()
+        await cancel_and_wait([task, *self._side_tasks])
         client, self._client = self._client, None
         if client is not None:
             await _close(client)
