@@ -371,7 +371,9 @@ async def test_failed_attach_is_retried_until_the_vm_can_take_it(
     # the VM comes back with a controller: the retry succeeds
     r.qemus["a"].cleanup()
     r.qemus.pop("a")
-    r.observers.pop("a", None)
+    old_observer = r.observers.pop("a", None)
+    if old_observer is not None:
+        await old_observer.stop()
     r.qemu("a").start()
     await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}), timeout=40)
     assert await r.ports("b") == {"1-3"}
