@@ -238,14 +238,14 @@ def status_cmd(obj: Context, socket_path: str | None, as_json: bool) -> None:
         f"{escape(d['events'])}, config {escape(d['config'])}"
     )
     vms = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
-    for col in ("VM", "CONNECTED", "STATE", "QMP", "DEVICES"):
+    for col in ("VM", "CONNECTED", "STATE", "WHERE", "DEVICES"):
         vms.add_column(col)
     for name, vm in data["vms"].items():
         vms.add_row(
             name,
             "yes" if vm["connected"] else "[red]no[/]",
             vm["state"] or "-",
-            escape(vm["qmp"] or "-"),
+            escape(vm.get("where") or vm["qmp"] or "-"),
             str(len(vm["devices"])),
         )
     obj.console.print(vms)

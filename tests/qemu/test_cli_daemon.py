@@ -154,6 +154,8 @@ def test_status_attach_detach_and_history_through_the_daemon(cli: Cli) -> None:
     assert cli.daemon is not None
     assert status["daemon"]["pid"] == cli.daemon.pid
     assert {n: v["connected"] for n, v in status["vms"].items()} == {"a": True, "b": True}
+    assert status["vms"]["a"]["kind"] == "qmp"
+    assert status["vms"]["a"]["where"] == str(cli.qemus["a"].qmp_paths[0])
     [att] = status["attachments"]
     assert (att["port"], att["vm"], att["state"]) == ("2-2.4.2", "a", "attached")
 

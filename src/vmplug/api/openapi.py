@@ -75,6 +75,8 @@ SCHEMAS: dict[str, Any] = {
             "connected": {"type": "boolean"},
             "state": STR_N,
             "qmp": STR_N,
+            "kind": STR_N,
+            "where": STR_N,
             "devices": {"type": "array", "items": {"type": "string"}},
         },
     },

@@ -439,6 +439,8 @@ class Api:
                     "connected": bool(vm.get("connected")),
                     "state": vm.get("state"),
                     "qmp": vm.get("qmp"),
+                    "kind": vm.get("kind"),
+                    "where": vm.get("where"),
                     "devices": list(vm.get("devices", [])),
                 }
             )

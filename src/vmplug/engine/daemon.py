@@ -725,6 +725,8 @@ class Daemon:
                 "connected": backend.connected,
                 "state": getattr(state, "name", str(state)).lower() if state else None,
                 "qmp": self.config.vms[name].qmp if name in self.config.vms else None,
+                "kind": self.config.vms[name].kind if name in self.config.vms else None,
+                "where": self.config.vms[name].where if name in self.config.vms else None,
                 "devices": sorted(self.observed.get(name, {})),
             }
         attachments = []
