@@ -12,19 +12,16 @@ Used by tests/api, tests/web and bench/bench_api.py.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "qemu"))
 
+from fakekernel import FIXTURES, FakeKernel, until  # noqa: E402
 from qemu_proc import QemuProcess  # noqa: E402
 
 from vmplug.api.server import Api  # noqa: E402
@@ -34,79 +31,14 @@ from vmplug.host.events import ReplayEventSource  # noqa: E402
 from vmplug.store import Store  # noqa: E402
 from vmplug.vms.qmp import QmpVm  # noqa: E402
 
-FIXTURES = HERE.parent / "fixtures" / "sysfs"
 TOKEN = "test-token-0123456789abcdef"
+__all__ = ["FIXTURES", "TOKEN", "ApiRig", "FakeKernel", "until"]
 
 RULES = """
 [[rule]]
 attach = "a"
 match = 'via-port "2-2.4.2"'
 """
-
-
-class FakeKernel:
-    """A captured sysfs tree that plugs and unplugs devices, and the uevents for it."""
-
-    def __init__(self, tmp: Path, capture: str = "mixed", root: Path | None = None) -> None:
-        self.root = tmp / "sysfs"
-        if root is None:
-            shutil.copytree(FIXTURES / capture, self.root, symlinks=True)
-        else:
-            self.root = root
-        self.stash = tmp / "unplugged"
-        self.stash.mkdir(exist_ok=True)
-        self.fifo = tmp / "uevents"
-        os.mkfifo(self.fifo)
-        self._fd = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
-        self.seq = 1000
-        self.where: dict[str, Path] = {}
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-    def _links(self) -> Path:
-        return self.root / "bus/usb/devices"
-
-    def _send(self, action: str, devdir: Path, uevent_text: str) -> None:
-        self.seq += 1
-        props = dict(line.split("=", 1) for line in uevent_text.splitlines() if "=" in line)
-        props |= {
-            "ACTION": action,
-            "DEVPATH": "/" + str(devdir.relative_to(self.root)),
-            "SUBSYSTEM": "usb",
-            "SEQNUM": str(self.seq),
-        }
-        os.write(self._fd, (json.dumps(props) + "\n").encode())
-
-    def unplug(self, port: str) -> None:
-        real = (self._links() / port).resolve()
-        uevent = (real / "uevent").read_text()
-        for link in self._links().iterdir():
-            if link.name == port or link.name.startswith(f"{port}:"):
-                link.unlink()
-        self.where[port] = real
-        shutil.move(real, self.stash / port)
-        self._send("unbind", real, uevent)
-        self._send("remove", real, uevent)
-
-    def plug(self, port: str) -> None:
-        real = self.where.pop(port)
-        shutil.move(self.stash / port, real)
-        (self._links() / port).symlink_to(os.path.relpath(real, self._links()))
-        uevent = (real / "uevent").read_text()
-        self._send("add", real, uevent)
-        self._send("bind", real, uevent)
-
-
-async def until(
-    check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = ""
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"not reached within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 class ApiRig:

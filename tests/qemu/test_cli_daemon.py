@@ -1,7 +1,7 @@
 """The daemon's CLI end to end: a real ``vmplug run`` process, real QEMU VMs.
 
 ``vmplug run`` runs as a subprocess over a captured sysfs tree (uevents
-replayed through a FIFO, see :class:`test_daemon.FakeKernel`), with two real
+replayed through a FIFO, see :class:`fakekernel.FakeKernel`), with two real
 QEMU processes.  The one-shot commands (``status``, ``attach``, ``detach``,
 ``reload``, ``history``) are run as a user would run them, and what QEMU
 really holds is read through a second QMP socket of each VM, never from
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakekernel import FakeKernel
 from qemu_proc import QemuProcess
-from test_daemon import FakeKernel
 
 from vmplug.vms.qmp import QmpVm
 
@@ -46,7 +46,7 @@ class Cli:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.kernel = FakeKernel("mixed", tmp)
+        self.kernel = FakeKernel(tmp)
         self.sock_dir = Path(tempfile.mkdtemp(prefix="vmplug-c", dir="/tmp"))
         self.api_sock = self.sock_dir / "api.sock"
         self.db = tmp / "vmplug.db"

@@ -12,9 +12,7 @@ socket for vmplug and a second one the test reads QOM through.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakekernel import FakeKernel, until
 from qemu_proc import QemuProcess
 
 from vmplug.config import parse_config
@@ -36,82 +35,12 @@ pytestmark = pytest.mark.qemu
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "sysfs"
 
 
-class FakeKernel:
-    """A captured sysfs tree that plugs and unplugs devices, and the uevents for it."""
-
-    def __init__(self, capture: str, tmp: Path) -> None:
-        self.root = tmp / "sysfs"
-        shutil.copytree(FIXTURES / capture, self.root, symlinks=True)
-        self.stash = tmp / "unplugged"
-        self.stash.mkdir()
-        self.fifo = tmp / "uevents"
-        os.mkfifo(self.fifo)
-        self._fd = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
-        self.seq = 1000
-        self.where: dict[str, Path] = {}  # port -> device dir while plugged
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-    def _links(self) -> Path:
-        return self.root / "bus/usb/devices"
-
-    def devdir(self, port: str) -> Path:
-        return (self._links() / port).resolve()
-
-    def _send(self, action: str, devdir: Path, uevent_text: str) -> None:
-        self.seq += 1
-        props = dict(line.split("=", 1) for line in uevent_text.splitlines() if "=" in line)
-        props |= {
-            "ACTION": action,
-            "DEVPATH": "/" + str(devdir.relative_to(self.root)),
-            "SUBSYSTEM": "usb",
-            "SEQNUM": str(self.seq),
-        }
-        os.write(self._fd, (json.dumps(props) + "\n").encode())
-
-    def unplug(self, port: str) -> None:
-        real = self.devdir(port)
-        uevent = (real / "uevent").read_text()
-        for link in self._links().iterdir():
-            if link.name == port or link.name.startswith(f"{port}:"):
-                link.unlink()
-        self.where[port] = real
-        shutil.move(real, self.stash / port)
-        self._send("unbind", real, uevent)
-        self._send("remove", real, uevent)
-
-    def plug(self, port: str, devnum: int | None = None) -> None:
-        real = self.where.pop(port)
-        shutil.move(self.stash / port, real)
-        if devnum is not None:
-            (real / "devnum").write_text(f"{devnum}\n")
-            text = (real / "uevent").read_text().splitlines()
-            text = [f"DEVNUM={devnum:03d}" if t.startswith("DEVNUM=") else t for t in text]
-            (real / "uevent").write_text("\n".join(text) + "\n")
-        (self._links() / port).symlink_to(os.path.relpath(real, self._links()))
-        uevent = (real / "uevent").read_text()
-        self._send("add", real, uevent)
-        self._send("bind", real, uevent)
-
-    def overflow(self) -> None:
-        os.write(self._fd, b'{"OVERFLOW": "1"}\n')
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
-
-
 class Rig:
     """Kernel, VMs and daemons of one test; everything stopped at teardown."""
 
     def __init__(self, tmp: Path, capture: str) -> None:
         self.tmp = tmp
-        self.kernel = FakeKernel(capture, tmp)
+        self.kernel = FakeKernel(tmp, capture)
         self.qemus: dict[str, QemuProcess] = {}
         # one short directory for every socket: a VM made again keeps its paths
         self.sock_dir = Path(tempfile.mkdtemp(prefix="vmplug-d", dir="/tmp"))
