@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from vms.vmrig import Libvirt, private_libvirtd
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "generate"
 QEMU = shutil.which("qemu-system-x86_64")
@@ -175,92 +176,7 @@ def qemu_fails(extra: list[str]) -> str:
 # under the test's own directory, never /run/libvirt or /etc/libvirt.
 
 
-@dataclass
-class Libvirt:
-    root: Path
-    env: dict[str, str]
-    uid: int
-    proc: subprocess.Popen[str]
-
-    @property
-    def uri(self) -> str:
-        return f"qemu:///session?socket={self.root}/run/libvirt/libvirt-sock"
-
-    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(
-            ["virsh", "-c", self.uri, *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            user=self.uid,
-            group=self.uid,
-            extra_groups=[],
-            timeout=120,
-            check=False,
-        )
-        if check and res.returncode != 0:
-            raise AssertionError(f"virsh {' '.join(args)}: {res.stderr.strip()}")
-        return res
-
-
 @pytest.fixture
 def libvirtd() -> Iterator[Libvirt]:
-    for tool in ("libvirtd", "virsh"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian: libvirt-daemon, libvirt-clients)")
-    uid = 65534 if os.geteuid() == 0 else os.geteuid()  # nobody, when the tests run as root
-    # Not under pytest's tmp_path: its parents are private to root, and nobody
-    # must reach this directory.
-    root = Path(tempfile.mkdtemp(prefix="vmplug-libvirt-"))
-    request_cleanup = root
-    for sub in ("home", "run", "config", "cache", "data"):
-        (root / sub).mkdir(parents=True)
-    (root / "run").chmod(0o700)
-    if os.geteuid() == 0:
-        root.chmod(0o755)
-        for dirpath, _dirs, _files in os.walk(root):
-            os.chown(dirpath, uid, uid)
-        os.chown(root, uid, uid)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "HOME": str(root / "home"),
-        "XDG_RUNTIME_DIR": str(root / "run"),
-        "XDG_CONFIG_HOME": str(root / "config"),
-        "XDG_CACHE_HOME": str(root / "cache"),
-        "XDG_DATA_HOME": str(root / "data"),
-        "LANG": "C.UTF-8",
-    }
-    log = (root / "libvirtd.log").open("w")
-    proc = subprocess.Popen(
-        ["libvirtd", "--timeout", "0"],
-        env=env,
-        user=uid,
-        group=uid,
-        extra_groups=[],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lv = Libvirt(root, env, uid, proc)
-    try:
-        sock = root / "run" / "libvirt" / "libvirt-sock"
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"libvirtd exited {proc.returncode}: {(root / 'libvirtd.log').read_text()}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError("libvirtd did not create its socket")
-            time.sleep(0.1)
+    with private_libvirtd("vmplug-libvirt-") as lv:
         yield lv
-    finally:
-        # Domains started by the test are QEMU children of libvirtd; destroy them
-        # through libvirt first so no QEMU outlives the test.
-        if proc.poll() is None:
-            listing = lv.virsh("list", "--name", check=False).stdout.split()
-            for name in listing:
-                lv.virsh("destroy", name, check=False)
-        _stop(proc)
-        log.close()
-        shutil.rmtree(request_cleanup, ignore_errors=True)

@@ -14,8 +14,9 @@ import pytest
 
 from vmplug.generate import libvirt
 from vmplug.generate.common import CannotExpress
+from vms.vmrig import Libvirt
 
-from .conftest import Libvirt, Qmp
+from .conftest import Qmp
 from .devices import AUDIO, HUB, KEYLAB, SERIAL_A, SERIAL_B
 
 NS = {"qemu": libvirt.QEMU_NS}

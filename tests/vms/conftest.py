@@ -3,7 +3,6 @@ a private libvirtd, and a Docker Engine API served on a unix socket."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -13,7 +12,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from vms.vmrig import XHCI, DockerApiServer, Libvirt, QemuFactory, QemuProcess, stop_process
+from vms.vmrig import (
+    XHCI,
+    DockerApiServer,
+    Libvirt,
+    QemuFactory,
+    QemuProcess,
+    private_libvirtd,
+)
 
 
 @pytest.fixture
@@ -79,36 +85,7 @@ async def docker_api() -> AsyncIterator[DockerApiServer]:
 
 @pytest.fixture(scope="module")
 def libvirtd() -> Iterator[Libvirt]:
-    for tool in ("libvirtd", "virsh", "qemu-system-x86_64"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian: libvirt-daemon, libvirt-clients)")
-    uid = 65534 if os.geteuid() == 0 else os.geteuid()
-    root = Path(tempfile.mkdtemp(prefix="vmplug-lv-"))
-    for sub in ("home", "run", "config", "cache", "data"):
-        (root / sub).mkdir(parents=True)
-    (root / "run").chmod(0o700)
-    if os.geteuid() == 0:
-        root.chmod(0o755)
-        for dirpath, _dirs, _files in os.walk(root):
-            os.chown(dirpath, uid, uid)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "HOME": str(root / "home"),
-        "XDG_RUNTIME_DIR": str(root / "run"),
-        "XDG_CONFIG_HOME": str(root / "config"),
-        "XDG_CACHE_HOME": str(root / "cache"),
-        "XDG_DATA_HOME": str(root / "data"),
-        "LANG": "C.UTF-8",
-    }
-    lv = Libvirt(root, env, uid)
-    try:
-        lv.launch()
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    with private_libvirtd("vmplug-lv-") as lv:
         yield lv
-    finally:
-        proc = lv.proc
-        if proc is not None and proc.poll() is None:
-            for name in lv.virsh("list", "--name", check=False).stdout.split():
-                lv.virsh("destroy", name, check=False)
-        if proc is not None:
-            stop_process(proc)
-        shutil.rmtree(root, ignore_errors=True)

@@ -10,8 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,52 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
             proc.wait(timeout)
 
 
+@contextlib.contextmanager
+def private_libvirtd(prefix: str = "vmplug-lv-") -> Iterator[Libvirt]:
+    """A libvirtd of the test's own (``qemu:///session`` on a private socket),
+    running as nobody when the tests run as root, its state in a fresh
+    directory, never /run/libvirt or /etc/libvirt.  At the end its domains are
+    destroyed through libvirt (their QEMUs are its children), libvirtd is
+    stopped by PID and the directory removed."""
+    import pytest  # noqa: PLC0415
+
+    for tool in ("libvirtd", "virsh"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (Debian: libvirt-daemon, libvirt-clients)")
+    uid = 65534 if os.geteuid() == 0 else os.geteuid()  # nobody, when the tests run as root
+    # Not under pytest's tmp_path: its parents are private to root, and nobody
+    # must reach this directory.
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    for sub in ("home", "run", "config", "cache", "data"):
+        (root / sub).mkdir(parents=True)
+    (root / "run").chmod(0o700)
+    if os.geteuid() == 0:
+        root.chmod(0o755)
+        for dirpath, _dirs, _files in os.walk(root):
+            os.chown(dirpath, uid, uid)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "HOME": str(root / "home"),
+        "XDG_RUNTIME_DIR": str(root / "run"),
+        "XDG_CONFIG_HOME": str(root / "config"),
+        "XDG_CACHE_HOME": str(root / "cache"),
+        "XDG_DATA_HOME": str(root / "data"),
+        "LANG": "C.UTF-8",
+    }
+    lv = Libvirt(root, env, uid)
+    try:
+        lv.launch()
+        yield lv
+    finally:
+        proc = lv.proc
+        if proc is not None and proc.poll() is None:
+            for name in lv.virsh("list", "--name", check=False).stdout.split():
+                lv.virsh("destroy", name, check=False)
+        if proc is not None:
+            stop_process(proc)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 __all__ = [
     "DOCKER_FIXTURES",
     "SYSFS_FIXTURES",
@@ -165,5 +212,6 @@ __all__ = [
     "QemuProcess",
     "docker_doc",
     "domain_xml",
+    "private_libvirtd",
     "stop_process",
 ]
