@@ -58,10 +58,10 @@ from qemu.qmp import QMPClient
 from vmplug.config import Config, load_config
 from vmplug.engine.daemon import Daemon
 from vmplug.engine.desired import desired, host_port, plan
+from vmplug.history.store import Store
 from vmplug.host import sysfs
 from vmplug.host.events import ReplayEventSource
 from vmplug.host.inventory import read_devices
-from vmplug.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "sysfs" / "mixed"

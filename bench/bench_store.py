@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vmplug.health import device_health, health_by_device
-from vmplug.store import Store
+from vmplug.history.health import device_health, health_by_device
+from vmplug.history.store import Store
 
 
 def _fmt_us(seconds: float) -> str:

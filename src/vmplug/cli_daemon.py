@@ -148,7 +148,7 @@ def run_cmd(
     from vmplug.api.server import Api  # noqa: PLC0415
     from vmplug.engine.daemon import Daemon  # noqa: PLC0415
     from vmplug.host.events import make_source  # noqa: PLC0415
-    from vmplug.store import Store  # noqa: PLC0415
+    from vmplug.history.store import Store  # noqa: PLC0415
 
     setup_logging(log_level)
     path = config_path(obj.config)
@@ -285,7 +285,7 @@ def history_cmd(
     identity such as 1235:821a/serial=X) limits it to one device.  Reads the
     database directly: no daemon needed.
     """
-    from vmplug.store import Store  # noqa: PLC0415
+    from vmplug.history.store import Store  # noqa: PLC0415
 
     db = Path(db_path or _daemon_settings(obj).database)
     if not db.exists():

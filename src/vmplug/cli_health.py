@@ -152,8 +152,8 @@ def health(
       vmplug health 2-2.4.2 --window 24h
       vmplug health 046d:c52b --json
     """
-    from vmplug.health import health_by_device, health_rows  # noqa: PLC0415
-    from vmplug.store import Store  # noqa: PLC0415
+    from vmplug.history.health import health_by_device, health_rows  # noqa: PLC0415
+    from vmplug.history.store import Store  # noqa: PLC0415
 
     span = parse_duration(window)
     end = parse_time(until) if until else dt.datetime.now().timestamp()

@@ -27,8 +27,8 @@ from qemu_proc import QemuProcess  # noqa: E402
 from vmplug.api.server import Api  # noqa: E402
 from vmplug.config import parse_config  # noqa: E402
 from vmplug.engine.daemon import Daemon  # noqa: E402
+from vmplug.history.store import Store  # noqa: E402
 from vmplug.host.events import ReplayEventSource  # noqa: E402
-from vmplug.store import Store  # noqa: E402
 from vmplug.vms.qmp import QmpVm  # noqa: E402
 
 TOKEN = "test-token-0123456789abcdef"

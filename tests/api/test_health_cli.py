@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from api.apirig import FIXTURES
+from vmplug.history.store import Store
 from vmplug.host.sysfs import read_devices
-from vmplug.store import Store
 
 T0 = 1_700_000_000.0
 KBD_PORT = "2-2.4.2"

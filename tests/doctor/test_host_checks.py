@@ -14,8 +14,8 @@ import pytest
 from vmplug.doctor import host
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import Finding, Severity, run_checks
+from vmplug.history.store import Store
 from vmplug.host.inventory import read_devices
-from vmplug.store import Store
 
 from .conftest import DOCTOR, SYSFS
 

@@ -26,8 +26,8 @@ from qemu_proc import QemuProcess
 from vmplug.config import parse_config
 from vmplug.engine.daemon import Daemon
 from vmplug.engine.desired import Attachment
+from vmplug.history.store import Store
 from vmplug.host.events import ReplayEventSource
-from vmplug.store import Store
 from vmplug.vms.qmp import QmpVm
 
 pytestmark = pytest.mark.qemu

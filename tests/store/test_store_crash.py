@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from vmplug.store import Store
+from vmplug.history.store import Store
 
 GADGETS = Path(__file__).parents[1] / "fixtures" / "sysfs" / "gadgets"
 
@@ -28,7 +28,7 @@ CHILD = r"""
 import dataclasses
 import sys
 from vmplug.host.sysfs import read_devices
-from vmplug.store import Store
+from vmplug.history.store import Store
 
 # a device captured from the lab kernel, remembered under changing serials
 base = next(d for d in read_devices(sys.argv[2]) if d.port == "4-1")

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmplug.health import Health, device_health, health_by_device
-from vmplug.store import HistoryEntry, Store
+from vmplug.history.health import Health, device_health, health_by_device
+from vmplug.history.store import HistoryEntry, Store
 
 DEV = "1235:821a/serial=Y7X"
 KEY = "1c75:02cb/serial=K1"

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from vmplug.host.sysfs import read_devices
-from vmplug.store import (
+from vmplug.history.store import (
     SCHEMA_VERSION,
     ActionKind,
     EventKind,
@@ -21,6 +20,7 @@ from vmplug.store import (
     Store,
     StoreError,
 )
+from vmplug.host.sysfs import read_devices
 
 # devices captured from the lab kernel (tests/fixtures/sysfs/gadgets): the
 # Scarlett 4i4 identity with a serial, the KeyLab identity without one

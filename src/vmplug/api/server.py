@@ -156,7 +156,7 @@ class Api:
         self._memo: dict[int, tuple[UsbDevice, dict[str, Any]]] = {}
         self.metrics: Any = None
         if metrics:
-            from vmplug.metrics import Metrics  # noqa: PLC0415
+            from vmplug.api.metrics import Metrics  # noqa: PLC0415
 
             self.metrics = Metrics(daemon)
         daemon.listeners.append(self._on_item)
@@ -484,7 +484,7 @@ class Api:
         return web.json_response([e.to_json() for e in entries])
 
     async def health(self, request: web.Request) -> web.Response:
-        from vmplug.health import health_by_device, health_rows  # noqa: PLC0415
+        from vmplug.history.health import health_by_device, health_rows  # noqa: PLC0415
 
         store = self.daemon.store
         window = _query_number(request, "window", DEFAULT_WINDOW_S, 1, MAX_WINDOW_S)

@@ -129,13 +129,13 @@ class DoctorContext:
 
     @cached_property
     def history(self) -> Any:
-        """A read-only :class:`vmplug.store.Store`, or None when there is no database."""
+        """A read-only :class:`vmplug.history.store.Store`, or None when there is no database."""
         path = self.store_path
         if path is None and self.config is not None:
             path = Path(self.config.daemon.database)
         if path is None or not path.exists():
             return None
-        from vmplug.store import Store  # noqa: PLC0415
+        from vmplug.history.store import Store  # noqa: PLC0415
 
         return Store(path, readonly=True)
 

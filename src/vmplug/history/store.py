@@ -35,7 +35,7 @@ were recorded, immune to wall-clock jumps (NTP, suspend, a wrong RTC at boot).
 Vocabulary
 ----------
 :class:`EventKind`, :class:`ActionKind` and :class:`Result` are the words the
-daemon writes and :mod:`vmplug.health` reads; their docstrings say what each
+daemon writes and :mod:`vmplug.history.health` reads; their docstrings say what each
 one means to the health figures.  Unknown event kinds (lowercase words joined
 by ``-``) are stored as they are, so a newer daemon can add kinds without a
 migration; health ignores them.

@@ -1,13 +1,13 @@
 """Per-device health figures from the journal: uptime, failures, MTBF, recovery, errors.
 
-Pure functions over :class:`vmplug.store.HistoryEntry` lists (journal order,
+Pure functions over :class:`vmplug.history.store.HistoryEntry` lists (journal order,
 as :meth:`Store.history` returns them) and a window ``[start, end)`` in unix
 time.  Entries before ``start`` are replayed only to know the state at
 ``start``; entries after ``end`` are ignored.  Pass the history from at least
 the last ``daemon-start`` before ``start`` (or all of it): before the first
 entry the replay knows nothing, so nothing is present, running or attached.
 
-State, at every instant, replayed from the vocabulary in :mod:`vmplug.store`
+State, at every instant, replayed from the vocabulary in :mod:`vmplug.history.store`
 -------------------------------------------------------------------------------
 * **observed** -- the daemon is running: false from ``daemon-stop`` to the
   next ``daemon-start``.  ``daemon-start`` also forgets everything (devices,
@@ -70,8 +70,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmplug.history.store import ActionKind, EventKind, HistoryEntry, Result
 from vmplug.model import UsbDevice
-from vmplug.store import ActionKind, EventKind, HistoryEntry, Result
 
 
 @dataclass(frozen=True, slots=True)

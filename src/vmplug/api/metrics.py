@@ -18,7 +18,7 @@ Gauges
   ``vmplug_vm_connected{vm}``                   1 while vmplug's QMP session is up
   ``vmplug_vm_devices{vm}``                     vmplug devices the VM holds
   ``vmplug_device_uptime_ratio{identity,port}`` share of wanted time attached, since
-                                                the daemon started (see vmplug.health)
+                                                the daemon started (see vmplug.history.health)
   ``vmplug_device_failures{identity,port}``     failures since the daemon started
 """
 
@@ -111,7 +111,7 @@ class _StateCollector(Collector):
         return iter(())  # computed at scrape time
 
     def _health_now(self) -> dict[str, Any]:
-        from vmplug.health import health_by_device  # noqa: PLC0415
+        from vmplug.history.health import health_by_device  # noqa: PLC0415
 
         stamp, figures = self._health
         now = time.monotonic()
