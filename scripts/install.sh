@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 packages=(
   python3 python3-venv python3-pip git ca-certificates
   qemu-system-x86 qemu-utils qemu-guest-agent
-  linux-image-amd64 busybox-static kmod udev usbutils usb.ids
-  umockdev
-  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils
+  linux-image-amd64 busybox-static kmod udev usbutils usb.ids procps passwd
+  umockdev usbguard
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
+  libxml2-utils
   systemd
   libvirt-dev pkg-config gcc python3-dev
   chromium
@@ -26,8 +27,37 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# libvirt resolves its default QEMU user (libvirt-qemu) before it reads
+# /etc/libvirt/qemu.conf, so a system libvirtd (the lab guest runs one from this
+# root file system) needs both.  libvirt-daemon-system's postinst creates the
+# user and ships the file, but postinst scripts may not have run (a chroot, a
+# container, a failed configure): make sure of them here, as that postinst does.
+ensure_libvirt() {
+  getent group kvm >/dev/null || groupadd --system kvm
+  getent group libvirt >/dev/null || groupadd --system libvirt
+  if ! getent passwd libvirt-qemu >/dev/null; then
+    local uid=()
+    getent passwd 64055 >/dev/null || uid=(--uid 64055)
+    useradd --system --gid kvm --home-dir /var/lib/libvirt --no-create-home \
+      --shell /usr/sbin/nologin --comment "Libvirt Qemu" "${uid[@]}" libvirt-qemu
+  fi
+  if ! getent group libvirt-qemu >/dev/null; then
+    local gid=()
+    getent group 64055 >/dev/null || gid=(--gid 64055)
+    groupadd --system "${gid[@]}" libvirt-qemu
+  fi
+  id -nG libvirt-qemu | tr ' ' '\n' | grep -qx libvirt-qemu || usermod -aG libvirt-qemu libvirt-qemu
+  mkdir -p /etc/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt
+  # Every setting commented out: libvirt's built-in defaults, as Debian ships it.
+  [ -e /etc/libvirt/qemu.conf ] || printf '# Master libvirt QEMU driver configuration file\n' \
+    >/etc/libvirt/qemu.conf
+}
+ensure_libvirt
+
+# Debian's python3 (/usr/bin/python3, installed above), never whatever python3
+# comes first on PATH (pyenv, /usr/local/bin): the venv is the same everywhere.
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  /usr/bin/python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
