@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+from click.core import ParameterSource
 
 from vmplug import __version__
 from vmplug.errors import VmplugError
@@ -56,6 +57,15 @@ class Context:
     sysfs_root: Path
     config: str | None
     debug: bool
+
+    @classmethod
+    def from_env(cls) -> Context:
+        """The settings when no ``vmplug`` group made them (a command run on its own)."""
+        return cls(
+            sysfs_root=sysfs_root_from_env(None),
+            config=os.environ.get("VMPLUG_CONFIG") or None,
+            debug=os.environ.get("VMPLUG_DEBUG") == "1",
+        )
 
     @cached_property
     def console(self) -> Console:
@@ -127,7 +137,108 @@ def _lazy_available(name: str) -> bool:
         return False
 
 
-class VmplugGroup(click.Group):
+# ---------------------------------------------------------------------------
+# Global options: --sysfs-root, --config and --debug, before or after the subcommand
+
+GLOBAL_NOTE = (
+    "--sysfs-root, --config and --debug may also come before the subcommand "
+    "(vmplug --config FILE run); given in both places, the one after the subcommand wins."
+)
+
+#: (declarations, settings) of each global option: the one place they are defined, for
+#: the group (``vmplug --config F run``) and for every command (``vmplug run --config F``).
+_GLOBAL_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (
+        ("--sysfs-root",),
+        {
+            "type": click.Path(file_okay=False, path_type=Path),
+            "metavar": "DIR",
+            "envvar": "VMPLUG_SYSFS_ROOT",
+            "help": "Read USB devices from this sysfs root (default /sys).",
+        },
+    ),
+    (
+        ("--config", "config"),
+        {
+            "metavar": "FILE",
+            "envvar": "VMPLUG_CONFIG",
+            "help": "Config file (default /etc/vmplug/vmplug.toml).",
+        },
+    ),
+    (
+        ("--debug",),
+        {"is_flag": True, "envvar": "VMPLUG_DEBUG", "help": "Tracebacks for internal errors."},
+    ),
+)
+
+
+def _root_options(fn: Any) -> Any:
+    """The global options on the ``vmplug`` group itself, passed to its callback."""
+    for decls, settings in reversed(_GLOBAL_OPTIONS):
+        fn = click.option(*decls, show_envvar=True, **settings)(fn)
+    return fn
+
+
+def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """A global option given after a subcommand: it overrides the one before it.
+
+    Only a value typed on the command line counts; the environment variable
+    was already read by the group, and a default must not undo what was given
+    before the subcommand.
+    """
+    if ctx.resilient_parsing or param.name is None:
+        return
+    if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+        return
+    obj = ctx.find_object(Context)
+    if obj is None:  # the command runs on its own, without the `vmplug` group
+        obj = Context.from_env()
+        walk: click.Context | None = ctx
+        while walk is not None:
+            if walk.obj is None:
+                walk.obj = obj
+            walk = walk.parent
+    if param.name == "sysfs_root":
+        obj.sysfs_root = Path(value)
+    elif param.name == "config":
+        obj.config = value
+    elif param.name == "debug":
+        obj.debug = obj.debug or bool(value)
+
+
+def add_global_options(command: click.Command) -> click.Command:
+    """Give ``command`` (and, for a group, each of its subcommands) the global options.
+
+    Idempotent, and an option a command already has under the same name or
+    flag (its own ``--config``) is left to it.  Every command registered on a
+    :class:`GlobalOptionsGroup` gets them, lazy ones included, so a new command
+    needs nothing to take them.
+    """
+    taken_names = {p.name for p in command.params}
+    taken_opts = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+    for decls, settings in _GLOBAL_OPTIONS:
+        option = click.Option(
+            decls, show_envvar=True, expose_value=False, callback=_set_global, **settings
+        )
+        if option.name in taken_names or taken_opts & set(option.opts):
+            continue
+        command.params.append(option)
+    if GLOBAL_NOTE not in (command.epilog or ""):
+        command.epilog = f"{command.epilog}\n\n{GLOBAL_NOTE}" if command.epilog else GLOBAL_NOTE
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            add_global_options(sub)
+    return command
+
+
+class GlobalOptionsGroup(click.Group):
+    """A group whose every command takes --sysfs-root, --config and --debug."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        super().add_command(add_global_options(cmd), name)
+
+
+class VmplugGroup(GlobalOptionsGroup):
     """Turns errors a user can cause into messages and exit codes, not tracebacks."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -150,7 +261,8 @@ class VmplugGroup(click.Group):
         try:
             return super().invoke(ctx)
         except VmplugError as exc:
-            if os.environ.get("VMPLUG_DEBUG") == "1":
+            obj = ctx.find_object(Context)
+            if (obj is not None and obj.debug) or os.environ.get("VMPLUG_DEBUG") == "1":
                 traceback.print_exc()
             raise VmplugFailure(exc) from exc
 
@@ -161,22 +273,7 @@ class VmplugGroup(click.Group):
     epilog=EPILOG_ENV,
 )
 @click.version_option(__version__, "-V", "--version", prog_name="vmplug")
-@click.option(
-    "--sysfs-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="VMPLUG_SYSFS_ROOT",
-    help="Read USB devices from this sysfs root (default /sys).",
-)
-@click.option(
-    "--config",
-    "config",
-    metavar="FILE",
-    envvar="VMPLUG_CONFIG",
-    help="Config file (default /etc/vmplug/vmplug.toml).",
-)
-@click.option(
-    "--debug", is_flag=True, envvar="VMPLUG_DEBUG", help="Tracebacks for internal errors."
-)
+@_root_options
 @click.pass_context
 def cli(ctx: click.Context, sysfs_root: Path | None, config: str | None, debug: bool) -> None:
     """Route host USB devices into QEMU/KVM virtual machines and keep them there.
@@ -185,6 +282,9 @@ def cli(ctx: click.Context, sysfs_root: Path | None, config: str | None, debug: 
     rules, attaches them to running VMs over QMP (again after every replug,
     VM restart and daemon restart), writes the configuration QEMU, libvirt,
     Docker and udev need, and finds where a pass-through breaks.
+
+    --sysfs-root, --config and --debug may come before or after the
+    subcommand (vmplug run --config FILE); after it wins.
     """
     ctx.obj = Context(
         sysfs_root=sysfs_root_from_env(sysfs_root),

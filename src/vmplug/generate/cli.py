@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
+from vmplug.cli import Context, GlobalOptionsGroup
 from vmplug.errors import UsageError
 from vmplug.generate import compose as compose_mod
 from vmplug.generate import libvirt as libvirt_mod
@@ -74,7 +75,9 @@ def _device_args(fn: F) -> F:
     return click.argument("selectors", nargs=-1, metavar="DEVICE...")(fn)
 
 
-@click.group("generate", context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    "generate", cls=GlobalOptionsGroup, context_settings={"help_option_names": ["-h", "--help"]}
+)
 def generate() -> None:
     """Write configuration for QEMU, Docker, libvirt, udev, SPICE and systemd.
 
@@ -388,7 +391,6 @@ def _default_exec() -> str:
 
 @generate.command("systemd")
 @click.option("--exec", "executable", metavar="PATH", help="vmplug executable (default: found).")
-@click.option("--config", "config", metavar="FILE", help="Config file for `vmplug run`.")
 @click.option("--install", is_flag=True, help="Write the unit, reload systemd, enable and start.")
 @click.option(
     "--unit-dir",
@@ -404,7 +406,6 @@ def _default_exec() -> str:
 def systemd_cmd(
     ctx: click.Context,
     executable: str | None,
-    config: str | None,
     install: bool,
     unit_dir: Path,
     name: str,
@@ -415,10 +416,11 @@ def systemd_cmd(
     """A systemd unit for `vmplug run` (after udev and the container runtime).
 
     It restarts on failure.  --install writes it to /etc/systemd/system,
-    reloads systemd and enables and starts it.
+    reloads systemd and enables and starts it.  The unit's `vmplug run` reads
+    the config this command is given (--config or VMPLUG_CONFIG), if any.
     """
-    root_config = getattr(ctx.find_root().obj, "config", None)
-    plan = systemd_mod.plan_systemd(executable or _default_exec(), config=config or root_config)
+    config = getattr(ctx.find_object(Context), "config", None)
+    plan = systemd_mod.plan_systemd(executable or _default_exec(), config=config)
     text = plan.text()
     done: list[str] = []
     if install:
