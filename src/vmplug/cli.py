@@ -238,6 +238,10 @@ class GlobalOptionsGroup(click.Group):
         super().add_command(add_global_options(cmd), name)
 
 
+#: ``@group.group()`` makes a group of the same kind, whose commands get them too.
+GlobalOptionsGroup.group_class = GlobalOptionsGroup
+
+
 class VmplugGroup(GlobalOptionsGroup):
     """Turns errors a user can cause into messages and exit codes, not tracebacks."""
 
