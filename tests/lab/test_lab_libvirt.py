@@ -104,8 +104,17 @@ class LibvirtLab:
         (wd / "qemu.conf").write_text(QEMU_CONF)
         (wd / "domain.xml").write_text(DOMAIN_XML)
         (wd / "vmplug.toml").write_text(CONFIG)
+        # libvirtd resolves its default QEMU user, libvirt-qemu, before it reads
+        # qemu.conf ("Failed to parse user 'libvirt-qemu'" without it): the
+        # guest's own /etc gets it when the host's has none (scripts/install.sh
+        # makes it; libvirt-daemon-system's postinst may not have run).
         self.run(
-            f"mkdir -p {GUEST_DIR} /run/libvirt /var/lib/libvirt /var/log/libvirt "
+            "getent group kvm >/dev/null || groupadd --system kvm; "
+            "getent passwd libvirt-qemu >/dev/null || useradd --system --gid kvm"
+            " --home-dir /var/lib/libvirt --no-create-home --shell /usr/sbin/nologin libvirt-qemu"
+        )
+        self.run(
+            f"mkdir -p {GUEST_DIR} /etc/libvirt /run/libvirt /var/lib/libvirt /var/log/libvirt "
             f"/var/cache/libvirt && cat {wd}/qemu.conf >> /etc/libvirt/qemu.conf"
         )
         self.libvirtd = g.spawn("libvirtd --timeout 0", log=f"{wd}/libvirtd.log")
