@@ -20,12 +20,12 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp import ExecInterruptedError, ExecuteError, QMPError, Runstate
 from qemu.qmp.message import Message
 
 from vmplug.aio import cancel_and_wait
@@ -43,32 +43,12 @@ from vmplug.vms.base import (
     check_device_id,
     pick_usb_bus,
 )
+from vmplug.wire.qmp import IN_FLIGHT, parse_address
+from vmplug.wire.qmp import Client as _Client
+from vmplug.wire.qmp import close_bounded as _close
+from vmplug.wire.qmp import map_bounded as _map_bounded
 
 log = logging.getLogger("vmplug.vms.qmp")
-
-#: qemu.qmp's own log records (connection attempts, dropped replies) go here.
-#: They are shown only when this logger is set to DEBUG: a daemon retrying a
-#: missing socket every 2 s must not log an ERROR every time.
-wire_log = logging.getLogger("vmplug.vms.qmp.wire")
-
-
-class _WireFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.CRITICAL:
-            return True
-        return logging.getLogger(record.name).getEffectiveLevel() <= logging.DEBUG
-
-
-_WIRE_FILTER = _WireFilter()
-
-
-def _wire_logger(name: str) -> logging.Logger:
-    """A per-VM child of ``wire_log`` (a logger's filters see only its own records)."""
-    logger = wire_log.getChild(name.replace(".", "_"))
-    if _WIRE_FILTER not in logger.filters:
-        logger.addFilter(_WIRE_FILTER)
-    return logger
-
 
 PERIPHERAL = "/machine/peripheral"
 PERIPHERAL_ANON = "/machine/peripheral-anon"
@@ -84,56 +64,6 @@ STATIC_PROPS = ("hostbus", "hostaddr", "hostport", "vendorid", "productid", "par
 CONTROLLER_ID = "vmplug-xhci"
 
 OnChange = Callable[[str, str], None]
-Target = str | tuple[str, int]
-
-
-def parse_address(address: str) -> Target:
-    """``/path/qmp.sock``, ``unix:/path``, or ``tcp:HOST:PORT`` (``tcp:[::1]:4444``)."""
-    if address.startswith("tcp:"):
-        host, sep, port = address[4:].rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"bad QMP address {address!r}: expected tcp:HOST:PORT")
-        return (host.removeprefix("[").removesuffix("]"), int(port))
-    path = address.removeprefix("unix:")
-    if not path:
-        raise ValueError("empty QMP socket path")
-    return path
-
-
-class _Client(QMPClient):
-    """A QMPClient that hands each event to a callback.
-
-    QMPClient's default listener keeps every event in a queue and a history
-    list forever; a daemon that holds a session for months must not.
-    """
-
-    def __init__(self, name: str, on_event: Callable[[Message], None]) -> None:
-        super().__init__(name)
-        self.logger = _wire_logger(name)
-        self._vmplug_on_event = on_event
-        self._vmplug_ids = 0
-
-    async def _event_dispatch(self, msg: Message) -> None:
-        self._vmplug_on_event(msg)
-
-    # qemu.qmp logs every message as indented JSON, built even when DEBUG is
-    # off: as much CPU as the rest of a command's round trip.
-    def _cb_outbound(self, msg: Message) -> Message:
-        if self.logger.isEnabledFor(logging.DEBUG):
-            self.logger.debug("--> %s", msg)
-        return msg
-
-    def _cb_inbound(self, msg: Message) -> Message:
-        if self.logger.isEnabledFor(logging.DEBUG):
-            self.logger.debug("<-- %s", msg)
-        return msg
-
-    def _get_exec_id(self) -> str:
-        # QEMU up to 10.0 reads a monitor's input one byte per main-loop
-        # iteration (~3.5 us of QEMU CPU per byte): "a" costs less than
-        # qemu.qmp's "__qmp#00042".
-        self._vmplug_ids += 1
-        return format(self._vmplug_ids, "x")
 
 
 async def _sleep_on_grid(delay: float) -> None:
@@ -145,46 +75,6 @@ async def _sleep_on_grid(delay: float) -> None:
     now = loop.time()
     wake = math.ceil((now + delay / 2) / delay) * delay  # between 0.5 and 1.5 x delay
     await asyncio.sleep(wake - now)
-
-
-#: Commands one session keeps in flight.  QEMU queues at most 8 per monitor
-#: and stops reading past that, so more buys no speed, only memory: 500
-#: attaches or 1,000 reads issued together would each hold a task, a message
-#: and a reply queue at once (~10 MB of a daemon's peak).
-IN_FLIGHT = 16
-
-ResultT = TypeVar("ResultT")
-ItemT = TypeVar("ItemT")
-
-
-async def _map_bounded(
-    fn: Callable[[ItemT], Awaitable[ResultT]], items: Sequence[ItemT], limit: int = IN_FLIGHT
-) -> list[ResultT]:
-    """``[await fn(x) for x in items]`` with at most ``limit`` running at once."""
-    if len(items) <= limit:
-        return list(await asyncio.gather(*(fn(x) for x in items)))
-    out: list[ResultT | None] = [None] * len(items)
-    feed = iter(enumerate(items))
-
-    async def worker() -> None:
-        for i, item in feed:
-            out[i] = await fn(item)
-
-    await asyncio.gather(*(worker() for _ in range(limit)))
-    return out  # type: ignore[return-value]  # every slot was filled
-
-
-#: seconds a disconnect may take before vmplug lets the session go
-CLOSE_TIMEOUT = 5.0
-
-
-async def _close(client: _Client) -> None:
-    """Disconnect, swallowing what the bottom half died of (EOF, reset...)."""
-    if client.runstate is Runstate.IDLE:
-        return
-    # bounded: a peer that stopped reading must not hold up a daemon's shutdown
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(client.disconnect(), CLOSE_TIMEOUT)
 
 
 @dataclass(frozen=True, slots=True)
