@@ -13,7 +13,7 @@ from typing import Any
 from vmplug.doctor.container_info import ContainerSpec, host_path, qmp_socket
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import CheckSpec, Finding, Severity
-from vmplug.doctor.qemu_info import parse_opts
+from vmplug.wire.proc import parse_opts
 
 LAYER = "container"
 USB_OFF = ("n", "no", "0", "off", "false", "disabled", "none")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import CheckSpec, Finding, Severity
@@ -24,6 +26,8 @@ from vmplug.doctor.windows import (
     parse_selective_suspend,
     usb_ids,
 )
+from vmplug.wire.errors import AgentError
+from vmplug.wire.qga import GuestAgent
 
 LAYER = "guest"
 
@@ -81,8 +85,6 @@ def check_guest(ctx: DoctorContext) -> Iterator[Finding]:
     if not targets:
         yield Finding(LAYER, "guest.agent", Severity.OK, "no VM to look into")
         return
-    from vmplug.guest.qga import AgentError, GuestAgent  # noqa: PLC0415
-
     for vm, path, inst in targets:
         if path is None:
             yield _f(
@@ -96,7 +98,7 @@ def check_guest(ctx: DoctorContext) -> Iterator[Finding]:
             continue
         try:
             agent = GuestAgent(path, timeout=max(ctx.timeout, 1.0))
-        except (OSError, AgentError) as exc:
+        except AgentError as exc:
             yield _f(
                 "guest.agent",
                 Severity.WARNING,
@@ -123,11 +125,8 @@ def check_guest(ctx: DoctorContext) -> Iterator[Finding]:
 
 
 def _linux(
-    ctx: DoctorContext, agent: object, vm: str, inst: QemuInstance | None
+    ctx: DoctorContext, agent: GuestAgent, vm: str, inst: QemuInstance | None
 ) -> Iterator[Finding]:
-    from vmplug.guest.qga import GuestAgent, linux_usb_devices  # noqa: PLC0415
-
-    assert isinstance(agent, GuestAgent)
     devs = linux_usb_devices(agent)
     listing = tuple(
         f"{d.port} {d.vidpid} {d.product or ''} {d.speed or '?'} Mbit/s: "
@@ -178,10 +177,7 @@ def _linux(
                 )
 
 
-def _windows(agent: object, vm: str) -> Iterator[Finding]:
-    from vmplug.guest.qga import GuestAgent  # noqa: PLC0415
-
-    assert isinstance(agent, GuestAgent)
+def _windows(agent: GuestAgent, vm: str) -> Iterator[Finding]:
     cmd = ["-NoProfile", "-NonInteractive", "-Command", PNP_COMMAND]
     rc, out, err = agent.exec("powershell.exe", cmd, timeout=120)
     if rc != 0:
@@ -260,3 +256,125 @@ def selective_suspend_findings(text: str, vm: str, err: str = "") -> Iterator[Fi
 
 
 CHECKS = (CheckSpec(LAYER, "guest.agent", check_guest),)
+
+
+# ---------------------------------------------------------------- a Linux guest's USB devices
+# (the agent cannot list directories: root hubs ``usbN``, then each hub's ports up
+# to its ``maxchild``, recursively, with file reads only)
+
+
+@dataclass(frozen=True)
+class GuestInterface:
+    number: int
+    cls: int
+    subclass: int
+    protocol: int
+    driver: str | None
+
+
+@dataclass(frozen=True)
+class GuestUsbDevice:
+    port: str
+    vendor_id: int
+    product_id: int
+    device_class: int
+    speed: str | None
+    product: str | None
+    driver: str | None
+    interfaces: tuple[GuestInterface, ...] = field(default=())
+
+    @property
+    def vidpid(self) -> str:
+        return f"{self.vendor_id:04x}:{self.product_id:04x}"
+
+    @property
+    def is_root_hub(self) -> bool:
+        return self.port.startswith("usb")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "port": self.port,
+            "id": self.vidpid,
+            "class": self.device_class,
+            "speed": self.speed,
+            "product": self.product,
+            "driver": self.driver,
+            "interfaces": [
+                {"number": i.number, "class": i.cls, "driver": i.driver} for i in self.interfaces
+            ],
+        }
+
+
+def _uevent(text: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in (text or "").splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            out[k] = v
+    return out
+
+
+def _triple(text: str) -> tuple[int, int, int]:
+    """``TYPE=``/``INTERFACE=`` of a uevent: decimal ``class/subclass/protocol``."""
+    parts = [int(p, 10) for p in text.split("/")[:3]]
+    while len(parts) < 3:
+        parts.append(0)
+    return parts[0], parts[1], parts[2]
+
+
+SYS_USB = "/sys/bus/usb/devices"
+
+
+def _read_device(agent: GuestAgent, name: str) -> GuestUsbDevice | None:
+    ev = _uevent(agent.read_text(f"{SYS_USB}/{name}/uevent"))
+    if ev.get("DEVTYPE") != "usb_device" or "PRODUCT" not in ev:
+        return None
+    vid, pid, _ = ev["PRODUCT"].split("/")
+    cls = _triple(ev.get("TYPE", "0/0/0"))[0]
+    ifaces: list[GuestInterface] = []
+    cfg = agent.read_text(f"{SYS_USB}/{name}/bConfigurationValue")
+    count = agent.read_text(f"{SYS_USB}/{name}/bNumInterfaces")
+    # a root hub "usbN" names its interfaces "N-0:C.I"
+    iname = f"{name[3:]}-0" if name.startswith("usb") else name
+    if cfg and count and count.strip().isdigit():
+        for i in range(int(count)):
+            iev = _uevent(agent.read_text(f"{SYS_USB}/{iname}:{cfg}.{i}/uevent"))
+            if "INTERFACE" in iev:
+                c, s, p = _triple(iev["INTERFACE"])
+                ifaces.append(GuestInterface(i, c, s, p, iev.get("DRIVER")))
+    return GuestUsbDevice(
+        port=name,
+        vendor_id=int(vid, 16),
+        product_id=int(pid, 16),
+        device_class=cls,
+        speed=agent.read_text(f"{SYS_USB}/{name}/speed"),
+        product=agent.read_text(f"{SYS_USB}/{name}/product"),
+        driver=ev.get("DRIVER"),
+        interfaces=tuple(ifaces),
+    )
+
+
+def linux_usb_devices(agent: GuestAgent, max_bus: int = 16) -> list[GuestUsbDevice]:
+    """Every USB device of a Linux guest, root hubs included, by walking hub ports."""
+    out: list[GuestUsbDevice] = []
+
+    def walk(hub: str, bus: int) -> None:
+        maxchild = agent.read_text(f"{SYS_USB}/{hub}/maxchild")
+        if not maxchild or not maxchild.isdigit():
+            return
+        for port in range(1, int(maxchild) + 1):
+            child = f"{bus}-{port}" if hub.startswith("usb") else f"{hub}.{port}"
+            dev = _read_device(agent, child)
+            if dev is None:
+                continue
+            out.append(dev)
+            if dev.device_class == 9:
+                walk(child, bus)
+
+    for bus in range(1, max_bus + 1):
+        root = _read_device(agent, f"usb{bus}")
+        if root is None:
+            continue
+        out.append(root)
+        walk(f"usb{bus}", bus)
+    return out

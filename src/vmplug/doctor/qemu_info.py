@@ -1,10 +1,11 @@
-# ruff: noqa: PTH110, PTH115, PTH117, PTH118, PTH119, PTH208
+# ruff: noqa: PTH117, PTH118
 # (/proc, /dev and sysfs walks use plain os calls on string paths, like host/sysfs.py)
 """Find QEMU processes and read what they were told and what they hold.
 
 Three sources, merged per VM:
 
-* ``/proc/*/cmdline`` of ``qemu-system-*`` processes: the command line says
+* ``/proc/*/cmdline`` of ``qemu-system-*`` processes (:mod:`vmplug.wire.proc`
+  scans and parses them): the command line says
   which USB controllers exist (``-device qemu-xhci``, ``-usb``), how each
   ``usb-host`` matches its device, and where the QMP and guest-agent sockets
   are (``-qmp unix:…``, ``-chardev socket,…`` + ``-mon``/``virtserialport``);
@@ -19,20 +20,15 @@ through ``/proc/PID/root``.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import re
-import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vmplug.model import UsbDevice
-
-QGA_PORT_NAME = "org.qemu.guest_agent.0"
-_QEMU_BIN = re.compile(r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$")
+from vmplug.wire.errors import WireError, WireTimeout
+from vmplug.wire.proc import parse_args, scan_qemu
+from vmplug.wire.qmp import SyncQmp
 
 #: -device driver -> controller kind
 CONTROLLER_KINDS = {
@@ -60,66 +56,7 @@ PCI_CONTROLLERS = {
     **{(0x8086, 0x2934 + i): (f"ich9-usb-uhci{i + 1}", "uhci") for i in range(6)},
     (0x106B, 0x003F): ("pci-ohci", "ohci"),
 }
-#: Options whose value we read; every other option's value is skipped as a word.
-_WITH_VALUE = {"-device", "-M", "-machine", "-qmp", "-qmp-pretty", "-chardev", "-mon", "-name"}
 _MATCH_KEYS = ("hostbus", "hostaddr", "hostport", "hostdevice", "vendorid", "productid")
-
-
-def split_opts(text: str) -> list[str]:
-    """QemuOpts items: split on ``,``, where ``,,`` is a literal comma."""
-    items: list[str] = []
-    cur: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == ",":
-            if i + 1 < len(text) and text[i + 1] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    items.append("".join(cur))
-    return items
-
-
-def _json_opts(text: str) -> dict[str, str]:
-    """A JSON ``-device`` (libvirt writes them so): values as QemuOpts would spell them."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        if isinstance(value, bool):
-            out[key] = "on" if value else "off"
-        elif isinstance(value, int) and key in ("vendorid", "productid"):
-            out[key] = f"0x{value:04x}"
-        else:
-            out[key] = str(value)
-    return out
-
-
-def parse_opts(text: str, implied: str) -> dict[str, str]:
-    """``driver,k=v,flag`` -> {implied: driver, k: v, flag: "on"}."""
-    out: dict[str, str] = {}
-    for n, item in enumerate(split_opts(text)):
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        if not sep:
-            if n == 0:
-                out[implied] = item
-            else:
-                out[item.removeprefix("no")] = "off" if item.startswith("no") else "on"
-            continue
-        out[key] = value
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,59 +165,20 @@ def machine_default_usb(machine: str | None) -> tuple[str, str]:
 
 def parse_cmdline(argv: list[str], cwd: str | None = None) -> QemuInstance:
     """What a QEMU command line says about USB, QMP and the guest agent."""
-    inst = QemuInstance(name="?", argv=list(argv))
-    chardevs: dict[str, dict[str, str]] = {}
-    mons: list[dict[str, str]] = []
-    serialports: list[dict[str, str]] = []
-    i = 1
-    while i < len(argv):
-        opt = argv[i]
-        if opt.startswith("--"):
-            opt = opt[1:]
-        if opt in _WITH_VALUE and i + 1 < len(argv):
-            val = argv[i + 1]
-            i += 2
-            if opt == "-device":
-                props = _json_opts(val) if val.startswith("{") else parse_opts(val, "driver")
-                drv = props.get("driver", "")
-                if drv in CONTROLLER_KINDS:
-                    inst.controllers.append((drv, CONTROLLER_KINDS[drv]))
-                elif drv == "usb-host":
-                    inst.usb_hosts.append(UsbHostArg(props.get("id"), props))
-                elif drv == "virtserialport":
-                    serialports.append(props)
-            elif opt in ("-M", "-machine"):
-                props = parse_opts(val, "type")
-                inst.machine = props.get("type", inst.machine)
-                if props.get("usb") in ("on", "yes", "true"):
-                    inst.usb_flag = True
-            elif opt in ("-qmp", "-qmp-pretty"):
-                if val.startswith("unix:"):
-                    inst.qmp_paths.append(_abs(split_opts(val[5:])[0], cwd))
-            elif opt == "-chardev":
-                props = parse_opts(val, "backend")
-                if "id" in props:
-                    chardevs[props["id"]] = props
-            elif opt == "-mon":
-                mons.append(parse_opts(val, "chardev"))
-            elif opt == "-name":
-                inst.name = parse_opts(val, "guest").get("guest", inst.name)
-            continue
-        if opt == "-usb":
-            inst.usb_flag = True
-        i += 1
-    for mon in mons:
-        cd = chardevs.get(mon.get("chardev", ""))
-        if mon.get("mode") != "control" or not cd or cd.get("backend") != "socket":
-            continue
-        if "path" in cd:
-            inst.qmp_paths.append(_abs(cd["path"], cwd))
-        elif "fd" in cd:
-            inst.monitor_fd = True  # libvirt passes its monitor socket as a descriptor
-    for port in serialports:
-        cd = chardevs.get(port.get("chardev", ""))
-        if port.get("name") == QGA_PORT_NAME and cd and "path" in cd:
-            inst.qga_path = _abs(cd["path"], cwd)
+    args = parse_args(argv[1:])
+    inst = QemuInstance(name=args.name or "?", argv=list(argv))
+    inst.machine = args.machine
+    inst.usb_flag = args.usb_flag
+    for props in args.devices:
+        drv = props.get("driver", "")
+        if drv in CONTROLLER_KINDS:
+            inst.controllers.append((drv, CONTROLLER_KINDS[drv]))
+        elif drv == "usb-host":
+            inst.usb_hosts.append(UsbHostArg(props.get("id"), props))
+    inst.qmp_paths = [_abs(p, cwd) for p in args.qmp_paths]
+    inst.monitor_fd = args.monitor_fd
+    if args.qga_path:
+        inst.qga_path = _abs(args.qga_path, cwd)
     return inst
 
 
@@ -289,111 +187,21 @@ def _abs(path: str, cwd: str | None) -> str:
 
 
 def find_processes(proc_root: Path) -> list[QemuInstance]:
-    """Every QEMU process under ``proc_root`` with its command line parsed."""
+    """Every QEMU process under ``proc_root`` with its command line parsed
+    (:func:`vmplug.wire.proc.scan_qemu`); a socket inside a container's mount
+    namespace is reached through ``/proc/PID/root``."""
     out: list[QemuInstance] = []
-    try:
-        pids = sorted(int(p) for p in os.listdir(proc_root) if p.isdigit())
-    except OSError:
-        return out
-    for pid in pids:
-        try:
-            raw = (proc_root / str(pid) / "cmdline").read_bytes()
-        except OSError:
-            continue
-        argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
-        if not argv or not _QEMU_BIN.match(os.path.basename(argv[0])):
-            continue
-        cwd = None
-        with contextlib.suppress(OSError):
-            cwd = os.readlink(proc_root / str(pid) / "cwd")
-        inst = parse_cmdline(argv, cwd)
-        inst.pid = pid
-        inst.source = f"{proc_root}/{pid}/cmdline"
+    for proc in scan_qemu(proc_root):
+        inst = parse_cmdline(list(proc.argv), proc.cwd)
+        inst.pid = proc.pid
+        inst.source = proc.source
         if inst.name == "?":
-            inst.name = f"pid {pid}"
-        # a socket inside a container's mount namespace: reach it through /proc/PID/root
-        inst.qmp_paths = [reachable(p, proc_root, pid) for p in inst.qmp_paths]
+            inst.name = f"pid {proc.pid}"
+        inst.qmp_paths = [proc.reach(p) or p for p in inst.qmp_paths]
         if inst.qga_path:
-            inst.qga_path = reachable(inst.qga_path, proc_root, pid)
+            inst.qga_path = proc.reach(inst.qga_path) or inst.qga_path
         out.append(inst)
     return out
-
-
-def reachable(path: str, proc_root: Path, pid: int) -> str:
-    if os.path.exists(path):
-        return path
-    inside = f"{proc_root}/{pid}/root{path}"
-    return inside if os.path.exists(inside) else path
-
-
-class QmpProbeError(RuntimeError):
-    """QMP answered with an error, or not in time."""
-
-
-class QmpProbe:
-    """A short synchronous QMP session: greeting, capabilities, a few queries.
-
-    The doctor asks a handful of questions and leaves; the daemon's
-    long-lived client (:mod:`vmplug.vms.qmp`) is asyncio and event-driven.
-    """
-
-    def __init__(self, path: str, timeout: float) -> None:
-        self.path = path
-        self.timeout = timeout
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._buf = b""
-        self._n = 0
-        try:
-            self._sock.settimeout(timeout)
-            self._sock.connect(path)
-            greeting = self._message(time.monotonic() + timeout)
-            if "QMP" not in greeting:
-                raise QmpProbeError(f"{path}: not a QMP greeting")
-            self.execute("qmp_capabilities")
-        except BaseException:
-            self._sock.close()
-            raise
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def _message(self, deadline: float) -> dict[str, Any]:
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise QmpProbeError(f"{self.path}: timed out waiting for QMP")
-            self._sock.settimeout(remaining)
-            try:
-                chunk = self._sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not chunk:
-                raise QmpProbeError(f"{self.path}: QEMU closed the connection")
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        msg = json.loads(line)
-        if not isinstance(msg, dict):
-            raise QmpProbeError(f"{self.path}: unexpected QMP message {msg!r}")
-        return msg
-
-    def execute(
-        self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None
-    ) -> Any:
-        self._n += 1
-        tag = f"doctor-{self._n}"
-        req: dict[str, Any] = {"execute": command, "id": tag}
-        if arguments:
-            req["arguments"] = arguments
-        self._sock.sendall(json.dumps(req).encode() + b"\n")
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while True:
-            msg = self._message(deadline)
-            if msg.get("id") != tag:
-                continue  # an event
-            if "error" in msg:
-                err = msg["error"]
-                raise QmpProbeError(f"{command}: {err.get('class')}: {err.get('desc')}")
-            return msg.get("return")
 
 
 def query_qmp(inst: QemuInstance, timeout: float) -> None:
@@ -405,8 +213,8 @@ def query_qmp(inst: QemuInstance, timeout: float) -> None:
     errors: list[str] = []
     for path in inst.qmp_paths:
         try:
-            client = QmpProbe(path, timeout)
-        except (OSError, QmpProbeError) as exc:
+            client = SyncQmp(path, timeout, name="doctor")
+        except WireError as exc:
             errors.append(f"{path}: {_why(exc)}")
             continue
         try:
@@ -415,7 +223,7 @@ def query_qmp(inst: QemuInstance, timeout: float) -> None:
             inst.qmp_used = path
             inst.qmp_error = None
             return
-        except (OSError, QmpProbeError, ValueError, KeyError, TypeError) as exc:
+        except (WireError, ValueError, KeyError, TypeError) as exc:
             errors.append(f"{path}: {_why(exc)}")
         finally:
             client.close()
@@ -423,15 +231,15 @@ def query_qmp(inst: QemuInstance, timeout: float) -> None:
 
 
 def _why(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
     text = str(exc)
-    if "timed out" in text:
+    if isinstance(exc, WireError) and exc.address:
+        text = text.removeprefix(f"{exc.address}: ")
+    if isinstance(exc, WireTimeout):
         return text + " (the socket is busy: a QMP socket serves one client at a time)"
     return text
 
 
-def _qom_hosts(client: Any, timeout: float) -> list[UsbHostArg]:
+def _qom_hosts(client: SyncQmp, timeout: float) -> list[UsbHostArg]:
     out: list[UsbHostArg] = []
     items = client.execute("qom-list", {"path": "/machine/peripheral"}, timeout=timeout) or []
     for item in items:
@@ -457,7 +265,7 @@ def _qom_hosts(client: Any, timeout: float) -> list[UsbHostArg]:
     return out
 
 
-def _pci_controllers(client: Any, timeout: float) -> list[tuple[str, str]]:
+def _pci_controllers(client: SyncQmp, timeout: float) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
 
     def walk(devices: list[dict[str, Any]]) -> None:

@@ -1,1 +1,0 @@
-"""vmplug.guest."""
