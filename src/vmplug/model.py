@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+#: Prefix of every QEMU device id vmplug creates (:attr:`UsbDevice.qemu_id`);
+#: the one definition (the VM side reads it through :mod:`vmplug.vms.base`).
+ID_PREFIX = "vmplug-"
+
 #: USB class codes that matter to vmplug's policy.
 CLASS_PER_INTERFACE = 0x00
 CLASS_AUDIO = 0x01
@@ -263,7 +267,7 @@ class UsbDevice:
     def qemu_id(self) -> str:
         """A valid QEMU device id derived from the stable identity."""
         digest = hashlib.sha256(self.identity.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-        return f"vmplug-{digest}"
+        return f"{ID_PREFIX}{digest}"
 
     @property
     def interface_triples(self) -> tuple[tuple[int, int, int], ...]:

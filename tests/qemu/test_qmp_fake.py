@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from vmplug.vms.base import UsbHostSpec
-from vmplug.vms.qmp import Binding, QmpVm
+from vmplug.vms.base import Binding, UsbHostSpec
+from vmplug.vms.qmp import QmpVm
 
 DEVICES: dict[str, dict[str, Any]] = {
     "vmplug-aaaaaaaaaaaa": {"vendorid": 0x1235, "productid": 0x821A, "attached": True},

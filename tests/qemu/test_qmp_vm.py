@@ -23,9 +23,11 @@ from vmplug.vms.base import (
     VmConfigError,
     VmDisconnected,
     VmError,
+    VmEvent,
     VmState,
     VmTimeout,
 )
+from vmplug.vms.base import VmEventKind as K
 from vmplug.vms.qmp import QmpVm, parse_address
 
 pytestmark = pytest.mark.qemu
@@ -132,7 +134,7 @@ async def test_detach_waits_for_device_deleted(qemu: QemuFactory, make_vm: MakeV
     await vm.attach(DEV2, KEYLAB)
     await vm.detach(DEV)
     # The event had arrived by the time detach returned.
-    assert f"DEVICE_DELETED:{DEV}" in changes.reasons
+    assert VmEvent("win", K.DEVICE_DELETED, DEV) in changes.calls
     assert set(await vm.observe()) == {DEV2}
     # The id can be used again at once (the cache forgot the old device).
     await vm.attach(DEV, KEYLAB)
@@ -143,7 +145,7 @@ async def test_detach_of_unknown_id_is_a_no_op(qemu: QemuFactory, make_vm: MakeV
     sock = qemu().start()
     vm, changes = await connected_vm(make_vm, sock)
     await vm.detach("vmplug-000000000000")
-    assert not any(r.startswith("DEVICE_DELETED") for r in changes.reasons)
+    assert K.DEVICE_DELETED not in changes.kinds
 
 
 async def test_vm_started_after_daemon_connects(qemu: QemuFactory, make_vm: MakeVm) -> None:
@@ -158,7 +160,7 @@ async def test_vm_started_after_daemon_connects(qemu: QemuFactory, make_vm: Make
         await vm.observe()
     proc.start()
     t0 = time.monotonic()
-    await changes.wait_for("connected", timeout=5)
+    await changes.wait_for(K.CONNECTED, timeout=5)
     print(f"\nconnected {time.monotonic() - t0:.3f} s after QEMU's socket appeared")
     assert vm.connected
     assert await vm.observe() == {}
@@ -175,7 +177,7 @@ async def test_sigkill_disconnects_and_restart_reconnects(
 
     proc.kill(signal.SIGKILL)
     t0 = time.monotonic()
-    await changes.wait_for("disconnected", timeout=5)
+    await changes.wait_for(K.DISCONNECTED, timeout=5)
     print(f"\nnoticed SIGKILL after {time.monotonic() - t0:.3f} s")
     assert vm.state is VmState.DISCONNECTED
     assert not vm.connected
@@ -184,7 +186,7 @@ async def test_sigkill_disconnects_and_restart_reconnects(
 
     proc.start()  # same socket path; the old file was left behind by SIGKILL
     t0 = time.monotonic()
-    await changes.wait_for("connected", count=2, timeout=5)
+    await changes.wait_for(K.CONNECTED, count=2, timeout=5)
     print(f"reconnected {time.monotonic() - t0:.3f} s after the restart")
     assert await vm.observe() == {}  # the devices died with the process
     await vm.attach(DEV, SCARLETT)
@@ -206,7 +208,7 @@ async def test_qemu_killed_in_the_middle_of_an_attach(qemu: QemuFactory, make_vm
         await asyncio.wait_for(attach, 5)
     assert isinstance(err.value, VmError)
     assert time.monotonic() - t0 < 2
-    await changes.wait_for("disconnected")
+    await changes.wait_for(K.DISCONNECTED)
 
 
 async def test_hung_qemu_times_out_and_recovers(qemu: QemuFactory, make_vm: MakeVm) -> None:
@@ -230,7 +232,7 @@ async def test_shared_socket_is_never_held_while_idle(qemu: QemuFactory, make_vm
     changes = ChangeLog()
     vm = make_vm("pve", sock, shared=True, on_change=changes, shared_probe_interval=0.5)
     await vm.start()
-    await changes.wait_for("connected")
+    await changes.wait_for(K.CONNECTED)
     assert vm.connected
     assert await other_client_can_talk(sock)
 
@@ -239,7 +241,7 @@ async def test_shared_socket_is_never_held_while_idle(qemu: QemuFactory, make_vm
     assert set(await vm.observe()) == {DEV}
     assert await other_client_can_talk(sock)
     await vm.detach(DEV)
-    assert f"DEVICE_DELETED:{DEV}" in changes.reasons
+    assert VmEvent("pve", K.DEVICE_DELETED, DEV) in changes.calls
     assert await other_client_can_talk(sock)
     await asyncio.sleep(1.2)  # two periodic probes come and go
     assert await other_client_can_talk(sock)
@@ -266,12 +268,12 @@ async def test_shared_mode_notices_qemu_going_and_coming(
     changes = ChangeLog()
     vm = make_vm("pve", sock, shared=True, on_change=changes, shared_probe_interval=0.3)
     await vm.start()
-    await changes.wait_for("connected")
+    await changes.wait_for(K.CONNECTED)
     proc.kill(signal.SIGKILL)
-    await changes.wait_for("disconnected", timeout=5)
+    await changes.wait_for(K.DISCONNECTED, timeout=5)
     assert not vm.connected
     proc.start()
-    await changes.wait_for("connected", count=2, timeout=5)
+    await changes.wait_for(K.CONNECTED, count=2, timeout=5)
     assert await vm.observe() == {}
 
 
@@ -283,16 +285,16 @@ async def test_events_stop_resume_reset(qemu: QemuFactory, make_vm: MakeVm) -> N
     await other.connect(str(proc.qmp_paths[1]))
     try:
         await other.execute("cont")
-        await changes.wait_for("RESUME")
+        await changes.wait_for(K.RESUME)
         assert vm.state is VmState.RUNNING
         await other.execute("stop")
-        await changes.wait_for("STOP")
+        await changes.wait_for(K.STOP)
         assert state(vm) is VmState.PAUSED
         await other.execute("system_reset")
-        await changes.wait_for("RESET")
+        await changes.wait_for(K.RESET)
         await vm.attach(DEV, SCARLETT)
         await other.execute("device_del", {"id": DEV})  # removed behind vmplug's back
-        await changes.wait_for(f"DEVICE_DELETED:{DEV}")
+        await changes.wait_for(K.DEVICE_DELETED, DEV)
         assert await vm.observe() == {}
     finally:
         await other.disconnect()
@@ -311,8 +313,8 @@ async def test_shutdown_event(qemu: QemuFactory, make_vm: MakeVm) -> None:
     finally:
         with contextlib.suppress(EOFError, OSError):
             await other.disconnect()  # QEMU hung up: the bottom half saw EOF
-    await changes.wait_for("SHUTDOWN")
-    await changes.wait_for("disconnected")
+    await changes.wait_for(K.SHUTDOWN)
+    await changes.wait_for(K.DISCONNECTED)
     assert vm.state is VmState.DISCONNECTED
 
 
@@ -386,7 +388,7 @@ async def test_observe_bindings_follow_devices_others_replace(
         assert (seen[DEV].hostaddr, seen[DEV].attached) == (None, None)  # the port form
         # another client replaces DEV2 under the same id: DEVICE_DELETED makes vmplug read again
         await other.execute("device_del", {"id": DEV2})
-        await changes.wait_for(f"DEVICE_DELETED:{DEV2}")
+        await changes.wait_for(K.DEVICE_DELETED, DEV2)
         await other.execute("device_add", add | {"id": DEV2, "hostport": "2.1"})
         again = await vm.observe_bindings()
         assert (again[DEV2].hostbus, again[DEV2].hostport) == (3, "2.1")

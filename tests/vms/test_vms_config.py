@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vmplug.config import ConfigError, parse_config
+from vmplug.vms.base import VmEvent
 from vmplug.vms.container import ContainerVm
 from vmplug.vms.factory import make_backend
 from vmplug.vms.libvirt import DEFAULT_URI, LibvirtVm
@@ -35,7 +36,7 @@ proxmox = 101
     assert cfg.vms["pve"].shared, "Proxmox sockets are always shared"
     assert cfg.vms["win11"].qmp == "" and cfg.vms["win11"].where == "libvirt:win11"
 
-    def noop(_vm: str, _reason: str) -> None:
+    def noop(_event: VmEvent) -> None:
         return None
 
     backends = {n: make_backend(vm, noop) for n, vm in cfg.vms.items()}

@@ -19,6 +19,7 @@ from vmplug.config import parse_config
 from vmplug.engine.daemon import Daemon
 from vmplug.host.events import ReplayEventSource
 from vmplug.vms.base import UsbHostSpec
+from vmplug.vms.base import VmEventKind as K
 from vmplug.vms.container import (
     ContainerError,
     ContainerVm,
@@ -106,12 +107,12 @@ async def test_container_vm_attaches_through_the_mount(
     docker_api.add(windows_doc(qmp_dir))
     proc = container_qemu(qemu, qmp_dir)
     proc.start()
-    reasons: list[str] = []
+    reasons: list[K] = []
     vm = ContainerVm(
         "win",
         "windows",
         uri=f"unix://{docker_api.socket}",
-        on_change=lambda _n, r: reasons.append(r),
+        on_change=lambda e: reasons.append(e.kind),
     )
     await vm.start()
     try:
@@ -128,7 +129,7 @@ async def test_container_vm_attaches_through_the_mount(
         await until(lambda: _false(vm.connected))
         proc.start()
         assert await vm.wait_connected(15)
-        assert reasons.count("connected") == 2 and "disconnected" in reasons
+        assert reasons.count(K.CONNECTED) == 2 and K.DISCONNECTED in reasons
         assert await vm.observe() == {}, "a new QEMU holds nothing until vmplug attaches again"
     finally:
         await vm.stop()

@@ -18,6 +18,7 @@ from vmplug.config import parse_config
 from vmplug.engine.daemon import Daemon
 from vmplug.host.events import ReplayEventSource
 from vmplug.vms.base import UsbHostSpec, VmDisconnected, VmError
+from vmplug.vms.base import VmEventKind as K
 from vmplug.vms.factory import make_backend, one_shot
 from vmplug.vms.libvirt import HostUsb, LibvirtVm, hostdev_xml, usb_hostdevs
 from vms.vmrig import SYSFS_FIXTURES, Libvirt
@@ -41,7 +42,7 @@ async def until(check: Callable[[], bool | Awaitable[bool]], timeout: float = 30
         await asyncio.sleep(0.05)
 
 
-def in_order(seen: list[str], wanted: list[str]) -> bool:
+def in_order(seen: list[K], wanted: list[K]) -> bool:
     """``wanted`` is a subsequence of ``seen``."""
     it = iter(seen)
     return all(any(s == w for s in it) for w in wanted)
@@ -61,14 +62,14 @@ async def test_lifecycle_events_and_a_clear_attach_error(
     libvirtd: Libvirt, domain: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VMPLUG_SYSFS_ROOT", str(MIXED))
-    reasons: list[str] = []
+    reasons: list[K] = []
     cfg = parse_config(f'[vm.w]\nlibvirt = "{domain}"\nuri = "{libvirtd.uri}"\n')
-    vm = make_backend(cfg.vms["w"], lambda _n, r: reasons.append(r))
+    vm = make_backend(cfg.vms["w"], lambda e: reasons.append(e.kind))
     assert isinstance(vm, LibvirtVm)
     await vm.start()
     try:
         assert await vm.wait_connected(30)
-        assert reasons == ["connected"]
+        assert reasons == [K.CONNECTED]
         assert await vm.observe() == {}
         # The device is in the (captured) sysfs tree, so vmplug names it exactly;
         # libvirt itself then looks for it on this host, which has no USB.
@@ -85,22 +86,22 @@ async def test_lifecycle_events_and_a_clear_attach_error(
         # lifecycle: events, not polling
         libvirtd.virsh("destroy", domain)
         await until(lambda: not vm.connected)
-        assert reasons[-1] == "disconnected"
+        assert reasons[-1:] == [K.DISCONNECTED]
         with pytest.raises(VmDisconnected, match="is not running"):
             await vm.observe()
         libvirtd.virsh("start", domain)
         await until(lambda: vm.connected)
-        assert reasons[-1] == "connected"
+        assert reasons[-1:] == [K.CONNECTED]
         libvirtd.virsh("reset", domain)
-        await until(lambda: reasons[-1] == "RESET")
+        await until(lambda: reasons[-1] == K.RESET)
         libvirtd.virsh("suspend", domain)
-        await until(lambda: reasons[-1] == "STOP")
+        await until(lambda: reasons[-1] == K.STOP)
         libvirtd.virsh("resume", domain)
-        await until(lambda: reasons[-1] == "RESUME")
+        await until(lambda: reasons[-1] == K.RESUME)
         # libvirt starts QEMU paused and resumes it (RESUME around a start), and
         # firmware with nothing to boot resets the guest now and then (RESET)
-        assert in_order(reasons, ["connected", "disconnected", "connected", "RESET", "STOP"])
-        assert reasons.count("connected") == 2 and reasons.count("disconnected") == 1
+        assert in_order(reasons, [K.CONNECTED, K.DISCONNECTED, K.CONNECTED, K.RESET, K.STOP])
+        assert reasons.count(K.CONNECTED) == 2 and reasons.count(K.DISCONNECTED) == 1
     finally:
         await vm.stop()
 
@@ -181,14 +182,14 @@ def test_hostdev_element() -> None:
 async def test_libvirtd_restart_reconnects(libvirtd: Libvirt, domain: str) -> None:
     """libvirtd restarted under a running domain (an upgrade, a crash): vmplug
     hears the connection close, reconnects, and finds the domain running."""
-    reasons: list[str] = []
-    vm = LibvirtVm("w", domain, uri=libvirtd.uri, on_change=lambda _n, r: reasons.append(r))
+    reasons: list[K] = []
+    vm = LibvirtVm("w", domain, uri=libvirtd.uri, on_change=lambda e: reasons.append(e.kind))
     await vm.start()
     try:
         assert await vm.wait_connected(30)
         libvirtd.restart()
-        await until(lambda: reasons.count("connected") == 2)
-        assert reasons[:3] == ["connected", "disconnected", "connected"], reasons
+        await until(lambda: reasons.count(K.CONNECTED) == 2)
+        assert reasons[:3] == [K.CONNECTED, K.DISCONNECTED, K.CONNECTED], reasons
         assert vm.connected and await vm.observe() == {}
     finally:
         await vm.stop()

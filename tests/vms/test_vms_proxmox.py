@@ -19,6 +19,7 @@ import pytest
 
 from vmplug.config import parse_config
 from vmplug.vms.base import UsbHostSpec
+from vmplug.vms.base import VmEventKind as K
 from vmplug.vms.factory import make_backend
 from vmplug.vms.proxmox import ProxmoxVm, list_vmids
 from vms.vmrig import XHCI, QemuFactory
@@ -75,9 +76,9 @@ async def test_proxmox_vm_never_holds_the_socket(qemu: QemuFactory, run_dir: Pat
     proc = qemu([*XHCI, "-qmp", f"unix:{sock},server=on,wait=off"], name="pve101")
     proc.start()
     assert list_vmids(run_dir) == [101]
-    reasons: list[str] = []
+    reasons: list[K] = []
     cfg = parse_config("[vm.pve]\nproxmox = 101\n")
-    vm = make_backend(cfg.vms["pve"], lambda _n, r: reasons.append(r))
+    vm = make_backend(cfg.vms["pve"], lambda e: reasons.append(e.kind))
     assert isinstance(vm, ProxmoxVm) and vm.address == str(sock)
     await vm.start()
     try:
@@ -107,15 +108,15 @@ async def test_proxmox_vm_never_holds_the_socket(qemu: QemuFactory, run_dir: Pat
             idle.append(connections(sock))
             await asyncio.sleep(0.05)
         assert sum(idle) == 0
-        assert reasons[:1] == ["connected"] and vm.connected
+        assert reasons[:1] == [K.CONNECTED] and vm.connected
         # QEMU restarted by Proxmox (`qm stop; qm start`): noticed by the socket's new inode
         proc.stop()
         proc.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
-        while reasons.count("connected") < 2 and loop.time() < deadline:
+        while reasons.count(K.CONNECTED) < 2 and loop.time() < deadline:
             await asyncio.sleep(0.1)
-        assert "disconnected" in reasons and reasons.count("connected") == 2
+        assert K.DISCONNECTED in reasons and reasons.count(K.CONNECTED) == 2
         assert await vm.observe() == {}
     finally:
         await vm.stop()

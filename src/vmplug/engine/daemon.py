@@ -28,52 +28,34 @@ import signal
 import stat
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from vmplug.aio import cancel_and_wait
 from vmplug.config import Config, VmConfig, load_config
-from vmplug.engine.desired import ID_PREFIX, Action, Attachment, desired, plan, target
+from vmplug.engine.desired import Action, Attachment, desired, plan, target
 from vmplug.errors import VmplugError
 from vmplug.host import sysfs
 from vmplug.host.events import EventSource, HostEvent
 from vmplug.host.inventory import mark_shared_serials, name_devices, read_devices
 from vmplug.model import UsbDevice
+from vmplug.vms.base import (
+    ID_PREFIX,
+    UsbHostSpec,
+    VmBackend,
+    VmDisconnected,
+    VmEvent,
+    VmEventKind,
+    VmTimeout,
+)
+from vmplug.vms.factory import VmFactory, default_vm_factory
 
 log = logging.getLogger("vmplug")
 
 RETRY_FIRST = 0.1
 RETRY_MAX = 30.0
-
-
-class VmBackend(Protocol):
-    """What the daemon needs of a VM (see :class:`vmplug.vms.qmp.QmpVm`)."""
-
-    name: str
-
-    @property
-    def connected(self) -> bool: ...
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def observe(self) -> Mapping[str, Any]: ...
-
-    async def attach(self, dev_id: str, spec: Any) -> None: ...
-
-    async def detach(self, dev_id: str, timeout: float = 5.0) -> None: ...
-
-
-VmFactory = Callable[[VmConfig, Callable[[str, str], None]], VmBackend]
-
-
-def default_vm_factory(vm: VmConfig, on_change: Callable[[str, str], None]) -> VmBackend:
-    from vmplug.vms.factory import make_backend  # noqa: PLC0415
-
-    return make_backend(vm, on_change)
 
 
 @dataclass
@@ -333,24 +315,25 @@ class Daemon:
 
     # -- VM side ------------------------------------------------------------
 
-    def on_vm_change(self, vm: str, reason: str) -> None:
-        log.info("vm %s: %s", vm, reason)
-        reason_l = reason.lower()
-        if reason_l in ("disconnected", "disconnect", "shutdown"):
+    def on_vm_change(self, event: VmEvent) -> None:
+        """A backend's :class:`VmEvent`: what to look at again in VM ``event.vm``."""
+        vm, kind = event.vm, event.kind
+        log.info("vm %s: %s", vm, event)
+        if kind in (VmEventKind.DISCONNECTED, VmEventKind.SHUTDOWN):
             self.observed.pop(vm, None)
-            self._record_event("vm-down", vm=vm, detail={"reason": reason})
+            self._record_event("vm-down", vm=vm, detail={"reason": kind.value})
             self.mark_dirty()
             return
-        if reason_l.startswith("device_deleted"):
-            # "DEVICE_DELETED:<id>": one we did not ask to remove is a loss.
-            dev_id = reason.partition(":")[2]
+        if kind is VmEventKind.DEVICE_DELETED:
+            # one we did not ask to remove is a loss
+            dev_id = event.device_id
             if dev_id and (vm, dev_id) not in self._detaching:
                 if self.observed.get(vm, {}).pop(dev_id, None) is not None:
                     self._record_event("attachment-lost", identity=self._identity_of(dev_id), vm=vm)
                 self.mark_dirty()
             return
-        if reason_l in ("connected", "connect", "reset", "reconnected"):
-            self._record_event("vm-up" if reason_l != "reset" else "vm-reset", vm=vm)
+        if kind in (VmEventKind.CONNECTED, VmEventKind.RESET):
+            self._record_event("vm-up" if kind is VmEventKind.CONNECTED else "vm-reset", vm=vm)
         self._spawn(self._observe(vm))
 
     async def _observe(self, name: str) -> None:
@@ -358,10 +341,9 @@ class Daemon:
         if vm is None or not vm.connected:
             self.observed.pop(name, None)
             return
-        # QmpVm.observe_bindings: only what plan() compares, read once per session
-        observe = getattr(vm, "observe_bindings", None) or vm.observe
         try:
-            raw = await observe()
+            # only what plan() compares (QmpVm reads it once per session)
+            raw = await vm.observe_bindings()
         except VmplugError as exc:
             # nothing else reads this VM again until it sends an event: retry
             attempt = self._observe_failures.get(name, 0) + 1
@@ -380,10 +362,10 @@ class Daemon:
             held[dev_id] = Attachment(
                 vm=name,
                 qemu_id=dev_id,
-                hostbus=getattr(obs, "hostbus", None) or 0,
-                hostport=getattr(obs, "hostport", None) or "",
-                hostaddr=getattr(obs, "hostaddr", None),
-                live=getattr(obs, "attached", True) is not False,  # None: not read
+                hostbus=obs.hostbus or 0,
+                hostport=obs.hostport or "",
+                hostaddr=obs.hostaddr,
+                live=obs.attached is not False,  # None: not read
             )
         previous = self.observed.get(name)
         self.observed[name] = held
@@ -595,8 +577,6 @@ class Daemon:
         in between, no permission, a QEMU without ``hostdevice``), the port
         form follows at once, and QEMU's own scan takes the device when it can.
         """
-        from vmplug.vms.base import UsbHostSpec, VmDisconnected, VmTimeout  # noqa: PLC0415
-
         by_port = UsbHostSpec(hostbus=att.hostbus, hostport=att.hostport)
         node = self.devnode(att)
         if node is not None:

@@ -42,8 +42,6 @@ from dataclasses import dataclass, field
 from vmplug.config import Config
 from vmplug.model import UsbDevice
 
-ID_PREFIX = "vmplug-"
-
 
 @dataclass(frozen=True, slots=True, order=True)
 class Attachment:

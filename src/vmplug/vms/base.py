@@ -1,20 +1,37 @@
-"""Backend-neutral types for the VM side: what vmplug asks a VM for, what it holds.
+"""The VM contract: what vmplug asks a VM for, what it holds, what it hears.
 
-Pure data and small validation helpers; no I/O.  The QEMU backend
-(:mod:`vmplug.vms.qmp`) produces :class:`ObservedDevice` from QOM and consumes
-:class:`UsbHostSpec`.
+:class:`VmBackend` is what the daemon (and every one-shot command) needs of a
+VM, whatever drives it: QEMU over QMP (:mod:`vmplug.vms.qmp`, Proxmox's
+:mod:`vmplug.vms.proxmox`), a QEMU in a container (:mod:`vmplug.vms.container`)
+or a libvirt domain (:mod:`vmplug.vms.libvirt`).  Its types:
+
+* attach arguments: an :data:`AttachSpec` (today a :class:`UsbHostSpec`: a
+  host device QEMU opens itself; the union leaves room for a usb-redir spec
+  for remote devices);
+* what a VM holds: :class:`Binding` is what the reconciler compares
+  (:meth:`VmBackend.observe_bindings`, cheap); :class:`ObservedDevice` is
+  everything a VM says of a device (:meth:`VmBackend.observe`, for people and
+  diagnostics), and :attr:`ObservedDevice.binding` is its reconciler view;
+* what happens to a VM: a :class:`VmEvent`, handed to the backend's
+  ``on_change`` by :meth:`Notifier._notify`.  Events say what to look at
+  again, never what is true.
+
+Pure data and small validation helpers; no I/O.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol, TypeAlias
 
 from vmplug.errors import VmplugError
+from vmplug.model import ID_PREFIX  # the one definition, re-exported (__all__)
 
-#: Prefix of every QEMU device id vmplug creates (see ``UsbDevice.qemu_id``).
-ID_PREFIX = "vmplug-"
+log = logging.getLogger("vmplug.vms")
 
 # QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'.
 _QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
@@ -198,6 +215,11 @@ class ObservedDevice:
         """True for a device vmplug created (its id has vmplug's prefix)."""
         return self.id.startswith(ID_PREFIX)
 
+    @property
+    def binding(self) -> Binding:
+        """What the reconciler compares of this device (:class:`Binding`)."""
+        return Binding(self.id, self.hostbus, self.hostport, self.hostaddr, self.attached)
+
     def to_json(self) -> dict[str, object]:
         return {
             "id": self.id,
@@ -211,6 +233,165 @@ class ObservedDevice:
             "productid": None if self.productid is None else f"{self.productid:04x}",
             "path": self.path,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """What a reconciler compares of a vmplug device: the host socket it is
+    bound to, the device number it is pinned to (``hostaddr``; None: QEMU
+    follows the socket itself), and QOM's ``attached`` (None when not read:
+    it decides nothing for the port form, where QEMU re-grabs the device by
+    itself).  :meth:`VmBackend.observe_bindings` gives these; a backend with
+    no cheaper read projects its :class:`ObservedDevice` (:attr:`ObservedDevice.binding`)."""
+
+    id: str
+    hostbus: int | None
+    hostport: str | None
+    hostaddr: int | None
+    attached: bool | None = None
+
+
+#: What :meth:`VmBackend.attach` takes.  One kind today (a host device QEMU
+#: opens itself); a second one (``usb-redir`` of a remote device over a
+#: chardev) joins as ``UsbHostSpec | UsbRedirSpec``, and mypy then shows every
+#: backend that has to learn it.
+AttachSpec: TypeAlias = UsbHostSpec
+
+
+class VmEventKind(enum.Enum):
+    """What happened to a VM.  A kind says what to look at again, never what is true."""
+
+    #: a session opened, the domain started, or a shared socket answers again
+    CONNECTED = "connected"
+    #: the session closed, the domain stopped, or QEMU is not reachable any more
+    DISCONNECTED = "disconnected"
+    #: QEMU removed a device (:attr:`VmEvent.device_id` says which)
+    DEVICE_DELETED = "device_deleted"
+    #: the guest powered off or crashed; QEMU may still be there (-no-shutdown)
+    SHUTDOWN = "shutdown"
+    #: the guest rebooted (QEMU keeps its usb-host devices)
+    RESET = "reset"
+    #: the VM was paused
+    STOP = "stop"
+    #: the VM runs again
+    RESUME = "resume"
+    #: the guest panicked
+    GUEST_PANICKED = "guest_panicked"
+
+    @classmethod
+    def from_qmp(cls, event: str) -> VmEventKind | None:
+        """The kind of a QMP event name (``DEVICE_DELETED``, ``SHUTDOWN``...);
+        None for events vmplug does not watch."""
+        return _QMP_EVENTS.get(event)
+
+
+_QMP_EVENTS: dict[str, VmEventKind] = {
+    "DEVICE_DELETED": VmEventKind.DEVICE_DELETED,
+    "SHUTDOWN": VmEventKind.SHUTDOWN,
+    "RESET": VmEventKind.RESET,
+    "STOP": VmEventKind.STOP,
+    "RESUME": VmEventKind.RESUME,
+    "GUEST_PANICKED": VmEventKind.GUEST_PANICKED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class VmEvent:
+    """Something happened to VM ``vm`` (its configured name).
+
+    ``device_id`` is the device's QEMU id for :attr:`VmEventKind.DEVICE_DELETED`
+    and None for every other kind.
+    """
+
+    vm: str
+    kind: VmEventKind
+    device_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.kind is VmEventKind.DEVICE_DELETED) != bool(self.device_id):
+            raise ValueError(
+                f"VmEvent {self.kind.value}: a device id comes with device_deleted only, "
+                f"and always ({self.device_id!r})"
+            )
+
+    def __str__(self) -> str:
+        return self.kind.value if self.device_id is None else f"{self.kind.value} {self.device_id}"
+
+
+#: Who hears a backend's events (the daemon's ``on_vm_change``); called from the event loop.
+OnVmEvent: TypeAlias = Callable[[VmEvent], None]
+
+
+class Notifier:
+    """The one ``_notify`` of every backend: hand a :class:`VmEvent` to
+    ``on_change``.  A listener that raises is logged and kept: a bug behind
+    the daemon's callback must not stop a backend's session loop."""
+
+    name: str
+    on_change: OnVmEvent | None
+
+    def _notify(self, kind: VmEventKind, device_id: str | None = None) -> None:
+        listener = self.on_change
+        if listener is None:
+            return
+        event = VmEvent(self.name, kind, device_id)
+        try:
+            listener(event)
+        except Exception:
+            log.exception("vm %s: on_change(%s) failed", self.name, event)
+
+
+class VmBackend(Protocol):
+    """What the daemon, the one-shot commands and ``vmplug doctor`` need of a VM.
+
+    Every backend (:class:`~vmplug.vms.qmp.QmpVm`,
+    :class:`~vmplug.vms.proxmox.ProxmoxVm`,
+    :class:`~vmplug.vms.container.ContainerVm`,
+    :class:`~vmplug.vms.libvirt.LibvirtVm`) satisfies it, and
+    :func:`vmplug.vms.factory.make_backend` is where that is type-checked.
+    A backend is built with ``on_change``: an :data:`OnVmEvent` or None.
+    Failures are :class:`VmError` subclasses; ``qmp_class`` says what QEMU
+    (or libvirt) answered.
+    """
+
+    #: the VM's name in the config (every VmEvent carries it)
+    name: str
+
+    @property
+    def connected(self) -> bool:
+        """True while an operation can be tried now."""
+        ...
+
+    @property
+    def state(self) -> VmState: ...
+
+    async def start(self) -> None:
+        """Begin connecting (and reconnecting) in the background; returns at once."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop reconnecting, close what is open; bounded."""
+        ...
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """Until :attr:`connected` (True) or ``timeout`` seconds went by (False)."""
+        ...
+
+    async def observe(self) -> Mapping[str, ObservedDevice]:
+        """vmplug's devices (ids with :data:`ID_PREFIX`) the VM holds, by id, in full."""
+        ...
+
+    async def observe_bindings(self) -> Mapping[str, Binding]:
+        """vmplug's devices with only what the reconciler compares, by id."""
+        ...
+
+    async def attach(self, dev_id: str, spec: AttachSpec) -> None:
+        """Add device ``dev_id`` as ``spec`` says; returns once the VM holds it."""
+        ...
+
+    async def detach(self, dev_id: str, timeout: float = 5.0) -> None:
+        """Remove device ``dev_id`` and wait until it is gone; a missing one is no error."""
+        ...
 
 
 class UsbControllerKind(enum.Enum):
@@ -272,3 +453,26 @@ def pick_usb_bus(vm: str, buses: list[UsbBus]) -> UsbBus:
         f"the VM has only USB 1.1 buses ({names}), too slow for most devices; "
         f'add -device qemu-xhci, set add_controller = true, or set usb_bus = "<name>"',
     )
+
+
+__all__ = [
+    "ID_PREFIX",
+    "AttachSpec",
+    "Binding",
+    "Notifier",
+    "ObservedDevice",
+    "OnVmEvent",
+    "UsbBus",
+    "UsbControllerKind",
+    "UsbHostSpec",
+    "VmBackend",
+    "VmConfigError",
+    "VmDisconnected",
+    "VmError",
+    "VmEvent",
+    "VmEventKind",
+    "VmState",
+    "VmTimeout",
+    "check_device_id",
+    "pick_usb_bus",
+]

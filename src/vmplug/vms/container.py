@@ -30,8 +30,19 @@ from typing import Any
 from urllib.parse import quote
 
 from vmplug.aio import cancel_and_wait
-from vmplug.vms.base import ObservedDevice, UsbHostSpec, VmConfigError, VmDisconnected, VmState
-from vmplug.vms.qmp import OnChange, QmpVm
+from vmplug.vms.base import (
+    AttachSpec,
+    Binding,
+    Notifier,
+    ObservedDevice,
+    OnVmEvent,
+    VmConfigError,
+    VmDisconnected,
+    VmEvent,
+    VmEventKind,
+    VmState,
+)
+from vmplug.vms.qmp import QmpVm
 
 log = logging.getLogger("vmplug.vms.container")
 
@@ -369,8 +380,12 @@ async def locate(name: str, uri: str | None = None) -> ContainerQmp:
     return found
 
 
-class ContainerVm:
+class ContainerVm(Notifier):
     """A QEMU in a container, driven through its QMP socket on the host.
+
+    A :class:`~vmplug.vms.base.VmBackend`: the inner :class:`QmpVm`'s events
+    are passed on as this VM's, plus ``DISCONNECTED`` when the container moved
+    its socket.
 
     The container is looked up at start and again whenever QEMU goes away (a
     container that was re-created may have moved its socket); everything else
@@ -387,7 +402,7 @@ class ContainerVm:
         shared: bool = False,
         usb_bus: str | None = None,
         add_controller: bool = False,
-        on_change: OnChange | None = None,
+        on_change: OnVmEvent | None = None,
         lookup_interval: float = 2.0,
     ) -> None:
         self.name = name
@@ -464,7 +479,7 @@ class ContainerVm:
                 old, self.inner = self.inner, None
                 if old is not None:
                     await old.stop()
-                    self._notify("disconnected")
+                    self._notify(VmEventKind.DISCONNECTED)
                 log.info("vm %s: container %s, QMP at %s", self.name, found.name, socket)
                 self.inner = QmpVm(
                     self.name,
@@ -484,17 +499,10 @@ class ContainerVm:
             await asyncio.wait_for(self._relook.wait(), timeout)
         self._relook.clear()
 
-    def _inner_change(self, vm: str, reason: str) -> None:
-        if reason == "disconnected":
+    def _inner_change(self, event: VmEvent) -> None:
+        if event.kind is VmEventKind.DISCONNECTED:
             self._relook.set()
-        self._notify(reason)
-
-    def _notify(self, reason: str) -> None:
-        if self.on_change is not None:
-            try:
-                self.on_change(self.name, reason)
-            except Exception:
-                log.exception("vm %s: on_change(%r) failed", self.name, reason)
+        self._notify(event.kind, event.device_id)
 
     def _vm(self) -> QmpVm:
         if self.inner is None:
@@ -506,10 +514,13 @@ class ContainerVm:
     async def observe(self) -> dict[str, ObservedDevice]:
         return await self._vm().observe()
 
+    async def observe_bindings(self) -> dict[str, Binding]:
+        return await self._vm().observe_bindings()
+
     async def observe_all(self) -> dict[str, ObservedDevice]:
         return await self._vm().observe_all()
 
-    async def attach(self, dev_id: str, spec: UsbHostSpec) -> None:
+    async def attach(self, dev_id: str, spec: AttachSpec) -> None:
         await self._vm().attach(dev_id, spec)
 
     async def detach(self, dev_id: str, timeout: float = 5.0) -> None:

@@ -1,21 +1,25 @@
-"""Which backend drives a configured VM: the one place that knows every kind."""
+"""Which backend drives a configured VM: the one place that knows every kind.
+
+Each branch assigns a concrete backend to a :class:`~vmplug.vms.base.VmBackend`
+variable, so mypy checks here that every kind meets the contract.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
 
 from vmplug.config import VmConfig
+from vmplug.vms.base import OnVmEvent, VmBackend, VmDisconnected, VmEvent
 
-if TYPE_CHECKING:
-    from vmplug.engine.daemon import VmBackend
+#: How the daemon gets a backend for a configured VM (tests and benches inject their own).
+VmFactory = Callable[[VmConfig, OnVmEvent], VmBackend]
 
 
-def make_backend(vm: VmConfig, on_change: Callable[[str, str], None]) -> VmBackend:
+def make_backend(vm: VmConfig, on_change: OnVmEvent) -> VmBackend:
     """A backend for ``vm`` by its kind (qmp, libvirt, container, proxmox);
-    ``on_change(vm_name, reason)`` hears what happens to it."""
+    ``on_change`` hears a :class:`~vmplug.vms.base.VmEvent` for what happens to it."""
     backend: VmBackend
     kind = vm.kind
     if kind == "libvirt":
@@ -60,20 +64,25 @@ def make_backend(vm: VmConfig, on_change: Callable[[str, str], None]) -> VmBacke
     return backend
 
 
+#: The daemon's default :data:`VmFactory`.
+default_vm_factory: VmFactory = make_backend
+
+
+def _ignore(_event: VmEvent) -> None:
+    """A one-shot command acts and leaves: nothing listens to the VM meanwhile."""
+
+
 @contextlib.asynccontextmanager
 async def one_shot(vm: VmConfig, timeout: float = 10.0) -> AsyncIterator[VmBackend]:
     """A started backend for one operation without the daemon (``vmplug attach``
     when no daemon runs), reachable or a :class:`~vmplug.vms.base.VmDisconnected`;
     stopped on exit.  A QMP socket is used per operation (shared), as the daemon
     may start at any moment and wants it."""
-    from vmplug.vms.base import VmDisconnected  # noqa: PLC0415
-
     config = dataclasses.replace(vm, shared=True) if vm.kind == "qmp" else vm
-    backend = make_backend(config, lambda _vm, _reason: None)
+    backend = make_backend(config, _ignore)
     await backend.start()
     try:
-        wait = getattr(backend, "wait_connected", None)
-        if wait is not None and not await wait(timeout):
+        if not await backend.wait_connected(timeout):
             why = getattr(backend, "error", None) or f"{vm.where} did not answer in {timeout:g} s"
             raise VmDisconnected(vm.name, why)
         yield backend

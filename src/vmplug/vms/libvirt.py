@@ -40,11 +40,16 @@ from vmplug.aio import cancel_and_wait
 from vmplug.host.inventory import sysfs_root_from_env
 from vmplug.vms.base import (
     ID_PREFIX,
+    AttachSpec,
+    Binding,
+    Notifier,
     ObservedDevice,
+    OnVmEvent,
     UsbHostSpec,
     VmConfigError,
     VmDisconnected,
     VmError,
+    VmEventKind,
     VmState,
     VmTimeout,
     check_device_id,
@@ -55,8 +60,6 @@ log = logging.getLogger("vmplug.vms.libvirt")
 DEFAULT_URI = "qemu:///system"
 #: libvirt requires user aliases to start with this.
 ALIAS_PREFIX = "ua-"
-
-OnChange = Callable[[str, str], None]
 
 
 class LibvirtMissing(VmConfigError):
@@ -258,15 +261,15 @@ def usb_controllers(domain_xml: str) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-class LibvirtVm:
-    """One libvirt domain, by name.
+class LibvirtVm(Notifier):
+    """One libvirt domain, by name (a :class:`~vmplug.vms.base.VmBackend`).
 
     ``connected`` is True while vmplug has a libvirt connection and the
-    domain runs (or is paused).  ``on_change(vm, reason)``: ``connected``
-    (the domain started, or vmplug connected to a running one),
-    ``disconnected`` (stopped, or libvirt went away), ``SHUTDOWN``
-    (crashed), ``RESET`` (rebooted), ``STOP``/``RESUME`` and
-    ``DEVICE_DELETED:<id>``.
+    domain runs (or is paused).  ``on_change(event)`` hears a
+    :class:`~vmplug.vms.base.VmEvent`: ``CONNECTED`` (the domain started, or
+    vmplug connected to a running one), ``DISCONNECTED`` (stopped, or libvirt
+    went away), ``SHUTDOWN`` (crashed), ``RESET`` (rebooted),
+    ``STOP``/``RESUME`` and ``DEVICE_DELETED`` with the device's id.
     """
 
     def __init__(
@@ -276,7 +279,7 @@ class LibvirtVm:
         *,
         uri: str | None = None,
         persist: bool = False,
-        on_change: OnChange | None = None,
+        on_change: OnVmEvent | None = None,
         sysfs_root: Path | None = None,
         backoff_min: float = 0.1,
         backoff_max: float = 5.0,
@@ -359,7 +362,7 @@ class LibvirtVm:
             await self._disconnect()
             log.info("vm %s: the connection to %s closed", self.name, self.uri)
             if was_active:
-                self._notify("disconnected")
+                self._notify(VmEventKind.DISCONNECTED)
             await asyncio.sleep(self.backoff_min)
 
     async def _connect(self) -> None:
@@ -448,10 +451,10 @@ class LibvirtVm:
         self._active = state not in (VmState.DISCONNECTED, VmState.SHUTDOWN)
         if self._active and not was:
             self._up.set()
-            self._notify("connected")
+            self._notify(VmEventKind.CONNECTED)
         elif was and not self._active:
             self._up.clear()
-            self._notify("disconnected")
+            self._notify(VmEventKind.DISCONNECTED)
 
     # -- events (libvirt's thread -> our loop) --------------------------------
 
@@ -470,11 +473,11 @@ class LibvirtVm:
 
     def _cb_reboot(self, _c: Any, dom: Any, _o: object) -> None:
         if dom.name() == self.domain:
-            self._post(self._notify, "RESET")
+            self._post(self._notify, VmEventKind.RESET)
 
     def _cb_removed(self, _c: Any, dom: Any, alias: str, _o: object) -> None:
         if dom.name() == self.domain and alias.startswith(ALIAS_PREFIX + ID_PREFIX):
-            self._post(self._notify, f"DEVICE_DELETED:{alias.removeprefix(ALIAS_PREFIX)}")
+            self._post(self._notify, VmEventKind.DEVICE_DELETED, alias.removeprefix(ALIAS_PREFIX))
 
     def _on_lifecycle(self, dom: Any, event: int, detail: int) -> None:
         lv = _libvirt()
@@ -486,23 +489,15 @@ class LibvirtVm:
             self._set_state(VmState.DISCONNECTED)
         elif event == lv.VIR_DOMAIN_EVENT_CRASHED:
             self._state = VmState.CRASHED
-            self._notify("SHUTDOWN")
+            self._notify(VmEventKind.SHUTDOWN)
         elif event == lv.VIR_DOMAIN_EVENT_SUSPENDED:
             self._state = VmState.PAUSED
-            self._notify("STOP")
+            self._notify(VmEventKind.STOP)
         elif event == lv.VIR_DOMAIN_EVENT_RESUMED:
             self._state = VmState.RUNNING
-            self._notify("RESUME")
+            self._notify(VmEventKind.RESUME)
         elif event in (lv.VIR_DOMAIN_EVENT_DEFINED, lv.VIR_DOMAIN_EVENT_UNDEFINED):
             self._dom = dom if event == lv.VIR_DOMAIN_EVENT_DEFINED else None
-
-    def _notify(self, reason: str) -> None:
-        if self.on_change is None:
-            return
-        try:
-            self.on_change(self.name, reason)
-        except Exception:
-            log.exception("vm %s: on_change(%r) failed", self.name, reason)
 
     # -- operations ---------------------------------------------------------
 
@@ -536,6 +531,11 @@ class LibvirtVm:
                 continue
             out[hd.dev_id] = self._observed(hd)
         return out
+
+    async def observe_bindings(self) -> dict[str, Binding]:
+        """:meth:`observe` as the reconciler compares it (the live XML is read
+        either way: libvirt has no cheaper question)."""
+        return {dev_id: dev.binding for dev_id, dev in (await self.observe()).items()}
 
     async def observe_all(self) -> dict[str, ObservedDevice]:
         """Every aliased USB hostdev, vmplug's and others'."""
@@ -587,7 +587,7 @@ class LibvirtVm:
             )
         return found
 
-    async def attach(self, dev_id: str, spec: UsbHostSpec) -> None:
+    async def attach(self, dev_id: str, spec: AttachSpec) -> None:
         """``attachDeviceFlags`` a hostdev for the device the spec names, live
         (and into the persistent config when ``persist``)."""
         check_device_id(self.name, dev_id)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vmplug.vms.qmp import OnChange, QmpVm
+from vmplug.vms.base import OnVmEvent
+from vmplug.vms.qmp import QmpVm
 
 #: Where qemu-server puts its sockets; VMPLUG_PROXMOX_RUN overrides it (tests, chroots).
 DEFAULT_RUN_DIR = "/var/run/qemu-server"
@@ -54,7 +55,7 @@ class ProxmoxVm(QmpVm):
         *,
         usb_bus: str | None = None,
         add_controller: bool = False,
-        on_change: OnChange | None = None,
+        on_change: OnVmEvent | None = None,
         root: Path | None = None,
         shared_probe_interval: float = 10.0,
     ) -> None:

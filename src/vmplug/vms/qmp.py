@@ -20,7 +20,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,17 @@ from qemu.qmp.message import Message
 from vmplug.aio import cancel_and_wait
 from vmplug.vms.base import (
     ID_PREFIX,
+    AttachSpec,
+    Binding,
+    Notifier,
     ObservedDevice,
+    OnVmEvent,
     UsbBus,
     UsbControllerKind,
-    UsbHostSpec,
     VmConfigError,
     VmDisconnected,
     VmError,
+    VmEventKind,
     VmState,
     VmTimeout,
     check_device_id,
@@ -54,16 +58,10 @@ PERIPHERAL = "/machine/peripheral"
 PERIPHERAL_ANON = "/machine/peripheral-anon"
 UNATTACHED = "/machine/unattached"
 
-#: Events after which the reconciler must look again (``on_change`` reasons).
-WATCHED_EVENTS = frozenset(
-    {"SHUTDOWN", "RESET", "DEVICE_DELETED", "STOP", "RESUME", "GUEST_PANICKED"}
-)
 #: usb-host properties that cannot change after device_add (cached per session).
 STATIC_PROPS = ("hostbus", "hostaddr", "hostport", "vendorid", "productid", "parent_bus")
 #: The id vmplug gives a controller it adds itself (add_controller = true).
 CONTROLLER_ID = "vmplug-xhci"
-
-OnChange = Callable[[str, str], None]
 
 
 async def _sleep_on_grid(delay: float) -> None:
@@ -85,21 +83,6 @@ class _Static:
     vendorid: int | None
     productid: int | None
     bus: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Binding:
-    """What a reconciler compares of a vmplug device: the host socket it is
-    bound to, the device number it is pinned to (``hostaddr``; None: QEMU
-    follows the socket itself), and, for a pinned device only, QOM's
-    ``attached`` (None when not read: it decides nothing for the port form,
-    where QEMU re-grabs the device by itself)."""
-
-    id: str
-    hostbus: int | None
-    hostport: str | None
-    hostaddr: int | None
-    attached: bool | None = None
 
 
 #: The properties observe_bindings() reads once per session of each device.
@@ -155,14 +138,14 @@ def _is_controller_type(qom_type: str) -> bool:
     return UsbControllerKind.from_type(qom_type) is not UsbControllerKind.OTHER
 
 
-class QmpVm:
-    """One QEMU virtual machine reached over QMP.
+class QmpVm(Notifier):
+    """One QEMU virtual machine reached over QMP (a :class:`~vmplug.vms.base.VmBackend`).
 
-    ``on_change(vm_name, reason)`` is called (from the event loop) when the
-    reconciler should look again; ``reason`` is ``"connected"``,
-    ``"disconnected"``, ``"DEVICE_DELETED:<id>"``, or the name of a QMP
-    event: ``"SHUTDOWN"``, ``"RESET"``, ``"STOP"``, ``"RESUME"``,
-    ``"GUEST_PANICKED"``.  Reasons say what to look at, never what is true.
+    ``on_change(event)`` is called (from the event loop) with a
+    :class:`~vmplug.vms.base.VmEvent` when the reconciler should look again:
+    ``CONNECTED``, ``DISCONNECTED``, ``DEVICE_DELETED`` (with the device's
+    id), or the kind of a QMP event: ``SHUTDOWN``, ``RESET``, ``STOP``,
+    ``RESUME``, ``GUEST_PANICKED``.  Events say what to look at, never what is true.
     """
 
     def __init__(
@@ -173,7 +156,7 @@ class QmpVm:
         shared: bool = False,
         usb_bus: str | None = None,
         add_controller: bool = False,
-        on_change: OnChange | None = None,
+        on_change: OnVmEvent | None = None,
         command_timeout: float = 5.0,
         connect_timeout: float = 3.0,
         backoff_min: float = 0.05,
@@ -368,7 +351,7 @@ class QmpVm:
         async with self._session() as client:
             return await self._observe(client, (PERIPHERAL, PERIPHERAL_ANON))
 
-    async def attach(self, dev_id: str, spec: UsbHostSpec) -> None:
+    async def attach(self, dev_id: str, spec: AttachSpec) -> None:
         """``device_add usb-host`` with ``dev_id`` on the VM's USB bus."""
         check_device_id(self.name, dev_id)
         problem = spec.problem()
@@ -486,7 +469,7 @@ class QmpVm:
             self._state = VmState.DISCONNECTED
         if up != self._reachable:
             self._reachable = up
-            self._notify("connected" if up else "disconnected")
+            self._notify(VmEventKind.CONNECTED if up else VmEventKind.DISCONNECTED)
 
     async def _shared_loop(self) -> None:
         """Shared socket: never hold it.  Notice QEMU coming and going by a
@@ -551,7 +534,7 @@ class QmpVm:
             self._client = client
             self._up.set()
             log.info("vm %s: connected to %s (%s)", self.name, self.address, self._state.value)
-            self._notify("connected")
+            self._notify(VmEventKind.CONNECTED)
             try:
                 while client.runstate is Runstate.RUNNING:
                     await client.runstate_changed()
@@ -562,7 +545,7 @@ class QmpVm:
                 self._forget_session(VmDisconnected(self.name, "QEMU went away"))
                 self._state = VmState.DISCONNECTED
             log.info("vm %s: disconnected from %s", self.name, self.address)
-            self._notify("disconnected")
+            self._notify(VmEventKind.DISCONNECTED)
             # A session that dies at once (a broken peer) must not spin.
             attempt = 0 if time.monotonic() - began > 1.0 else attempt + 1
             await self._backoff(attempt)
@@ -591,7 +574,8 @@ class QmpVm:
 
     def _on_event(self, msg: Message) -> None:
         event = msg.get("event")
-        if event not in WATCHED_EVENTS:
+        kind = VmEventKind.from_qmp(event) if isinstance(event, str) else None
+        if kind is None:
             return
         data = msg.get("data")
         data = data if isinstance(data, dict) else {}
@@ -611,7 +595,7 @@ class QmpVm:
                 for fut in self._deleted.pop(dev_id, []):
                     if not fut.done():
                         fut.set_result(None)
-                self._notify(f"DEVICE_DELETED:{dev_id}")
+                self._notify(VmEventKind.DEVICE_DELETED, dev_id)
             return
         if event == "STOP":
             self._state = VmState.PAUSED
@@ -626,19 +610,11 @@ class QmpVm:
             task = asyncio.create_task(self._refresh_after_event(self._client))
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
-        self._notify(str(event))
+        self._notify(kind)
 
     async def _refresh_after_event(self, client: _Client) -> None:
         with contextlib.suppress(VmError):
             await self._refresh_status(client)
-
-    def _notify(self, reason: str) -> None:
-        if self.on_change is None:
-            return
-        try:
-            self.on_change(self.name, reason)
-        except Exception:
-            log.exception("vm %s: on_change(%r) failed", self.name, reason)
 
     # -- commands -----------------------------------------------------------
 
