@@ -1,0 +1,1 @@
+"""History: the SQLite journal of what happened (store) and the figures drawn from it (health)."""
