@@ -197,7 +197,15 @@ class UsbDevice:
     #: Names from usb.ids, used when the device gives no string.
     vendor_name: str | None = None
     product_name: str | None = None
-    descriptors_sha256: str | None = None  # base64, usbguard "hash" style
+    #: usbguard's device ``hash``: base64 SHA-256 over the product string, the IDs,
+    #: the serial and every descriptor (a root hub's bcdDevice zeroed).
+    descriptors_sha256: str | None = None
+    #: usbguard's ``parent-hash``: the hub's hash, or for a root hub the hash of
+    #: its controller's sysfs path (``/devices/pci0000:00/0000:00:14.0``).
+    parent_hash: str | None = None
+    #: Every interface descriptor's class triple in ``descriptors`` order, all
+    #: configurations: usbguard's ``with-interface`` list (None: not read).
+    descriptor_interfaces: tuple[tuple[int, int, int], ...] | None = None
     sysfs_path: str | None = None  # resolved path under the sysfs root
     #: False when another present device has the same vid:pid and serial
     #: (cheap devices often share one): then the port tells them apart.
@@ -273,8 +281,11 @@ class UsbDevice:
     def interface_triples(self) -> tuple[tuple[int, int, int], ...]:
         """Every interface descriptor's class triple, alternate settings included.
 
-        This is the list usbguard's ``with-interface`` works on.
+        This is the list usbguard's ``with-interface`` works on: the one the
+        descriptors give (every configuration, in their order) when it was read.
         """
+        if self.descriptor_interfaces is not None:
+            return self.descriptor_interfaces
         triples: list[tuple[int, int, int]] = []
         for iface in self.interfaces:
             if iface.alt_settings:

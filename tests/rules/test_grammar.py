@@ -109,7 +109,7 @@ def test_render() -> None:
         parse_rule('name "x" vendor 1235')
     assert info.value.render() == (
         "<rule>:1:10: error: unknown attribute 'vendor': expected an attribute: id, serial, "
-        "name, hash, via-port, with-interface, with-connect-type, label\n"
+        "name, hash, parent-hash, via-port, with-interface, with-connect-type, label\n"
         'name "x" vendor 1235\n'
         "         ^^^^^^"
     )
@@ -181,7 +181,6 @@ def test_render_keeps_tabs_so_carets_line_up() -> None:
         ('serial "a" serial "b"', 11, "duplicate attribute 'serial'"),
         ("1235:821a id 1235:821a", 10, "duplicate attribute 'id'"),
         ('label "a" label "b"', 10, "duplicate attribute 'label'"),
-        ('parent-hash "x"', 0, "parent-hash is not supported"),
         ("if true", 0, "conditions"),
         ('serial"x"', 6, "expected a space"),
         ('serial "x""y"', 10, "expected a space after"),

@@ -39,7 +39,7 @@ def _devices(name: str) -> list[UsbDevice]:
         ("with-interface 09:00:*", ["usb1", "2-2", "2-2.4", "usb2", "usb3"]),
         ('with-connect-type "unknown" with-interface none-of { 09:*:* 03:*:* }',
          ["1-1", "2-2.1", "3-1"]),
-        ('hash "C9KYo9Mkp5Z4KyeYmysZ0BAa71W9ylNWz2bZGO2jTwA="', ["2-2.1"]),
+        ('hash "20rpHHbfiAbfWChjRGtGn0vH2kj6g7lw/TMax/YzlrM="', ["2-2.1"]),
     ],
 )  # fmt: skip
 def test_mixed_capture(rule: str, ports: list[str]) -> None:

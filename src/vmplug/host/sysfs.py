@@ -160,6 +160,124 @@ def parse_descriptors(data: bytes) -> _Parsed:
     return out
 
 
+# --------------------------------------------------------------------------- usbguard hashes
+
+#: What usbguard's ``SysFSDevice::readAttribute`` trims off the end of a string.
+_USBGUARD_TRIM = b"\0\n\r\t\b"
+#: Sizes usbguard's ``USBDescriptorParser`` insists on; any other size it refuses.
+_USBGUARD_SIZES = {_DT_DEVICE: (18,), _DT_CONFIG: (9,), _DT_INTERFACE: (9,), _DT_ENDPOINT: (7, 9)}
+#: Linux root hubs (1.1, 2.0, 3.0): usbguard hashes their device descriptor with
+#: bcdDevice zeroed, so the hash survives a kernel update.
+_LINUX_ROOT_HUBS = frozenset({(0x1D6B, 0x0001), (0x1D6B, 0x0002), (0x1D6B, 0x0003)})
+
+
+def _read_string(path: str) -> bytes | None:
+    """A string attribute's bytes as usbguard reads them (trailing NUL/CR/LF/TAB/BS cut)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).rstrip(_USBGUARD_TRIM)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", "replace")
+
+
+def _b64sha256(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def usbguard_hash(
+    descriptors: bytes, name: bytes | None, serial: bytes | None
+) -> tuple[str, tuple[tuple[int, int, int], ...]] | None:
+    """usbguard's device hash and ``with-interface`` list, or None where usbguard refuses.
+
+    As ``DevicePrivate::initializeHash`` and ``DeviceBase::parseUSBDescriptor``:
+    SHA-256 over the product string, ``idVendor`` and ``idProduct`` as 4 hex
+    digits, the serial, then each descriptor's ``bLength`` bytes (a Linux root
+    hub's device descriptor with bcdDevice 0); base64.  usbguard skips a device
+    whose descriptors its parser rejects (bad sizes, wrong nesting, trailing
+    junk), so it has no hash here either.
+    """
+    if len(descriptors) < 18 or descriptors[1] != _DT_DEVICE:
+        return None
+    vendor = int.from_bytes(descriptors[8:10], "little")
+    product = int.from_bytes(descriptors[10:12], "little")
+    digest = hashlib.sha256()
+    digest.update(name or b"")
+    digest.update(f"{vendor:04x}{product:04x}".encode())
+    digest.update(serial or b"")
+    interfaces: list[tuple[int, int, int]] = []
+    seen: set[int] = set()  # the parser's "have a descriptor of this type"
+    pos, end = 0, len(descriptors)
+    while pos < end:
+        if end - pos < 2:
+            return None  # "partial read while reading header data"
+        length, dtype = descriptors[pos], descriptors[pos + 1]
+        if length < 2 or pos + length > end:
+            return None
+        if dtype in _USBGUARD_SIZES and length not in _USBGUARD_SIZES[dtype]:
+            return None
+        body = descriptors[pos : pos + length]
+        if dtype == _DT_DEVICE:
+            if _DT_DEVICE in seen:
+                return None  # two device descriptors
+            if (vendor, product) in _LINUX_ROOT_HUBS:
+                body = body[:12] + b"\0\0" + body[14:]
+        elif dtype == _DT_CONFIG:
+            if _DT_DEVICE not in seen:
+                return None
+            seen -= {_DT_INTERFACE, _DT_ENDPOINT}
+        elif dtype == _DT_INTERFACE:
+            if _DT_CONFIG not in seen:
+                return None
+            interfaces.append((body[5], body[6], body[7]))
+        elif dtype == _DT_ENDPOINT and _DT_INTERFACE not in seen:
+            return None
+        seen.add(dtype)
+        digest.update(body)
+        pos += length
+    return base64.b64encode(digest.digest()).decode(), tuple(interfaces)
+
+
+def usbguard_parent_hash(
+    path: str, root: str | None = None, known: dict[str, str | None] | None = None
+) -> str | None:
+    """usbguard's ``parent-hash`` of the device at ``path`` (under sysfs ``root``).
+
+    A device's parent is its hub, whose hash it is (taken from ``known``, by
+    path, or read).  A root hub's parent is its controller, which is no USB
+    device: usbguard hashes the controller's sysfs path instead, as the kernel
+    names it (``/devices/pci0000:00/0000:00:14.0``, whatever the sysfs root).
+    """
+    parent = os.path.dirname(path)
+    if _DEVICE_NAME.match(os.path.basename(parent)):
+        if known is not None and parent in known:
+            return known[parent]
+        raw = _read_bytes(parent + "/descriptors")
+        found = raw and usbguard_hash(
+            raw, _read_string(parent + "/product"), _read_string(parent + "/serial")
+        )
+        return found[0] if found else None
+    if root is not None:
+        base = os.path.normpath(os.fspath(root))
+        if not parent.startswith(base.rstrip("/") + "/"):
+            return None
+        rel = parent[len(base.rstrip("/")) :]
+    else:
+        at = parent.rfind("/devices/")
+        if at < 0:
+            return None
+        rel = parent[at:]
+    return _b64sha256(rel.encode("utf-8", "surrogateescape"))
+
+
 def _bcd(value: int) -> str:
     """bcdUSB as the kernel's ``version`` attribute prints it: 0x0210 -> "2.10"."""
     return f"{value >> 8:x}.{value & 0xFF:02x}"
@@ -233,8 +351,19 @@ def _interfaces(
     return tuple(out)
 
 
-def read_device(path: str, name: str) -> UsbDevice:
-    """Read one device directory (already resolved) into a :class:`UsbDevice`."""
+def read_device(
+    path: str,
+    name: str,
+    *,
+    root: str | None = None,
+    known_hashes: dict[str, str | None] | None = None,
+) -> UsbDevice:
+    """Read one device directory (already resolved) into a :class:`UsbDevice`.
+
+    ``root`` (the sysfs root) and ``known_hashes`` (usbguard hashes of devices
+    already read, by path) only serve the ``parent-hash``: without them it is
+    worked out from the path and by reading the parent hub.
+    """
     warnings: list[str] = []
     ev = _uevent(_read(path + "/uevent"))
     raw = _read_bytes(path + "/descriptors")
@@ -265,6 +394,11 @@ def read_device(path: str, name: str) -> UsbDevice:
     num_ports = _int(_read(path + "/maxchild"), 10, "maxchild", warnings) if dclass == 9 else None
     version = _read(path + "/version") if parsed.bcd_usb is None else _bcd(parsed.bcd_usb)
     delay = _read(path + "/power/autosuspend_delay_ms")
+    product_raw = _read_string(path + "/product")
+    serial_raw = _read_string(path + "/serial")
+    guard = usbguard_hash(raw, product_raw, serial_raw) if raw else None
+    if raw and guard is None:
+        warnings.append("descriptors: usbguard would refuse them (no hash)")
 
     return UsbDevice(
         port=name,
@@ -274,8 +408,8 @@ def read_device(path: str, name: str) -> UsbDevice:
         product_id=product_id,
         bcd_device=bcd,
         manufacturer=_read(path + "/manufacturer"),
-        product=_read(path + "/product"),
-        serial=_read(path + "/serial"),
+        product=_text(product_raw),
+        serial=_text(serial_raw),
         speed_mbps=_speed(_read(path + "/speed"), warnings),
         usb_version=version.strip() if version else None,
         device_class=dclass,
@@ -298,9 +432,9 @@ def read_device(path: str, name: str) -> UsbDevice:
             parsed,
             warnings,
         ),
-        descriptors_sha256=(
-            base64.b64encode(hashlib.sha256(raw).digest()).decode() if raw else None
-        ),
+        descriptors_sha256=guard[0] if guard else None,
+        parent_hash=usbguard_parent_hash(path, root, known_hashes),
+        descriptor_interfaces=guard[1] if guard else None,
         sysfs_path=path,
         warnings=tuple(warnings),
     )
@@ -329,6 +463,7 @@ def read_devices(root: Path | str = DEFAULT_ROOT) -> list[UsbDevice]:
     except OSError as exc:
         raise SysfsError(f"cannot list {base}: {exc.strerror}") from exc
     devices: list[UsbDevice] = []
+    hashes: dict[str, str | None] = {}  # by path: a hub comes before what hangs from it
     for name in sorted((n for n in names if _DEVICE_NAME.match(n)), key=_sort_key):
         link = os.path.join(base, name)
         try:  # the kernel's links are relative and point straight at the device
@@ -337,5 +472,7 @@ def read_devices(root: Path | str = DEFAULT_ROOT) -> list[UsbDevice]:
             real = os.path.realpath(link)  # not a link (a copied tree): resolve fully
         if not os.path.isdir(real):
             continue  # vanished between listdir and now (unplugged): not an error
-        devices.append(read_device(real, name))
+        device = read_device(real, name, root=os.fspath(root), known_hashes=hashes)
+        hashes[real] = device.descriptors_sha256
+        devices.append(device)
     return devices

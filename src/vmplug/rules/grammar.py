@@ -5,8 +5,8 @@ the target (allow/block/reject) lives in vmplug's config, not in the text::
 
     rule       := [ "match" ] [ device-id ] attribute*  [ "#" comment ]
     attribute  := NAME value | NAME [ OPERATOR ] "{" value+ "}"
-    NAME       := id | serial | name | hash | via-port | with-interface
-                | with-connect-type | label
+    NAME       := id | serial | name | hash | parent-hash | via-port
+                | with-interface | with-connect-type | label
     OPERATOR   := all-of | one-of | none-of | equals | equals-ordered | match-all
 
 What usbguard's PEGTL grammar (``src/Library/RuleParser/Grammar.hpp``) and its
@@ -16,8 +16,10 @@ meaning, except:
 
 * a target (allow, block, reject, device) is an error: the config holds it;
   ``match``, usbguard's neutral target for partial rules, may lead;
-* ``if`` conditions and ``parent-hash`` are errors: a rule here looks at one
-  device, which does not know its parent's hash;
+* ``if`` conditions are errors: they test the daemon's state (time, what it
+  allowed before), not the device, and vmplug has no such state;
+* a rule with no attribute (``match`` alone, or only a comment) is an error:
+  in a config it is more likely a slip than a wish to take every device;
 * hex digits are case-insensitive (usbguard compares the ID strings as written,
   so its ``id 1235:821A`` never matches);
 * strings also take ``\a \b \f \n \r \t \v`` (usbguard's grammar admits them,
@@ -147,6 +149,7 @@ _KINDS = {
     "serial": "string",
     "name": "string",
     "hash": "string",
+    "parent-hash": "string",
     "via-port": "string",
     "with-interface": "interface",
     "with-connect-type": "string",
@@ -464,12 +467,6 @@ class _Parser:
             if tok.kind != _WORD:
                 raise self.error(f"{_EXPECT_ATTR}; got {tok.describe()}", tok)
             name = tok.text
-            if name == "parent-hash":
-                raise self.error(
-                    "parent-hash is not supported: vmplug matches each device on its own "
-                    "and does not know its parent's hash; use via-port to pin the hub port",
-                    tok,
-                )
             if name == "if":
                 raise self.error("rule conditions ('if ...') are not supported", tok)
             if name in _TARGETS or name == "match":

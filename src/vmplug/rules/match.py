@@ -61,6 +61,7 @@ _STRING_FIELDS = {
     "serial": "serial",
     "name": "product",  # usbguard's name is the product string the device reports
     "hash": "descriptors_sha256",
+    "parent-hash": "parent_hash",
     "via-port": "port",
     "with-connect-type": "connect_type",
 }
