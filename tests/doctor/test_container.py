@@ -13,11 +13,12 @@ import pytest
 from aiohttp import web
 
 from vmplug.doctor import container
-from vmplug.doctor.container_info import api_get, load_compose_file
+from vmplug.doctor.container_info import load_compose_file
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import Finding, Severity, run_checks
 from vmplug.generate.compose import plan_compose, render_new
 from vmplug.host.inventory import read_devices
+from vmplug.wire.engine import get_json_sync as api_get
 
 from .conftest import DOCTOR, SYSFS
 

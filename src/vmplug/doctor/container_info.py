@@ -2,9 +2,9 @@
 # (/proc, /dev and sysfs walks use plain os calls on string paths, like host/sysfs.py)
 """Containers that run QEMU (dockurr/windows and the like), from three sources.
 
-* The Docker or Podman Engine API on its unix socket (``GET /containers/json``
-  then ``GET /containers/{id}/json``: the ``ContainerInspect`` document),
-  spoken as plain HTTP/1.1 over the socket with :mod:`http.client`;
+* The Docker or Podman Engine API (``GET /containers/json`` then
+  ``GET /containers/{id}/json``: the ``ContainerInspect`` document), through
+  :mod:`vmplug.wire.engine`;
 * ``docker inspect`` output saved to a file (``--inspect FILE``);
 * a compose file (``--compose FILE``).
 
@@ -17,19 +17,16 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
-if TYPE_CHECKING:
-    from vmplug.doctor.context import DoctorContext
-
-DEFAULT_API_SOCKETS = (
-    "/var/run/docker.sock",
-    "/run/podman/podman.sock",
-)
+from vmplug.wire._sync import run_sync
+from vmplug.wire.engine import Engine
+from vmplug.wire.errors import EngineError
+from vmplug.wire.proc import split_arguments
 
 
 @dataclass
@@ -76,7 +73,7 @@ def qmp_socket(spec: ContainerSpec) -> tuple[str, str] | None:
     """
     from vmplug.vms.container import IMAGE_MONITOR, qmp_paths_in_args  # noqa: PLC0415
 
-    paths = qmp_paths_in_args(spec.env.get("ARGUMENTS", "").split())
+    paths = qmp_paths_in_args(split_arguments(spec.env.get("ARGUMENTS", "")))
     if paths:
         return ("ARGUMENTS", paths[0])
     qmp = spec.env.get("QMP", "")
@@ -197,81 +194,53 @@ def load_compose_file(path: Path) -> list[ContainerSpec]:
 # ---------------------------------------------------------------- Engine API
 
 
-class EngineApiError(OSError):
-    pass
-
-
-def api_get(sock_path: str, url: str, timeout: float) -> Any:
-    """``GET url`` on a Docker/Podman API socket; the JSON body."""
-    import http.client  # noqa: PLC0415 - only when an engine socket exists
-
-    class UnixHTTPConnection(http.client.HTTPConnection):
-        def connect(self) -> None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(sock_path)
-            except OSError:
-                sock.close()
-                raise
-            self.sock = sock
-
-    conn = UnixHTTPConnection("localhost", timeout=timeout)
-    try:
-        conn.request("GET", url, headers={"Host": "docker"})
-        resp = conn.getresponse()
-        body = resp.read()
-        if resp.status != 200:
-            raise EngineApiError(f"GET {url}: HTTP {resp.status} {body[:200]!r}")
-        return json.loads(body)
-    finally:
-        conn.close()
-
-
-def list_via_api(sock_path: str, timeout: float) -> list[ContainerSpec]:
+async def _list_via_api(engine: Engine) -> list[ContainerSpec]:
     out: list[ContainerSpec] = []
-    for item in api_get(sock_path, "/containers/json", timeout) or []:
+    for item in await engine.get_json("/containers/json") or []:
         cid = str(item.get("Id", ""))
         if not cid:
             continue
-        doc = api_get(sock_path, f"/containers/{quote(cid, safe='')}/json", timeout)
-        out.append(from_inspect(doc, f"{sock_path} GET /containers/{cid[:12]}/json"))
+        doc = await engine.get_json(f"/containers/{quote(cid, safe='')}/json")
+        out.append(from_inspect(doc, f"{engine.address} GET /containers/{cid[:12]}/json"))
     return out
 
 
-def api_candidates(explicit: list[str] | None) -> list[str]:
-    if explicit is not None:
-        return explicit
-    out: list[str] = []
-    host = os.environ.get("DOCKER_HOST", "")
-    if host.startswith("unix://"):
-        out.append(host[len("unix://") :])
-    out += list(DEFAULT_API_SOCKETS)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        out.append(f"{runtime}/podman/podman.sock")
-    return list(dict.fromkeys(out))
+def list_via_api(sock_path: str, timeout: float) -> list[ContainerSpec]:
+    """The running containers of the engine at ``sock_path``, inspected;
+    raises :class:`~vmplug.wire.errors.EngineError`."""
+    engine = Engine(sock_path, timeout)
+    try:
+        return run_sync(lambda: _list_via_api(engine), None)
+    except TimeoutError:
+        raise EngineError(f"{sock_path}: timed out", address=sock_path) from None
 
 
-def scan_containers(ctx: DoctorContext) -> ContainerScan:
+def scan_containers(
+    *,
+    inspect_files: Sequence[Path] = (),
+    compose_files: Sequence[Path] = (),
+    sockets: Sequence[str] = (),
+    timeout: float = 5.0,
+) -> ContainerScan:
+    """Containers from saved inspect documents, compose files and the engines at ``sockets``."""
     scan = ContainerScan()
-    for path in ctx.inspect_files:
+    for path in inspect_files:
         scan.containers += load_inspect_file(path)
         scan.notes.append(f"read {path}")
-    for path in ctx.compose_files:
+    for path in compose_files:
         scan.containers += load_compose_file(path)
         scan.notes.append(f"read {path}")
-    sockets = api_candidates(ctx.api_sockets)
-    if ctx.api_sockets is None:
-        sockets = list(dict.fromkeys([*ctx.config_api_sockets(), *sockets]))
     for sock in sockets:
         if not os.path.exists(sock):
             scan.notes.append(f"{sock}: no such socket")
             continue
         try:
-            found = list_via_api(sock, ctx.timeout)
-        except Exception as exc:
-            scan.notes.append(f"{sock}: {exc}")
+            found = list_via_api(sock, timeout)
+        except Exception as exc:  # any failure is this engine's note
+            why = str(exc)
+            if isinstance(exc, EngineError) and exc.address:
+                why = why.removeprefix(f"{exc.address}: ")
+            scan.notes.append(f"{sock}: {why}")
             continue
         scan.api_reached = True
         scan.notes.append(f"{sock}: {len(found)} running containers")

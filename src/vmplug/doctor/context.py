@@ -232,8 +232,18 @@ class DoctorContext:
     @cached_property
     def containers(self) -> ContainerScan:
         from vmplug.doctor.container_info import scan_containers  # noqa: PLC0415
+        from vmplug.wire.engine import candidates  # noqa: PLC0415
 
-        return scan_containers(self)
+        if self.api_sockets is not None:
+            sockets = list(self.api_sockets)
+        else:
+            sockets = list(dict.fromkeys([*self.config_api_sockets(), *candidates()]))
+        return scan_containers(
+            inspect_files=self.inspect_files,
+            compose_files=self.compose_files,
+            sockets=sockets,
+            timeout=self.timeout,
+        )
 
     def close(self) -> None:
         hist = self.__dict__.get("history")
