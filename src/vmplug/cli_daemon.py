@@ -147,8 +147,8 @@ def run_cmd(
     """
     from vmplug.api.server import Api  # noqa: PLC0415
     from vmplug.engine.daemon import Daemon  # noqa: PLC0415
-    from vmplug.host.events import make_source  # noqa: PLC0415
     from vmplug.history.store import Store  # noqa: PLC0415
+    from vmplug.host.events import make_source  # noqa: PLC0415
 
     setup_logging(log_level)
     path = config_path(obj.config)
