@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# virtme-ng (the lab guest) runs `file` on busybox and the kernel.
 packages=(
   python3 python3-venv python3-pip git ca-certificates
   qemu-system-x86 qemu-utils qemu-guest-agent
-  linux-image-amd64 busybox-static kmod udev usbutils usb.ids procps passwd
+  linux-image-amd64 busybox-static file kmod udev usbutils usb.ids procps passwd
   umockdev usbguard
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
   libxml2-utils
