@@ -37,7 +37,6 @@ from vmplug.errors import UsageError, VmplugError
 from vmplug.model import UsbDevice
 
 DEFAULT_LIBVIRT_URI = "qemu:///system"
-_QEMU_BINARIES = ("qemu-system-", "qemu-kvm")
 
 
 @dataclass
@@ -145,48 +144,25 @@ def _vidpid(vendor: object, product: object) -> str | None:
 
 
 def scan_processes(proc_root: Path = Path("/proc")) -> list[FoundVm]:
-    """``qemu-system-*`` processes with a unix QMP socket on their command line."""
-    from vmplug.vms.container import qmp_paths_in_args  # noqa: PLC0415
+    """``qemu-system-*`` processes with a unix QMP socket on their command line
+    (:func:`vmplug.wire.proc.scan_qemu`)."""
+    from vmplug.vms.container import IMAGE_MONITOR  # noqa: PLC0415
+    from vmplug.wire.proc import scan_qemu  # noqa: PLC0415
 
     found: list[FoundVm] = []
-    try:
-        pids = [int(p) for p in os.listdir(proc_root) if p.isdigit()]  # noqa: PTH208
-    except OSError:
-        return found
-    for pid in sorted(pids):
-        try:
-            raw = (proc_root / str(pid) / "cmdline").read_bytes()
-        except OSError:
-            continue
-        argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
-        if not argv or not Path(argv[0]).name.startswith(_QEMU_BINARIES):
-            continue
-        name = _qemu_name(argv) or f"qemu-{pid}"
-        if _libvirt_managed(argv):
+    for proc in scan_qemu(proc_root):
+        if proc.args.libvirt_managed:
             continue  # libvirt's monitor is libvirt's: the domain is listed from libvirt
-        sockets: list[str] = []
-        cwd: str | None = None
         # a QEMU in a container names paths of its own mount namespace: reach
         # them through /proc/PID/root (the same socket file, whatever the mounts)
-        root = ""
-        with contextlib.suppress(OSError):
-            if str((proc_root / str(pid) / "root").readlink()) != "/":
-                root = str(proc_root / str(pid) / "root")
-        for given in qmp_paths_in_args(argv[1:]):
-            path = given
-            if not path.startswith("/"):
-                with contextlib.suppress(OSError):
-                    cwd = cwd or str((proc_root / str(pid) / "cwd").readlink())
-                if cwd is None:
-                    continue
-                path = os.path.normpath(os.path.join(cwd, path))  # noqa: PTH118
-            sockets.append(root + path)
+        reached = (proc.reach(p) for p in proc.args.qmp_paths if p != IMAGE_MONITOR)
+        sockets = [p for p in reached if p is not None]
         vm = FoundVm(
-            name=name,
+            name=proc.args.name or f"qemu-{proc.pid}",
             kind="qmp",
             where=sockets[0] if sockets else "",
             source="process",
-            pids=[pid],
+            pids=[proc.pid],
             sockets=sockets,
         )
         if not sockets:
@@ -197,24 +173,6 @@ def scan_processes(proc_root: Path = Path("/proc")) -> list[FoundVm]:
             )
         found.append(vm)
     return found
-
-
-def _qemu_name(argv: Sequence[str]) -> str | None:
-    for i, word in enumerate(argv[:-1]):
-        if word in ("-name", "--name"):
-            value = argv[i + 1]
-            for escaped in value.replace(",,", "\0").split(","):
-                part = escaped.replace("\0", ",")
-                if part.startswith("guest="):
-                    return part[6:] or None
-                if "=" not in part:
-                    return part or None
-    return None
-
-
-def _libvirt_managed(argv: Sequence[str]) -> bool:
-    """libvirt names its monitor chardev ``charmonitor`` (and passes it as an fd)."""
-    return any(a.startswith("socket,id=charmonitor") for a in argv)
 
 
 async def scan_libvirt(uri: str, timeout: float) -> tuple[list[FoundVm], str | None]:
@@ -286,7 +244,8 @@ _LIBVIRT_STATES = {
 
 async def scan_containers(socket: str | None, timeout: float) -> tuple[list[FoundVm], str | None]:
     """QEMU containers the Docker/Podman API knows, with their QMP socket on the host."""
-    from vmplug.vms.container import DockerApiError, find_api, read_container  # noqa: PLC0415
+    from vmplug.vms.container import find_api, read_container  # noqa: PLC0415
+    from vmplug.wire.errors import EngineError  # noqa: PLC0415
 
     api = await find_api(socket)
     if api is None:
@@ -294,7 +253,7 @@ async def scan_containers(socket: str | None, timeout: float) -> tuple[list[Foun
     try:
         listing = await api.containers()
         docs = [await api.inspect(str(c.get("Id", ""))) for c in listing]
-    except DockerApiError as exc:
+    except EngineError as exc:
         return [], str(exc)
     out = []
     for doc in docs:
@@ -309,7 +268,7 @@ async def scan_containers(socket: str | None, timeout: float) -> tuple[list[Foun
             where=f"container:{found.name}",
             source="container",
             state="running" if found.running else "stopped",
-            uri=api.socket if socket else None,
+            uri=api.address if socket else None,
             problem=found.problem,
         )
         if found.socket is not None:

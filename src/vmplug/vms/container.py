@@ -1,8 +1,8 @@
 """QEMU inside a container (dockurr/windows and other QEMU images).
 
-vmplug finds the container through the Docker (or Podman) API on its unix
-socket (plain HTTP, ``GET /containers/NAME/json``: what ``docker inspect``
-prints), reads where QEMU's QMP socket is inside the container (``-qmp`` or
+vmplug finds the container through the Docker (or Podman) Engine API
+(:mod:`vmplug.wire.engine`; ``GET /containers/NAME/json``: what ``docker
+inspect`` prints), reads where QEMU's QMP socket is inside the container (``-qmp`` or
 ``-chardev socket`` + ``-mon mode=control`` in the image's ``ARGUMENTS``, or
 its ``QMP`` variable), and follows the container's bind mounts to the same
 socket on the host.  From there on the VM is a plain QMP VM
@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import posixpath
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from vmplug.aio import cancel_and_wait
 from vmplug.vms.base import (
@@ -43,14 +39,12 @@ from vmplug.vms.base import (
     VmState,
 )
 from vmplug.vms.qmp import QmpVm
+from vmplug.wire.engine import Engine, candidates, find_engine
+from vmplug.wire.errors import EngineError
+from vmplug.wire.proc import parse_args, split_arguments, unix_path
 
 log = logging.getLogger("vmplug.vms.container")
 
-#: Where the Docker and Podman API sockets usually are (DOCKER_HOST comes first).
-DEFAULT_SOCKETS = (
-    "/var/run/docker.sock",
-    "/run/podman/podman.sock",
-)
 #: The dockurr/windows image's private HMP monitor: never vmplug's.
 IMAGE_MONITOR = "/run/shm/monitor.sock"
 
@@ -64,95 +58,10 @@ class DockerApiError(VmDisconnected):
 
 
 def api_sockets(uri: str | None = None) -> list[str]:
-    """Candidate API sockets: ``uri``, else ``$DOCKER_HOST``, else the usual places
-    (Docker's, rootful Podman's, the user's rootless Podman's)."""
-    if uri:
-        return [uri.removeprefix("unix://")]
-    host = os.environ.get("DOCKER_HOST", "")
-    if host.startswith("unix://"):
-        return [host.removeprefix("unix://")]
-    found = list(DEFAULT_SOCKETS)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        found.append(posixpath.join(runtime, "podman", "podman.sock"))
-    return found
-
-
-class DockerApi:
-    """The few calls of the Docker Engine API vmplug needs, over a unix socket.
-
-    Podman serves the same paths (its Docker-compatible API).  Each call
-    opens its own connection and closes it.
-    """
-
-    def __init__(self, socket: str, timeout: float = 5.0) -> None:
-        self.socket = socket
-        self.timeout = timeout
-
-    async def _get(self, path: str) -> tuple[int, Any]:
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self.socket), self.timeout
-            )
-        except (OSError, TimeoutError) as exc:
-            raise DockerApiError("docker", f"cannot reach the API at {self.socket}: {exc}") from exc
-        try:
-            request = f"GET {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
-            writer.write(request.encode())
-            await writer.drain()
-            raw = await asyncio.wait_for(reader.read(), self.timeout)
-        except (OSError, TimeoutError) as exc:
-            raise DockerApiError("docker", f"{self.socket}: GET {path}: {exc}") from exc
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        return _parse_response(self.socket, path, raw)
-
-    async def inspect(self, name: str) -> dict[str, Any] | None:
-        """``docker inspect NAME``; None when there is no such container."""
-        status, body = await self._get(f"/containers/{quote(name, safe='')}/json")
-        if status == 404:
-            return None
-        if status != 200 or not isinstance(body, dict):
-            raise DockerApiError("docker", f"{self.socket}: inspect {name}: HTTP {status}: {body}")
-        return body
-
-    async def containers(self) -> list[dict[str, Any]]:
-        """``docker ps -a``: summaries (Id, Names, Image, State)."""
-        status, body = await self._get("/containers/json?all=1")
-        if status != 200 or not isinstance(body, list):
-            raise DockerApiError("docker", f"{self.socket}: list containers: HTTP {status}")
-        return [c for c in body if isinstance(c, dict)]
-
-
-def _parse_response(socket: str, path: str, raw: bytes) -> tuple[int, Any]:
-    head, sep, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2) if lines else []
-    if not sep or len(parts) < 2 or not parts[1].isdigit():
-        raise DockerApiError("docker", f"{socket}: GET {path}: not an HTTP answer")
-    headers = {
-        k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
-    }
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = _dechunk(body)
-    try:
-        return int(parts[1]), json.loads(body) if body.strip() else None
-    except ValueError:
-        return int(parts[1]), body.decode("utf-8", "replace")
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0] or b"0", 16)
-        if size == 0:
-            break
-        out += rest[:size]
-        data = rest[size + 2 :]
-    return bytes(out)
+    """Candidate API sockets (:func:`vmplug.wire.engine.candidates`): ``uri``,
+    else ``$DOCKER_HOST``, else Docker's, rootful Podman's, the user's rootless
+    Podman's."""
+    return candidates(uri)
 
 
 # ---------------------------------------------------------------------------
@@ -169,55 +78,11 @@ def _env(doc: Mapping[str, Any]) -> dict[str, str]:
     return env
 
 
-def _chardev_path(value: str) -> str | None:
-    """The unix path of a ``-qmp``/``-chardev`` value, or None (tcp, stdio...)."""
-    # QEMU escapes a ',' in a value as ',,'
-    fields = value.replace(",,", "\0").split(",")
-    first = fields[0].replace("\0", ",")
-    if first.startswith("unix:"):
-        return first[5:] or None
-    if first == "socket":
-        for f in fields[1:]:
-            key, _, v = f.partition("=")
-            if key == "path":
-                return v.replace("\0", ",") or None
-    return None
-
-
 def qmp_paths_in_args(words: Sequence[str]) -> list[str]:
     """Unix QMP socket paths on a QEMU command line (``-qmp``, ``-qmp-pretty``,
-    ``-chardev socket,id=X,path=P`` used by ``-mon chardev=X,mode=control``)."""
-    paths: list[str] = []
-    chardevs: dict[str, str] = {}
-    monitors: list[str] = []
-    i = 0
-    while i < len(words):
-        word = words[i]
-        opt, eq, inline = word.partition("=")
-        value = inline if eq else (words[i + 1] if i + 1 < len(words) else "")
-        step = 1 if eq else 2
-        if opt.lstrip("-") in ("qmp", "qmp-pretty") and opt.startswith("-"):
-            path = _chardev_path(value)
-            if path:
-                paths.append(path)
-            i += step
-            continue
-        if opt.lstrip("-") == "chardev" and opt.startswith("-"):
-            fields = dict(f.partition("=")[::2] for f in value.split(",")[1:])
-            path = _chardev_path(value)
-            if path and fields.get("id"):
-                chardevs[fields["id"]] = path
-            i += step
-            continue
-        if opt.lstrip("-") == "mon" and opt.startswith("-"):
-            fields = dict(f.partition("=")[::2] for f in value.split(","))
-            if fields.get("mode") == "control" and fields.get("chardev"):
-                monitors.append(fields["chardev"])
-            i += step
-            continue
-        i += 1
-    paths.extend(chardevs[m] for m in monitors if m in chardevs)
-    return [p for p in dict.fromkeys(paths) if p != IMAGE_MONITOR]
+    ``-chardev socket,id=X,path=P`` used by ``-mon chardev=X,mode=control``),
+    read by :func:`vmplug.wire.proc.parse_args`; never the image's own monitor."""
+    return [p for p in parse_args(list(words)).qmp_paths if p != IMAGE_MONITOR]
 
 
 def qmp_paths_in_container(doc: Mapping[str, Any]) -> list[str]:
@@ -237,7 +102,7 @@ def qmp_paths_in_container(doc: Mapping[str, Any]) -> list[str]:
     if isinstance(args, list) and not words:
         words += [w for w in args if isinstance(w, str)]
     if "ARGUMENTS" in env:
-        words += env["ARGUMENTS"].split()
+        words += split_arguments(env["ARGUMENTS"])
     for key in ("QEMU_ARGS", "EXTRA_ARGS"):
         if key in env:
             with contextlib.suppress(ValueError):
@@ -245,7 +110,7 @@ def qmp_paths_in_container(doc: Mapping[str, Any]) -> list[str]:
     paths = qmp_paths_in_args(words)
     if env.get("QMP"):
         qmp = env["QMP"]
-        path = _chardev_path(qmp) or (qmp if qmp.startswith("/") else None)
+        path = unix_path(qmp) or (qmp if qmp.startswith("/") else None)
         if path and path not in paths and path != IMAGE_MONITOR:
             paths.insert(0, path)
     return paths
@@ -352,12 +217,9 @@ def compose_fix(service: str) -> str:
     )
 
 
-async def find_api(uri: str | None = None) -> DockerApi | None:
-    """The first API socket that exists (None: no Docker or Podman here)."""
-    for path in api_sockets(uri):
-        if Path(path).exists():
-            return DockerApi(path)
-    return None
+async def find_api(uri: str | None = None) -> Engine | None:
+    """The Engine API on the first socket that exists (None: no Docker or Podman here)."""
+    return find_engine(uri)
 
 
 async def locate(name: str, uri: str | None = None) -> ContainerQmp:
@@ -371,9 +233,12 @@ async def locate(name: str, uri: str | None = None) -> ContainerQmp:
             + ", ".join(api_sockets(uri))
             + '); set uri = "unix:///PATH" for this VM or DOCKER_HOST',
         )
-    doc = await api.inspect(name)
+    try:
+        doc = await api.inspect(name)
+    except EngineError as exc:
+        raise DockerApiError("docker", str(exc)) from exc
     if doc is None:
-        raise ContainerError(name, f"no container {name!r} at {api.socket}")
+        raise ContainerError(name, f"no container {name!r} at {api.address}")
     found = read_container(doc)
     if found.socket is None:
         raise ContainerError(name, f"container {found.name}: {found.problem}; {compose_fix(name)}")
@@ -538,7 +403,6 @@ __all__ = [
     "ContainerError",
     "ContainerQmp",
     "ContainerVm",
-    "DockerApi",
     "DockerApiError",
     "api_sockets",
     "compose_fix",
