@@ -3,8 +3,14 @@ usb-host arguments of the node form."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
+import vmplug.engine.desired as desired_mod
+import vmplug.model as model
+import vmplug.vms.base as base
 from vmplug.engine.desired import Attachment, plan, stale_pin
 from vmplug.vms.base import UsbHostSpec
 
@@ -76,3 +82,22 @@ def test_node_form_takes_only_a_usbfs_node(node: str) -> None:
     assert spec.problem() is not None and "hostdevice" in str(spec.problem())
     with pytest.raises(ValueError, match="hostdevice"):
         spec.qmp_args()
+
+
+def test_one_id_prefix_for_every_qemu_id() -> None:
+    """vmplug's QEMU ids have one prefix, defined once (model.py, next to the
+    id it prefixes) and read by the VM side and the daemon from there."""
+    assert base.ID_PREFIX is model.ID_PREFIX == "vmplug-"
+    assert not hasattr(desired_mod, "ID_PREFIX")
+    src = Path(model.__file__).parent
+    defined = [
+        path.relative_to(src).as_posix()
+        for path in sorted(src.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+        and any(
+            isinstance(t, ast.Name) and t.id == "ID_PREFIX"
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        )
+    ]
+    assert defined == ["model.py"]
