@@ -1,7 +1,7 @@
 """Hot-plug latency in the lab: replug -> attached in a VM, three attachers side by side.
 
 Everything runs inside the lab guest (a Linux kernel under QEMU/TCG with an
-emulated hub and keyboard, see :mod:`vmplug.demo`): a VM (a second QEMU,
+emulated hub and keyboard, see :mod:`vmplug_lab.demo`): a VM (a second QEMU,
 the "inner" QEMU) and, one after the other,
 
 * **vmplug** — ``vmplug run`` with a rule that sends the keyboard to the VM;
@@ -57,8 +57,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vmplug.demo import GUEST_DIR, HUB, KBD, PORTS, TABLET, TIMING_SOCK, DemoLab
-from vmplug.lab.guest import GuestProcess, LabError, lab_unavailable_reason
+from vmplug_lab.demo import GUEST_DIR, HUB, KBD, PORTS, TABLET, TIMING_SOCK, DemoLab
+from vmplug_lab.guest import GuestProcess, LabError, lab_unavailable_reason
 
 PORT = PORTS[KBD.id]  # "2-2.1" in the guest kernel
 VM_SOCK = f"{GUEST_DIR}/vm.sock"  # the attacher's socket (vmplug's, or the floor's)

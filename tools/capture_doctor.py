@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/capture_doctor.py [OUT_DIR]
 
-Boots the lab guest (a Debian kernel under QEMU/TCG, see vmplug.lab) with a
+Boots the lab guest (a Debian kernel under QEMU/TCG, see vmplug_lab) with a
 high-speed keyboard (xHCI port 2 -> 2-2) and an audio device (2-1), then for
 real: unplugs and replugs the keyboard three times (disconnect + new device
 lines), and lets a second QEMU inside the guest take the audio device with
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vmplug.lab.guest import LabDevice, LabGuest
+from vmplug_lab.guest import LabDevice, LabGuest
 
 KBD = LabDevice("usb-kbd", "xhci.0", "2", "kbd1")
 AUDIO = LabDevice("usb-audio", "xhci.0", "1", "audio1")

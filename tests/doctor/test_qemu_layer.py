@@ -28,7 +28,7 @@ from vmplug.doctor import qemu as qemu_checks
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import Finding, Severity, run_checks
 from vmplug.doctor.qemu_info import parse_cmdline
-from vmplug.lab.wire import QmpClient
+from vmplug_lab.wire import QmpClient
 
 from .conftest import BASE_ARGS, DOCTOR, QEMU, SYSFS, XHCI
 

@@ -1,6 +1,6 @@
 """USB devices the generator tests use, read from sysfs trees captured in the lab.
 
-From ``tests/fixtures/sysfs`` (re-made by ``python -m vmplug.lab.capture_all``):
+From ``tests/fixtures/sysfs`` (re-made by ``python -m vmplug_lab.capture_all``):
 
 * ``AUDIO``: QEMU's usb-audio (``mixed`` 2-2.1): audio control + streaming
   with an isochronous OUT endpoint, full speed, so it gets iso buffers;

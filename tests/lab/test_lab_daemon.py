@@ -1,6 +1,6 @@
 """Lab: the daemon keeps emulated USB devices in a real QEMU, inside the lab guest.
 
-One lab guest for the module (hub, keyboard, tablet; see :mod:`vmplug.demo`),
+One lab guest for the module (hub, keyboard, tablet; see :mod:`vmplug_lab.demo`),
 with a VM (a second QEMU), ``vmplug run`` and a QOM watcher inside.  The tests
 run in order and each builds on the state the previous one left: plug ->
 unplug -> replug -> VM killed -> daemon restarted.  The guest (and with it
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from vmplug.demo import KBD, PORTS, TABLET, TIMING_SOCK, DemoLab
-from vmplug.lab.guest import lab_unavailable_reason
+from vmplug_lab.demo import KBD, PORTS, TABLET, TIMING_SOCK, DemoLab
+from vmplug_lab.guest import lab_unavailable_reason
 
 pytestmark = pytest.mark.lab
 

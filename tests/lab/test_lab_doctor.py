@@ -36,8 +36,8 @@ import pytest
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import Severity, exit_status, run_checks
 from vmplug.doctor.guest import CHECKS as GUEST_CHECKS
-from vmplug.lab.guest import GuestProcess, LabDevice, LabGuest, lab_unavailable_reason
-from vmplug.lab.wire import QgaClient
+from vmplug_lab.guest import GuestProcess, LabDevice, LabGuest, lab_unavailable_reason
+from vmplug_lab.wire import QgaClient
 
 pytestmark = pytest.mark.lab
 

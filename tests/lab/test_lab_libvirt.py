@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 
-from vmplug.demo import DEVICES, KBD, PORTS, TABLET
-from vmplug.lab.guest import GuestProcess, LabError, LabGuest, lab_unavailable_reason
 from vmplug.vms.libvirt import usb_hostdevs
+from vmplug_lab.demo import DEVICES, KBD, PORTS, TABLET
+from vmplug_lab.guest import GuestProcess, LabError, LabGuest, lab_unavailable_reason
 
 pytestmark = pytest.mark.lab
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from vmplug.lab.guest import LabDevice, LabGuest, lab_unavailable_reason
-from vmplug.lab.topologies import MIXED
+from vmplug_lab.guest import LabDevice, LabGuest, lab_unavailable_reason
+from vmplug_lab.topologies import MIXED
 
 pytestmark = pytest.mark.lab
 
@@ -138,7 +138,7 @@ def test_audio_interface_has_isochronous_endpoints(settled: LabGuest) -> None:
 def test_capture_round_trip(settled: LabGuest) -> None:
     """A capture made inside reads back exactly like the live /sys it came from."""
     cap = "/tmp/lab-capture"
-    settled.run(f"rm -rf {cap} && {sys.executable} -m vmplug.lab.capture {cap}", check=True)
+    settled.run(f"rm -rf {cap} && {sys.executable} -m vmplug_lab.capture {cap}", check=True)
     assert _probe(settled, cap) == _probe(settled)
     assert _vmplug_list(settled, cap) == _vmplug_list(settled)
     meta = _json(settled, f"cat {cap}/capture.json")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from vmplug.lab.capture import capture
-from vmplug.lab.guest import LabDevice, LabGuest, LabUnavailable, find_kernel
-from vmplug.lab.topologies import TOPOLOGIES
+from vmplug_lab.capture import capture
+from vmplug_lab.guest import LabDevice, LabGuest, LabUnavailable, find_kernel
+from vmplug_lab.topologies import TOPOLOGIES
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "sysfs"
 PROBE = Path(__file__).with_name("sysfs_probe.py")

@@ -1,9 +1,9 @@
 """Devices the rule tests match against, read from sysfs trees captured in the lab.
 
 Every device comes from a real kernel (``tests/fixtures/sysfs``, re-made by
-``python -m vmplug.lab.capture_all``): QEMU's emulated devices from ``mixed``,
+``python -m vmplug_lab.capture_all``): QEMU's emulated devices from ``mixed``,
 and from ``gadgets`` devices the lab kernel makes itself with ``dummy_hcd``
-and configfs (see :mod:`vmplug.lab.gadgets`): the identity of a Focusrite
+and configfs (see :mod:`vmplug_lab.gadgets`): the identity of a Focusrite
 Scarlett 4i4 and an Arturia KeyLab mkII with their MIDI functions, and two
 identical serial adapters without serial numbers.
 

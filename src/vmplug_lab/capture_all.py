@@ -1,6 +1,6 @@
 """Re-make every sysfs fixture: boot the lab guest once per topology and capture.
 
-    .venv/bin/python -m vmplug.lab.capture_all [--out tests/fixtures/sysfs] [NAME...]
+    .venv/bin/python -m vmplug_lab.capture_all [--out tests/fixtures/sysfs] [NAME...]
 
 Each capture lands in ``OUT/<name>/`` (replaced) with a ``capture.json``
 recording the guest kernel, QEMU's version and the exact device list.
@@ -17,14 +17,14 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from vmplug.lab.gadgets import GADGETS, setup_script
-from vmplug.lab.guest import LabDevice, LabGuest
-from vmplug.lab.topologies import TOPOLOGIES
+from vmplug_lab.gadgets import GADGETS, setup_script
+from vmplug_lab.guest import LabDevice, LabGuest
+from vmplug_lab.topologies import TOPOLOGIES
 
-REMAKE = ".venv/bin/python -m vmplug.lab.capture_all"
+REMAKE = ".venv/bin/python -m vmplug_lab.capture_all"
 
 
-#: Captures whose devices the guest kernel makes itself (see vmplug.lab.gadgets).
+#: Captures whose devices the guest kernel makes itself (see vmplug_lab.gadgets).
 SCRIPTED: dict[str, tuple[str, int]] = {"gadgets": (setup_script(GADGETS), len(GADGETS))}
 
 
@@ -59,7 +59,7 @@ def capture_topology(
         tar = workdir / "capture.tar"
         py = shlex.quote(sys.executable)
         guest.run(
-            f"rm -rf /tmp/cap && {py} -m vmplug.lab.capture /tmp/cap --meta {meta_path} "
+            f"rm -rf /tmp/cap && {py} -m vmplug_lab.capture /tmp/cap --meta {meta_path} "
             f"&& tar -C /tmp/cap -cf {tar} .",
             timeout=120,
             check=True,

@@ -9,7 +9,7 @@ keyboard 2-2.4.2, the SuperSpeed stick on QEMU xhci port 1 is 3-1.
 
 from __future__ import annotations
 
-from vmplug.lab.guest import LabDevice
+from vmplug_lab.guest import LabDevice
 
 MIXED: tuple[LabDevice, ...] = (
     # xHCI, USB 2 side: hub on port 2 with a nested hub on its port 4.

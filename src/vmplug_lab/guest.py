@@ -40,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
-from vmplug.lab.wire import CommandError, QgaClient, QmpClient, WireError
+from vmplug_lab.wire import CommandError, QgaClient, QmpClient, WireError
 
 #: Kernel modules the guest loads before it reports ready (udev would load most
 #: of them on its own, but the lab must not depend on timing).  USB bus numbers

@@ -3,7 +3,7 @@
 Run inside the lab guest (or on any Linux host with USB) with the project's
 Python::
 
-    python -m vmplug.lab.capture OUT [--sysfs /sys] [--meta META.json]
+    python -m vmplug_lab.capture OUT [--sysfs /sys] [--meta META.json]
 
 The result under ``OUT`` has the shape the kernel gives, so the sysfs reader
 can be pointed at it as its root:

@@ -18,7 +18,7 @@ What cannot be made here: isochronous endpoints.  ``dummy_hcd`` offers none
 to bind ("afunc_bind ... Error", -ENODEV, seen in the 6.1 lab kernel); the
 isochronous audio device in the fixtures is QEMU's ``usb-audio``.
 
-    .venv/bin/python -m vmplug.lab.capture_all gadgets
+    .venv/bin/python -m vmplug_lab.capture_all gadgets
 """
 
 from __future__ import annotations

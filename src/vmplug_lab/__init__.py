@@ -1,10 +1,10 @@
-"""vmplug.lab: a throwaway Linux guest under QEMU/TCG with emulated USB devices.
+"""vmplug_lab: a throwaway Linux guest under QEMU/TCG with emulated USB devices.
 
-Used by the lab tests, by ``python -m vmplug.lab.capture_all`` (re-makes the
-sysfs fixtures) and later by ``vmplug demo``.  See :mod:`vmplug.lab.guest`.
+Used by the lab tests, by ``python -m vmplug_lab.capture_all`` (re-makes the
+sysfs fixtures) and later by ``vmplug demo``.  See :mod:`vmplug_lab.guest`.
 """
 
-from vmplug.lab.guest import (
+from vmplug_lab.guest import (
     GuestProcess,
     LabDevice,
     LabError,
@@ -14,7 +14,7 @@ from vmplug.lab.guest import (
     find_kernel,
     lab_unavailable_reason,
 )
-from vmplug.lab.topologies import TOPOLOGIES
+from vmplug_lab.topologies import TOPOLOGIES
 
 __all__ = [
     "TOPOLOGIES",
