@@ -9,11 +9,12 @@
 umockdev's own ``devices/`` recordings (github:martinpitt/umockdev) and the
 recording usbguard's use-case tests replay (github:USBGuard/usbguard,
 ``src/Tests/UseCase/devices.umockdev``: a Lenovo dock, trackball, camera and
-keyboard).  Only the small ones that have USB devices are taken (see UPSTREAM).
+keyboard).  Only the small ones that have USB devices are taken (see UPSTREAM),
+and only the lines the kernel could have written are kept (see replayable()).
 
-``lab`` boots the lab guest once (see vmplug.lab: the Debian kernel under
+``lab`` boots the lab guest once (see vmplug_lab: the Debian kernel under
 QEMU/TCG) with the ``mixed`` topology plus the dummy_hcd gadgets of
-vmplug.lab.gadgets, and inside it:
+vmplug_lab.gadgets, and inside it:
 
 * records every USB device and interface with ``umockdev-record``
   (``lab-mixed.umockdev``; see :func:`replayable` for the one kind of line
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -41,9 +43,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vmplug.lab.gadgets import GADGETS, setup_script
-from vmplug.lab.guest import LabGuest
-from vmplug.lab.topologies import MIXED
+from vmplug_lab.gadgets import GADGETS, setup_script
+from vmplug_lab.guest import LabGuest
+from vmplug_lab.topologies import MIXED
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "umockdev"
 
@@ -86,9 +88,15 @@ def upstream(git_dirs: list[Path], out: Path) -> None:
                     text=True,
                     check=True,
                 ).stdout.strip()
-                # As is: umockdev refuses a record file with anything before "P:".
-                (out / name).write_bytes(done.stdout)
-                sources[name] = {"repository": f"github:{repo}", "path": path, "commit": commit}
+                data = replayable(done.stdout)
+                (out / name).write_bytes(data)
+                sources[name] = {
+                    "repository": f"github:{repo}",
+                    "path": path,
+                    "commit": commit,
+                    "changed": f"{len(done.stdout) - len(data)} bytes of udev-only E: lines "
+                    "dropped (see replayable() in tools/record_umockdev.py)",
+                }
                 print(f"{name}: {len(done.stdout)} bytes from {repo}")
                 break
         else:
@@ -96,18 +104,26 @@ def upstream(git_dirs: list[Path], out: Path) -> None:
     (out / "upstream.json").write_text(json.dumps(sources, indent=2) + "\n")
 
 
-def replayable(record: bytes) -> bytes:
-    """``record`` without udev's ``CURRENT_TAGS`` properties.
+#: An ``E:`` line whose key the kernel could have written into ``uevent``.
+_KERNEL_KEY = re.compile(rb"^E: [A-Z][A-Z0-9]*=")
 
-    umockdev-run merges a device's udev properties (``E:`` lines) into its
-    replayed ``uevent`` file, which the kernel's never has them in, and
-    usbguard's uevent parser rejects a ``CURRENT_TAGS=:seat:`` line: it then
-    skips the device as if it were no USB device (and everything below it).
+
+def replayable(record: bytes) -> bytes:
+    """``record`` without udev's own properties (``E: ID_VENDOR=``, ``E: CURRENT_TAGS=``...).
+
+    umockdev-run writes a device's ``E:`` lines, sorted, into its replayed
+    ``uevent`` file.  The kernel's ``uevent`` of a USB device only has keys of
+    capitals and digits (MAJOR, DEVTYPE, BUSNUM...); udev adds keys with ``_``.
+    usbguard's uevent grammar (``UEventParser.hpp``: ``[A-Z][A-Z0-9]*``) stops
+    at the first such key, so a device with, say, ``COLORD_DEVICE`` sorted
+    before ``DEVTYPE`` has no DEVTYPE for usbguard, which then skips it and
+    everything below it.  Dropping the udev-only lines makes the replay's
+    ``uevent`` what the kernel's was.
     """
     return b"".join(
         line
         for line in record.splitlines(keepends=True)
-        if not line.startswith(b"E: CURRENT_TAGS=")
+        if not line.startswith(b"E: ") or _KERNEL_KEY.match(line)
     )
 
 

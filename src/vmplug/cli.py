@@ -372,8 +372,15 @@ def _tree(devices: Sequence[UsbDevice]) -> Tree:
 @click.option("--tree", "as_tree", is_flag=True, help="Show hubs and nested ports as a tree.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list for scripts.")
 @click.option("-a", "--all", "show_all", is_flag=True, help="Include root hubs.")
+@click.option(
+    "--rules",
+    "as_rules",
+    is_flag=True,
+    help="Print each device as a usbguard rule, as `usbguard generate-policy` does "
+    "(without its leading `allow`), to paste into a rule's match.",
+)
 @pass_ctx
-def list_cmd(obj: Context, as_tree: bool, as_json: bool, show_all: bool) -> None:
+def list_cmd(obj: Context, as_tree: bool, as_json: bool, show_all: bool, as_rules: bool) -> None:
     """Show the host's USB devices.
 
     Each device is named by its port path (bus-port.port…, the sysfs name),
@@ -386,7 +393,20 @@ def list_cmd(obj: Context, as_tree: bool, as_json: bool, show_all: bool) -> None
     interfaces with endpoints and isochronous bandwidth.
     """
     devices = obj.devices(include_root_hubs=show_all or as_tree)
-    if as_json:
+    if as_rules:
+        from vmplug.rules.device_rule import device_rule  # noqa: PLC0415
+
+        rules = [device_rule(d) for d in devices]
+        for r in rules:
+            if r.error:
+                click.echo(f"vmplug: {r.port}: no rule: {r.error}", err=True)
+        if as_json:
+            emit_json([r.to_json() for r in rules if r.text])
+        else:
+            click.echo("".join(f"{r.text}\n" for r in rules if r.text), nl=False)
+        if not any(r.text for r in rules):
+            raise SystemExit(1)
+    elif as_json:
         emit_json([d.to_json() for d in devices])
     elif as_tree:
         obj.console.print(_tree(devices))
