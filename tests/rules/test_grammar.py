@@ -69,7 +69,7 @@ def test_ast() -> None:
         (r'""', ""),
         (r'"\""', '"'),
         (r'"\\"', "\\"),
-        (r'"\a\b\f\n\r\t\v"', "\a\b\f\n\r\t\v"),
+        (r'"\x07\x0a\x09"', "\a\n\t"),
         (r'"\x41\x62"', "Ab"),
         (r'"\x4A\x4a"', "JJ"),
         (r'"caf\xc3\xa9"', "café"),  # \xHH are bytes; UTF-8 sequences decode
@@ -164,6 +164,7 @@ def test_render_keeps_tabs_so_carets_line_up() -> None:
         ('serial "abc\nname "x"', 7, "unterminated string"),
         ('serial "a\\', 7, "unterminated string"),
         ('serial "\\z"', 8, "unknown escape sequence '\\z'"),
+        ('serial "\\n"', 8, "unknown escape sequence '\\n'"),  # as usbguard: not \a..\v
         ('serial "\\0"', 8, "unknown escape sequence"),
         ('serial "\\\'"', 8, "unknown escape sequence"),
         ('serial "\\x"', 8, "two hex digits"),

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rule_devices import DEVICES
 
+from tests.support.devices import DEVICES
 from vmplug.model import AltSetting, Interface, UsbDevice
 from vmplug.rules import RuleSyntaxError, parse_rule
 
@@ -137,9 +137,6 @@ def _hex(rnd: random.Random, value: int, width: int) -> str:
     return text.upper() if rnd.random() < 0.5 else text
 
 
-_NAMED = {"\a": "a", "\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t", "\v": "v"}
-
-
 def _quote(rnd: random.Random, value: str) -> str:
     out = ['"']
     for c in value:
@@ -147,8 +144,6 @@ def _quote(rnd: random.Random, value: str) -> str:
             out.append(c)
         elif c in '"\\':
             out.append("\\" + c)
-        elif c in _NAMED and rnd.random() < 0.5:
-            out.append("\\" + _NAMED[c])
         else:
             out.extend(f"\\x{b:02x}" for b in c.encode())
     out.append('"')

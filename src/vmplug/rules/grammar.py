@@ -22,8 +22,11 @@ meaning, except:
   in a config it is more likely a slip than a wish to take every device;
 * hex digits are case-insensitive (usbguard compares the ID strings as written,
   so its ``id 1235:821A`` never matches);
-* strings also take ``\a \b \f \n \r \t \v`` (usbguard's grammar admits them,
-  but its ``Utility::unescapeString`` only knows ``\" \\ \xHH``);
+* a string's escapes are usbguard's working ones, ``\" \\ \xHH``: its grammar
+  admits ``\a \n \101``... too, but ``Utility::unescapeString`` then refuses
+  them ("Unknown escape sequence"), so vmplug refuses them as well;
+* trailing whitespace is fine (``usbguard-rule-parser`` refuses a rule that
+  ends in a space; usbguard's rules files trim their lines);
 * any whitespace, newlines included, separates tokens, and braces need none;
 * ``label`` may appear once, like every other attribute (usbguard's parser
   checks the wrong keyword for it).
@@ -163,19 +166,9 @@ _TARGETS = ("allow", "block", "reject", "device")
 
 # --------------------------------------------------------------------------- strings
 
-_SIMPLE_ESCAPES = {
-    '"': '"',
-    "\\": "\\",
-    "a": "\a",
-    "b": "\b",
-    "f": "\f",
-    "n": "\n",
-    "r": "\r",
-    "t": "\t",
-    "v": "\v",
-}
+_SIMPLE_ESCAPES = {'"': '"', "\\": "\\"}
 _HEX = frozenset("0123456789abcdefABCDEF")
-_ESCAPE_LIST = '\\" \\\\ \\xHH \\a \\b \\f \\n \\r \\t \\v'
+_ESCAPE_LIST = '\\" \\\\ \\xHH'
 
 
 def escape_string(value: str) -> str:
