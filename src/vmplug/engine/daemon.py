@@ -56,6 +56,9 @@ log = logging.getLogger("vmplug")
 
 RETRY_FIRST = 0.1
 RETRY_MAX = 30.0
+#: A device read while it changed is read again after 0.05, 0.1, 0.2, 0.4, 0.8 s.
+UNSETTLED_FIRST = 0.05
+UNSETTLED_TRIES = 5
 
 
 @dataclass
@@ -126,6 +129,8 @@ class Daemon:
         self._converged = asyncio.Event()
         #: qemu id -> identity of devices that left, so their detach names them
         self._gone: dict[str, str] = {}
+        #: ports read while in flux (sysfs.read_device said None) -> tries so far
+        self._unsettled: dict[str, int] = {}
         #: detaches vmplug asked for, so a DEVICE_DELETED for them is no loss
         self._detaching: set[tuple[str, str]] = set()
         #: called with every event and action as it is recorded (the API's event
@@ -269,11 +274,17 @@ class Daemon:
         if event.action in ("add", "bind"):
             # DEVPATH is already the resolved /devices/... path: no realpath needed
             path = os.path.join(self.sysfs_root, (event.devpath or "").lstrip("/"))  # noqa: PTH118
-            if not os.path.isdir(path):  # noqa: PTH112 - gone again before we looked
+            read = sysfs.read_device(path, event.port)
+            if read is None:
+                # Gone again before we looked, or read while the kernel removed
+                # it (or had not finished setting it up): a half-read device
+                # gives a wrong identity and rule decision, so none at all.
                 if event.action == "add":
                     self._record_event("device-add", port=event.port, detail=_event_detail(event))
+                self._look_again(event, path)
                 return
-            dev = name_devices([sysfs.read_device(path, event.port)])[0]
+            self._unsettled.pop(event.port, None)
+            dev = name_devices([read])[0]
             if event.action == "add" and not dev.interfaces:
                 # Several configurations and none chosen yet: the interfaces a
                 # rule may ask about are not known before the kernel picks one.
@@ -301,6 +312,7 @@ class Daemon:
             self._saw(dev, f"device-{event.action}", _event_detail(event))
             self.mark_dirty()
         elif event.action == "remove":
+            self._unsettled.pop(event.port, None)
             gone = self.inventory.pop(event.port, None)
             if gone is not None:
                 self._gone[gone.qemu_id] = gone.identity
@@ -312,6 +324,25 @@ class Daemon:
                 detail=_event_detail(event),
             )
             self.mark_dirty()
+
+    def _look_again(self, event: HostEvent, path: str) -> None:
+        """A device not read as one consistent set: when its directory is still
+        there (the read met its setting up or tearing down), read it again a
+        little later, a few times; when it is gone, its ``remove`` says the rest."""
+        if not os.path.isdir(path):  # noqa: PTH112
+            self._unsettled.pop(event.port, None)
+            return
+        tries = self._unsettled.get(event.port, 0) + 1
+        if tries > UNSETTLED_TRIES:
+            self._unsettled.pop(event.port, None)
+            log.warning("device %s: never read whole in %d tries", event.port, tries - 1)
+            return
+        self._unsettled[event.port] = tries
+        log.info("device %s: changing while read (removed or set up); reading again", event.port)
+        again = dataclasses.replace(event, action="bind")
+        with contextlib.suppress(RuntimeError):  # no loop: a direct call, nothing to come back to
+            loop = asyncio.get_running_loop()
+            loop.call_later(UNSETTLED_FIRST * 2 ** (tries - 1), self.on_host_event, again)
 
     # -- VM side ------------------------------------------------------------
 

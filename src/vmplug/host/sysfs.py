@@ -9,9 +9,13 @@ interface of the active configuration (``N-P.P:C.I``).
 
 The reader is tolerant: a missing or garbled attribute leaves that field
 ``None`` and adds a warning to the device; it never raises for one device's
-data.  It is also frugal, because it runs on every rescan: the device
-descriptor supplies the ids and class codes in one read, and ``uevent``
-supplies bus and device numbers and the driver in another.
+data.  It is also all or nothing: a device read while the kernel removes it
+(or has not finished setting it up) is no device (None), never one with
+half its attributes, because an identity or a rule decision taken from such
+a read would be wrong (see :func:`_in_flux`).  It is also frugal, because
+it runs on every rescan: the device descriptor supplies the ids and class
+codes in one read, and ``uevent`` supplies bus and device numbers and the
+driver in another.
 """
 
 from __future__ import annotations
@@ -72,6 +76,53 @@ def _read_bytes(path: str) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+def _read_uevent(path: str) -> tuple[int, dict[str, str]] | None:
+    """The device's ``uevent`` node (inode number) and properties; None: no device."""
+    try:
+        fd = os.open(path + "/uevent", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        node = os.fstat(fd).st_ino
+        data = os.read(fd, 65536)
+    except OSError:
+        return None  # ENODEV: removed between open and read
+    finally:
+        os.close(fd)
+    return node, _uevent(data.decode("utf-8", "replace"))
+
+
+def _in_flux(path: str, name: str) -> bool:
+    """Whether a device without a readable ``port/connect_type`` is being torn
+    down (or not yet fully set up) rather than from a tree that has no port
+    devices (an old kernel, a umockdev recording, a partial copy).
+
+    The kernel's order (drivers/usb/core/hub.c ``usb_disconnect``, then
+    drivers/base/core.c ``device_del``): with the device lock held, the
+    interfaces go and the configuration with them (``bConfigurationValue``
+    reads empty), then the ``port`` link; then the lock is let go and
+    device_del removes ``descriptors`` and the USB ``power/`` files, the rest
+    of ``power/``, ``dev``, ``uevent``, every other attribute and the strings,
+    unbinds the driver, sends ``remove`` and removes the directory.  Setting
+    up, the ``port`` link comes last, after the probe (usb_new_device).
+    ``bConfigurationValue`` and the strings wait for the device lock, so a
+    read that started before the teardown sees the configuration as it was,
+    and one that waited sees the port link gone.  Hence: a hub port that exists
+    without its ``port`` link to us means the link is going or coming, and
+    nothing read from the device before it (configuration, interfaces,
+    ``power/``, ``descriptors``) can be trusted.  Everything removed after
+    ``uevent`` is covered by :func:`read_device`'s last look at ``uevent``.
+    """
+    if name.startswith("usb"):
+        return False  # a root hub hangs from no hub port
+    parent = os.path.dirname(path)
+    hub = os.path.basename(parent)
+    bus, _, chain = name.partition("-")
+    number = chain.rsplit(".", 1)[-1]
+    hub_intf = f"{bus}-0:1.0" if hub.startswith("usb") else f"{hub}:1.0"
+    return os.path.isdir(f"{parent}/{hub_intf}/{hub}-port{number}")
 
 
 def _driver(path: str) -> str | None:
@@ -357,15 +408,22 @@ def read_device(
     *,
     root: str | None = None,
     known_hashes: dict[str, str | None] | None = None,
-) -> UsbDevice:
+) -> UsbDevice | None:
     """Read one device directory (already resolved) into a :class:`UsbDevice`.
+
+    All or nothing: None when the directory holds no device, or not one that
+    could be read as one consistent set of attributes (being removed, or not
+    yet fully set up; see :func:`_in_flux`).  Callers treat None as "not there".
 
     ``root`` (the sysfs root) and ``known_hashes`` (usbguard hashes of devices
     already read, by path) only serve the ``parent-hash``: without them it is
     worked out from the path and by reading the parent hub.
     """
     warnings: list[str] = []
-    ev = _uevent(_read(path + "/uevent"))
+    first = _read_uevent(path)
+    if first is None:
+        return None  # no device here (any more)
+    node, ev = first
     raw = _read_bytes(path + "/descriptors")
     if raw is None:
         warnings.append("descriptors: missing")
@@ -400,7 +458,22 @@ def read_device(
     if raw and guard is None:
         warnings.append("descriptors: usbguard would refuse them (no hash)")
 
-    return UsbDevice(
+    power_control = _read(path + "/power/control")
+    interfaces = _interfaces(
+        path,
+        # a root hub "usbN" names its interfaces "N-0:C.I"
+        f"{busnum}-0" if name.startswith("usb") and busnum is not None else name,
+        configuration,
+        parsed,
+        warnings,
+    )
+    # Read after everything usb_disconnect/device_del remove before the port link
+    # goes (interfaces, the configuration, power/, descriptors): see _in_flux.
+    connect_type = _read(path + "/port/connect_type")
+    if connect_type is None and _in_flux(path, name):
+        return None
+
+    device = UsbDevice(
         port=name,
         busnum=busnum,
         devnum=devnum,
@@ -418,26 +491,27 @@ def read_device(
         num_ports=num_ports if num_ports else None,
         removable=_read(path + "/removable"),
         authorized=authorized,
-        power_control=_read(path + "/power/control"),
+        power_control=power_control,
         autosuspend_delay_ms=_int(delay, 10, "autosuspend_delay_ms", warnings),
         driver=ev.get("DRIVER") or _driver(path),
         controller=_controller(path),
-        connect_type=_read(path + "/port/connect_type"),
+        connect_type=connect_type,
         configuration=configuration,
-        interfaces=_interfaces(
-            path,
-            # a root hub "usbN" names its interfaces "N-0:C.I"
-            f"{busnum}-0" if name.startswith("usb") and busnum is not None else name,
-            configuration,
-            parsed,
-            warnings,
-        ),
+        interfaces=interfaces,
         descriptors_sha256=guard[0] if guard else None,
         parent_hash=usbguard_parent_hash(path, root, known_hashes),
         descriptor_interfaces=guard[1] if guard else None,
         sysfs_path=path,
         warnings=tuple(warnings),
     )
+    # device_del removes uevent before every attribute and string: the same
+    # uevent still there now means all of them came from one live device.
+    try:
+        if os.stat(path + "/uevent").st_ino == node:
+            return device
+    except OSError:
+        pass
+    return None
 
 
 def _sort_key(name: str) -> tuple[int, tuple[int, ...]]:
@@ -470,9 +544,10 @@ def read_devices(root: Path | str = DEFAULT_ROOT) -> list[UsbDevice]:
             real = os.path.normpath(os.path.join(base, os.readlink(link)))
         except OSError:
             real = os.path.realpath(link)  # not a link (a copied tree): resolve fully
-        if not os.path.isdir(real):
-            continue  # vanished between listdir and now (unplugged): not an error
+        # vanished between listdir and now (unplugged): read_device says None
         device = read_device(real, name, root=os.fspath(root), known_hashes=hashes)
+        if device is None:
+            continue  # being removed (or not yet set up): not there
         hashes[real] = device.descriptors_sha256
         devices.append(device)
     return devices
