@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "sysfs" / "mixed"
-VMPLUG = [sys.executable, "-m", "vmplug.cli"]
+VMPLUG = [sys.executable, "-m", "vmplug"]
 
 BUSES, HUBS, PORTS = 8, 5, 25
 

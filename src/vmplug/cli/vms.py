@@ -31,7 +31,7 @@ from typing import Any
 
 import click
 
-from vmplug.cli import EPILOG_ENV, Context, cli, emit_json, escape, pass_ctx
+from vmplug.cli.app import EPILOG_ENV, Context, cli, emit_json, escape, pass_ctx
 from vmplug.config import VmConfig, config_path, load_config, parse_config
 from vmplug.errors import UsageError, VmplugError
 from vmplug.model import UsbDevice

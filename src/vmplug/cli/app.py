@@ -113,18 +113,18 @@ class VmplugFailure(click.ClickException):
 #: Subcommands defined in other modules, imported only when asked for, so that
 #: `vmplug list` does not pay for the daemon's or the generators' imports.
 LAZY_COMMANDS = {
-    "run": "vmplug.cli_daemon",
-    "status": "vmplug.cli_daemon",
-    "history": "vmplug.cli_daemon",
-    "attach": "vmplug.cli_daemon",
-    "detach": "vmplug.cli_daemon",
-    "reload": "vmplug.cli_daemon",
-    "generate": "vmplug.generate.cli",
-    "demo": "vmplug.demo",
-    "doctor": "vmplug.doctor.cli",
-    "health": "vmplug.cli_health",
-    "vms": "vmplug.discover",
-    "init": "vmplug.discover",
+    "run": "vmplug.cli.daemon",
+    "status": "vmplug.cli.daemon",
+    "history": "vmplug.cli.daemon",
+    "attach": "vmplug.cli.daemon",
+    "detach": "vmplug.cli.daemon",
+    "reload": "vmplug.cli.daemon",
+    "generate": "vmplug.cli.generate",
+    "demo": "vmplug.cli.demo",
+    "doctor": "vmplug.cli.doctor",
+    "health": "vmplug.cli.health",
+    "vms": "vmplug.cli.vms",
+    "init": "vmplug.cli.vms",
 }
 
 

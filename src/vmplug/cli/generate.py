@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from vmplug.cli import Context, GlobalOptionsGroup
+from vmplug.cli.app import Context, GlobalOptionsGroup
 from vmplug.errors import UsageError
 from vmplug.generate import compose as compose_mod
 from vmplug.generate import libvirt as libvirt_mod

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vmplug.api.client import ApiError, call, daemon_running
-from vmplug.cli import EPILOG_ENV, Context, cli, emit_json, pass_ctx
+from vmplug.cli.app import EPILOG_ENV, Context, cli, emit_json, pass_ctx
 from vmplug.config import ConfigError, DaemonConfig, config_path, load_config
 from vmplug.errors import UsageError, VmplugError
 from vmplug.host.select import describe, select_one

@@ -12,7 +12,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from vmplug.cli import EPILOG_ENV, Context, emit_json, pass_ctx
+from vmplug.cli.app import EPILOG_ENV, Context, emit_json, pass_ctx
 from vmplug.config import DaemonConfig, config_path, load_config
 from vmplug.errors import UsageError, VmplugError
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from vmplug.cli import EPILOG_ENV, Context, emit_json, pass_ctx
+from vmplug.cli.app import EPILOG_ENV, Context, emit_json, pass_ctx
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import CheckSpec, exit_status, run_checks
 from vmplug.doctor.report import render, to_json
