@@ -52,6 +52,13 @@ class AgentClient(Client):
     def _get_exec_id(self) -> str:
         return f"{self._vmplug_session}.{super()._get_exec_id()}"
 
+    def reset_parser(self) -> None:
+        """Send 0xFF: the agent's JSON parser drops whatever partial request an
+        earlier client left in it (qemu-ga-ref, ``guest-sync-delimited``); its
+        answer, an error without an id, is dropped here."""
+        if self._writer is not None:
+            self._writer.write(b"\xff")
+
     async def _do_recv(self) -> Message:
         while True:
             raw = await self._readline()
@@ -87,11 +94,13 @@ async def _execute(
 
 
 async def guest_sync(client: AgentClient, address: str, timeout: float) -> None:
-    """Send ``guest-sync`` with a random id until that id comes back (``timeout`` s
-    in all, 2 s per attempt): from then on the channel is ours."""
+    """Reset the agent's parser (0xFF), send ``guest-sync`` with a random id, and
+    again until that id comes back (``timeout`` s in all, 2 s per attempt):
+    from then on the channel is ours."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
+        client.reset_parser()
         tag = secrets.randbelow(2**31)
         left = deadline - loop.time()
         try:
