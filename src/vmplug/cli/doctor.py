@@ -113,7 +113,8 @@ def doctor(
     takes are checked.
 
     \b
-    Host: device present (and since when, from vmplug's history), USB
+    Host: device present (and since when, from vmplug's history), not
+      authorized (authorized = 0: usbguard or someone blocked it), USB
       errors in the kernel log, autosuspend on audio/MIDI devices, host
       drivers and programs holding the device, its /dev/bus/usb node,
       isochronous bandwidth per bus, controller sharing, stale udev symlinks.

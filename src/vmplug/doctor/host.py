@@ -601,6 +601,89 @@ def check_controller_sharing(ctx: DoctorContext) -> Iterator[Finding]:
             )
 
 
+# ---------------------------------------------------------------- authorized
+
+
+def _usbguard_daemons(proc_root: Path) -> list[int]:
+    """PIDs of running ``usbguard-daemon`` processes (by /proc/PID/comm)."""
+    pids: list[int] = []
+    try:
+        entries = os.listdir(proc_root)
+    except OSError:
+        return pids
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                comm = (proc_root / entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if comm == "usbguard-daemon":
+                pids.append(int(entry))
+    return sorted(pids)
+
+
+def check_authorized(ctx: DoctorContext) -> Iterator[Finding]:
+    """A device whose ``authorized`` is 0: the kernel keeps it unconfigured (no
+    interfaces, no driver), so neither the host nor a VM can use it."""
+    pool = ctx.selected if ctx.device else ctx.devices
+    blocked = [d for d in pool if d.authorized is False]
+    if not blocked:
+        what = "the device is" if ctx.device else f"all {len(pool)} USB devices are"
+        yield _f("host.authorized", Severity.OK, f"{what} authorized")
+        return
+    daemons = _usbguard_daemons(ctx.proc_root)
+    roots = {d.busnum: d for d in ctx.devices if d.is_root_hub}
+    from vmplug.rules.device_rule import device_rule  # noqa: PLC0415
+
+    for dev in blocked:
+        where = f"{dev.sysfs_path}/authorized"
+        evidence = [f"{where} = 0"]
+        root = roots.get(dev.busnum)
+        default = None
+        if root is not None and root.sysfs_path:
+            default_path = f"{root.sysfs_path}/authorized_default"
+            try:
+                with open(default_path) as fh:
+                    default = fh.read().strip()
+                evidence.append(f"{default_path} = {default}")
+            except OSError:
+                pass
+        rule = device_rule(dev, with_port=True)
+        if daemons:
+            who = f"usbguard blocked it (usbguard-daemon is running: pid {daemons[0]})"
+            evidence.append(f"usbguard-daemon running: pid {', '.join(map(str, daemons))}")
+            fix = (
+                "usbguard list-devices --blocked   # its number N\n"
+                "usbguard allow-device N           # now; -p to keep the rule as well\n"
+            )
+            if rule.text:
+                fix += (
+                    "# or for good, allow it in /etc/usbguard/rules.conf (before any block rule):\n"
+                    f"allow {rule.text}"
+                )
+        else:
+            who = (
+                "the bus authorizes no new device by itself (authorized_default = 0)"
+                if default == "0"
+                else "something wrote 0 to its authorized file (no usbguard-daemon is running)"
+            )
+            fix = f"echo 1 > {where}"
+            if default == "0" and root is not None:
+                fix += (
+                    f"\n# and let the kernel authorize new devices on bus {dev.busnum} again:\n"
+                    f"echo 1 > {root.sysfs_path}/authorized_default"
+                )
+        yield _f(
+            "host.authorized",
+            Severity.ERROR,
+            f"{_name(dev)} is not authorized: {who}; the kernel keeps it unconfigured, "
+            "so neither the host nor a VM can use it",
+            evidence=tuple(evidence),
+            fix=fix,
+            subject=dev.port,
+        )
+
+
 # ---------------------------------------------------------------- udev symlinks
 
 
@@ -653,6 +736,7 @@ def check_symlinks(ctx: DoctorContext) -> Iterator[Finding]:
 
 CHECKS = (
     CheckSpec(LAYER, "host.present", check_present),
+    CheckSpec(LAYER, "host.authorized", check_authorized),
     CheckSpec(LAYER, "host.kernel-log", check_kernel_log),
     CheckSpec(LAYER, "host.autosuspend", check_autosuspend),
     CheckSpec(LAYER, "host.holders", check_holders),
