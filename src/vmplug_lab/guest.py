@@ -40,7 +40,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
-from vmplug_lab.wire import CommandError, QgaClient, QmpClient, WireError
+from vmplug.wire.errors import CommandError, WireError
+from vmplug.wire.qga import GuestAgent
+from vmplug.wire.qmp import SyncQmp
 
 #: Kernel modules the guest loads before it reports ready (udev would load most
 #: of them on its own, but the lab must not depend on timing).  USB bus numbers
@@ -69,6 +71,9 @@ HCD_MODULES = ("ehci_pci", "xhci_pci")
 GUEST_PATH = (
     f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 )
+
+#: Seconds a QMP or guest-agent command may take (guest-exec of a busy TCG guest).
+WIRE_TIMEOUT = 30.0
 
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")
 _QEMU_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
@@ -292,8 +297,8 @@ class LabGuest:
         self.boot_seconds: float | None = None
         self._vng: subprocess.Popen[bytes] | None = None
         self._qemu_pid: int | None = None
-        self._qmp: QmpClient | None = None
-        self._qga: QgaClient | None = None
+        self._qmp: SyncQmp | None = None
+        self._qga: GuestAgent | None = None
 
     # ----------------------------------------------------------------- life cycle
 
@@ -377,6 +382,11 @@ class LabGuest:
                 f"lab guest exited early (vng rc={self._vng.returncode}):\n{self.console_tail()}"
             )
 
+    def open_agent(self) -> GuestAgent:
+        """A new connection to the guest's agent socket, not yet synced: call
+        ``sync()`` before the first command (the agent may not be up yet)."""
+        return GuestAgent(self.qga_path, timeout=WIRE_TIMEOUT, sync=False)
+
     def _wait_boot(self, deadline: float) -> None:
         while not (self.pidfile.exists() and self.qmp_path.exists() and self.qga_path.exists()):
             self._check_alive()
@@ -385,8 +395,8 @@ class LabGuest:
             time.sleep(0.1)
         with contextlib.suppress(ValueError, OSError):
             self._qemu_pid = int(self.pidfile.read_text().strip())
-        self._qmp = QmpClient(self.qmp_path)
-        self._qga = QgaClient(self.qga_path)
+        self._qmp = SyncQmp(self.qmp_path, timeout=WIRE_TIMEOUT, name="lab")
+        self._qga = self.open_agent()
         while True:
             self._check_alive()
             remaining = deadline - time.monotonic()
@@ -451,13 +461,13 @@ class LabGuest:
     # ------------------------------------------------------------- in the guest
 
     @property
-    def qga(self) -> QgaClient:
+    def qga(self) -> GuestAgent:
         if self._qga is None:
             raise LabError("lab guest is not running")
         return self._qga
 
     @property
-    def qmp(self) -> QmpClient:
+    def qmp(self) -> SyncQmp:
         if self._qmp is None:
             raise LabError("lab guest is not running")
         return self._qmp

@@ -28,7 +28,7 @@ from vmplug.doctor import qemu as qemu_checks
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import Finding, Severity, run_checks
 from vmplug.doctor.qemu_info import parse_cmdline
-from vmplug_lab.wire import QmpClient
+from vmplug.wire.qmp import SyncQmp
 
 from .conftest import BASE_ARGS, DOCTOR, QEMU, SYSFS, XHCI
 
@@ -125,7 +125,7 @@ def test_busy_qmp_socket(qemu: Any) -> None:
     vm = unique()
     proc = qemu(["-device", "qemu-xhci,id=xhci"], name=vm)
     proc.start()
-    holder = QmpClient(Path(proc.qmp_path))  # another client: QMP serves one at a time
+    holder = SyncQmp(proc.qmp_path)  # another client: QMP serves one at a time
     try:
         (p,) = check(vm, timeout=1.0)["qemu.process"]
     finally:

@@ -37,7 +37,6 @@ from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import Severity, exit_status, run_checks
 from vmplug.doctor.guest import CHECKS as GUEST_CHECKS
 from vmplug_lab.guest import GuestProcess, LabDevice, LabGuest, lab_unavailable_reason
-from vmplug_lab.wire import QgaClient
 
 pytestmark = pytest.mark.lab
 
@@ -134,7 +133,7 @@ def _guest_layer(lab: Lab) -> list[Any]:
         ctx = DoctorContext(qga_socket=str(g.qga_path), timeout=1.0)
         return run_checks(ctx, GUEST_CHECKS)
     finally:
-        g._qga = QgaClient(g.qga_path)
+        g._qga = g.open_agent()
         g._qga.sync(timeout=30)
 
 
