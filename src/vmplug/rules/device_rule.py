@@ -17,6 +17,11 @@ line without the leading target (vmplug's config holds the target), which
 
 A device usbguard would skip (no IDs, descriptors its parser refuses) has no
 rule: :func:`device_rule` says why instead.
+
+One known difference: a product or serial string that is not UTF-8 reaches
+vmplug with U+FFFD in place of the bad bytes (the reader decodes with
+``replace``), so its ``name``/``serial`` are not the ``\xHH`` bytes usbguard
+prints; the ``hash`` is still usbguard's, since it is taken over the bytes.
 """
 
 from __future__ import annotations
