@@ -16,7 +16,7 @@ Printed in one run, each beside an alternative:
 * GET /v1/devices requests per second (load from a separate process, keep-alive
   connections), beside GET /v1/status and /v1/devices over the unix socket.
 
-Run: .venv/bin/python bench/bench_api.py [--runs 10] [--seconds 5]
+Run (from the repository root): .venv/bin/python -m bench.bench_api [--runs 10] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tests.support.apirig import TOKEN, ApiRig
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -141,14 +143,12 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--trace", action="store_true", help="print each refresh's timeline")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "tests"))
-    apirig = _load("apirig", ROOT / "tests" / "api" / "apirig.py")
     from playwright.async_api import async_playwright  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         n = build_tree(tmp / "sysfs")
-        rig = apirig.ApiRig(tmp, sysfs_root=tmp / "sysfs")
+        rig = ApiRig(tmp, sysfs_root=tmp / "sysfs")
         try:
             names = tuple(f"vm{i:02d}" for i in range(VMS))
             t0 = time.perf_counter()
@@ -168,7 +168,7 @@ async def main() -> None:
             )
             await _browser(rig, leaves, names, args.runs, async_playwright, args.trace)
             print(f"\nGET requests/s, 8 keep-alive connections, {args.seconds:.0f} s each:")
-            tok = apirig.TOKEN
+            tok = TOKEN
             for label, url, token, sock in (
                 ("TCP  /v1/devices (200 devices)", f"{rig.base}/v1/devices", tok, "-"),
                 ("TCP  /v1/status", f"{rig.base}/v1/status", tok, "-"),

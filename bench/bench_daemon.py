@@ -2,7 +2,7 @@
 
 Run (about 4 minutes, 60 s of it the idle window):
 
-    .venv/bin/python bench/bench_daemon.py [--runs 5] [--events 200] [--idle 60]
+    .venv/bin/python -m bench.bench_daemon [--runs 5] [--events 200] [--idle 60]
 
 What it builds: a synthetic sysfs tree of 500 USB devices made only of real
 captured device directories (tests/fixtures/sysfs/mixed, as in
@@ -55,6 +55,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from tests.support.qemu_proc import QemuProcess
 from vmplug.config import Config, load_config
 from vmplug.engine.daemon import Daemon
 from vmplug.engine.desired import desired, host_port, plan
@@ -82,7 +83,6 @@ def _load(name: str, path: Path) -> Any:
     return module
 
 
-qemu_proc = _load("qemu_proc", ROOT / "tests" / "qemu" / "qemu_proc.py")
 bench_list = _load("bench_list", ROOT / "bench" / "bench_list.py")
 
 
@@ -177,7 +177,7 @@ class Fleet:
     def __init__(self, work: Path, n: int) -> None:
         self.sock_dir = Path(tempfile.mkdtemp(prefix="vmplug-bd", dir="/tmp"))
         self.procs = [
-            qemu_proc.QemuProcess(
+            QemuProcess(
                 work, ["-device", XHCI], qmp_sockets=2, sock_dir=self.sock_dir, name=f"vm{i:02d}"
             )
             for i in range(n)

@@ -11,7 +11,8 @@ Printed in one run:
 * CPU used by this process while 20 connected VMs sit idle, and while 20
   VMs are gone and QmpVm retries with backoff.
 
-Run: .venv/bin/python bench/bench_qmp.py [--vms 20] [--devices 25] [--idle 10]
+Run from the repository root:
+    .venv/bin/python -m bench.bench_qmp [--vms 20] [--devices 25] [--idle 10]
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import os
 import resource
 import shutil
@@ -27,23 +27,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from qemu.qmp import QMPClient
 
+from tests.support.qemu_proc import QemuProcess
 from vmplug.vms.qmp import STATIC_PROPS, QmpVm
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_qemu_proc() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "qemu_proc", ROOT / "tests" / "qemu" / "qemu_proc.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _cpu() -> float:
@@ -106,13 +96,10 @@ async def sequential_cold(sock: str, devices: int) -> float:
 
 
 async def main(n_vms: int, devices: int, idle: float) -> None:
-    qp = _load_qemu_proc()
     work = Path(tempfile.mkdtemp(prefix="vmplug-bench-"))
     sock_dir = Path(tempfile.mkdtemp(prefix="vmplug-b", dir="/tmp"))
     procs = [
-        qp.QemuProcess(
-            work, device_args(i, devices), qmp_sockets=2, sock_dir=sock_dir, name=f"vm{i}"
-        )
+        QemuProcess(work, device_args(i, devices), qmp_sockets=2, sock_dir=sock_dir, name=f"vm{i}")
         for i in range(n_vms)
     ]
     vms: list[QmpVm] = []

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from api.apirig import TOKEN, ApiRig, until
+from tests.support.apirig import TOKEN, ApiRig, until
 from vmplug.api.openapi import document
 
 pytestmark = pytest.mark.qemu
@@ -180,7 +180,7 @@ async def _true(value: bool) -> bool:
 
 
 def test_openapi_document_names_every_route_and_no_other() -> None:
-    from api.apirig import FIXTURES  # noqa: PLC0415
+    from tests.support.apirig import FIXTURES  # noqa: PLC0415
     from vmplug.api.server import Api  # noqa: PLC0415
     from vmplug.config import parse_config  # noqa: PLC0415
     from vmplug.engine.daemon import Daemon  # noqa: PLC0415

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from api.apirig import ApiRig
+from tests.support.apirig import ApiRig
 
 pytestmark = [
     pytest.mark.qemu,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from api.apirig import FIXTURES
+from tests.support.apirig import FIXTURES
 from vmplug.history.store import Store
 from vmplug.host.sysfs import read_devices
 

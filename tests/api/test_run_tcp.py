@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from api.apirig import ApiRig, until
+from tests.support.apirig import ApiRig, until
 
 pytestmark = pytest.mark.qemu
 

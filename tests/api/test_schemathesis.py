@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from api.apirig import TOKEN, ApiRig
+from tests.support.apirig import TOKEN, ApiRig
 
 pytestmark = pytest.mark.qemu
 

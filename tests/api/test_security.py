@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from api.apirig import TOKEN, ApiRig
+from tests.support.apirig import TOKEN, ApiRig
 from vmplug.api.openapi import document
 from vmplug.api.security import load_or_create_token
 from vmplug.errors import VmplugError

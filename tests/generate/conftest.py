@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from vms.vmrig import Libvirt, private_libvirtd
+from tests.support.vmrig import Libvirt, private_libvirtd
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "generate"
 QEMU = shutil.which("qemu-system-x86_64")

@@ -16,12 +16,11 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.support.devices import AUDIO, DISK, KEYLAB, SERIAL_A, SERIAL_B
 from vmplug.config import parse_config
 from vmplug.errors import UsageError
 from vmplug.generate import compose
 from vmplug.generate.common import CannotExpress
-
-from .devices import AUDIO, DISK, KEYLAB, SERIAL_A, SERIAL_B
 
 BASE = Path("/srv/windows")
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.devices import AUDIO, HUB, KEYLAB, SERIAL_A, SERIAL_B
+from tests.support.vmrig import Libvirt
 from vmplug.generate import libvirt
 from vmplug.generate.common import CannotExpress
-from vms.vmrig import Libvirt
 
 from .conftest import Qmp
-from .devices import AUDIO, HUB, KEYLAB, SERIAL_A, SERIAL_B
 
 NS = {"qemu": libvirt.QEMU_NS}
 

@@ -18,13 +18,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.devices import AUDIO, DISK, KEYLAB
+from tests.support.parsers import parse_exec_start, parse_readconfig, usbredir_string_to_rules
+from tests.support.udev_parse import parse_rules, udev_match
 from vmplug.generate import compose, libvirt, qemu, spice, systemd, udev
 from vmplug.generate.common import CannotExpress, comment_text
 from vmplug.model import UsbDevice
-
-from .devices import AUDIO, DISK, KEYLAB
-from .parsers import parse_exec_start, parse_readconfig, usbredir_string_to_rules
-from .udev_parse import parse_rules, udev_match
 
 SETTINGS = settings(
     max_examples=int(os.environ.get("VMPLUG_HYPOTHESIS_EXAMPLES", "150")),

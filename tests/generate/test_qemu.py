@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.devices import AUDIO, DISK, HUB, KEYLAB, ROOT, SERIAL_A, SERIAL_B
 from vmplug.generate import qemu
 from vmplug.generate.common import CannotExpress
 from vmplug.model import UsbDevice
 
 from .conftest import QemuRun, Qmp, qemu_fails
-from .devices import AUDIO, DISK, HUB, KEYLAB, ROOT, SERIAL_A, SERIAL_B
 
 
 def _args(text: str) -> list[str]:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.devices import AUDIO, DISK, HUB, KEYLAB
+from tests.support.parsers import parse_exec_start, usbredir_string_to_rules
 from vmplug.generate import spice, systemd
 from vmplug.generate.common import CannotExpress
 
 from .conftest import QemuRun, qemu_fails
-from .devices import AUDIO, DISK, HUB, KEYLAB
-from .parsers import parse_exec_start, usbredir_string_to_rules
 
 # ---------------------------------------------------------------------------
 # spice

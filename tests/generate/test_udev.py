@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.devices import AUDIO, DISK, HUB, KEYLAB, SERIAL_A, SERIAL_B
+from tests.support.udev_parse import Token, parse_rules, udev_match
 from vmplug.generate import udev
 from vmplug.generate.common import CannotExpress
-
-from .devices import AUDIO, DISK, HUB, KEYLAB, SERIAL_A, SERIAL_B
-from .udev_parse import Token, parse_rules, udev_match
 
 
 def _group() -> str:

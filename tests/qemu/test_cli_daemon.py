@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakekernel import FakeKernel
-from qemu_proc import QemuProcess
 
+from tests.support.fakekernel import FakeKernel
+from tests.support.qemu_proc import QemuProcess
 from vmplug.vms.qmp import QmpVm
 
 pytestmark = pytest.mark.qemu

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakekernel import FakeKernel, until
-from qemu_proc import QemuProcess
 
+from tests.support.fakekernel import FakeKernel, until
+from tests.support.qemu_proc import QemuProcess
 from vmplug.config import parse_config
 from vmplug.engine.daemon import Daemon
 from vmplug.engine.desired import Attachment

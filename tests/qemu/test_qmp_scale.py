@@ -11,8 +11,8 @@ import resource
 import time
 
 import pytest
-from conftest import QemuFactory
 
+from tests.support.qemu_proc import QemuFactory
 from vmplug.vms.qmp import QmpVm
 
 pytestmark = pytest.mark.qemu

@@ -13,11 +13,10 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import QemuFactory
 from qemu.qmp import QMPClient
-from qemu_proc import XHCI
-from vmhelp import ChangeLog, eventually
 
+from tests.support.qemu_proc import XHCI, QemuFactory
+from tests.support.vmhelp import ChangeLog, eventually
 from vmplug.vms.base import (
     UsbHostSpec,
     VmConfigError,

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 import pytest
-from rule_devices import DEVICES
 
+from tests.support.devices import DEVICES
 from vmplug.rules import RuleSyntaxError, parse_rule
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "rules"

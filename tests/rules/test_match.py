@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from rule_devices import DEVICES
 
+from tests.support.devices import DEVICES
 from vmplug.model import Interface, UsbDevice
 from vmplug.rules import Rule, first_match, parse_rule
 

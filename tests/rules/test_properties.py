@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rule_devices import DEVICES
+from tests.support.devices import DEVICES
 from vmplug.model import AltSetting, Interface, UsbDevice
 from vmplug.rules import RuleSyntaxError, parse_rule
 

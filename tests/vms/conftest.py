@@ -5,37 +5,17 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import web
 
-from vms.vmrig import (
-    XHCI,
+from tests.support.vmrig import (
     DockerApiServer,
     Libvirt,
-    QemuFactory,
-    QemuProcess,
     private_libvirtd,
 )
-
-
-@pytest.fixture
-def qemu(tmp_path: Path) -> Iterator[QemuFactory]:
-    """Make QEMU processes (not started); all killed by PID at teardown."""
-    made: list[QemuProcess] = []
-
-    def make(extra_args: Sequence[str] = XHCI, **kw: Any) -> QemuProcess:
-        kw.setdefault("name", f"vm{len(made)}")
-        proc = QemuProcess(tmp_path, extra_args, **kw)
-        made.append(proc)
-        return proc
-
-    yield make
-    for proc in made:
-        proc.cleanup()
 
 
 @pytest.fixture

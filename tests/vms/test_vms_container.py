@@ -15,6 +15,14 @@ from typing import Any
 
 import pytest
 
+from tests.support.vmrig import (
+    SYSFS_FIXTURES,
+    XHCI,
+    DockerApiServer,
+    QemuFactory,
+    QemuProcess,
+    docker_doc,
+)
 from vmplug.config import parse_config
 from vmplug.engine.daemon import Daemon
 from vmplug.host.events import ReplayEventSource
@@ -29,7 +37,6 @@ from vmplug.vms.container import (
     read_container,
 )
 from vmplug.vms.qmp import QmpVm
-from vms.vmrig import SYSFS_FIXTURES, XHCI, DockerApiServer, QemuFactory, QemuProcess, docker_doc
 
 
 def test_inspect_documents_name_the_host_socket_or_the_problem() -> None:

@@ -27,9 +27,16 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from tests.support.vmrig import (
+    SYSFS_FIXTURES,
+    XHCI,
+    DockerApiServer,
+    Libvirt,
+    QemuFactory,
+    docker_doc,
+)
 from vmplug.cli import cli
 from vmplug.config import load_config
-from vms.vmrig import SYSFS_FIXTURES, XHCI, DockerApiServer, Libvirt, QemuFactory, docker_doc
 
 pytestmark = pytest.mark.qemu
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.vmrig import SYSFS_FIXTURES, Libvirt
 from vmplug.config import parse_config
 from vmplug.engine.daemon import Daemon
 from vmplug.host.events import ReplayEventSource
@@ -21,7 +22,6 @@ from vmplug.vms.base import UsbHostSpec, VmDisconnected, VmError
 from vmplug.vms.base import VmEventKind as K
 from vmplug.vms.factory import make_backend, one_shot
 from vmplug.vms.libvirt import HostUsb, LibvirtVm, hostdev_xml, usb_hostdevs
-from vms.vmrig import SYSFS_FIXTURES, Libvirt
 
 pytestmark = pytest.mark.qemu
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.vmrig import XHCI, QemuFactory
 from vmplug.config import parse_config
 from vmplug.vms.base import UsbHostSpec
 from vmplug.vms.base import VmEventKind as K
 from vmplug.vms.factory import make_backend
 from vmplug.vms.proxmox import ProxmoxVm, list_vmids
-from vms.vmrig import XHCI, QemuFactory
 
 pytestmark = pytest.mark.qemu
 

@@ -1,14 +1,12 @@
-"""Fixtures for the browser tests: the API rig of tests/api and a headless Chromium."""
+"""Fixtures for the browser tests: a headless Chromium (the API rig, ``rig``, is
+tests/conftest.py's)."""
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
-from api.apirig import ApiRig
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -29,15 +27,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/web/" in str(item.path):
             item.add_marker(skip)
-
-
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[ApiRig]:
-    r = ApiRig(tmp_path)
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from api.apirig import TOKEN, ApiRig
+from tests.support.apirig import TOKEN, ApiRig
+from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS, keep
 from vmplug.api.security import Sessions
-from web.conftest import CHROMIUM, CHROMIUM_ARGS, keep
 
 pytestmark = pytest.mark.qemu
 

@@ -13,23 +13,18 @@ Used by tests/api, tests/web and bench/bench_api.py.
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "qemu"))
-
-from fakekernel import FIXTURES, FakeKernel, until  # noqa: E402
-from qemu_proc import QemuProcess  # noqa: E402
-
-from vmplug.api.server import Api  # noqa: E402
-from vmplug.config import parse_config  # noqa: E402
-from vmplug.engine.daemon import Daemon  # noqa: E402
-from vmplug.history.store import Store  # noqa: E402
-from vmplug.host.events import ReplayEventSource  # noqa: E402
-from vmplug.vms.qmp import QmpVm  # noqa: E402
+from tests.support.fakekernel import FIXTURES, FakeKernel, until
+from tests.support.qemu_proc import QemuProcess
+from vmplug.api.server import Api
+from vmplug.config import parse_config
+from vmplug.engine.daemon import Daemon
+from vmplug.history.store import Store
+from vmplug.host.events import ReplayEventSource
+from vmplug.vms.qmp import QmpVm
 
 TOKEN = "test-token-0123456789abcdef"
 __all__ = ["FIXTURES", "TOKEN", "ApiRig", "FakeKernel", "until"]

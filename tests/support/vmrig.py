@@ -9,22 +9,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "qemu"))
-
-from qemu_proc import XHCI, QemuProcess
+from tests.support.qemu_proc import XHCI, QemuFactory, QemuProcess
 
 DOCKER_FIXTURES = Path(__file__).parent.parent / "fixtures" / "docker"
 SYSFS_FIXTURES = Path(__file__).parent.parent / "fixtures" / "sysfs"
-
-QemuFactory = Callable[..., QemuProcess]
 
 
 def docker_doc(name: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@
     ...
     proc.stop()                  # SIGKILL by PID, then wait
 
-Use the ``qemu`` fixture (tests/qemu/conftest.py) rather than calling
+Use the ``qemu`` fixture (tests/conftest.py) rather than calling
 ``stop()`` yourself: it stops every process it made, even when a test fails.
 Each QEMU also gets PR_SET_PDEATHSIG, so it dies with the test process even
 if pytest itself is killed.
@@ -25,7 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 QEMU = os.environ.get("VMPLUG_TEST_QEMU", "qemu-system-x86_64")
@@ -163,3 +163,7 @@ def _listening(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+#: What the ``qemu`` fixture (tests/conftest.py) hands a test: makes QemuProcess objects.
+QemuFactory = Callable[..., QemuProcess]

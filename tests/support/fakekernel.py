@@ -4,8 +4,8 @@ Shared by tests/qemu (the daemon), tests/api, tests/web and bench/bench_api.py:
 a device directory leaves on unplug and comes back (with a new device number
 if asked) on replug, and each change sends the captured device's own
 ``uevent`` plus ACTION/DEVPATH/SUBSYSTEM/SEQNUM, as the kernel does, through a
-FIFO to the daemon's ``replay:`` event source.  Import it as ``from fakekernel
-import FakeKernel`` (tests/qemu is on ``sys.path``, like ``qemu_proc``).
+FIFO to the daemon's ``replay:`` event source.  Import it as
+``from tests.support.fakekernel import FakeKernel``.
 """
 
 from __future__ import annotations
