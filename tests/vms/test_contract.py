@@ -22,6 +22,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 import pytest
 from qemu.qmp import QMPClient
 
+from tests.support.vmrig import DockerApiServer, QemuFactory
+from tests.vms.test_vms_container import container_qemu, windows_doc
 from vmplug.vms.base import (
     ID_PREFIX,
     Binding,
@@ -37,8 +39,6 @@ from vmplug.vms.container import ContainerVm
 from vmplug.vms.libvirt import LibvirtVm
 from vmplug.vms.proxmox import ProxmoxVm
 from vmplug.vms.qmp import QmpVm
-from vms.test_vms_container import container_qemu, windows_doc
-from vms.vmrig import DockerApiServer, QemuFactory
 
 K = VmEventKind
 BACKENDS: tuple[type, ...] = (QmpVm, ProxmoxVm, ContainerVm, LibvirtVm)
