@@ -19,7 +19,7 @@ import pytest
 
 from vmplug.host.sysfs import read_devices
 from vmplug.rules import Attribute, RuleSyntaxError, parse_rule
-from vmplug.rules.device_rule import device_rule
+from vmplug.rules.device_rule import device_rule, usbguard_quote
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "rules"
 RULES = sorted([*(GOLDEN / "good").glob("*.rule"), *(GOLDEN / "bad").glob("*.rule")])
@@ -152,3 +152,14 @@ def test_usbguard_reads_vmplug_list_rules_as_written() -> None:
     assert len(rules) >= 30
     for rule in rules:
         assert usbguard_parse(rule) == f"allow {rule}"
+
+
+@needs_parser
+@pytest.mark.parametrize(
+    "value", ["", 'say "hi"', "back\\slash", "tab\there", "\x01\x7f", "café", "Ünïcødé ✓", "a#b{}"]
+)
+def test_strings_are_quoted_as_usbguard_quotes_them(value: str) -> None:
+    quoted = usbguard_quote(value)
+    assert usbguard_parse(f"name {quoted}") == f"allow name {quoted}"  # its canonical form
+    (attr,) = parse_rule(f"name {quoted}").attributes
+    assert attr.values == (value,)
