@@ -40,7 +40,7 @@ import pytest
 from click.testing import CliRunner
 
 from vmplug.cli import cli
-from vmplug.host.sysfs import read_devices
+from vmplug.host.sysfs import read_device, read_devices
 from vmplug.model import UsbDevice
 from vmplug.rules import parse_rule
 
@@ -310,3 +310,17 @@ def test_lab_replay_equals_usbguard_on_the_live_kernel(replay_tmp: Path) -> None
     assert len(live) == 19
     assert no_connect_type(live) == no_connect_type([f"allow {r}" for r in tree.vmplug_rules])
     assert any('with-connect-type "unknown"' in r for r in live)
+
+
+@needs_usbguard
+def test_a_device_read_on_its_own_has_the_same_hashes(tree: Tree) -> None:
+    """The daemon reads a hot-plugged device alone (no sysfs root, no hub read
+    before it): its parent-hash is worked out from its path and its hub."""
+    for dev in _devices(tree):
+        assert dev.sysfs_path is not None
+        alone = read_device(dev.sysfs_path, dev.port)
+        assert alone is not None
+        assert (alone.descriptors_sha256, alone.parent_hash) == (
+            dev.descriptors_sha256,
+            dev.parent_hash,
+        )
