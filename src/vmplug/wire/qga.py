@@ -31,10 +31,8 @@ from qemu.qmp.message import Message
 
 from vmplug.wire._sync import LoopThread
 from vmplug.wire.errors import AgentCommandError, AgentError
+from vmplug.wire.proc import QGA_PORT_NAME
 from vmplug.wire.qmp import Client, close_bounded, describe_connect_error
-
-#: The virtio-serial port name QEMU and the agent agree on.
-QGA_PORT_NAME = "org.qemu.guest_agent.0"
 
 
 class AgentClient(Client):
