@@ -27,7 +27,8 @@ from vmplug.vms.base import (
     VmTimeout,
 )
 from vmplug.vms.base import VmEventKind as K
-from vmplug.vms.qmp import QmpVm, parse_address
+from vmplug.vms.qmp import QmpVm
+from vmplug.wire.qmp import parse_address
 
 pytestmark = pytest.mark.qemu
 
