@@ -25,7 +25,23 @@ if ((${#missing[@]})); then
   echo "vmplug: installing system packages: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  if [[ " ${missing[*]} " == *" usbguard "* ]] && [ ! -e /usr/sbin/policy-rc.d ]; then
+    # invoke-rc.d asks policy-rc.d; 101 = "do not start": usbguard-daemon never runs
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    apt-get install -y -qq --no-install-recommends usbguard >/dev/null
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The tests need usbguard's programs, never its daemon: Debian's postinst enables
+# and starts usbguard-daemon, whose generated policy blocks every USB device
+# plugged in afterwards -- on the very machine whose devices vmplug is meant to
+# route.  So a usbguard installed here is left stopped and disabled; one that was
+# there before (the user's own) is not touched.
+if [[ " ${missing[*]} " == *" usbguard "* ]] && command -v systemctl >/dev/null; then
+  systemctl disable --now usbguard.service >/dev/null 2>&1 || true
 fi
 
 # libvirt resolves its default QEMU user (libvirt-qemu) before it reads
@@ -62,4 +78,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
+# The lab guest sees this tree read-only, so a Python there cannot cache the
+# bytecode of vmplug's own modules (pip compiled those in site-packages): each
+# `vmplug run` in the guest compiled them again under TCG, up to a minute on a
+# fresh clone.  Compiled once here, whatever PYTHONDONTWRITEBYTECODE says.
+.venv/bin/python -m compileall -q src >/dev/null
 echo "vmplug: installed in $(pwd)/.venv" >&2
