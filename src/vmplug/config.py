@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmplug.errors import VmplugError
+from vmplug.errors import UsageError
 from vmplug.model import UsbDevice
 from vmplug.rules import Rule, RuleSyntaxError, parse_rule
 
@@ -38,10 +38,8 @@ _CONTAINER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 _TCP = re.compile(r"^tcp:(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
 
 
-class ConfigError(VmplugError):
-    """The configuration file is missing, unreadable or invalid."""
-
-    exit_code = 2
+class ConfigError(UsageError):
+    """The configuration file is missing, unreadable or invalid (bad input)."""
 
     def __init__(
         self,

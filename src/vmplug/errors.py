@@ -1,7 +1,9 @@
 """Error types.  Every error a user can cause derives from :class:`VmplugError`.
 
-The CLI turns a ``VmplugError`` into a message on stderr and ``exit_code``;
-anything else is a bug and is reported as one.
+Errors say what went wrong (their message and structured fields), never how
+a process should exit: the CLI turns a ``VmplugError`` into a message on stderr
+and an exit status (:mod:`vmplug.cli.errors`: a :class:`UsageError` is bad
+input, 2; any other, 1); anything else is a bug and is reported as one.
 """
 
 from __future__ import annotations
@@ -10,16 +12,12 @@ from __future__ import annotations
 class VmplugError(Exception):
     """An error caused by input or environment, reported without a traceback."""
 
-    exit_code: int = 1
-
     def render(self) -> str:
         return str(self)
 
 
 class UsageError(VmplugError):
-    """Bad input on the command line (exit status 2)."""
-
-    exit_code = 2
+    """Bad input: the command line, a rule, a selector, a config file (exit status 2)."""
 
 
 class SelectorError(UsageError):

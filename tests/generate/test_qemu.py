@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.devices import AUDIO, DISK, HUB, KEYLAB, ROOT, SERIAL_A, SERIAL_B
+from vmplug.cli.errors import exit_status
 from vmplug.generate import qemu
 from vmplug.generate.common import CannotExpress
 from vmplug.model import UsbDevice
@@ -106,7 +107,7 @@ def test_many_usb3_devices_grow_p3() -> None:
 def test_errors(devices: list[UsbDevice], by_port: bool, message: str) -> None:
     with pytest.raises(Exception, match=message) as info:
         qemu.plan_qemu(devices, by_port=by_port)
-    assert getattr(info.value, "exit_code", None) == 2
+    assert exit_status(info.value) == 2
 
 
 def test_readconfig_refuses_a_quote() -> None:

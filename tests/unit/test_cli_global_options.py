@@ -19,7 +19,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from vmplug.cli import GLOBAL_NOTE, LAZY_COMMANDS, Context, VmplugGroup, cli, pass_ctx
+from vmplug.cli.app import GLOBAL_NOTE, LAZY_COMMANDS, Context, VmplugGroup, cli, pass_ctx
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs"
 MIXED = str(FIXTURES / "mixed")

@@ -18,7 +18,6 @@ class ApiError(VmplugError):
         super().__init__(str(message))
         self.status = status
         self.data = data
-        self.exit_code = 2 if status in (400, 404, 422) else 1
 
     def render(self) -> str:
         text = f"vmplug: {self}"

@@ -1,9 +1,16 @@
-"""The ``vmplug`` command.
+"""The ``vmplug`` group: its context, its global options, its command map, ``main``.
 
-Every subcommand is a thin shell over library calls.  Errors a user can cause
-(:class:`~vmplug.errors.VmplugError`) print one clear message on stderr and
-exit with their status (2 for bad input); nothing prints a traceback unless
-``--debug`` (or ``VMPLUG_DEBUG=1``) asks for one.
+Every subcommand is a thin shell over library calls, in a module of its own
+(one per command family: :mod:`~vmplug.cli.devices`, :mod:`~vmplug.cli.daemon`,
+:mod:`~vmplug.cli.vms`, ...), named in :data:`LAZY_COMMANDS` and imported
+only when it runs, so that ``vmplug list`` does not pay for the daemon's or the
+generators' imports.  A new command is a ``@click.command`` in such a module
+and one line in that map; nothing else registers commands.
+
+Errors a user can cause (:class:`~vmplug.errors.VmplugError`) print one clear
+message on stderr and exit with the status :mod:`vmplug.cli.errors` gives them
+(2 for bad input); nothing prints a traceback unless ``--debug`` (or
+``VMPLUG_DEBUG=1``) asks for one.
 """
 
 from __future__ import annotations
@@ -11,25 +18,22 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
 
 from vmplug import __version__
 from vmplug.errors import VmplugError
-from vmplug.host.inventory import read_devices, sysfs_root_from_env
-from vmplug.model import UsbDevice
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.table import Table
-    from rich.tree import Tree
+
+    from vmplug.model import UsbDevice
 
 
 def escape(text: str) -> str:
@@ -50,6 +54,12 @@ Exit status: 0 success, 1 failure or nothing found, 2 bad input.
 """
 
 
+def _sysfs_root(explicit: Path | None) -> Path:
+    from vmplug.host.inventory import sysfs_root_from_env  # noqa: PLC0415 - not for --version
+
+    return sysfs_root_from_env(explicit)
+
+
 @dataclass
 class Context:
     """What every subcommand gets: where to read devices and config from."""
@@ -62,7 +72,7 @@ class Context:
     def from_env(cls) -> Context:
         """The settings when no ``vmplug`` group made them (a command run on its own)."""
         return cls(
-            sysfs_root=sysfs_root_from_env(None),
+            sysfs_root=_sysfs_root(None),
             config=os.environ.get("VMPLUG_CONFIG") or None,
             debug=os.environ.get("VMPLUG_DEBUG") == "1",
         )
@@ -81,6 +91,9 @@ class Context:
         return Console(stderr=True, highlight=False)
 
     def devices(self, include_root_hubs: bool = True) -> list[UsbDevice]:
+        """The host's USB devices (warnings about them on stderr)."""
+        from vmplug.host.inventory import read_devices  # noqa: PLC0415
+
         devices = read_devices(self.sysfs_root)
         for dev in devices:
             for warning in dev.warnings:
@@ -93,48 +106,48 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
+def context(ctx: click.Context) -> Context:
+    """The :class:`Context` of ``ctx``'s command, or one from the environment
+    when the command runs without the ``vmplug`` group (on its own, in a test)."""
+    return ctx.find_object(Context) or Context.from_env()
+
+
 def emit_json(data: Any) -> None:
     """Indented for a person at a terminal; compact (C encoder, ~10x faster) for scripts."""
     indent = 2 if sys.stdout.isatty() else None
     click.echo(json.dumps(data, indent=indent, ensure_ascii=False))
 
 
-class VmplugFailure(click.ClickException):
-    """A :class:`VmplugError` on its way out of click: its text, its exit status."""
-
-    def __init__(self, error: VmplugError) -> None:
-        super().__init__(error.render())
-        self.exit_code = error.exit_code  # type: ignore[misc]  # click's class default
-
-    def show(self, file: Any = None) -> None:
-        click.echo(self.message, err=True)
-
-
-#: Subcommands defined in other modules, imported only when asked for, so that
-#: `vmplug list` does not pay for the daemon's or the generators' imports.
+#: Every subcommand: its name -> ``module:attribute`` of its click command.
+#: The module is imported only when the command runs (or help lists it).
 LAZY_COMMANDS = {
-    "run": "vmplug.cli.daemon",
-    "status": "vmplug.cli.daemon",
-    "history": "vmplug.cli.daemon",
-    "attach": "vmplug.cli.daemon",
-    "detach": "vmplug.cli.daemon",
-    "reload": "vmplug.cli.daemon",
-    "generate": "vmplug.cli.generate",
-    "demo": "vmplug.cli.demo",
-    "doctor": "vmplug.cli.doctor",
-    "health": "vmplug.cli.health",
-    "vms": "vmplug.cli.vms",
-    "init": "vmplug.cli.vms",
+    "list": "vmplug.cli.devices:list_cmd",
+    "match": "vmplug.cli.devices:match_cmd",
+    "check-config": "vmplug.cli.devices:check_config_cmd",
+    "run": "vmplug.cli.daemon:run_cmd",
+    "status": "vmplug.cli.daemon:status_cmd",
+    "history": "vmplug.cli.daemon:history_cmd",
+    "attach": "vmplug.cli.daemon:attach_cmd",
+    "detach": "vmplug.cli.daemon:detach_cmd",
+    "reload": "vmplug.cli.daemon:reload_cmd",
+    "health": "vmplug.cli.health:health",
+    "vms": "vmplug.cli.vms:vms",
+    "init": "vmplug.cli.vms:init",
+    "doctor": "vmplug.cli.doctor:doctor",
+    "generate": "vmplug.cli.generate:generate",
+    "demo": "vmplug.cli.demo:demo",
 }
 
 
-def _lazy_available(name: str) -> bool:
-    import importlib.util  # noqa: PLC0415
+def load_command(name: str) -> click.Command:
+    """The click command ``name`` of :data:`LAZY_COMMANDS`, its module imported now."""
+    import importlib  # noqa: PLC0415
 
-    try:
-        return importlib.util.find_spec(LAZY_COMMANDS[name]) is not None
-    except ImportError:
-        return False
+    module_name, _, attribute = LAZY_COMMANDS[name].partition(":")
+    command = getattr(importlib.import_module(module_name), attribute)
+    if not isinstance(command, click.Command):
+        raise TypeError(f"{LAZY_COMMANDS[name]} is not a click command")
+    return command
 
 
 # ---------------------------------------------------------------------------
@@ -243,31 +256,26 @@ GlobalOptionsGroup.group_class = GlobalOptionsGroup
 
 
 class VmplugGroup(GlobalOptionsGroup):
-    """Turns errors a user can cause into messages and exit codes, not tracebacks."""
+    """Loads commands from :data:`LAZY_COMMANDS`; turns errors a user can cause
+    into messages and exit codes (:mod:`vmplug.cli.errors`), not tracebacks."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(self.commands) | {n for n in LAZY_COMMANDS if _lazy_available(n)})
+        return sorted(set(self.commands) | set(LAZY_COMMANDS))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands and cmd_name in LAZY_COMMANDS:
-            if not _lazy_available(cmd_name):
-                return None
-            import importlib  # noqa: PLC0415
-
-            module = importlib.import_module(LAZY_COMMANDS[cmd_name])
-            if cmd_name not in self.commands and isinstance(
-                command := getattr(module, cmd_name, None), click.Command
-            ):
-                self.add_command(command, cmd_name)
+            self.add_command(load_command(cmd_name), cmd_name)
         return self.commands.get(cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except VmplugError as exc:
+            from vmplug.cli.errors import VmplugFailure, print_traceback  # noqa: PLC0415
+
             obj = ctx.find_object(Context)
             if (obj is not None and obj.debug) or os.environ.get("VMPLUG_DEBUG") == "1":
-                traceback.print_exc()
+                print_traceback()
             raise VmplugFailure(exc) from exc
 
 
@@ -290,238 +298,11 @@ def cli(ctx: click.Context, sysfs_root: Path | None, config: str | None, debug: 
     --sysfs-root, --config and --debug may come before or after the
     subcommand (vmplug run --config FILE); after it wins.
     """
-    ctx.obj = Context(
-        sysfs_root=sysfs_root_from_env(sysfs_root),
-        config=config,
-        debug=debug,
-    )
-
-
-# ---------------------------------------------------------------------------
-# vmplug list
-
-
-def _speed_text(speed: float | None) -> str:
-    if speed is None:
-        return "?"
-    if speed >= 1000:
-        return f"{speed / 1000:g}G"
-    return f"{speed:g}M"
-
-
-def _name(dev: UsbDevice) -> str:
-    return dev.display_name or "-"
-
-
-def _holders(dev: UsbDevice) -> str:
-    drivers = [i.driver for i in dev.interfaces if i.driver]
-    unique = list(dict.fromkeys(drivers))
-    return ",".join(unique) or (dev.driver if dev.is_root_hub else None) or "-"
-
-
-def _classes(dev: UsbDevice) -> str:
-    if dev.device_class not in (None, 0):
-        return f"{dev.device_class:02x}"
-    return " ".join(f"{i.cls:02x}:{i.subclass:02x}:{i.protocol:02x}" for i in dev.interfaces) or "-"
-
-
-def _table(devices: Sequence[UsbDevice]) -> Table:
-    from rich.table import Table  # noqa: PLC0415
-
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("PORT", "BUS:DEV", "ID", "SPEED", "NAME", "SERIAL", "CLASS", "DRIVER", "VM"):
-        table.add_column(col, overflow="fold")
-    for d in devices:
-        table.add_row(
-            d.port,
-            f"{d.busnum or 0:03d}:{d.devnum or 0:03d}",
-            d.vidpid or "?",
-            _speed_text(d.speed_mbps),
-            escape(_name(d)),
-            escape(d.serial or "-"),
-            _classes(d),
-            escape(_holders(d)),
-            "-",
-        )
-    return table
-
-
-def _tree(devices: Sequence[UsbDevice]) -> Tree:
-    """Hubs and nested ports, like ``lsusb -t``, one tree per bus."""
-    from rich.tree import Tree  # noqa: PLC0415
-
-    root = Tree("USB", guide_style="dim")
-    nodes: dict[str, Tree] = {}
-    for d in devices:  # sorted by bus then port chain: parents come first
-        label = (
-            f"[bold]{escape(d.port)}[/]  {d.vidpid or '?'}  {escape(_name(d))}"
-            f"  [dim]{_speed_text(d.speed_mbps)}"
-            f"  dev {d.devnum if d.devnum is not None else '?'}"
-            f"  {escape(_holders(d))}"
-        )
-        if d.is_root_hub and d.controller:
-            kind = "pci" if d.controller.startswith("0000:") else "platform"
-            label += f"  {kind} {d.controller}"
-        label += "[/]"
-        parent = nodes.get(d.parent_port or "", root)
-        nodes[d.port] = parent.add(label)
-    return root
-
-
-@cli.command("list", epilog=EPILOG_ENV)
-@click.option("--tree", "as_tree", is_flag=True, help="Show hubs and nested ports as a tree.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list for scripts.")
-@click.option("-a", "--all", "show_all", is_flag=True, help="Include root hubs.")
-@click.option(
-    "--rules",
-    "as_rules",
-    is_flag=True,
-    help="Print each device as a usbguard rule, as `usbguard generate-policy` does "
-    "(without its leading `allow`), to paste into a rule's match.",
-)
-@pass_ctx
-def list_cmd(obj: Context, as_tree: bool, as_json: bool, show_all: bool, as_rules: bool) -> None:
-    """Show the host's USB devices.
-
-    Each device is named by its port path (bus-port.port…, the sysfs name),
-    which stays the same when it is replugged into the same socket, unlike
-    its device number.  DRIVER shows who holds each interface (e.g. usbfs
-    when QEMU has it, snd-usb-audio when the host does).
-
-    The tree view always shows the root hubs, since the tree hangs from
-    them.  JSON objects carry every field the reader knows, including
-    interfaces with endpoints and isochronous bandwidth.
-    """
-    devices = obj.devices(include_root_hubs=show_all or as_tree)
-    if as_rules:
-        from vmplug.rules.device_rule import device_rule  # noqa: PLC0415
-
-        rules = [device_rule(d) for d in devices]
-        for r in rules:
-            if r.error:
-                click.echo(f"vmplug: {r.port}: no rule: {r.error}", err=True)
-        if as_json:
-            emit_json([r.to_json() for r in rules if r.text])
-        else:
-            click.echo("".join(f"{r.text}\n" for r in rules if r.text), nl=False)
-        if not any(r.text for r in rules):
-            raise SystemExit(1)
-    elif as_json:
-        emit_json([d.to_json() for d in devices])
-    elif as_tree:
-        obj.console.print(_tree(devices))
-    elif devices:
-        obj.console.print(_table(devices))
-    else:
-        click.echo(f"no USB devices under {obj.sysfs_root}", err=True)
-
-
-# ---------------------------------------------------------------------------
-# vmplug match
-
-
-@cli.command("match", epilog=EPILOG_ENV)
-@click.argument("rule")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of port paths.")
-@pass_ctx
-def match_cmd(obj: Context, rule: str, as_json: bool) -> None:
-    """List the devices that RULE matches.
-
-    RULE is in vmplug's usbguard-style rule language, e.g.
-
-    \b
-      vmplug match 'id 1235:821a'
-      vmplug match 'with-interface one-of { 01:*:* }'
-      vmplug match 'via-port "3-1.2"'
-      vmplug match 'id 0627:* serial "42"'
-
-    Attributes in one rule must all hold.  Exit status: 0 when a device
-    matches, 1 when none does, 2 when the rule is invalid.
-    """
-    from vmplug.rules import parse_rule  # noqa: PLC0415 - keeps `vmplug list` start-up small
-
-    parsed = parse_rule(rule)
-    devices = obj.devices(include_root_hubs=False)
-    matched = [d for d in devices if not d.is_hub and parsed.matches(d)]
-    if as_json:
-        emit_json([d.port for d in matched])
-    elif matched:
-        obj.console.print(_table(matched))
-    else:
-        obj.err.print("no device matches")
-    if not matched:
-        raise SystemExit(1)
-
-
-# ---------------------------------------------------------------------------
-# vmplug check-config
-
-
-@cli.command("check-config", epilog=EPILOG_ENV)
-@click.argument("file", required=False, metavar="[FILE]")
-@click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON.")
-@pass_ctx
-def check_config_cmd(obj: Context, file: str | None, as_json: bool) -> None:
-    """Validate the config and show which rule each present device meets.
-
-    FILE defaults to --config, then VMPLUG_CONFIG, then
-    /etc/vmplug/vmplug.toml.  Rules are tried in order and the first that
-    matches decides; a device no rule matches stays on the host, and hubs
-    are never passed through.  An invalid config is reported with its file,
-    line and column, and exit status 2.
-    """
-    from vmplug.config import decisions, load_config  # noqa: PLC0415
-
-    config = load_config(file or obj.config)
-    devices = obj.devices(include_root_hubs=False)
-    rows = decisions(config, devices)
-    if as_json:
-        emit_json(
-            {
-                "config": config.path,
-                "vms": sorted(config.vms),
-                "devices": [
-                    {
-                        "port": d.port,
-                        "id": d.vidpid,
-                        "name": _name(d),
-                        "rule": None if rc is None else rc.index + 1,
-                        "line": None if rc is None else rc.line,
-                        "action": _action(d, rc),
-                        "vm": None if rc is None or rc.block else rc.attach,
-                    }
-                    for d, rc in rows
-                ],
-            }
-        )
-        return
-    click.echo(f"{config.path}: ok ({len(config.vms)} VMs, {len(config.rules)} rules)", err=True)
-    from rich.table import Table  # noqa: PLC0415
-
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("PORT", "ID", "NAME", "RULE", "DECISION"):
-        table.add_column(col, overflow="fold")
-    for d, rc in rows:
-        where = "-" if rc is None else f"#{rc.index + 1} (line {rc.line})"
-        table.add_row(d.port, d.vidpid or "?", escape(_name(d)), where, escape(_action(d, rc)))
-    obj.console.print(table)
-
-
-def _action(dev: UsbDevice, rc: Any) -> str:
-    if dev.is_hub:
-        return "hub: stays on the host (QEMU cannot pass hubs through)"
-    if rc is None:
-        return "no rule matches: stays on the host"
-    return str(rc.target)
+    ctx.obj = Context(sysfs_root=_sysfs_root(sysfs_root), config=config, debug=debug)
 
 
 # ---------------------------------------------------------------------------
 # entry point
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(message, err=True)
-    raise SystemExit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -529,34 +310,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     debug = os.environ.get("VMPLUG_DEBUG") == "1" or "--debug" in (argv or sys.argv[1:])
     try:
         cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
-    except click.exceptions.Abort:
-        _fail("aborted", 130)
-    except click.ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    except VmplugError as exc:
-        if debug:
-            traceback.print_exc()
-        _fail(exc.render(), exc.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except BrokenPipeError:
-        sys.stderr.close()
-        raise SystemExit(141) from None
-    except OSError as exc:
-        if debug:
-            traceback.print_exc()
-        _fail(f"vmplug: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1)
-    except Exception as exc:
-        if debug:
-            traceback.print_exc()
-        _fail(
-            f"vmplug: internal error: {type(exc).__name__}: {exc}\n"
-            "This is a bug; run again with --debug for the traceback and report it.",
-            70,
-        )
+    except BaseException as exc:  # every way out gets its exit status
+        from vmplug.cli.errors import exit_on  # noqa: PLC0415
+
+        exit_on(exc, debug=debug)
 
 
 if __name__ == "__main__":

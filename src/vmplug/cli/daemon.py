@@ -1,4 +1,5 @@
-"""CLI commands around the daemon: run, status, history, attach, detach, reload."""
+"""The daemon and its clients: ``vmplug run``, ``status``, ``history``, ``attach``,
+``detach`` and ``reload``."""
 
 from __future__ import annotations
 
@@ -15,18 +16,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from vmplug.api.client import ApiError, call, daemon_running
-from vmplug.cli.app import EPILOG_ENV, Context, cli, emit_json, pass_ctx
+from vmplug.cli.app import EPILOG_ENV, Context, emit_json, pass_ctx
 from vmplug.config import ConfigError, DaemonConfig, config_path, load_config
 from vmplug.errors import UsageError, VmplugError
 from vmplug.host.select import describe, select_one
+from vmplug.model import UsbDevice
 
 SOCKET_HELP = "Daemon API socket (default: [daemon] socket in the config, /run/vmplug/vmplug.sock)."
 
 
-class ReloadRefused(VmplugError):
-    """The daemon refused a config (exit status 2, as for any bad input)."""
+class ReloadRefused(UsageError):
+    """The daemon refused a config: bad input (exit status 2), like any bad config."""
 
-    exit_code = 2
+    def __init__(self, message: str, refused: str) -> None:
+        super().__init__(message)
+        #: the daemon's own words: file:line:col, the error, a caret
+        self.refused = refused
 
 
 def _socket(explicit: str | None, daemon: DaemonConfig) -> Path:
@@ -103,7 +108,7 @@ def setup_logging(level: str) -> None:
 # vmplug run
 
 
-@cli.command("run", epilog=EPILOG_ENV)
+@click.command("run", epilog=EPILOG_ENV)
 @click.option("--socket", "socket_path", metavar="PATH", help=SOCKET_HELP)
 @click.option(
     "--db", "db_path", metavar="PATH", help="History database (default: [daemon] database)."
@@ -212,7 +217,7 @@ async def _start_tcp(api: Any, config: Any) -> None:
 # vmplug status
 
 
-@cli.command("status", epilog=EPILOG_ENV)
+@click.command("status", epilog=EPILOG_ENV)
 @click.option("--socket", "socket_path", metavar="PATH", help=SOCKET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_ctx
@@ -268,7 +273,7 @@ def status_cmd(obj: Context, socket_path: str | None, as_json: bool) -> None:
 # vmplug history
 
 
-@cli.command("history", epilog=EPILOG_ENV)
+@click.command("history", epilog=EPILOG_ENV)
 @click.argument("device", required=False)
 @click.option(
     "--db", "db_path", metavar="PATH", help="History database (default: [daemon] database)."
@@ -327,49 +332,13 @@ def history_cmd(
 # vmplug attach / detach / reload
 
 
-def _persist(config_file: Path, vm: str | None, device: Any) -> str:
-    """Put a rule for this device first in the config (comments kept)."""
-    import tomlkit  # noqa: PLC0415
+def _persist(config_file: Path, vm: str | None, device: UsbDevice) -> str:
+    """Put a rule for this very device first in the config (comments kept)."""
+    from vmplug.config_write import NewRule, add_rule, match_for  # noqa: PLC0415
 
-    from vmplug.config import parse_config  # noqa: PLC0415
-
-    if device.serial:
-        match = f'id {device.vidpid} serial "{_rule_escape(device.serial)}"'
-    else:
-        match = f'id {device.vidpid} via-port "{device.port}"'
-    doc = tomlkit.parse(config_file.read_text(encoding="utf-8"))
-    rules = doc.get("rule")
-    table = tomlkit.table()
-    if vm is None:
-        table.add("block", True)
-    else:
-        table.add("attach", vm)
-    table.add("match", match)
-    table.add("comment", "added by vmplug --persist")
-    if rules is None:
-        aot = tomlkit.aot()
-        aot.append(table)
-        doc.add("rule", aot)
-    else:
-        rules.insert(0, table)
-    text = tomlkit.dumps(doc)
-    parse_config(text, config_file)  # refuse to write what would not load
-    tmp = config_file.with_name(config_file.name + ".vmplug-tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(config_file)
+    match = match_for(device, "this")
+    add_rule(config_file, NewRule(vm=vm, match=match, note="added by vmplug --persist"))
     return match
-
-
-def _rule_escape(text: str) -> str:
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            out.extend(f"\\x{b:02x}" for b in ch.encode())
-    return "".join(out)
 
 
 async def _direct(vmc: Any, op: str, qemu_id: str, spec: Any = None) -> None:
@@ -383,7 +352,7 @@ async def _direct(vmc: Any, op: str, qemu_id: str, spec: Any = None) -> None:
             await vm.detach(qemu_id)
 
 
-@cli.command("attach", epilog=EPILOG_ENV)
+@click.command("attach", epilog=EPILOG_ENV)
 @click.argument("device")
 @click.option("--vm", required=True, help="The VM (a [vm.NAME] of the config).")
 @click.option("--persist", is_flag=True, help="Also write a rule for it, first, into the config.")
@@ -404,7 +373,7 @@ def attach_cmd(
     _one_shot(obj, "attach", device, vm, persist, socket_path, as_json)
 
 
-@cli.command("detach", epilog=EPILOG_ENV)
+@click.command("detach", epilog=EPILOG_ENV)
 @click.argument("device")
 @click.option("--persist", is_flag=True, help="Also write a block rule for it into the config.")
 @click.option("--socket", "socket_path", metavar="PATH", help=SOCKET_HELP)
@@ -478,7 +447,7 @@ def _one_shot(
         raise SystemExit(1)
 
 
-@cli.command("reload", epilog=EPILOG_ENV)
+@click.command("reload", epilog=EPILOG_ENV)
 @click.option("--socket", "socket_path", metavar="PATH", help=SOCKET_HELP)
 @pass_ctx
 def reload_cmd(obj: Context, socket_path: str | None) -> None:
@@ -497,7 +466,7 @@ def reload_cmd(obj: Context, socket_path: str | None) -> None:
         refused = exc.data.get("message") if isinstance(exc.data, dict) else None
         if refused:  # the daemon's own words: file:line:col, the error, a caret
             raise ReloadRefused(
-                f"{refused}\nreload refused: the daemon keeps its running config"
+                f"{refused}\nreload refused: the daemon keeps its running config", refused
             ) from None
         raise
     obj.console.print(escape(data["message"]))

@@ -9,7 +9,6 @@ cannot express) exit with status 2 and change nothing.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from vmplug.cli.app import Context, GlobalOptionsGroup
+from vmplug.cli.app import GlobalOptionsGroup, context, emit_json
 from vmplug.errors import UsageError
 from vmplug.generate import compose as compose_mod
 from vmplug.generate import libvirt as libvirt_mod
@@ -39,31 +38,15 @@ SELECTORS_HELP = (
 
 
 def load_devices(ctx: click.Context) -> list[UsbDevice]:
-    """The host's USB devices, read the way the main command is configured.
-
-    The main ``vmplug`` command puts a context object with ``devices()`` in
-    ``ctx.obj`` (honouring ``--sysfs-root`` / ``VMPLUG_SYSFS_ROOT``); run on
-    its own (tests), the group falls back to the root command's
-    ``sysfs_root`` parameter and the environment.
-    """
-    obj = ctx.find_root().obj
-    devices_fn = getattr(obj, "devices", None)
-    if callable(devices_fn):
-        return list(devices_fn(include_root_hubs=False))
-    from vmplug.host.inventory import read_devices  # noqa: PLC0415
-
-    root_param = ctx.find_root().params.get("sysfs_root")
-    return [d for d in read_devices(root_param) if not d.is_root_hub]
+    """The host's USB devices but root hubs, read where the ``vmplug`` command
+    says (``--sysfs-root`` / ``VMPLUG_SYSFS_ROOT``, before or after the subcommand)."""
+    return context(ctx).devices(include_root_hubs=False)
 
 
 def _selected(ctx: click.Context, selectors: Sequence[str]) -> list[UsbDevice]:
     if not selectors:
         raise UsageError(f"name at least one device. {SELECTORS_HELP}")
     return select_many(load_devices(ctx), list(selectors))
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def _say(message: str) -> None:
@@ -135,7 +118,7 @@ def qemu_cmd(
     plan = qemu_mod.plan_qemu(devices, by_port=by_port, qmp=qmp, isobufs=isobufs, isobsize=isobsize)
     text = qemu_mod.render_readconfig(plan) if fmt == "readconfig" else qemu_mod.render_args(plan)
     if as_json:
-        _emit_json({**plan.to_json(), "format": fmt, "text": text})
+        emit_json({**plan.to_json(), "format": fmt, "text": text})
         return
     click.echo(text, nl=False)
 
@@ -215,9 +198,7 @@ def compose_cmd(
     else:
         text = compose_mod.render_new(plan)
     if as_json:
-        _emit_json(
-            {**plan.to_json(), "compose": text, "changes": changes, "vmplug_config": snippet}
-        )
+        emit_json({**plan.to_json(), "compose": text, "changes": changes, "vmplug_config": snippet})
         return
     if merge_file is None or to_stdout:
         click.echo(text, nl=False)
@@ -268,7 +249,7 @@ def libvirt_cmd(
     else:
         text = libvirt_mod.render_fragment(plan)
     if as_json:
-        _emit_json({**plan.to_json(), "xml": text})
+        emit_json({**plan.to_json(), "xml": text})
         return
     click.echo(text, nl=False)
 
@@ -320,17 +301,15 @@ def udev_cmd(
     text = udev_mod.render_rules(rules)
     done: list[str] = []
     if install:
-        root = ctx.find_root()
-        sysfs = getattr(root.obj, "sysfs_root", None) or root.params.get("sysfs_root") or "/sys"
         done = udev_mod.install_rules(
             rules,
             rules_dir=rules_dir,
             single_file=single_file,
             udevadm=udevadm,
-            sysfs_root=Path(sysfs),
+            sysfs_root=context(ctx).sysfs_root,
         )
     if as_json:
-        _emit_json({"rules": [r.to_json() for r in rules], "text": text, "installed": done})
+        emit_json({"rules": [r.to_json() for r in rules], "text": text, "installed": done})
         return
     if install:
         for line in done:
@@ -373,7 +352,7 @@ def spice_cmd(
     devices = _selected(ctx, selectors)
     plan = spice_mod.plan_spice(devices, allow_others=allow_others, match_version=match_version)
     if as_json:
-        _emit_json(plan.to_json())
+        emit_json(plan.to_json())
         return
     click.echo(spice_mod.render(plan, fmt), nl=False)
 
@@ -419,7 +398,7 @@ def systemd_cmd(
     reloads systemd and enables and starts it.  The unit's `vmplug run` reads
     the config this command is given (--config or VMPLUG_CONFIG), if any.
     """
-    config = getattr(ctx.find_object(Context), "config", None)
+    config = context(ctx).config
     plan = systemd_mod.plan_systemd(executable or _default_exec(), config=config)
     text = plan.text()
     done: list[str] = []
@@ -428,7 +407,7 @@ def systemd_cmd(
             plan, unit_dir=unit_dir, name=name, enable=not no_enable, systemctl=systemctl
         )
     if as_json:
-        _emit_json({"exec": list(plan.exec_argv), "unit": text, "installed": done})
+        emit_json({"exec": list(plan.exec_argv), "unit": text, "installed": done})
         return
     if install:
         for line in done:

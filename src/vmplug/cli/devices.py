@@ -1,0 +1,233 @@
+"""The host's devices: ``vmplug list``, ``vmplug match`` and ``vmplug check-config``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from vmplug.cli.app import EPILOG_ENV, Context, emit_json, escape, pass_ctx
+from vmplug.model import UsbDevice
+
+if TYPE_CHECKING:
+    from rich.table import Table
+    from rich.tree import Tree
+
+
+# ---------------------------------------------------------------------------
+# vmplug list
+
+
+def _speed_text(speed: float | None) -> str:
+    if speed is None:
+        return "?"
+    if speed >= 1000:
+        return f"{speed / 1000:g}G"
+    return f"{speed:g}M"
+
+
+def _name(dev: UsbDevice) -> str:
+    return dev.display_name or "-"
+
+
+def _holders(dev: UsbDevice) -> str:
+    drivers = [i.driver for i in dev.interfaces if i.driver]
+    unique = list(dict.fromkeys(drivers))
+    return ",".join(unique) or (dev.driver if dev.is_root_hub else None) or "-"
+
+
+def _classes(dev: UsbDevice) -> str:
+    if dev.device_class not in (None, 0):
+        return f"{dev.device_class:02x}"
+    return " ".join(f"{i.cls:02x}:{i.subclass:02x}:{i.protocol:02x}" for i in dev.interfaces) or "-"
+
+
+def _table(devices: Sequence[UsbDevice]) -> Table:
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("PORT", "BUS:DEV", "ID", "SPEED", "NAME", "SERIAL", "CLASS", "DRIVER", "VM"):
+        table.add_column(col, overflow="fold")
+    for d in devices:
+        table.add_row(
+            d.port,
+            f"{d.busnum or 0:03d}:{d.devnum or 0:03d}",
+            d.vidpid or "?",
+            _speed_text(d.speed_mbps),
+            escape(_name(d)),
+            escape(d.serial or "-"),
+            _classes(d),
+            escape(_holders(d)),
+            "-",
+        )
+    return table
+
+
+def _tree(devices: Sequence[UsbDevice]) -> Tree:
+    """Hubs and nested ports, like ``lsusb -t``, one tree per bus."""
+    from rich.tree import Tree  # noqa: PLC0415
+
+    root = Tree("USB", guide_style="dim")
+    nodes: dict[str, Tree] = {}
+    for d in devices:  # sorted by bus then port chain: parents come first
+        label = (
+            f"[bold]{escape(d.port)}[/]  {d.vidpid or '?'}  {escape(_name(d))}"
+            f"  [dim]{_speed_text(d.speed_mbps)}"
+            f"  dev {d.devnum if d.devnum is not None else '?'}"
+            f"  {escape(_holders(d))}"
+        )
+        if d.is_root_hub and d.controller:
+            kind = "pci" if d.controller.startswith("0000:") else "platform"
+            label += f"  {kind} {d.controller}"
+        label += "[/]"
+        parent = nodes.get(d.parent_port or "", root)
+        nodes[d.port] = parent.add(label)
+    return root
+
+
+@click.command("list", epilog=EPILOG_ENV)
+@click.option("--tree", "as_tree", is_flag=True, help="Show hubs and nested ports as a tree.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list for scripts.")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Include root hubs.")
+@click.option(
+    "--rules",
+    "as_rules",
+    is_flag=True,
+    help="Print each device as a usbguard rule, as `usbguard generate-policy` does "
+    "(without its leading `allow`), to paste into a rule's match.",
+)
+@pass_ctx
+def list_cmd(obj: Context, as_tree: bool, as_json: bool, show_all: bool, as_rules: bool) -> None:
+    """Show the host's USB devices.
+
+    Each device is named by its port path (bus-port.port…, the sysfs name),
+    which stays the same when it is replugged into the same socket, unlike
+    its device number.  DRIVER shows who holds each interface (e.g. usbfs
+    when QEMU has it, snd-usb-audio when the host does).
+
+    The tree view always shows the root hubs, since the tree hangs from
+    them.  JSON objects carry every field the reader knows, including
+    interfaces with endpoints and isochronous bandwidth.
+    """
+    devices = obj.devices(include_root_hubs=show_all or as_tree)
+    if as_rules:
+        from vmplug.rules.device_rule import device_rule  # noqa: PLC0415
+
+        rules = [device_rule(d) for d in devices]
+        for r in rules:
+            if r.error:
+                click.echo(f"vmplug: {r.port}: no rule: {r.error}", err=True)
+        if as_json:
+            emit_json([r.to_json() for r in rules if r.text])
+        else:
+            click.echo("".join(f"{r.text}\n" for r in rules if r.text), nl=False)
+        if not any(r.text for r in rules):
+            raise SystemExit(1)
+    elif as_json:
+        emit_json([d.to_json() for d in devices])
+    elif as_tree:
+        obj.console.print(_tree(devices))
+    elif devices:
+        obj.console.print(_table(devices))
+    else:
+        click.echo(f"no USB devices under {obj.sysfs_root}", err=True)
+
+
+# ---------------------------------------------------------------------------
+# vmplug match
+
+
+@click.command("match", epilog=EPILOG_ENV)
+@click.argument("rule")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of port paths.")
+@pass_ctx
+def match_cmd(obj: Context, rule: str, as_json: bool) -> None:
+    """List the devices that RULE matches.
+
+    RULE is in vmplug's usbguard-style rule language, e.g.
+
+    \b
+      vmplug match 'id 1235:821a'
+      vmplug match 'with-interface one-of { 01:*:* }'
+      vmplug match 'via-port "3-1.2"'
+      vmplug match 'id 0627:* serial "42"'
+
+    Attributes in one rule must all hold.  Exit status: 0 when a device
+    matches, 1 when none does, 2 when the rule is invalid.
+    """
+    from vmplug.rules import parse_rule  # noqa: PLC0415 - keeps `vmplug list` start-up small
+
+    parsed = parse_rule(rule)
+    devices = obj.devices(include_root_hubs=False)
+    matched = [d for d in devices if not d.is_hub and parsed.matches(d)]
+    if as_json:
+        emit_json([d.port for d in matched])
+    elif matched:
+        obj.console.print(_table(matched))
+    else:
+        obj.err.print("no device matches")
+    if not matched:
+        raise SystemExit(1)
+
+
+# ---------------------------------------------------------------------------
+# vmplug check-config
+
+
+@click.command("check-config", epilog=EPILOG_ENV)
+@click.argument("file", required=False, metavar="[FILE]")
+@click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON.")
+@pass_ctx
+def check_config_cmd(obj: Context, file: str | None, as_json: bool) -> None:
+    """Validate the config and show which rule each present device meets.
+
+    FILE defaults to --config, then VMPLUG_CONFIG, then
+    /etc/vmplug/vmplug.toml.  Rules are tried in order and the first that
+    matches decides; a device no rule matches stays on the host, and hubs
+    are never passed through.  An invalid config is reported with its file,
+    line and column, and exit status 2.
+    """
+    from vmplug.config import decisions, load_config  # noqa: PLC0415
+
+    config = load_config(file or obj.config)
+    devices = obj.devices(include_root_hubs=False)
+    rows = decisions(config, devices)
+    if as_json:
+        emit_json(
+            {
+                "config": config.path,
+                "vms": sorted(config.vms),
+                "devices": [
+                    {
+                        "port": d.port,
+                        "id": d.vidpid,
+                        "name": _name(d),
+                        "rule": None if rc is None else rc.index + 1,
+                        "line": None if rc is None else rc.line,
+                        "action": _action(d, rc),
+                        "vm": None if rc is None or rc.block else rc.attach,
+                    }
+                    for d, rc in rows
+                ],
+            }
+        )
+        return
+    click.echo(f"{config.path}: ok ({len(config.vms)} VMs, {len(config.rules)} rules)", err=True)
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("PORT", "ID", "NAME", "RULE", "DECISION"):
+        table.add_column(col, overflow="fold")
+    for d, rc in rows:
+        where = "-" if rc is None else f"#{rc.index + 1} (line {rc.line})"
+        table.add_row(d.port, d.vidpid or "?", escape(_name(d)), where, escape(_action(d, rc)))
+    obj.console.print(table)
+
+
+def _action(dev: UsbDevice, rc: Any) -> str:
+    if dev.is_hub:
+        return "hub: stays on the host (QEMU cannot pass hubs through)"
+    if rc is None:
+        return "no rule matches: stays on the host"
+    return str(rc.target)
