@@ -34,7 +34,8 @@ class ReloadRefused(UsageError):
         self.refused = refused
 
 
-def _socket(explicit: str | None, daemon: DaemonConfig) -> Path:
+def daemon_socket(explicit: str | None, daemon: DaemonConfig) -> Path:
+    """The daemon's API socket: ``--socket``, else ``VMPLUG_SOCKET``, else ``[daemon] socket``."""
     if explicit:
         return Path(explicit)
     if env := os.environ.get("VMPLUG_SOCKET"):
@@ -42,7 +43,7 @@ def _socket(explicit: str | None, daemon: DaemonConfig) -> Path:
     return Path(daemon.socket)
 
 
-def _daemon_settings(obj: Context, *, warn: bool = True) -> DaemonConfig:
+def daemon_settings(obj: Context, *, warn: bool = True) -> DaemonConfig:
     """The ``[daemon]`` settings, even from a config with errors elsewhere.
 
     ``status``, ``history`` and ``reload`` must work while the file is being
@@ -158,7 +159,7 @@ def run_cmd(
     setup_logging(log_level)
     path = config_path(obj.config)
     config = load_config(path)
-    sock = _socket(socket_path, config.daemon)
+    sock = daemon_socket(socket_path, config.daemon)
     if daemon_running(sock):
         raise VmplugError(f"a vmplug daemon already answers on {sock}")
     db = Path(db_path or config.daemon.database)
@@ -226,7 +227,7 @@ def status_cmd(obj: Context, socket_path: str | None, as_json: bool) -> None:
 
     Exit status 1 when no daemon runs (the message says so).
     """
-    sock = _socket(socket_path, _daemon_settings(obj))
+    sock = daemon_socket(socket_path, daemon_settings(obj))
     if not daemon_running(sock):
         if as_json:
             emit_json({"daemon": None, "socket": str(sock)})
@@ -292,7 +293,7 @@ def history_cmd(
     """
     from vmplug.history.store import Store  # noqa: PLC0415
 
-    db = Path(db_path or _daemon_settings(obj).database)
+    db = Path(db_path or daemon_settings(obj).database)
     if not db.exists():
         raise VmplugError(f"no history database at {db} (has the daemon run? --db PATH)")
     identity = None
@@ -401,7 +402,7 @@ def _one_shot(
         raise UsageError(
             f"no VM named {vm!r} in {path} (VMs: {', '.join(sorted(config.vms)) or 'none'})"
         )
-    sock = _socket(socket_path, config.daemon)
+    sock = daemon_socket(socket_path, config.daemon)
     devices = obj.devices(include_root_hubs=False)
     dev = select_one(devices, selector)
     if dev.is_hub:
@@ -457,7 +458,7 @@ def reload_cmd(obj: Context, socket_path: str | None) -> None:
     one it runs (exit status 2).
     """
     # the daemon itself reports what is wrong with the file: no warning twice
-    sock = _socket(socket_path, _daemon_settings(obj, warn=False))
+    sock = daemon_socket(socket_path, daemon_settings(obj, warn=False))
     if not daemon_running(sock):
         raise VmplugError(f"no vmplug daemon answers on {sock}")
     try:

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vmplug.cli.app import EPILOG_ENV, Context, emit_json, pass_ctx
-from vmplug.config import DaemonConfig, config_path, load_config
+from vmplug.cli.daemon import daemon_settings, daemon_socket
 from vmplug.errors import UsageError, VmplugError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -56,18 +56,8 @@ def _fmt_s(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-def _settings(obj: Context) -> DaemonConfig:
-    path = config_path(obj.config)
-    if not path.exists():
-        return DaemonConfig()
-    try:
-        return load_config(path).daemon
-    except VmplugError:
-        return DaemonConfig()  # a config being edited: the default places
-
-
 def _database(obj: Context, explicit: str | None) -> Path:
-    return Path(explicit) if explicit else Path(_settings(obj).database)
+    return Path(explicit) if explicit else Path(daemon_settings(obj, warn=False).database)
 
 
 def _resolve(device: str, present: list[Any], known: list[dict[str, Any]]) -> str:
@@ -192,9 +182,9 @@ def _from_daemon(obj: Context, device: str | None, span: float) -> list[dict[str
     """The figures from the daemon's API; ``None`` when no daemon answers."""
     from urllib.parse import urlencode  # noqa: PLC0415
 
-    from vmplug.api.client import DEFAULT_SOCKET, call, daemon_running  # noqa: PLC0415
+    from vmplug.api.client import call, daemon_running  # noqa: PLC0415
 
-    sock = Path(os.environ.get("VMPLUG_SOCKET") or _settings(obj).socket or DEFAULT_SOCKET)
+    sock = daemon_socket(None, daemon_settings(obj, warn=False))
     if not daemon_running(sock):
         return None
     query = {"window": f"{span:g}", **({"device": device} if device else {})}
