@@ -8,6 +8,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"; ruff check src tests bench tools
 ruff format --check src tests bench tools
 echo "== mypy"; mypy
+echo "== floors"; bash scripts/floors.sh
 echo "== pytest"
 set +e
 pytest -p no:cacheprovider "$@"
