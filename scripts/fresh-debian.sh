@@ -98,10 +98,13 @@ cleanup() {
   done
   if ((${#pids[@]})); then
     say "stopping processes left in the tree: ${pids[*]}"
-    ps -o pid,ppid,etime,args -p "$(
+    local procs
+    procs=$(ps -o pid,ppid,etime,args -p "$(
       IFS=,
       echo "${pids[*]}"
-    )" | tee /dev/stderr >&3
+    )")
+    echo "$procs"
+    echo "$procs" >&3
     kill -TERM "${pids[@]}" 2>/dev/null
     sleep 2
     kill -KILL "${pids[@]}" 2>/dev/null
