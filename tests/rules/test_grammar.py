@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from vmplug.cli.errors import exit_status
 from vmplug.errors import UsageError
 from vmplug.rules import (
     DeviceIdPattern,
@@ -97,7 +98,7 @@ def test_error_is_a_usage_error() -> None:
         parse_rule("id 1235:821a name")
     err = info.value
     assert isinstance(err, UsageError)
-    assert err.exit_code == 2
+    assert exit_status(err) == 2  # the CLI maps errors to exit codes
     assert err.message == "expected a value after 'name'"
     assert err.text == "id 1235:821a name"
     assert (err.line, err.column, err.length) == (1, 17, 1)
