@@ -110,13 +110,14 @@ def _in_flux(path: str, name: str) -> bool:
     ``bConfigurationValue`` and the strings wait for the device lock, so a
     read that started before the teardown sees the configuration as it was,
     and one that waited sees the port link gone.  Hence: a hub port that exists
-    without its ``port`` link to us means the link is going or coming, and
+    without any ``port`` link to it (a link whose target is missing is a copied
+    or recorded tree, not the kernel) means the link is going or coming, and
     nothing read from the device before it (configuration, interfaces,
     ``power/``, ``descriptors``) can be trusted.  Everything removed after
     ``uevent`` is covered by :func:`read_device`'s last look at ``uevent``.
     """
-    if name.startswith("usb"):
-        return False  # a root hub hangs from no hub port
+    if name.startswith("usb") or os.path.lexists(path + "/port"):
+        return False  # a root hub hangs from no hub port; a link there is no teardown
     parent = os.path.dirname(path)
     hub = os.path.basename(parent)
     bus, _, chain = name.partition("-")
