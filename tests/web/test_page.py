@@ -67,7 +67,7 @@ async def test_tree_click_attach_and_live_unplug(
     assert await page.locator("section.vm").count() == 2
     # one click on a device shows its history and health ...
     await page.click(f'#tree li[data-port="{TABLET}"] > .row button.name')
-    await page.wait_for_selector("#details:not([hidden]) #d-health dt")
+    await page.wait_for_selector("#details:not([hidden]) #d-health .fig")
     assert "host" in (await page.text_content("#d-info") or "")
     # ... and one click attaches it: QEMU b really holds it
     await page.click('#d-actions button.go[data-vm="b"]')
@@ -124,7 +124,7 @@ async def test_phone_width_has_no_sideways_scroll_and_every_control_is_reachable
     )
     await page.wait_for_selector(card("a", KBD))
     await page.click(f'#tree li[data-port="{TABLET}"] > .row button.name')
-    await page.wait_for_selector("#details:not([hidden]) #d-health dt")
+    await page.wait_for_selector("#details:not([hidden]) #d-health .fig")
     widths = await page.evaluate(
         "[document.documentElement.scrollWidth, document.body.scrollWidth, innerWidth]"
     )
