@@ -1,6 +1,8 @@
 """Capture the QEMU command lines the argv parser's tests read (tests/wire/test_proc.py).
 
-    .venv/bin/python tools/capture_qemu_argv.py QEMU_DOCKER_CHECKOUT [OUT_DIR]
+    .venv/bin/python -m tools.capture_qemu_argv QEMU_DOCKER_CHECKOUT [OUT_DIR]
+
+(from the repository root: the libvirt capture uses the tests' tests.support.vmrig)
 
 QEMU_DOCKER_CHECKOUT is a clone of https://github.com/qemus/qemu-docker (the
 base of dockurr/windows); OUT_DIR defaults to tests/fixtures/qemu-argv.
@@ -28,12 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the tests' libvirtd helper: tests/support/vmrig.py
+from vmplug.generate.compose import arguments_value, plan_compose
+from vmplug.host.inventory import read_devices
+from vmplug.wire.proc import scan_qemu
 
-from vmplug.generate.compose import arguments_value, plan_compose  # noqa: E402
-from vmplug.host.inventory import read_devices  # noqa: E402
-from vmplug.wire.proc import scan_qemu  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RECORD = 'import json, sys; json.dump(sys.argv, open(sys.argv[0] + ".json", "w"))'
 

@@ -12,9 +12,6 @@ To re-make the committed fixtures, use ``python -m vmplug_lab.capture_all``.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vmplug_lab.capture import main
 

@@ -41,8 +41,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 from vmplug_lab.gadgets import GADGETS, setup_script
 from vmplug_lab.guest import LabGuest
 from vmplug_lab.topologies import MIXED
