@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import stat
-import sys
 import tempfile
 import tomllib
 from pathlib import Path
@@ -18,16 +17,14 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tools import floors
+from vmplug.api.server import Api
+from vmplug.config import parse_config
+from vmplug.engine.daemon import Daemon
+from vmplug.history.store import Store
+from vmplug.host.events import NetlinkEventSource, ReplayEventSource
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import floors  # noqa: E402
-
-from vmplug.api.server import Api  # noqa: E402
-from vmplug.config import parse_config  # noqa: E402
-from vmplug.engine.daemon import Daemon  # noqa: E402
-from vmplug.history.store import Store  # noqa: E402
-from vmplug.host.events import NetlinkEventSource, ReplayEventSource  # noqa: E402
 
 
 def test_every_direct_dependency_has_a_floor_and_qemu_qmp_a_ceiling() -> None:

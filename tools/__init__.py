@@ -1,0 +1,1 @@
+"""Maintenance tools (captures, dependency floors); run from the repository root."""
