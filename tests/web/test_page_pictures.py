@@ -29,6 +29,7 @@ KBD = "2-2.4.2"
 TABLET = "1-3"
 DESKTOP = {"width": 1440, "height": 900}
 PHONE = {"width": 390, "height": 844}
+LAPTOP = {"width": 1024, "height": 768}
 
 # what a device may say about itself (a BadUSB stick can say anything)
 HOSTILE_MAKER = "X\n\x1b[2J\x1b[31mRED\x1b[0m" + "M" * 5000
@@ -204,9 +205,15 @@ async def test_timelines_follow_the_journal_at_desktop_and_phone_width(
     )
     assert len(marks) == len(tab_errors), (marks, tab_errors)
     assert all("c" in m and "error" in m for m in marks), marks
-    # the VM columns have their own: c is up the whole time
+    # the VM columns have their own: c is up from its vm-up on, with the errors marked
     vm_c = await spans(page, 'section.vm[data-vm="c"]')
-    assert vm_c and {s["state"] for s in vm_c} == {"up"}, vm_c
+    c_up = [e.ts for e in rig.store.history(None, limit=None) if e.kind == "vm-up" and e.vm == "c"]
+    assert len(c_up) == 1 and vm_c[-1]["state"] == "up", vm_c
+    assert vm_c[-1]["start"] == pytest.approx(c_up[0], abs=1e-3), (vm_c, c_up)
+    assert {s["state"] for s in vm_c[:-1]} <= {"down"}, vm_c  # before QMP answered
+    check_colour("up", vm_c[-1]["fill"])
+    c_marks = await page.locator('section.vm[data-vm="c"] g.mark.m-error').count()
+    assert c_marks == len(tab_errors)
 
     # the device's facts: speed, driver, the rule and why
     facts = await page.text_content("#d-facts") or ""
@@ -232,9 +239,22 @@ async def test_timelines_follow_the_journal_at_desktop_and_phone_width(
     assert boxes["#host"][2] <= boxes[".vms-pane"][0] <= boxes["#details"][0], boxes
     assert all(b[1] < DESKTOP["height"] for b in boxes.values()), boxes  # all in sight
     await no_sideways_scroll(page)
+    stats = await page.evaluate("window.vmplugStats")
+    print(f"\njournal replay + every timeline drawn: {stats['picturesMs']:.1f} ms")
     await page.screenshot(path=str(artifacts / "pictures-desktop.png"))
     await page.screenshot(path=str(artifacts / "pictures-desktop-full.png"), full_page=True)
     assert errors == []
+
+    # a laptop: tree beside the VMs, the device under the VMs
+    laptop, lerrors = await open_page(browser, rig, viewport=LAPTOP)
+    await laptop.wait_for_selector(card("a", KBD))
+    await select(laptop, KBD)
+    await laptop.wait_for_selector("#d-timeline rect.span[data-state=unplugged]", timeout=15000)
+    boxes = await panes_apart(laptop)
+    assert boxes["#host"][2] <= boxes[".vms-pane"][0] == boxes["#details"][0], boxes
+    await no_sideways_scroll(laptop)
+    await laptop.screenshot(path=str(artifacts / "pictures-laptop.png"))
+    assert lerrors == []
 
     # the phone: one column, the same pictures, nothing sideways
     phone, perrors = await open_page(
@@ -258,6 +278,14 @@ async def test_timelines_follow_the_journal_at_desktop_and_phone_width(
     assert inside == [], inside
     await phone.screenshot(path=str(artifacts / "pictures-phone.png"), full_page=True)
     assert perrors == []
+
+
+def test_the_page_never_parses_text_as_html() -> None:
+    """Every string reaches the DOM through textContent or an attribute: the script
+    has no HTML-parsing sink at all, so no device string can become markup."""
+    script = (Path(__file__).resolve().parents[2] / "src/vmplug/api/static/app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in script, sink
 
 
 def hostile_tree(tmp: Path) -> Path:

@@ -12,7 +12,7 @@
   const state = { devices: new Map(), vms: [], selected: null, version: 0, history: [], health: [], rules: null };
   const rows = new Map(); // port -> tree row <li>
   // timings of the first render and the last refresh, for benchmarks and the curious
-  window.vmplugStats = { firstRenderMs: 0, fetchMs: 0, renderMs: 0, refreshes: 0, log: [] };
+  window.vmplugStats = { firstRenderMs: 0, fetchMs: 0, renderMs: 0, picturesMs: 0, refreshes: 0, log: [] };
   let treeKey = "";
   let vmKey = "";
 
@@ -139,23 +139,26 @@
   const DEV_KINDS = new Set(["device-add", "device-bind", "device-remove", "device-route", "attachment-lost"]);
   const QUIET = new Set([...DEV_KINDS, "vm-up", "vm-down", "daemon-start", "daemon-stop", "attach", "adopt", "detach", "rescan", "config-reload"]);
 
-  function replay(entries, end) {
+  function replay(entries, end, vmNames = []) {
     const devs = new Map(); // identity -> {present, target, attached, failed, spans, marks, cur, since}
     const vms = new Map(); // vm -> {spans, marks, cur, since}
     const running = new Set();
     let observed = true;
     const dev = (id) => {
       let d = devs.get(id);
-      if (!d) devs.set(id, (d = { present: false, target: null, attached: null, failed: null, spans: [], marks: [], cur: null, since: 0, port: null }));
+      if (!d) devs.set(id, (d = { seen: false, present: false, target: null, attached: null, failed: null, spans: [], marks: [], cur: null, since: 0, port: null }));
       return d;
     };
     const vmOf = (name) => {
       let v = vms.get(name);
-      if (!v) vms.set(name, (v = { spans: [], marks: [], cur: null, since: 0 }));
+      if (!v) vms.set(name, (v = { seen: false, spans: [], marks: [], cur: null, since: 0 }));
       return v;
     };
+    for (const name of vmNames) vmOf(name); // configured VMs: "down" until seen up
+    // before a device's first add (a journal cut by the fetch limit) its state is
+    // unknown: nothing is drawn rather than a guess
     const devState = (d) => {
-      if (!observed) return null;
+      if (!observed || !d.seen) return null;
       if (!d.present) return "unplugged";
       if (!d.target) return "host";
       if (d.attached === d.target && running.has(d.target)) return "attached";
@@ -169,7 +172,7 @@
     };
     const settle = (t) => {
       for (const d of devs.values()) move(d, devState(d), t);
-      for (const [name, v] of vms) move(v, observed ? (running.has(name) ? "up" : "down") : null, t);
+      for (const [name, v] of vms) move(v, observed && v.seen ? (running.has(name) ? "up" : "down") : null, t);
     };
     let now = -Infinity;
     for (const e of entries) {
@@ -195,6 +198,7 @@
         const d = dev(e.identity);
         if (e.port) d.port = e.port;
         if (k === "device-add" || k === "device-bind") {
+          d.seen = true;
           d.present = true;
           d.target = e.vm;
         } else if (k === "device-route") {
@@ -209,14 +213,15 @@
           d.marks.push({ t, kind: k, text: `${k}${e.vm ? " (" + e.vm + ")" : ""}`, cls: "m-error" });
         }
       } else if (k === "vm-up" && e.vm) {
-        vmOf(e.vm);
+        vmOf(e.vm).seen = true;
         running.add(e.vm);
       } else if (k === "vm-down" && e.vm) {
-        vmOf(e.vm);
+        vmOf(e.vm).seen = true;
         running.delete(e.vm);
         for (const d of devs.values()) if (d.attached === e.vm) d.attached = null;
       } else if (k === "daemon-start") {
         observed = true;
+        for (const v of vms.values()) v.seen = true; // the snapshot names the running ones
         running.clear();
         for (const d of devs.values()) Object.assign(d, { present: false, target: null, attached: null, failed: null });
       } else if (k === "daemon-stop") {
@@ -493,25 +498,34 @@
     }
   }
 
-  // the timelines in the tree rows and VM columns, and the host's figures
-  function renderPictures() {
-    const win = timeWindow();
-    const { devs, vms } = replay(state.history, win[1]);
-    state.replayed = { devs, vms, win };
+  // the timelines in the tree rows and VM columns, and the host's figures.
+  // full: replay the journal and redraw everything (new journal, the clock moved);
+  // else only the rows the last render replaced, from the last replay
+  function renderPictures(full) {
+    const t0 = performance.now();
+    if (full || !state.replayed) {
+      const win = timeWindow();
+      const { devs, vms } = replay(state.history, win[1], state.vms.map((v) => v.name));
+      state.replayed = { devs, vms, win };
+      renderHost(devs, win);
+    }
+    const { devs, vms, win } = state.replayed;
     for (const box of document.querySelectorAll("#tree .strip-box")) {
+      if (!full && box.firstChild) continue;
       const r = devs.get(box.dataset.identity);
       box.replaceChildren(timeline(r ? r.spans : [], r ? r.marks : [], win));
     }
     for (const box of document.querySelectorAll("#vms .vm-strip")) {
+      if (!full && box.firstChild) continue;
       const r = vms.get(box.dataset.vm);
       box.replaceChildren(timeline(r ? r.spans : [], r ? r.marks : [], win, { height: 8 }));
     }
-    renderHost(devs, win);
+    if (full) window.vmplugStats.picturesMs = performance.now() - t0;
   }
 
   function figure(name, value, chart, note) {
     return h("div", { class: "fig" },
-      h("div", { class: "fig-text" }, h("span", { class: "fig-name", text: name }), h("span", { class: "fig-value", text: String(value) }), note ? h("span", { class: "fig-note", text: note }) : null),
+      h("div", { class: "fig-text" }, h("span", { class: "fig-name", text: name }), h("span", { class: "fig-value", text: String(value) }), h("span", { class: "fig-note", text: note || "\u00a0" })),
       chart);
   }
 
@@ -575,7 +589,7 @@
       updateRows();
     }
     renderVms();
-    renderPictures();
+    renderPictures(false);
     const attached = [...state.devices.values()].filter((d) => d.attached).length;
     $("summary").textContent = `${state.devices.size} devices, ${attached} in ${state.vms.length} VMs`;
     state.version += 1;
@@ -614,7 +628,7 @@
       .then(([history, health]) => {
         state.history = history;
         state.health = health;
-        renderPictures();
+        renderPictures(true);
         if (state.selected) drawDetailPictures();
       })
       // a daemon without a history database: the page works, without pictures
@@ -761,7 +775,7 @@
     const d = state.devices.get(port);
     if (!d) return;
     $("details").hidden = false;
-    $("d-title").textContent = cut(label(d), 160);
+    $("d-title").textContent = cut(label(d), 100);
     $("d-title").title = label(d);
     $("d-info").textContent =
       `${port} · ${vidpid(d)} · ` + (d.attached ? `in ${d.attached}` : "on the host") + (d.vm && d.vm !== d.attached ? ` · wanted in ${d.vm}` : "") + (d.error ? ` · ${visible(d.error)}` : "");
@@ -799,16 +813,24 @@
       );
       $("d-window").textContent = "";
       drawDetailPictures();
+      // the doctor's findings (vmplug.doctor.findings.Finding.to_json) when the daemon
+      // gives them with the device, as "doctor": [...]; else how to get them
       const doctor = full.doctor ?? d.doctor;
       if (Array.isArray(doctor)) {
         $("d-doctor").replaceChildren(
           ...(doctor.length
-            ? doctor.map((f) => h("li", { class: `finding ${f.ok === false || f.level === "error" ? "bad" : ""}` }, h("b", { text: visible(f.check ?? f.title ?? "") }), " ", visible(f.message ?? ""), f.fix ? h("div", { class: "fix", text: visible(f.fix) }) : null))
+            ? doctor.map((f) =>
+                h("li", { class: `finding sev-${visible(f.severity ?? "info")}` },
+                  h("b", { text: `${visible(f.severity ?? "")} ` }),
+                  cut(visible(f.title ?? f.check ?? ""), 300),
+                  (f.evidence || []).length ? h("div", { class: "evidence", text: cut(visible(f.evidence.join("; ")), 300) }) : null,
+                  f.fix ? h("div", { class: "fix" }, "fix: ", h("code", { text: visible(f.fix) })) : null),
+              )
             : [h("li", { text: "no findings" })]),
         );
       } else {
         $("d-doctor").replaceChildren(
-          h("li", { class: "placeholder" }, "This daemon's API does not expose the doctor's findings yet. On the host, run ", h("code", { text: `vmplug doctor ${port}` }), " for this device's checks and their fixes."),
+          h("li", { class: "placeholder" }, "This daemon's API does not give the doctor's findings yet. On the host, run ", h("code", { text: `vmplug doctor ${port}` }), " for this device's checks and their fixes."),
         );
       }
       $("d-history").replaceChildren(
@@ -897,7 +919,7 @@
   // the window's end moves with the clock: redraw the pictures now and then
   setInterval(() => {
     if (document.hidden) return;
-    renderPictures();
+    renderPictures(true);
     if (state.selected) drawDetailPictures();
   }, 10000);
 
