@@ -138,6 +138,16 @@ async def test_timelines_follow_the_journal_at_desktop_and_phone_width(
     await rig.wait_ports("a", {KBD})
     page, errors = await open_page(browser, rig, viewport=DESKTOP)
     await page.wait_for_selector(card("a", KBD))
+    # a kind of entry this page does not know (remediation and alert kinds are still
+    # to come): written to the daemon's own journal, it must show as a neutral mark
+    assert rig.store is not None and rig.daemon is not None
+    rig.store.record_event(
+        "remediation-port-reset",
+        identity=rig.daemon.inventory[KBD].identity,
+        port=KBD,
+        vm="a",
+        detail={"why": "kind unknown to the page"},
+    )
     # a replug: the keyboard leaves and comes back, attached by its rule
     rig.kernel.unplug(KBD)
     await page.wait_for_selector(card("a", KBD), state="detached", timeout=20000)
@@ -183,6 +193,15 @@ async def test_timelines_follow_the_journal_at_desktop_and_phone_width(
     assert big[2]["width"] > 2  # the unplug is seen, not a sliver
     for sp in big:
         check_colour(sp["state"], sp["fill"])
+    other = await page.eval_on_selector_all(
+        "#d-timeline g.mark.m-other",
+        "els => els.map(e => [e.dataset.kind, e.textContent,"
+        " getComputedStyle(e.querySelector('rect')).fill])",
+    )
+    assert len(other) == 1 and other[0][0] == "remediation-port-reset", other
+    assert "remediation-port-reset (a)" in other[0][1], other
+    r, g, b = rgb(other[0][2])
+    assert max(r, g, b) - min(r, g, b) < 40, other  # neutral: grey, neither good nor bad
     # the same picture in its tree row
     row = await spans(page, f'#tree li[data-port="{KBD}"] > .row')
     assert [s["state"] for s in row] == states
