@@ -15,7 +15,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from vmplug.host.sysfs import read_devices
+from vmplug.host.sysfs import scan
 from vmplug.model import UsbDevice
 from vmplug.rules import first_match, parse_rule
 
@@ -45,9 +45,7 @@ RULES = [
 
 
 def devices(n: int) -> list[UsbDevice]:
-    base = [
-        d for cap in ("mixed", "gadgets") for d in read_devices(CAPTURES / cap) if not d.is_root_hub
-    ]
+    base = [d for cap in ("mixed", "gadgets") for d in scan(CAPTURES / cap) if not d.is_root_hub]
     return [
         dataclasses.replace(d, port=f"{i % 8 + 1}-{i % 4 + 1}.{i % 7 + 1}", serial=f"{d.serial}{i}")
         for i, d in ((i, base[i % len(base)]) for i in range(n))

@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.apirig import FIXTURES
 from vmplug.history.store import Store
-from vmplug.host.sysfs import read_devices
+from vmplug.host.sysfs import scan
 
 T0 = 1_700_000_000.0
 KBD_PORT = "2-2.4.2"
@@ -26,7 +26,7 @@ TABLET_PORT = "1-3"
 
 
 def _devices() -> dict[str, Any]:
-    return {d.port: d for d in read_devices(FIXTURES / "mixed")}
+    return {d.port: d for d in scan(FIXTURES / "mixed")}
 
 
 @pytest.fixture

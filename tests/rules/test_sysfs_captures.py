@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vmplug.host.sysfs import read_devices
+from vmplug.host.sysfs import scan
 from vmplug.model import UsbDevice
 from vmplug.rules import first_match, parse_rule
 
@@ -17,7 +17,7 @@ def _devices(name: str) -> list[UsbDevice]:
     root = CAPTURES / name
     if not root.is_dir():
         pytest.skip(f"no sysfs capture {name}")
-    return read_devices(root)
+    return scan(root)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vmplug.host.sysfs import read_devices
+from vmplug.host.sysfs import scan
 from vmplug.rules import Attribute, RuleSyntaxError, parse_rule
 from vmplug.rules.device_rule import device_rule, usbguard_quote
 
@@ -140,7 +140,7 @@ def _generated_rules() -> list[str]:
     out: list[str] = []
     for capture in sorted((FIXTURES / "sysfs").iterdir()):
         if (capture / "bus").is_dir():
-            out += [r.text for r in map(device_rule, read_devices(capture)) if r.text]
+            out += [r.text for r in map(device_rule, scan(capture)) if r.text]
     return out
 
 

@@ -40,7 +40,7 @@ import pytest
 from click.testing import CliRunner
 
 from vmplug.cli import cli
-from vmplug.host.sysfs import read_device, read_devices
+from vmplug.host.sysfs import read_device, scan
 from vmplug.model import UsbDevice
 from vmplug.rules import parse_rule
 
@@ -195,7 +195,7 @@ def _port(rule: str) -> str:
 
 
 def _devices(tree: Tree) -> list[UsbDevice]:
-    return read_devices(tree.root)
+    return scan(tree.root)
 
 
 def test_the_recordings_are_there() -> None:

@@ -27,11 +27,11 @@ GADGETS = Path(__file__).parents[1] / "fixtures" / "sysfs" / "gadgets"
 CHILD = r"""
 import dataclasses
 import sys
-from vmplug.host.sysfs import read_devices
+from vmplug.host.sysfs import scan
 from vmplug.history.store import Store
 
 # a device captured from the lab kernel, remembered under changing serials
-base = next(d for d in read_devices(sys.argv[2]) if d.port == "4-1")
+base = next(d for d in scan(sys.argv[2]) if d.port == "4-1")
 
 store = Store(sys.argv[1])
 # Checkpoint every few pages so kills also land inside checkpoints.

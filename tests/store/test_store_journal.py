@@ -20,11 +20,11 @@ from vmplug.history.store import (
     Store,
     StoreError,
 )
-from vmplug.host.sysfs import read_devices
+from vmplug.host.sysfs import scan
 
 # devices captured from the lab kernel (tests/fixtures/sysfs/gadgets): the
 # Scarlett 4i4 identity with a serial, the KeyLab identity without one
-_CAPTURED = {d.port: d for d in read_devices(Path(__file__).parents[1] / "fixtures/sysfs/gadgets")}
+_CAPTURED = {d.port: d for d in scan(Path(__file__).parents[1] / "fixtures/sysfs/gadgets")}
 SCARLETT = _CAPTURED["4-1"]
 KEYLAB = _CAPTURED["5-1"]
 SERIAL = "P9EDDN6231A8D1"

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vmplug.host.sysfs import read_devices
+from vmplug.host.sysfs import scan
 from vmplug.model import UsbDevice
 
 CAPTURES = Path(__file__).parent.parent / "fixtures" / "sysfs"
 
 
 def _by_port(capture: str) -> dict[str, UsbDevice]:
-    return {d.port: d for d in read_devices(CAPTURES / capture)}
+    return {d.port: d for d in scan(CAPTURES / capture)}
 
 
 _MIXED = _by_port("mixed")

@@ -224,7 +224,7 @@ def test_missing_root_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["--sysfs-root", str(tmp_path / "nope"), "list"])
     assert result.exit_code == 2  # click rejects a directory that does not exist
     with pytest.raises(sysfs.SysfsError):
-        sysfs.read_devices(tmp_path / "nope")
+        sysfs.scan(tmp_path / "nope")
 
 
 @settings(max_examples=300, deadline=None)

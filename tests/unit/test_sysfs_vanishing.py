@@ -361,23 +361,23 @@ def test_not_yet_linked_to_its_port_is_none_but_a_tree_without_ports_is_fine(
 def test_a_rescan_during_an_unplug_has_no_half_device(
     tree: Callable[[], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """read_devices while 2-2.1 goes, at each of its opens: every device it
+    """sysfs.scan while 2-2.1 goes, at each of its opens: every device it
     returns is whole, and 2-2.1 is whole or absent."""
     root = tree()
-    full = {d.port: d for d in sysfs.read_devices(root)}
+    full = {d.port: d for d in sysfs.scan(root)}
     path = _real(root)
     steps, lock_end = removal(Path(path))
     probe = Kernel(steps, lock_end, 0, 0, True)
     with monkeypatch.context() as m:
         m.setattr(sysfs, "os", probe)
-        assert {d.port: d for d in sysfs.read_devices(root)} == full
+        assert {d.port: d for d in sysfs.scan(root)} == full
     absent = 0
     for at in range(1, probe.opens + 1, 3):
         tree()
         kernel = Kernel(removal(Path(path))[0], lock_end, at, len(steps), before=True)
         with monkeypatch.context() as m:
             m.setattr(sysfs, "os", kernel)
-            got = {d.port: d for d in sysfs.read_devices(root)}
+            got = {d.port: d for d in sysfs.scan(root)}
         for port, dev in got.items():
             assert _decisive(dev) == _decisive(full[port]), (at, port)
         absent += PORT not in got

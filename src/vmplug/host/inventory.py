@@ -52,4 +52,19 @@ def mark_shared_serials(devices: list[UsbDevice]) -> list[UsbDevice]:
 
 def read_devices(root: str | Path | None = None) -> list[UsbDevice]:
     """Every USB device under the sysfs root (root hubs included), named."""
-    return mark_shared_serials(name_devices(sysfs.read_devices(sysfs_root_from_env(root))))
+    return mark_shared_serials(name_devices(sysfs.scan(sysfs_root_from_env(root))))
+
+
+def device_dir(root: str | Path, devpath: str) -> str:
+    """The sysfs directory of a uevent's ``DEVPATH`` (already the resolved
+    ``/devices/...`` path: no realpath needed)."""
+    return os.path.join(root, devpath.lstrip("/"))  # noqa: PTH118
+
+
+def read_one(root: str | Path, devpath: str, port: str) -> UsbDevice | None:
+    """The device a uevent names, read and named as :func:`read_devices` reads
+    each one; None when it is not there as one consistent set of attributes
+    (gone again, or read while the kernel removed or set it up).  Whether its
+    serial is shared is for the caller to mark, against the other devices."""
+    read = sysfs.read_device(device_dir(root, devpath), port)
+    return None if read is None else name_devices([read])[0]

@@ -522,8 +522,9 @@ def _sort_key(name: str) -> tuple[int, tuple[int, ...]]:
     return (int(bus), tuple(int(p) for p in chain.split(".")))
 
 
-def read_devices(root: Path | str = DEFAULT_ROOT) -> list[UsbDevice]:
-    """Every USB device (root hubs included) under ``root``, in bus/port order.
+def scan(root: Path | str = DEFAULT_ROOT) -> list[UsbDevice]:
+    """Every USB device (root hubs included) under ``root``, in bus/port order, as
+    the kernel gives it (:func:`vmplug.host.inventory.read_devices` names them).
 
     Raises :class:`SysfsError` only when ``root`` has no USB bus at all in a way
     that is not simply "no USB here": an empty list is a valid answer.
