@@ -57,7 +57,7 @@ from qemu.qmp import QMPClient
 
 from tests.support.qemu_proc import QemuProcess
 from vmplug.config import Config, load_config
-from vmplug.engine.daemon import Daemon
+from vmplug.daemon.reconciler import Daemon
 from vmplug.engine.desired import desired, host_port, plan
 from vmplug.history.store import Store
 from vmplug.host import sysfs

@@ -30,7 +30,7 @@ from typing import Any
 
 from vmplug.errors import UsageError
 from vmplug.model import UsbDevice
-from vmplug.rules import Rule, RuleSyntaxError, parse_rule
+from vmplug.rules import Rule, RuleSyntaxError, first_match, parse_rule
 
 DEFAULT_PATH = Path("/etc/vmplug/vmplug.toml")
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -169,10 +169,8 @@ class Config:
         """
         if device.is_hub or device.is_root_hub:
             return None
-        for rc in self.rules:
-            if rc.rule.matches(device):
-                return rc
-        return None
+        index = first_match([rc.rule for rc in self.rules], device)
+        return None if index is None else self.rules[index]
 
 
 def config_path(explicit: str | Path | None = None) -> Path:

@@ -183,7 +183,7 @@ def test_openapi_document_names_every_route_and_no_other() -> None:
     from tests.support.apirig import FIXTURES  # noqa: PLC0415
     from vmplug.api.server import Api  # noqa: PLC0415
     from vmplug.config import parse_config  # noqa: PLC0415
-    from vmplug.engine.daemon import Daemon  # noqa: PLC0415
+    from vmplug.daemon.reconciler import Daemon  # noqa: PLC0415
     from vmplug.host.events import ReplayEventSource  # noqa: PLC0415
 
     config = parse_config('[vm.a]\nqmp = "/nonexistent"\n', "/x.toml")

@@ -24,7 +24,7 @@ import pytest
 from tests.support.fakekernel import FakeKernel, until
 from tests.support.qemu_proc import QemuProcess
 from vmplug.config import parse_config
-from vmplug.engine.daemon import Daemon
+from vmplug.daemon.reconciler import Daemon
 from vmplug.engine.desired import Attachment
 from vmplug.history.store import Store
 from vmplug.host.events import ReplayEventSource

@@ -21,7 +21,7 @@ from tests.support.fakekernel import FIXTURES, FakeKernel, until
 from tests.support.qemu_proc import QemuProcess
 from vmplug.api.server import Api
 from vmplug.config import parse_config
-from vmplug.engine.daemon import Daemon
+from vmplug.daemon.reconciler import Daemon
 from vmplug.history.store import Store
 from vmplug.host.events import ReplayEventSource
 from vmplug.vms.qmp import QmpVm

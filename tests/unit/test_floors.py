@@ -20,7 +20,7 @@ import pytest
 from tools import floors
 from vmplug.api.server import Api
 from vmplug.config import parse_config
-from vmplug.engine.daemon import Daemon
+from vmplug.daemon.reconciler import Daemon
 from vmplug.history.store import Store
 from vmplug.host.events import NetlinkEventSource, ReplayEventSource
 

@@ -245,11 +245,11 @@ def test_observed_device_projects_to_the_reconcilers_binding() -> None:
 
 
 def test_the_factory_no_longer_imports_the_daemon() -> None:
-    """vms/factory.py <-> engine/daemon.py was an import circle; the factory
-    (and the contract) now stand without the daemon."""
+    """vms/factory.py <-> the daemon (engine/daemon.py, now daemon/reconciler.py)
+    was an import circle; the factory (and the contract) now stand without it."""
     code = (
         "import sys, vmplug.vms.factory, vmplug.vms.base;"
-        "print('vmplug.engine.daemon' in sys.modules)"
+        "print('vmplug.daemon.reconciler' in sys.modules)"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60

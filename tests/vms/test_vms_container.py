@@ -24,7 +24,7 @@ from tests.support.vmrig import (
     docker_doc,
 )
 from vmplug.config import parse_config
-from vmplug.engine.daemon import Daemon
+from vmplug.daemon.reconciler import Daemon
 from vmplug.host.events import ReplayEventSource
 from vmplug.vms.base import UsbHostSpec
 from vmplug.vms.base import VmEventKind as K

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.vmrig import SYSFS_FIXTURES, Libvirt
 from vmplug.config import parse_config
-from vmplug.engine.daemon import Daemon
+from vmplug.daemon.reconciler import Daemon
 from vmplug.host.events import ReplayEventSource
 from vmplug.vms.base import UsbHostSpec, VmDisconnected, VmError
 from vmplug.vms.base import VmEventKind as K

@@ -1,9 +1,10 @@
 """Prometheus metrics of a running daemon (served at ``/metrics``).
 
-Fed by the daemon's hooks, not by polling: ``Daemon.listeners`` receives every
-event and action as it is recorded, ``Daemon.pass_listeners`` the duration of
-every reconcile pass.  Gauges that describe the present (devices, VMs, per-device
-uptime) are computed when Prometheus scrapes.
+Fed by the daemon's read model (:class:`vmplug.daemon.readmodel.ReadModel`), not
+by polling: :meth:`~ReadModel.subscribe` gives every event and action as the
+journal records it, :meth:`~ReadModel.subscribe_passes` the duration of every
+reconcile pass.  Gauges that describe the present (devices, VMs, per-device
+uptime) are read from it when Prometheus scrapes.
 
 Counters
   ``vmplug_events_total{kind}``                 host, VM and daemon events
@@ -33,6 +34,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from vmplug.daemon.readmodel import ReadModel
+
 #: health over the whole run is recomputed at most this often (a scrape is cheap)
 HEALTH_CACHE_S = 10.0
 
@@ -43,8 +46,8 @@ PASS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 class Metrics:
     """One registry per daemon (tests run several daemons in one process)."""
 
-    def __init__(self, daemon: Any) -> None:
-        self.daemon = daemon
+    def __init__(self, view: ReadModel) -> None:
+        self.view = view
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.events = Counter("vmplug_events", "Events recorded, by kind", ["kind"], registry=r)
@@ -66,18 +69,14 @@ class Metrics:
             "vmplug_hotplug_latency_seconds", "From the bind uevent to device_add answered",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self._state = _StateCollector(daemon)
+        self._state = _StateCollector(view)
         r.register(self._state)
-        daemon.listeners.append(self.on_item)
-        daemon.pass_listeners.append(self.on_pass)
+        view.subscribe(self.on_item)
+        view.subscribe_passes(self.on_pass)
 
     def close(self) -> None:
-        for hooks, fn in (
-            (self.daemon.listeners, self.on_item),
-            (self.daemon.pass_listeners, self.on_pass),
-        ):
-            if fn in hooks:
-                hooks.remove(fn)
+        self.view.unsubscribe(self.on_item)
+        self.view.unsubscribe_passes(self.on_pass)
 
     def on_item(self, item: dict[str, Any]) -> None:
         kind = str(item.get("kind"))
@@ -103,8 +102,8 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    def __init__(self, daemon: Any) -> None:
-        self.daemon = daemon
+    def __init__(self, view: ReadModel) -> None:
+        self.view = view
         self._health: tuple[float, dict[str, Any]] = (0.0, {})
 
     def describe(self) -> Iterator[Metric]:
@@ -115,11 +114,11 @@ class _StateCollector(Collector):
 
         stamp, figures = self._health
         now = time.monotonic()
-        store = self.daemon.store
+        store = self.view.store
         if store is None or (now - stamp < HEALTH_CACHE_S and figures):
             return figures
         end = time.time()
-        start = self.daemon.stats.started
+        start = self.view.started
         # the daemon's own start is in the journal after stats.started: no earlier
         # state is needed, and a long journal is not read in full on every scrape
         entries = store.history(None, limit=None, since=start - 1.0)
@@ -128,17 +127,17 @@ class _StateCollector(Collector):
         return figures
 
     def collect(self) -> Iterator[Metric]:
-        d = self.daemon
+        view = self.view
         devices = GaugeMetricFamily("vmplug_devices", "USB devices present")
-        devices.add_metric([], len(d.inventory))
+        devices.add_metric([], view.device_count())
         yield devices
         connected = GaugeMetricFamily(
             "vmplug_vm_connected", "1 while the QMP session is up", labels=["vm"]
         )
         held = GaugeMetricFamily("vmplug_vm_devices", "vmplug devices the VM holds", labels=["vm"])
-        for name, backend in sorted(d.vms.items()):
-            connected.add_metric([name], 1.0 if backend.connected else 0.0)
-            held.add_metric([name], len(d.observed.get(name, {})))
+        for vm in view.vms():
+            connected.add_metric([vm.name], 1.0 if vm.connected else 0.0)
+            held.add_metric([vm.name], len(vm.devices))
         yield connected
         yield held
         uptime = GaugeMetricFamily(
@@ -152,7 +151,7 @@ class _StateCollector(Collector):
             "Times the device left its VM by unplug or loss (since the daemon started)",
             labels=["identity", "port"],
         )
-        ports = {dev.identity: dev.port for dev in d.inventory.values()}
+        ports = {dev.identity: dev.port for dev in view.devices()}
         for identity, h in sorted(self._health_now().items()):
             port = ports.get(identity, "")
             if h.uptime is not None:

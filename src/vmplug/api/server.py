@@ -34,7 +34,7 @@ from aiohttp import web
 
 from vmplug.api import security
 from vmplug.api.openapi import document
-from vmplug.engine.daemon import Daemon
+from vmplug.daemon.reconciler import Daemon
 from vmplug.errors import SelectorError, VmplugError
 from vmplug.host.select import describe, select_one
 from vmplug.model import UsbDevice
@@ -145,7 +145,9 @@ class Api:
     """The application; sites are added by :meth:`start_unix` and :meth:`start_tcp`."""
 
     def __init__(self, daemon: Daemon, *, metrics: bool = True) -> None:
+        #: the commands (set a route, reload); everything read goes through ``view``
         self.daemon = daemon
+        self.view = daemon.view
         self.token: str | None = None
         self.sessions = security.Sessions()
         self.tcp_port: int | None = None
@@ -158,8 +160,8 @@ class Api:
         if metrics:
             from vmplug.api.metrics import Metrics  # noqa: PLC0415
 
-            self.metrics = Metrics(daemon)
-        daemon.listeners.append(self._on_item)
+            self.metrics = Metrics(self.view)
+        self.view.subscribe(self._on_item)
         self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
         r = self.app.router
         p = API_PREFIX
@@ -233,8 +235,7 @@ class Api:
                 q.put_nowait(None)
         if self.metrics is not None:
             self.metrics.close()
-        with contextlib.suppress(ValueError):
-            self.daemon.listeners.remove(self._on_item)
+        self.view.unsubscribe(self._on_item)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -368,7 +369,7 @@ class Api:
             "speed_mbps": dev.speed_mbps,
             "is_hub": dev.is_hub,
         }
-        if len(self._memo) > 4 * len(self.daemon.inventory) + 64:
+        if len(self._memo) > 4 * self.view.device_count() + 64:
             self._memo.clear()  # devices replaced by rescans and replugs
         self._memo[id(dev)] = (dev, data)
         return data
@@ -379,45 +380,22 @@ class Api:
         """The device and where it is; ``full``: every attribute and interface too."""
         static = self._static_json(dev)
         data = dev.to_json() if full else dict(static)
-        identity, qemu_id = static["identity"], static["qemu_id"]
-        overrides = self.daemon.overrides
-        if dev.is_hub or dev.is_root_hub:
-            want = None
-        elif identity in overrides:
-            want = overrides[identity]
-        else:  # the rules: engine.desired.target without recomputing the identity
-            rc = self.daemon.config.decide(dev)
-            want = None if rc is None or rc.block else rc.attach
-        have = held_by.get(qemu_id)
-        retry = self.daemon.retries.get((want, qemu_id)) if want else None
-        if want is None:
-            state = "host" if have is None else "elsewhere"
-        elif have == want:
-            state = "attached"
-        elif retry is not None:
-            state = "retrying"
-        elif have is not None:
-            state = "elsewhere"
-        else:
-            state = "pending"
+        where = self.view.device_state(dev, held_by, qemu_id=static["qemu_id"])
         data.update(
-            vm=want,
-            attached=have,
-            state=state,
-            override=identity in overrides,
-            error=retry.error if retry else None,
+            vm=where.vm,
+            attached=where.attached,
+            state=where.state,
+            override=where.override,
+            error=where.error,
         )
         return data
 
-    def _held_by(self) -> dict[str, str]:
-        return {qid: vm for vm, held in self.daemon.observed.items() for qid in held}
-
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.daemon.status())
+        return web.json_response(self.view.status())
 
     async def devices(self, request: web.Request) -> web.Response:
-        held = self._held_by()
-        devs = sorted(self.daemon.inventory.values(), key=lambda d: _port_key(d.port))
+        held = self.view.held_by()
+        devs = sorted(self.view.devices(), key=lambda d: _port_key(d.port))
         return web.json_response([self._device_json(d, held) for d in devs])
 
     async def device(self, request: web.Request) -> web.Response:
@@ -425,13 +403,12 @@ class Api:
         if len(selector) > MAX_SELECTOR:
             raise ApiError(400, f"device must be at most {MAX_SELECTOR} characters")
         dev = self._select(selector)
-        return web.json_response(self._device_json(dev, self._held_by(), full=True))
+        return web.json_response(self._device_json(dev, self.view.held_by(), full=True))
 
     async def vms(self, request: web.Request) -> web.Response:
-        status = self.daemon.status()["vms"]
-        names = sorted(set(self.daemon.config.vms) | set(status))
+        status = self.view.status()["vms"]
         out = []
-        for name in names:
+        for name in self.view.vm_names():
             vm = status.get(name, {})
             out.append(
                 {
@@ -447,7 +424,7 @@ class Api:
         return web.json_response(out)
 
     async def attachments(self, request: web.Request) -> web.Response:
-        return web.json_response(self.daemon.status()["attachments"])
+        return web.json_response(self.view.status()["attachments"])
 
     async def rules(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -459,7 +436,7 @@ class Api:
                     "vm": rc.attach,
                     "line": rc.line,
                 }
-                for rc in self.daemon.config.rules
+                for rc in self.view.rules
             ]
         )
 
@@ -468,14 +445,14 @@ class Api:
         if not selector:
             return None
         with contextlib.suppress(VmplugError):
-            return select_one(list(self.daemon.inventory.values()), selector).identity
-        store = self.daemon.store
+            return select_one(self.view.devices(), selector).identity
+        store = self.view.store
         if store is not None and store.known_device(selector) is not None:
             return selector
         raise ApiError(404, f"no device {selector!r}, present or in the history")
 
     async def history(self, request: web.Request) -> web.Response:
-        store = self.daemon.store
+        store = self.view.store
         limit = _query_int(request, "limit", 100, 1, 10000)
         identity = self._identity(_query_selector(request, "device"))
         if store is None:
@@ -486,7 +463,7 @@ class Api:
     async def health(self, request: web.Request) -> web.Response:
         from vmplug.history.health import health_by_device, health_rows  # noqa: PLC0415
 
-        store = self.daemon.store
+        store = self.view.store
         window = _query_number(request, "window", DEFAULT_WINDOW_S, 1, MAX_WINDOW_S)
         identity = self._identity(_query_selector(request, "device"))
         if store is None:
@@ -497,13 +474,13 @@ class Api:
         entries = store.history(identity, limit=None)
         only = [identity] if identity else None
         figures = health_by_device(entries, start, end, only)
-        return web.json_response(health_rows(figures, store, self.daemon.inventory.values()))
+        return web.json_response(health_rows(figures, store, self.view.devices()))
 
     # -- changes ----------------------------------------------------------------
 
     def _select(self, selector: str) -> UsbDevice:
         try:
-            return select_one(list(self.daemon.inventory.values()), selector)
+            return select_one(self.view.devices(), selector)
         except SelectorError as exc:
             raise ApiError(404, str(exc), candidates=list(exc.candidates)) from None
         except VmplugError as exc:
@@ -514,19 +491,20 @@ class Api:
         selector = _field(data, "device")
         vm = _field(data, "vm", limit=128)
         dev = self._select(selector)
-        if vm not in self.daemon.vms:
-            return _error(404, f"no VM named {vm!r}", vms=sorted(self.daemon.vms))
+        running = self.view.running_vms()
+        if vm not in running:
+            return _error(404, f"no VM named {vm!r}", vms=running)
         if dev.is_hub:
             return _error(400, f"{dev.port} is a hub: QEMU cannot pass hubs through")
-        self.daemon.set_route(overrides={**self.daemon.overrides, dev.identity: vm})
+        self.daemon.override(dev.identity, vm)
         state = await self._settle(dev.qemu_id, vm, want=True)
         return web.json_response({"device": describe(dev), "vm": vm, **state})
 
     async def detach(self, request: web.Request) -> web.Response:
         data = await _body(request, {"device"})
         dev = self._select(_field(data, "device"))
-        self.daemon.set_route(overrides={**self.daemon.overrides, dev.identity: None})
-        held = [n for n, h in self.daemon.observed.items() if dev.qemu_id in h]
+        self.daemon.override(dev.identity, None)
+        held = self.view.holders(dev.qemu_id)
         results = {vm: await self._settle(dev.qemu_id, vm, want=False) for vm in held}
         return web.json_response({"device": describe(dev), "vms": results})
 
@@ -536,10 +514,9 @@ class Api:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            held = qemu_id in self.daemon.observed.get(vm, {})
-            if held == want:
+            if self.view.holds(vm, qemu_id) == want:
                 return {"state": "attached" if want else "detached"}
-            retry = self.daemon.retries.get((vm, qemu_id))
+            retry = self.view.retry(vm, qemu_id)
             if retry is not None:
                 return {"state": "retrying", "error": retry.error, "attempts": retry.attempt}
             await asyncio.sleep(0.01)

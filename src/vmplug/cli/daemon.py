@@ -152,7 +152,7 @@ def run_cmd(
     devices attached unless --detach-on-exit.
     """
     from vmplug.api.server import Api  # noqa: PLC0415
-    from vmplug.engine.daemon import Daemon  # noqa: PLC0415
+    from vmplug.daemon.reconciler import Daemon  # noqa: PLC0415
     from vmplug.history.store import Store  # noqa: PLC0415
     from vmplug.host.events import make_source  # noqa: PLC0415
 

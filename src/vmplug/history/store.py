@@ -103,6 +103,9 @@ class EventKind(StrEnum):
     #: ``usb-host`` devices across a system reset, so this alone ends no
     #: attachment; a device the reset does lose is an ``attachment-lost``.
     VM_RESET = "vm-reset"
+    #: The kernel sent more uevents than the daemon's socket could hold
+    #: (netlink ENOBUFS): some were lost, and a ``rescan`` follows.
+    OVERFLOW = "overflow"
     #: Full rescan of the host (start, netlink ENOBUFS); the daemon records
     #: add/remove for whatever differs from what it knew.
     RESCAN = "rescan"

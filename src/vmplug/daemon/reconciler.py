@@ -1,4 +1,15 @@
-"""``vmplug run``: wire events, VMs, the reconciler, the store and the API.
+"""The reconciler: the queue of host events, the passes, the retries.
+
+One uevent reads straight down: :mod:`vmplug.host.events` queues it
+(:meth:`Daemon.on_host_event`), :meth:`Daemon._pump` takes it in order, the
+device is read by :func:`vmplug.host.inventory.read_one`, its VM decided by
+:func:`vmplug.engine.desired.target` (overrides, then the first matching rule,
+:meth:`vmplug.config.Config.decide`), and the pass diffs
+:func:`~vmplug.engine.desired.desired` against what each VM holds
+(:func:`~vmplug.engine.desired.plan`) and calls the VM's backend
+(:class:`vmplug.vms.base.VmBackend`).  What happened is written by the
+:class:`~vmplug.daemon.journal.Journal`; what it shows is read through the
+:class:`~vmplug.daemon.readmodel.ReadModel`.
 
 The daemon keeps three pieces of state, each owned by one edge:
 
@@ -28,18 +39,19 @@ import signal
 import stat
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vmplug.aio import cancel_and_wait
 from vmplug.config import Config, VmConfig, load_config
+from vmplug.daemon.journal import Journal, Listener
+from vmplug.daemon.readmodel import PassListener, ReadModel, same_binding
 from vmplug.engine.desired import Action, Attachment, desired, plan, target
 from vmplug.errors import VmplugError
-from vmplug.host import sysfs
+from vmplug.history.store import ActionKind, EventKind, Result, Store
 from vmplug.host.events import EventSource, HostEvent
-from vmplug.host.inventory import mark_shared_serials, name_devices, read_devices
+from vmplug.host.inventory import device_dir, mark_shared_serials, read_devices, read_one
 from vmplug.model import UsbDevice
 from vmplug.vms.base import (
     ID_PREFIX,
@@ -91,7 +103,7 @@ class Daemon:
         *,
         sysfs_root: Path,
         source: EventSource,
-        store: Any = None,
+        store: Store | None = None,
         vm_factory: VmFactory = default_vm_factory,
         detach_on_exit: bool = False,
         config_path: Path | None = None,
@@ -101,7 +113,10 @@ class Daemon:
         self.config_path = config_path or Path(config.path)
         self.sysfs_root = sysfs_root
         self.source = source
-        self.store = store
+        #: the journal: the history database and the listeners
+        self.journal = Journal(store)
+        #: what the API, the metrics and ``vmplug status`` read
+        self.view = ReadModel(self)
         self.vm_factory = vm_factory
         self.detach_on_exit = detach_on_exit
         #: give QEMU the device's /dev/bus/usb node (opened at once) rather than
@@ -121,8 +136,6 @@ class Daemon:
         self._host_queue: deque[HostEvent | None] = deque()
         self._host_ready = asyncio.Event()
         self._wanted_now = False
-        #: journal writes held back while a device that just appeared is attached
-        self._held: list[tuple[str, Callable[[], object]]] | None = None
         #: one reconcile pass at a time (the loop's and the pump's)
         self._pass_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -133,11 +146,8 @@ class Daemon:
         self._unsettled: dict[str, int] = {}
         #: detaches vmplug asked for, so a DEVICE_DELETED for them is no loss
         self._detaching: set[tuple[str, str]] = set()
-        #: called with every event and action as it is recorded (the API's event
-        #: stream, metrics); a listener that raises is logged and kept
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         #: called after every reconcile pass with (seconds it took, actions tried)
-        self.pass_listeners: list[Callable[[float, int], None]] = []
+        self.pass_listeners: list[PassListener] = []
         self._last_pass_actions = 0
         #: wanted(): id(device) -> (device, its attachment), valid for _wanted_key
         self._wanted_memo: dict[int, tuple[UsbDevice, Attachment | None]] = {}
@@ -152,48 +162,16 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _publish(self, item: dict[str, Any]) -> None:
-        for listener in list(self.listeners):
-            try:
-                listener(item)
-            except Exception:
-                log.exception("event listener failed")
+    @property
+    def store(self) -> Store | None:
+        """The history database, or None."""
+        return self.journal.store
 
-    def _store_write(self, what: str, write: Callable[[], object]) -> None:
-        """Run a journal write now, or after the attach in progress (in order)."""
-        if self._held is not None:
-            self._held.append((what, write))
-            return
-        try:
-            write()
-        except Exception:  # a full disk must not stop the routing of devices
-            log.exception("cannot record %s", what)
-
-    def _flush_held(self) -> None:
-        held, self._held = self._held or [], None
-        for what, write in held:
-            self._store_write(what, write)
-
-    def _record_event(self, kind: str, **fields: Any) -> None:
-        ts = time.time()
-        if self.listeners:
-            self._publish({"type": "event", "kind": kind, "ts": ts, **fields})
-        if self.store is not None:
-            store = self.store
-            self._store_write(f"event {kind}", lambda: store.record_event(kind, ts=ts, **fields))
-
-    def _record_action(self, kind: str, *, identity: str | None, **fields: Any) -> None:
-        # seconds from the bind event to attached: for listeners, not the journal
-        latency = fields.pop("latency_s", None)
-        ts = time.time()
-        if self.listeners:
-            item = {"type": "action", "kind": kind, "ts": ts, "identity": identity}
-            self._publish({**item, **fields, "latency_s": latency})
-        if self.store is not None:
-            store, who = self.store, identity or fields["qemu_id"]
-            self._store_write(
-                f"action {kind}", lambda: store.record_action(kind, identity=who, ts=ts, **fields)
-            )
+    @property
+    def listeners(self) -> list[Listener]:
+        """Called with every event and action as it is recorded (the API's event
+        stream, the metrics); a listener that raises is logged and kept."""
+        return self.journal.listeners
 
     def _identity_of(self, qemu_id: str) -> str | None:
         for dev in self.inventory.values():
@@ -212,19 +190,17 @@ class Daemon:
         self.inventory = {d.port: d for d in devices if not d.is_root_hub}
         self.stats.rescans += 1
         # one transaction for the whole snapshot, not one commit per device
-        with self.store.batch() if self.store is not None else contextlib.nullcontext():
-            self._record_event("rescan", detail={"devices": len(self.inventory)})
+        with self.journal.batch():
+            self.journal.event(EventKind.RESCAN, detail={"devices": len(self.inventory)})
             for dev in self.inventory.values():
-                self._saw(dev, "device-add")
+                self._saw(dev, EventKind.DEVICE_ADD)
         log.info("rescan: %d USB devices", len(self.inventory))
         self.mark_dirty()
 
-    def _saw(self, dev: UsbDevice, kind: str, detail: dict[str, Any] | None = None) -> None:
+    def _saw(self, dev: UsbDevice, kind: EventKind, detail: dict[str, Any] | None = None) -> None:
         """Remember a present device and record the event, with the VM it is meant for."""
-        if self.store is not None:
-            store, ts = self.store, time.time()
-            self._store_write("device", lambda: store.remember_device(dev, ts=ts))
-        self._record_event(
+        self.journal.remember(dev)
+        self.journal.event(
             kind,
             identity=dev.identity,
             port=dev.port,
@@ -253,11 +229,12 @@ class Daemon:
             while self._host_queue:
                 item = self._host_queue.popleft()
                 self._wanted_now = False
-                # the journal is written after the attach, in the same order
-                self._held = [] if item is not None else None
+                if item is not None:
+                    # the journal is written after the attach, in the same order
+                    self.journal.hold()
                 try:
                     if item is None:
-                        self._record_event("overflow")
+                        self.journal.event(EventKind.OVERFLOW)
                         self.rescan()
                     else:
                         self._handle_host_event(item)
@@ -267,28 +244,30 @@ class Daemon:
                 except Exception:
                     log.exception("cannot handle %s", item or "overflow")
                 finally:
-                    self._flush_held()
+                    self.journal.release()
 
     def _handle_host_event(self, event: HostEvent) -> None:
         self.stats.events += 1
         if event.action in ("add", "bind"):
-            # DEVPATH is already the resolved /devices/... path: no realpath needed
-            path = os.path.join(self.sysfs_root, (event.devpath or "").lstrip("/"))  # noqa: PTH118
-            read = sysfs.read_device(path, event.port)
+            read = read_one(self.sysfs_root, event.devpath or "", event.port)
             if read is None:
                 # Gone again before we looked, or read while the kernel removed
                 # it (or had not finished setting it up): a half-read device
                 # gives a wrong identity and rule decision, so none at all.
                 if event.action == "add":
-                    self._record_event("device-add", port=event.port, detail=_event_detail(event))
-                self._look_again(event, path)
+                    self.journal.event(
+                        EventKind.DEVICE_ADD, port=event.port, detail=_event_detail(event)
+                    )
+                self._look_again(event, device_dir(self.sysfs_root, event.devpath or ""))
                 return
             self._unsettled.pop(event.port, None)
-            dev = name_devices([read])[0]
+            dev = read
             if event.action == "add" and not dev.interfaces:
                 # Several configurations and none chosen yet: the interfaces a
                 # rule may ask about are not known before the kernel picks one.
-                self._record_event("device-add", port=event.port, detail=_event_detail(event))
+                self.journal.event(
+                    EventKind.DEVICE_ADD, port=event.port, detail=_event_detail(event)
+                )
                 return
             # The kernel announces a device ("add") once it is addressed and
             # described, and its /dev/bus/usb node exists.  Reading its string
@@ -308,8 +287,11 @@ class Daemon:
                 # only a device that will be attached pops its entry again
                 self._bind_times[dev.identity] = time.perf_counter()
                 self._wanted_now = True
-            log.info("device %s %s %s: %s", dev.port, dev.vidpid, _VERB[event.action], _label(dev))
-            self._saw(dev, f"device-{event.action}", _event_detail(event))
+            log.info(
+                "device %s %s %s: %s",
+                dev.port, dev.vidpid, _VERB[event.action], _log_name(dev),
+            )  # fmt: skip
+            self._saw(dev, _SAW[event.action], _event_detail(event))
             self.mark_dirty()
         elif event.action == "remove":
             self._unsettled.pop(event.port, None)
@@ -317,8 +299,8 @@ class Daemon:
             if gone is not None:
                 self._gone[gone.qemu_id] = gone.identity
             log.info("device %s removed", event.port)
-            self._record_event(
-                "device-remove",
+            self.journal.event(
+                EventKind.DEVICE_REMOVE,
                 identity=gone.identity if gone else None,
                 port=event.port,
                 detail=_event_detail(event),
@@ -352,7 +334,7 @@ class Daemon:
         log.info("vm %s: %s", vm, event)
         if kind in (VmEventKind.DISCONNECTED, VmEventKind.SHUTDOWN):
             self.observed.pop(vm, None)
-            self._record_event("vm-down", vm=vm, detail={"reason": kind.value})
+            self.journal.event(EventKind.VM_DOWN, vm=vm, detail={"reason": kind.value})
             self.mark_dirty()
             return
         if kind is VmEventKind.DEVICE_DELETED:
@@ -360,11 +342,14 @@ class Daemon:
             dev_id = event.device_id
             if dev_id and (vm, dev_id) not in self._detaching:
                 if self.observed.get(vm, {}).pop(dev_id, None) is not None:
-                    self._record_event("attachment-lost", identity=self._identity_of(dev_id), vm=vm)
+                    self.journal.event(
+                        EventKind.ATTACHMENT_LOST, identity=self._identity_of(dev_id), vm=vm
+                    )
                 self.mark_dirty()
             return
         if kind in (VmEventKind.CONNECTED, VmEventKind.RESET):
-            self._record_event("vm-up" if kind is VmEventKind.CONNECTED else "vm-reset", vm=vm)
+            up = kind is VmEventKind.CONNECTED
+            self.journal.event(EventKind.VM_UP if up else EventKind.VM_RESET, vm=vm)
         self._spawn(self._observe(vm))
 
     async def _observe(self, name: str) -> None:
@@ -404,9 +389,13 @@ class Daemon:
             wanted = {a.qemu_id: a for a in self.wanted() if a.vm == name}
             for dev_id, have in held.items():
                 want = wanted.get(dev_id)
-                if want is not None and _same(have, want):
-                    self._record_action(
-                        "adopt", identity=want.identity, qemu_id=dev_id, vm=name, result="ok"
+                if want is not None and same_binding(have, want):
+                    self.journal.action(
+                        ActionKind.ADOPT,
+                        identity=want.identity,
+                        qemu_id=dev_id,
+                        vm=name,
+                        result=Result.OK,
                     )
         self.mark_dirty()
 
@@ -432,8 +421,16 @@ class Daemon:
         for dev in self.inventory.values():
             now = target(dev, self.config, self.overrides)
             if now != before[dev.identity]:
-                self._record_event("device-route", identity=dev.identity, port=dev.port, vm=now)
+                self.journal.event(
+                    EventKind.DEVICE_ROUTE, identity=dev.identity, port=dev.port, vm=now
+                )
         self.mark_dirty()
+
+    def override(self, identity: str, vm: str | None) -> None:
+        """``vmplug attach``/``detach`` while running: the device ``identity`` goes
+        to ``vm`` (None: stays on the host) whatever the rules say, until the
+        daemon stops."""
+        self.set_route(overrides={**self.overrides, identity: vm})
 
     async def _observe_later(self, name: str, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -537,12 +534,12 @@ class Daemon:
                 "%s %s %s failed (attempt %d, retry in %.1fs): %s",
                 action.kind, action.qemu_id, action.vm, attempt, delay, exc,
             )  # fmt: skip
-            self._record_action(
-                action.kind,
+            self.journal.action(
+                ActionKind(action.kind),
                 identity=identity,
                 qemu_id=action.qemu_id,
                 vm=action.vm,
-                result="error",
+                result=Result.ERROR,
                 error_class=getattr(exc, "qmp_class", None) or type(exc).__name__,
                 error_message=str(exc),
                 duration_s=time.perf_counter() - t0,
@@ -568,15 +565,15 @@ class Daemon:
             "%s %s %s ok in %.1f ms (%s%s)",
             action.kind, action.qemu_id, action.vm, elapsed * 1000, action.reason, since,
         )  # fmt: skip
-        self._record_action(
-            action.kind,
+        self.journal.action(
+            ActionKind(action.kind),
             identity=identity,
             qemu_id=action.qemu_id,
             vm=action.vm,
-            result="ok",
+            result=Result.OK,
             duration_s=elapsed,
             attempt=attempt,
-            **({"latency_s": latency} if latency is not None else {}),
+            latency_s=latency,
         )
 
     def devnode(self, att: Attachment) -> str | None:
@@ -664,10 +661,10 @@ class Daemon:
         except VmplugError as exc:
             message = exc.render()
             log.error("reload refused, keeping the running config: %s", message)
-            self._record_event("config-reload", detail={"ok": False, "error": message})
+            self.journal.event(EventKind.CONFIG_RELOAD, detail={"ok": False, "error": message})
             return False, message
         old = self.config
-        self._record_event("config-reload", detail={"ok": True, "rules": len(new.rules)})
+        self.journal.event(EventKind.CONFIG_RELOAD, detail={"ok": True, "rules": len(new.rules)})
         self.set_route(config=new)
         for name in sorted(set(old.vms) - set(new.vms)):
             backend = self.vms.pop(name)
@@ -687,7 +684,7 @@ class Daemon:
     # -- life cycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        self._record_event("daemon-start", detail={"pid": os.getpid()})
+        self.journal.event(EventKind.DAEMON_START, detail={"pid": os.getpid()})
         log.info(
             "vmplug daemon starting (pid %d), events: %s", os.getpid(), self.source.description
         )
@@ -711,7 +708,7 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await backend.stop()
         await cancel_and_wait(list(self._tasks))
-        self._record_event("daemon-stop")
+        self.journal.event(EventKind.DAEMON_STOP)
         log.info("vmplug daemon stopped")
 
     async def run_forever(self) -> None:
@@ -728,66 +725,16 @@ class Daemon:
     # -- views --------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        wanted = self.wanted()
-        vms = {}
-        for name, backend in sorted(self.vms.items()):
-            state = getattr(backend, "state", None)
-            vms[name] = {
-                "connected": backend.connected,
-                "state": getattr(state, "name", str(state)).lower() if state else None,
-                "qmp": self.config.vms[name].qmp if name in self.config.vms else None,
-                "kind": self.config.vms[name].kind if name in self.config.vms else None,
-                "where": self.config.vms[name].where if name in self.config.vms else None,
-                "devices": sorted(self.observed.get(name, {})),
-            }
-        attachments = []
-        for att in sorted(wanted):
-            held = self.observed.get(att.vm, {}).get(att.qemu_id)
-            retry = self.retries.get((att.vm, att.qemu_id))
-            if held is not None and _same(held, att):
-                state = "attached"
-            else:
-                state = "retrying" if retry else "pending"
-            attachments.append(
-                {
-                    "port": att.port,
-                    "identity": att.identity,
-                    "vm": att.vm,
-                    "qemu_id": att.qemu_id,
-                    "hostbus": att.hostbus,
-                    "hostport": att.hostport,
-                    "hostaddr": att.hostaddr,
-                    "state": state,
-                    "attempts": retry.attempt if retry else 0,
-                    "error": retry.error if retry else None,
-                }
-            )
-        return {
-            "daemon": {
-                "pid": os.getpid(),
-                "started": self.stats.started,
-                "uptime_s": round(time.time() - self.stats.started, 3),
-                "events": self.source.description,
-                "config": str(self.config_path),
-                "devices": len(self.inventory),
-                "passes": self.stats.passes,
-                "actions_ok": self.stats.actions_ok,
-                "actions_failed": self.stats.actions_failed,
-            },
-            "vms": vms,
-            "attachments": attachments,
-            "overrides": dict(self.overrides),
-        }
+        """``GET /v1/status`` (:meth:`ReadModel.status`)."""
+        return self.view.status()
 
 
 _VERB = {"add": "added", "bind": "bound"}
+_SAW = {"add": EventKind.DEVICE_ADD, "bind": EventKind.DEVICE_BIND}
 
 
-def _same(a: Attachment, b: Attachment) -> bool:
-    return (a.vm, a.qemu_id, a.binding) == (b.vm, b.qemu_id, b.binding)
-
-
-def _label(dev: UsbDevice) -> str:
+def _log_name(dev: UsbDevice) -> str:
+    """Maker and product as the device gives them, for the log ("?": none)."""
     return " ".join(p for p in (dev.display_manufacturer, dev.display_product) if p) or "?"
 
 
