@@ -10,10 +10,10 @@ packages=(
   python3 python3-venv python3-pip git ca-certificates
   qemu-system-x86 qemu-utils qemu-guest-agent
   linux-image-amd64 busybox-static file kmod udev usbutils usb.ids procps passwd
-  umockdev usbguard
+  umockdev usbguard usbredirect
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
   libxml2-utils
-  systemd
+  systemd zsh fish man-db
   libvirt-dev pkg-config gcc python3-dev
   chromium
 )
@@ -83,4 +83,7 @@ fi
 # `vmplug run` in the guest compiled them again under TCG, up to a minute on a
 # fresh clone.  Compiled once here, whatever PYTHONDONTWRITEBYTECODE says.
 .venv/bin/python -m compileall -q src >/dev/null
+# The man pages vmplug(1) and vmplug.toml(5), made from the same help texts as --help.
+.venv/bin/vmplug man --output /usr/local/share/man 2>/dev/null
+if command -v mandb >/dev/null; then mandb -q /usr/local/share/man 2>/dev/null || true; fi
 echo "vmplug: installed in $(pwd)/.venv" >&2

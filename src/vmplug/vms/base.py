@@ -5,9 +5,9 @@ VM, whatever drives it: QEMU over QMP (:mod:`vmplug.vms.qmp`, Proxmox's
 :mod:`vmplug.vms.proxmox`), a QEMU in a container (:mod:`vmplug.vms.container`)
 or a libvirt domain (:mod:`vmplug.vms.libvirt`).  Its types:
 
-* attach arguments: an :data:`AttachSpec` (today a :class:`UsbHostSpec`: a
-  host device QEMU opens itself; the union leaves room for a usb-redir spec
-  for remote devices);
+* attach arguments: an :data:`AttachSpec`: a :class:`UsbHostSpec` (a host
+  device QEMU opens itself) or a :class:`UsbRedirSpec` (a remote device,
+  streamed over a TLS chardev);
 * what a VM holds: :class:`Binding` is what the reconciler compares
   (:meth:`VmBackend.observe_bindings`, cheap); :class:`ObservedDevice` is
   everything a VM says of a device (:meth:`VmBackend.observe`, for people and
@@ -209,6 +209,10 @@ class ObservedDevice:
     bus: str | None  # the guest USB bus's name, e.g. "xhci.0"
     #: QOM path, e.g. "/machine/peripheral/vmplug-0123456789ab".
     path: str = ""
+    #: QEMU's driver: "usb-host", or "usb-redir" for a remote device
+    driver: str = "usb-host"
+    #: usb-redir only: the chardev it reads from
+    chardev: str | None = None
 
     @property
     def managed(self) -> bool:
@@ -232,6 +236,8 @@ class ObservedDevice:
             "vendorid": None if self.vendorid is None else f"{self.vendorid:04x}",
             "productid": None if self.productid is None else f"{self.productid:04x}",
             "path": self.path,
+            "driver": self.driver,
+            "chardev": self.chardev,
         }
 
 
@@ -251,11 +257,61 @@ class Binding:
     attached: bool | None = None
 
 
-#: What :meth:`VmBackend.attach` takes.  One kind today (a host device QEMU
-#: opens itself); a second one (``usb-redir`` of a remote device over a
-#: chardev) joins as ``UsbHostSpec | UsbRedirSpec``, and mypy then shows every
-#: backend that has to learn it.
-AttachSpec: TypeAlias = UsbHostSpec
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.:_-]{0,252})\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class UsbRedirSpec:
+    """A remote device: a ``usb-redir`` device on a ``socket`` chardev that
+    connects (and reconnects every ``reconnect`` seconds) to the device
+    host's export endpoint ``host:port``.
+
+    ``tls_dir`` holds ``ca-cert.pem``, ``client-cert.pem`` and
+    ``client-key.pem`` (what QEMU's ``tls-creds-x509`` reads); QEMU checks
+    the endpoint's certificate against the CA and against ``host``.  Without
+    it (``tls_dir=None``) the stream is plaintext: only with ``insecure``.
+    ``remote`` is the device host's name in the config (it names the TLS
+    credentials object, one per device host).
+    """
+
+    host: str
+    port: int
+    remote: str
+    tls_dir: str | None = None
+    insecure: bool = False
+    reconnect: int = 1
+
+    def problem(self) -> str | None:
+        if not _HOSTNAME.match(self.host):
+            return f"host={self.host!r} is not a host name or address"
+        if not 1 <= self.port <= 65535:
+            return f"port={self.port} is out of range 1..65535"
+        if not _QEMU_ID.match(f"x{self.remote}"):
+            return f"remote={self.remote!r} is not a name (letters, digits, '-', '.', '_')"
+        if not 1 <= self.reconnect <= 3600:
+            return f"reconnect={self.reconnect} is out of range 1..3600 s"
+        if self.tls_dir is None and not self.insecure:
+            return "a remote device needs TLS credentials (tls_dir), or insecure = true"
+        if self.tls_dir is not None and not self.tls_dir.startswith("/"):
+            return f"tls_dir={self.tls_dir!r} must be an absolute path (QEMU opens it)"
+        return None
+
+    @property
+    def tls_id(self) -> str:
+        """The QOM id of the TLS credentials object for this device host."""
+        return f"{ID_PREFIX}tls-{self.remote}"
+
+
+def redir_chardev_id(dev_id: str) -> str:
+    """The id of the chardev a usb-redir device ``dev_id`` reads from."""
+    return f"{dev_id}-chr"
+
+
+#: What :meth:`VmBackend.attach` takes: a host device QEMU opens itself
+#: (:class:`UsbHostSpec`), or a remote device over a chardev
+#: (:class:`UsbRedirSpec`).  A backend that cannot take a remote device
+#: raises :class:`VmConfigError` for it.
+AttachSpec: TypeAlias = UsbHostSpec | UsbRedirSpec
 
 
 class VmEventKind(enum.Enum):
@@ -465,6 +521,7 @@ __all__ = [
     "UsbBus",
     "UsbControllerKind",
     "UsbHostSpec",
+    "UsbRedirSpec",
     "VmBackend",
     "VmConfigError",
     "VmDisconnected",
@@ -475,4 +532,5 @@ __all__ = [
     "VmTimeout",
     "check_device_id",
     "pick_usb_bus",
+    "redir_chardev_id",
 ]

@@ -591,6 +591,10 @@ class LibvirtVm(Notifier):
         """``attachDeviceFlags`` a hostdev for the device the spec names, live
         (and into the persistent config when ``persist``)."""
         check_device_id(self.name, dev_id)
+        if not isinstance(spec, UsbHostSpec):
+            raise VmConfigError(
+                self.name, f"{dev_id}: remote (usb-redir) devices are not supported for libvirt yet"
+            )
         usb = self.resolve(dev_id, spec)
         dom = self._domain()
         lv = _libvirt()

@@ -38,6 +38,7 @@ from vmplug.vms.base import (
     OnVmEvent,
     UsbBus,
     UsbControllerKind,
+    UsbRedirSpec,
     VmConfigError,
     VmDisconnected,
     VmError,
@@ -46,6 +47,7 @@ from vmplug.vms.base import (
     VmTimeout,
     check_device_id,
     pick_usb_bus,
+    redir_chardev_id,
 )
 from vmplug.wire.qmp import IN_FLIGHT, parse_address
 from vmplug.wire.qmp import Client as _Client
@@ -195,6 +197,8 @@ class QmpVm(Notifier):
         self.qemu_version: tuple[int, int, int] | None = None
         self._list_get = False
         self._side_tasks: set[asyncio.Task[None]] = set()
+        #: usb-redir devices this process added or saw (their chardevs go with them)
+        self._redir: set[str] = set()
 
     # -- public state ---------------------------------------------------------
 
@@ -270,9 +274,15 @@ class QmpVm(Notifier):
             children = await self._qom_list(client, PERIPHERAL)
             known: dict[str, _BindingKey] = {}
             todo: list[str] = []
+            redirs: list[str] = []
             for child in children:
                 name = str(child.get("name", "")) if isinstance(child, dict) else ""
-                if _child_type(child) != "usb-host" or not name.startswith(ID_PREFIX):
+                if not name.startswith(ID_PREFIX):
+                    continue
+                if _child_type(child) == "usb-redir":
+                    redirs.append(name)
+                    continue
+                if _child_type(child) != "usb-host":
                     continue
                 path = f"{PERIPHERAL}/{name}"
                 key = self._known_binding(path)
@@ -280,6 +290,7 @@ class QmpVm(Notifier):
                     todo.append(path)
                 else:
                     known[path] = key
+            remote = await self._redir_bindings(client, redirs)
             if todo:
                 bulk = await self._qom_list_get(client, todo)
                 if bulk is not None:  # QEMU 10.1+: everything at once
@@ -289,10 +300,20 @@ class QmpVm(Notifier):
                         dev = self._device_from(name, path, values, generation)
                         live = dev.attached if dev.hostaddr is not None else None
                         out[name] = Binding(name, dev.hostbus, dev.hostport, dev.hostaddr, live)
-                    return out | await self._complete(client, known)
+                    return out | await self._complete(client, known) | remote
                 read = await _map_bounded(lambda p: self._read_binding(client, p, generation), todo)
                 known.update((path, key) for path, key in zip(todo, read, strict=True) if key)
-            return await self._complete(client, known)
+            return await self._complete(client, known) | remote
+
+    async def _redir_bindings(self, client: _Client, names: list[str]) -> dict[str, Binding]:
+        """usb-redir devices: no host socket; ``attached`` says the device host streams it."""
+        live = await _map_bounded(lambda n: self._attached(client, f"{PERIPHERAL}/{n}"), names)
+        out: dict[str, Binding] = {}
+        for name, state in zip(names, live, strict=True):
+            if state is not None:
+                self._redir.add(name)
+                out[name] = Binding(name, None, None, None, state)
+        return out
 
     async def _complete(self, client: _Client, keys: dict[str, _BindingKey]) -> dict[str, Binding]:
         """Bindings from their keys, with ``attached`` read for pinned devices."""
@@ -357,6 +378,9 @@ class QmpVm(Notifier):
         problem = spec.problem()
         if problem is not None:
             raise VmConfigError(self.name, f"{dev_id}: {problem}")
+        if isinstance(spec, UsbRedirSpec):
+            await self._attach_redir(dev_id, spec)
+            return
         async with self._session() as client:
             bus = await self._resolve_bus(client)
             args: dict[str, object] = {"driver": "usb-host", "id": dev_id, "bus": bus}
@@ -374,9 +398,112 @@ class QmpVm(Notifier):
                     bus=bus,
                 )
 
+    async def _attach_redir(self, dev_id: str, spec: UsbRedirSpec) -> None:
+        """A remote device: the device host's TLS credentials (once per host),
+        a socket chardev that connects and reconnects to its endpoint, and a
+        ``usb-redir`` on it.  The guest sees the device once the device host
+        streams it (QOM ``attached``); a failure leaves nothing behind."""
+        chardev = redir_chardev_id(dev_id)
+        async with self._session() as client:
+            bus = await self._resolve_bus(client)
+            if spec.tls_dir is not None:
+                await self._ensure_tls_creds(client, spec)
+            backend: dict[str, object] = {
+                "addr": {"type": "inet", "data": {"host": spec.host, "port": str(spec.port)}},
+                "server": False,
+                "reconnect": spec.reconnect,
+                "nodelay": True,
+            }
+            if spec.tls_dir is not None:
+                backend["tls-creds"] = spec.tls_id
+            labels = await self._chardev_labels(client)
+            if chardev in labels:  # left by an attach that failed half-way
+                await self._remove_chardev(client, chardev)
+            await self._exec(
+                client,
+                "chardev-add",
+                {"id": chardev, "backend": {"type": "socket", "data": backend}},
+            )
+            try:
+                await self._exec(
+                    client,
+                    "device_add",
+                    {"driver": "usb-redir", "id": dev_id, "bus": bus, "chardev": chardev},
+                )
+            except VmError:
+                with contextlib.suppress(VmError):
+                    await self._remove_chardev(client, chardev)
+                raise
+            self._redir.add(dev_id)
+
+    async def _ensure_tls_creds(self, client: _Client, spec: UsbRedirSpec) -> None:
+        objects = await self._qom_list(client, "/objects")
+        if any(isinstance(o, dict) and o.get("name") == spec.tls_id for o in objects):
+            return
+        try:
+            await self._exec(
+                client,
+                "object-add",
+                {
+                    "qom-type": "tls-creds-x509",
+                    "id": spec.tls_id,
+                    "dir": spec.tls_dir,
+                    "endpoint": "client",
+                    "verify-peer": True,
+                },
+            )
+        except VmError as exc:
+            raise VmConfigError(
+                self.name,
+                f"QEMU cannot load the TLS credentials for {spec.remote} from {spec.tls_dir} "
+                f"(ca-cert.pem, client-cert.pem, client-key.pem readable by QEMU?): {exc}",
+                qmp_class=exc.qmp_class,
+            ) from exc
+
+    async def _chardev_labels(self, client: _Client) -> dict[str, str]:
+        """``query-chardev``: label -> filename (``disconnected:...`` while not connected)."""
+        found = await self._exec(client, "query-chardev")
+        out: dict[str, str] = {}
+        if isinstance(found, list):
+            for entry in found:
+                if isinstance(entry, dict) and isinstance(entry.get("label"), str):
+                    out[entry["label"]] = str(entry.get("filename", ""))
+        return out
+
+    async def _remove_chardev(self, client: _Client, chardev: str) -> None:
+        try:
+            await self._exec(client, "chardev-remove", {"id": chardev})
+        except VmError as exc:
+            if exc.qmp_class == "GenericError" and "not found" in str(exc):
+                return  # nothing to remove: no error (only the class decides elsewhere)
+            raise
+
+    async def redir_links(self) -> dict[str, bool]:
+        """vmplug's usb-redir chardevs: device id -> connected to its device host now."""
+        async with self._session() as client:
+            labels = await self._chardev_labels(client)
+        out: dict[str, bool] = {}
+        for label, filename in labels.items():
+            if label.startswith(ID_PREFIX) and label.endswith("-chr"):
+                out[label.removesuffix("-chr")] = not filename.startswith("disconnected:")
+        return out
+
     async def detach(self, dev_id: str, timeout: float = 5.0) -> None:
-        """``device_del`` and wait for DEVICE_DELETED; a missing device is no error."""
+        """``device_del`` and wait for DEVICE_DELETED (then, for a usb-redir,
+        ``chardev-remove`` its chardev); a missing device is no error."""
         check_device_id(self.name, dev_id)
+        path = f"{PERIPHERAL}/{dev_id}"
+        host_device = path in self._static or path in self._bindings
+        await self._detach_device(dev_id, timeout)
+        if host_device and dev_id not in self._redir:
+            return  # a usb-host: no chardev of ours
+        async with self._session() as client:
+            chardev = redir_chardev_id(dev_id)
+            if dev_id in self._redir or chardev in await self._chardev_labels(client):
+                await self._remove_chardev(client, chardev)
+            self._redir.discard(dev_id)
+
+    async def _detach_device(self, dev_id: str, timeout: float) -> None:
         async with self._session() as client:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             # Registered before device_del: USB unplug is synchronous and the
@@ -675,17 +802,24 @@ class QmpVm(Notifier):
         generation = self._generation
         listings = await asyncio.gather(*(self._qom_list(client, c) for c in containers))
         paths: list[tuple[str, str]] = []  # (key, QOM path)
+        redirs: list[tuple[str, str]] = []
         for container, children in zip(containers, listings, strict=True):
             for child in children:
-                if _child_type(child) != "usb-host":
+                kind = _child_type(child)
+                if kind not in ("usb-host", "usb-redir"):
                     continue
                 name = str(child["name"])
                 if managed_only and not name.startswith(ID_PREFIX):
                     continue  # others' devices cost nothing unless asked for (observe_all)
                 path = f"{container}/{name}"
-                paths.append((name if container == PERIPHERAL else path, path))
+                key = name if container == PERIPHERAL else path
+                (paths if kind == "usb-host" else redirs).append((key, path))
+        found_redirs: dict[str, ObservedDevice] = {}
+        if redirs:
+            read = await _map_bounded(lambda kp: self._read_redir(client, kp[0], kp[1]), redirs)
+            found_redirs = {dev.id: dev for dev in read if dev is not None}
         if not paths:
-            return {}
+            return found_redirs
         bulk = await self._qom_list_get(client, [path for _, path in paths])
         results: list[ObservedDevice | None]
         if bulk is not None:
@@ -697,7 +831,37 @@ class QmpVm(Notifier):
             results = await _map_bounded(
                 lambda kp: self._read_device(client, kp[0], kp[1], generation), paths
             )
-        return {dev.id: dev for dev in results if dev is not None}
+        return {dev.id: dev for dev in results if dev is not None} | found_redirs
+
+    async def _read_redir(self, client: _Client, key: str, path: str) -> ObservedDevice | None:
+        """A usb-redir's ``attached`` (the device host streams it now), its
+        chardev and bus; None when it vanished meanwhile."""
+        try:
+            attached, chardev, parent = await asyncio.gather(
+                self._qom_get(client, path, "attached"),
+                self._qom_get(client, path, "chardev"),
+                self._qom_get(client, path, "parent_bus"),
+            )
+        except VmError as exc:
+            if exc.qmp_class == "DeviceNotFound":
+                return None
+            raise
+        if key.startswith(ID_PREFIX):
+            self._redir.add(key)
+        bus = _str_or_none(parent)
+        return ObservedDevice(
+            id=key,
+            hostbus=None,
+            hostaddr=None,
+            hostport=None,
+            vendorid=None,
+            productid=None,
+            attached=attached is True,
+            bus=bus.rsplit("/", 1)[-1] if bus else None,
+            path=path,
+            driver="usb-redir",
+            chardev=_str_or_none(chardev),
+        )
 
     async def _qom_list_get(
         self, client: _Client, paths: list[str]

@@ -1,0 +1,571 @@
+"""The device host's side of a remote link: one mutual-TLS endpoint per exported device.
+
+A VM host's QEMU connects (a ``socket`` chardev with ``tls-creds``) to the
+endpoint of the device it wants.  The endpoint
+
+1. does the TLS handshake itself (so a refusal has a reason: unknown CA,
+   expired certificate, no certificate, plaintext), requires a client
+   certificate signed by the installation's CA, and checks the client's name
+   against the VM hosts this device may go to (``allow``);
+2. lets one VM host hold the device at a time: a second host is refused and
+   the reason logged (first come wins); the *same* host connecting again
+   (its link was cut and QEMU reconnected) replaces its stale connection;
+3. opens the plaintext side (a :class:`PlainSource`): for a real device a
+   ``usbredirect --device BUS-DEV --to 127.0.0.1:PORT`` it starts and
+   supervises (:class:`UsbredirectSource`); while the device is absent the
+   TLS connection is held and QEMU's hello waits in the buffer, so a replug
+   is streamed as soon as the kernel shows the device again;
+4. relays both ways (:func:`vmplug.wire.tls.relay`) until either side ends:
+   usbredirect exits when its device is unplugged (it does not follow
+   hotplug), which closes the link; QEMU sees an unplug and reconnects.
+
+The plaintext usbredir stream never leaves loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import shutil
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from vmplug.aio import cancel_and_wait
+from vmplug.errors import UsageError, VmplugError
+from vmplug.wire.tls import CHUNK, RelayStats, close_writer, describe_tls_error, peer_names, relay
+
+log = logging.getLogger("vmplug.remote.export")
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class ExportError(VmplugError):
+    """An export endpoint could not start (port taken, usbredirect missing...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a device is now on the device host's buses."""
+
+    busnum: int
+    devnum: int
+
+    @property
+    def usbredirect_arg(self) -> str:
+        return f"{self.busnum}-{self.devnum}"
+
+
+class SysfsLocator:
+    """Find a device by its port path (``1-1``, ``3-2.4``) in sysfs, optionally
+    checking its vendor:product, so a different device in the same socket is
+    never exported in its place."""
+
+    def __init__(
+        self,
+        port_path: str,
+        *,
+        vendor: int | None = None,
+        product: int | None = None,
+        sysfs: Path = Path("/sys"),
+    ) -> None:
+        if not port_path or "/" in port_path or port_path.startswith("."):
+            raise UsageError(f"invalid USB port path {port_path!r} (like 1-2 or 3-1.4)")
+        self.port_path = port_path
+        self.vendor = vendor
+        self.product = product
+        self.base = sysfs / "bus" / "usb" / "devices" / port_path
+
+    def __call__(self) -> Location | None:
+        try:
+            bus = int((self.base / "busnum").read_text())
+            dev = int((self.base / "devnum").read_text())
+            if self.vendor is not None and int((self.base / "idVendor").read_text(), 16) != (
+                self.vendor
+            ):
+                return None
+            if self.product is not None and int((self.base / "idProduct").read_text(), 16) != (
+                self.product
+            ):
+                return None
+        except (OSError, ValueError):
+            return None
+        return Location(bus, dev)
+
+    def __repr__(self) -> str:
+        return f"<SysfsLocator {self.port_path}>"
+
+
+class PlainLink(Protocol):
+    """An open plaintext usbredir stream to the device (loopback only)."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def close(self) -> None: ...
+
+
+class PlainSource(Protocol):
+    """Where an endpoint gets the device's usbredir stream from."""
+
+    async def open(self) -> PlainLink | None:
+        """A stream now, or None when the device is not there (try again later)."""
+        ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(slots=True)
+class _TcpLink:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    process: asyncio.subprocess.Process | None = None
+
+    async def close(self) -> None:
+        await close_writer(self.writer)
+        proc = self.process
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 2.0)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+class TcpSource:
+    """A usbredir peer already listening on loopback (a usbredirect started
+    elsewhere with ``--as``, or a test peer)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+
+    async def open(self) -> PlainLink | None:
+        try:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            return None
+        return _TcpLink(reader, writer)
+
+    def describe(self) -> str:
+        return f"tcp {self.host}:{self.port}"
+
+
+class UsbredirectSource:
+    """Start one ``usbredirect --device BUS-DEV --to 127.0.0.1:PORT`` per
+    connection and hand over the stream it opens to us.
+
+    usbredirect does not follow hotplug: it exits when its device goes, and a
+    replugged device has a new device number, so each connection locates the
+    device again.  ``last_error`` keeps usbredirect's last words.
+    """
+
+    def __init__(
+        self,
+        locate: Callable[[], Location | None],
+        *,
+        program: str = "usbredirect",
+        start_timeout: float = 5.0,
+        keepalive: bool = True,
+    ) -> None:
+        path = shutil.which(program)
+        if path is None:
+            raise ExportError(
+                f"{program} not found; install the Debian package usbredirect "
+                "(apt-get install usbredirect)"
+            )
+        self.program = path
+        self.locate = locate
+        self.start_timeout = start_timeout
+        self.keepalive = keepalive
+        self.last_error: str | None = None
+        self.starts = 0
+
+    def describe(self) -> str:
+        return f"usbredirect {self.locate!r}"
+
+    async def open(self) -> PlainLink | None:
+        where = self.locate()
+        if where is None:
+            return None
+        accepted: asyncio.Future[Streams] = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if accepted.done():
+                writer.transport.abort()  # only the first connection: usbredirect's
+            else:
+                accepted.set_result((reader, writer))
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        argv = [self.program, "--device", where.usbredirect_arg, "--to", f"127.0.0.1:{port}"]
+        if self.keepalive:
+            argv.append("--keepalive")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            server.close()
+            self.last_error = f"cannot run {self.program}: {exc}"
+            return None
+        self.starts += 1
+        exited = asyncio.create_task(proc.wait())
+        try:
+            waiting: set[asyncio.Future[object]] = {accepted, exited}  # type: ignore[arg-type]
+            done, _ = await asyncio.wait(
+                waiting, timeout=self.start_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            server.close()
+        if accepted.done():
+            exited.cancel()
+            reader, writer = accepted.result()
+            if proc.stderr is not None:
+                _drain_stderr(proc.stderr, self)
+            return _TcpLink(reader, writer, proc)
+        exited.cancel()
+        stderr = b""
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        if proc.stderr is not None:
+            with contextlib.suppress(Exception):
+                stderr = await asyncio.wait_for(proc.stderr.read(4096), 1.0)
+        why = stderr.decode(errors="replace").strip() or (
+            f"exit status {proc.returncode}" if exited in done else "no connection in time"
+        )
+        self.last_error = f"usbredirect --device {where.usbredirect_arg}: {why}"
+        return None
+
+
+def _drain_stderr(stream: asyncio.StreamReader, owner: UsbredirectSource) -> None:
+    async def drain() -> None:
+        while line := await stream.readline():
+            text = line.decode(errors="replace").strip()
+            if text:
+                owner.last_error = text
+                log.debug("usbredirect: %s", text)
+
+    task = asyncio.get_running_loop().create_task(drain())
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A connection the endpoint turned away, and why."""
+
+    at: float
+    peer: str
+    reason: str
+
+
+@dataclass(slots=True)
+class EndpointState:
+    """What an endpoint has seen (for ``status``, ``doctor`` and tests)."""
+
+    holder: str | None = None  # the VM host streaming the device now
+    streaming: bool = False  # the device's usbredir stream is relayed now
+    connections: int = 0
+    sessions: int = 0  # relays begun
+    refusals: collections.deque[Refusal] = field(
+        default_factory=lambda: collections.deque(maxlen=50)
+    )
+    last: RelayStats | None = None
+    bytes_up: int = 0  # VM host -> device, all sessions
+    bytes_down: int = 0
+
+
+class ExportEndpoint:
+    """One exported device: a TLS listener on ``host:port`` (see the module doc)."""
+
+    def __init__(
+        self,
+        name: str,
+        source: PlainSource,
+        *,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None,
+        allow: frozenset[str] | None = None,
+        insecure: bool = False,
+        handshake_timeout: float = 10.0,
+        first_byte_timeout: float = 30.0,
+        device_wait: float = 300.0,
+        poll: float = 0.2,
+    ) -> None:
+        if tls is None and not insecure:
+            raise UsageError(
+                f"export {name}: no TLS certificates; give cert/key/CA, "
+                "or set insecure = true (lab networks only)"
+            )
+        self.name = name
+        self.source = source
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.allow = allow
+        self.insecure = insecure
+        self.handshake_timeout = handshake_timeout
+        self.first_byte_timeout = first_byte_timeout
+        self.device_wait = device_wait
+        self.poll = poll
+        self.state = EndpointState()
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._holder_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.changed = asyncio.Event()  # set on every state change (tests wait on it)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The address it listens on (the real port when ``port`` was 0)."""
+        if self._listener is None:
+            return (self.host, self.port)
+        sockname = self._listener.getsockname()
+        return (str(sockname[0]), int(sockname[1]))
+
+    async def start(self) -> None:
+        # An accept loop of our own: the TLS handshake runs on the accepted
+        # socket before any byte is read (StreamWriter.start_tls after
+        # start_server loses a ClientHello already read into the buffer), and
+        # its failure is ours to report.
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            raise ExportError(
+                f"export {self.name}: cannot listen on {self.host}:{self.port}: {exc.strerror}"
+            ) from None
+        sock.setblocking(False)
+        self._listener = sock
+        self._accept_task = asyncio.create_task(self._accept(sock), name=f"export-{self.name}")
+        log.info("export %s: listening on %s:%d (%s)", self.name, *self.address, self._mode())
+
+    def _mode(self) -> str:
+        return "INSECURE plaintext" if self.tls is None else "mutual TLS"
+
+    async def stop(self) -> None:
+        await cancel_and_wait([self._accept_task, *self._tasks])
+        self._accept_task = None
+        sock, self._listener = self._listener, None
+        if sock is not None:
+            sock.close()
+
+    def _touch(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def _refuse(self, peer: str, reason: str) -> None:
+        self.state.refusals.append(Refusal(time.time(), peer, reason))
+        log.warning("export %s: refused %s: %s", self.name, peer, reason)
+        self._touch()
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(listener)
+            except OSError as exc:
+                log.warning("export %s: accept: %s", self.name, exc)
+                await asyncio.sleep(0.5)
+                continue
+            task = loop.create_task(self._serve(conn, addr))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _open(self, conn: socket.socket) -> Streams:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 20)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol,
+            conn,
+            ssl=self.tls,
+            ssl_handshake_timeout=self.handshake_timeout if self.tls is not None else None,
+        )
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    async def _serve(self, conn: socket.socket, addr: object) -> None:
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        self.state.connections += 1
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            reader, writer = await self._open(conn)
+        except (ssl.SSLError, OSError, EOFError, TimeoutError) as exc:
+            self._refuse(peer, describe_tls_error(exc))
+            conn.close()
+            return
+        who = peer
+        if self.tls is not None:
+            names = peer_names(writer.get_extra_info("ssl_object"))
+            if self.allow is not None and not set(names) & self.allow:
+                self._refuse(
+                    peer,
+                    f"client certificate for {', '.join(names) or '(no name)'} is not "
+                    f"allowed (this device goes to {', '.join(sorted(self.allow))})",
+                )
+                await close_writer(writer)
+                return
+            who = names[0] if names else peer
+        # Open nothing until the client speaks: QEMU checks our certificate
+        # only after the handshake and hangs up without a byte when it fails.
+        try:
+            first = await asyncio.wait_for(reader.read(CHUNK), self.first_byte_timeout)
+        except TimeoutError:
+            self._refuse(peer, f"{who} sent nothing in {self.first_byte_timeout:g} s")
+            await close_writer(writer)
+            return
+        except (OSError, ssl.SSLError) as exc:
+            first = b""
+            log.debug("export %s: %s: %s", self.name, peer, exc)
+        if not first:
+            self._refuse(
+                peer,
+                f"{who} hung up right after the handshake: it rejected this device host's "
+                "certificate (expired? not for the address it dials?)"
+                if self.tls is not None
+                else f"{who} hung up without sending anything",
+            )
+            await close_writer(writer)
+            return
+        holder = self.state.holder
+        if holder is not None and holder != who:
+            self._refuse(peer, f"{self.name} is held by {holder} (first come wins)")
+            await close_writer(writer)
+            return
+        if holder is not None and self._holder_task is not None:
+            # the same VM host again: its old link is dead (cut, QEMU restarted)
+            log.info("export %s: %s reconnected; dropping its old link", self.name, who)
+            await cancel_and_wait([self._holder_task])
+        me = asyncio.current_task()
+        assert me is not None
+        self._holder_task = me
+        self.state.holder = who
+        self._touch()
+        try:
+            await self._stream(who, first, reader, writer)
+        finally:
+            if self._holder_task is me:
+                self._holder_task = None
+                self.state.holder = None
+                self.state.streaming = False
+            self._touch()
+
+    async def _stream(
+        self, who: str, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        link: PlainLink | None = None
+        try:
+            deadline = time.monotonic() + self.device_wait
+            while link is None:
+                link = await self.source.open()
+                if link is not None:
+                    break
+                if time.monotonic() > deadline or writer.is_closing():
+                    log.info("export %s: device not there; closing %s's link", self.name, who)
+                    return
+                await asyncio.sleep(self.poll)
+            self.state.sessions += 1
+            self.state.streaming = True
+            stats = RelayStats(up=len(first))
+            self.state.last = stats
+            self._touch()
+            log.info("export %s: streaming to %s (%s)", self.name, who, self.source.describe())
+            link.writer.write(first)
+            await relay((reader, writer), (link.reader, link.writer), stats)
+            self.state.bytes_up += stats.up
+            self.state.bytes_down += stats.down
+            side = "the VM host" if stats.closed_by == "a" else "the device side"
+            log.info(
+                "export %s: link to %s ended by %s (%d B up, %d B down)",
+                self.name,
+                who,
+                side,
+                stats.up,
+                stats.down,
+            )
+        finally:
+            if link is not None:
+                await link.close()
+            await close_writer(writer)
+
+
+class Exporter:
+    """Every export endpoint of a device host, started and stopped together."""
+
+    def __init__(self, endpoints: list[ExportEndpoint]) -> None:
+        self.endpoints = endpoints
+
+    async def start(self) -> None:
+        started: list[ExportEndpoint] = []
+        try:
+            for ep in self.endpoints:
+                await ep.start()
+                started.append(ep)
+        except BaseException:
+            for ep in started:
+                await ep.stop()
+            raise
+
+    async def stop(self) -> None:
+        for ep in self.endpoints:
+            await ep.stop()
+
+    def to_json(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for ep in self.endpoints:
+            host, port = ep.address
+            last = ep.state.refusals[-1] if ep.state.refusals else None
+            out.append(
+                {
+                    "name": ep.name,
+                    "listen": f"{host}:{port}",
+                    "tls": ep.tls is not None,
+                    "holder": ep.state.holder,
+                    "streaming": ep.state.streaming,
+                    "sessions": ep.state.sessions,
+                    "bytes_up": ep.state.bytes_up,
+                    "bytes_down": ep.state.bytes_down,
+                    "last_refusal": None if last is None else f"{last.peer}: {last.reason}",
+                }
+            )
+        return out
+
+
+__all__ = [
+    "EndpointState",
+    "ExportEndpoint",
+    "ExportError",
+    "Exporter",
+    "Location",
+    "PlainLink",
+    "PlainSource",
+    "Refusal",
+    "SysfsLocator",
+    "TcpSource",
+    "UsbredirectSource",
+]

@@ -1,0 +1,246 @@
+"""Real QEMU's TLS chardev against vmplug's export endpoint (mutual TLS).
+
+QEMU's usb-redir speaks first (its hello), so a usbredir peer on the
+endpoint's plaintext side sees bytes only when the link really carries a
+usbredir stream.  Each bad credential is refused by one side with a reason,
+and nothing is attached: QEMU's ``query-chardev`` shows the chardev
+disconnected, the peer saw nothing, QOM ``attached`` stays false.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.remote.conftest import Pki, UsbredirPeer, expired, wait_for
+from tests.support.qemu_proc import QemuFactory
+from vmplug.errors import UsageError
+from vmplug.remote import certs
+from vmplug.remote.export import ExportEndpoint, TcpSource
+from vmplug.vms.base import UsbRedirSpec, VmConfigError
+from vmplug.vms.qmp import QmpVm
+from vmplug.wire.qmp import SyncQmp
+from vmplug.wire.tls import client_context
+
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
+
+DEV = "vmplug-remote0001"
+
+
+async def _running_vm(qemu: QemuFactory, make_vm: Callable[..., QmpVm]) -> tuple[QmpVm, str]:
+    """A QEMU with xHCI, running (usb-redir writes nothing while the VM is stopped)."""
+    proc = qemu(qmp_sockets=2)
+    proc.start()
+    probe = str(proc.qmp_paths[1])
+
+    def cont() -> None:
+        with SyncQmp(probe) as q:
+            q.execute("cont")
+
+    await asyncio.to_thread(cont)
+    vm = make_vm("vm", proc.qmp_path)
+    await vm.start()
+    assert await vm.wait_connected(10)
+    return vm, probe
+
+
+def _spec(ep: ExportEndpoint, tls_dir: Path | None, **kw: Any) -> UsbRedirSpec:
+    return UsbRedirSpec(
+        "127.0.0.1", ep.address[1], "devhost", None if tls_dir is None else str(tls_dir), **kw
+    )
+
+
+async def test_right_certificates_carry_the_usbredir_stream(
+    pki: Pki,
+    peer: UsbredirPeer,
+    qemu: QemuFactory,
+    make_vm: Callable[..., QmpVm],
+    make_endpoint: Callable[..., Any],
+) -> None:
+    ep = await make_endpoint(pki.devhost, TcpSource("127.0.0.1", peer.port))
+    vm, _ = await _running_vm(qemu, make_vm)
+    await vm.attach(DEV, _spec(ep, pki.qemu_dir(pki.vmhost, "vmhost")))
+    await asyncio.wait_for(peer.got_hello.wait(), 15)
+    assert peer.hellos[0].startswith(b"qemu usb-redir guest"), peer.hellos
+    assert await wait_for(lambda: ep.state.last is not None and ep.state.last.down > 0)
+    assert ep.state.holder == "vmhost"
+    assert ep.state.refusals == type(ep.state.refusals)(maxlen=50)
+    assert (await vm.redir_links()) == {DEV: True}
+    seen = (await vm.observe())[DEV]
+    assert (seen.driver, seen.chardev, seen.bus) == ("usb-redir", f"{DEV}-chr", "xhci.0")
+    assert seen.attached is False  # the test peer announces no device: nothing in the guest
+
+    # vmplug restarted: a new QmpVm adopts the device by its id, and detaches both parts
+    await vm.stop()
+    again = make_vm("vm", vm.address)
+    await again.start()
+    assert await again.wait_connected(10)
+    assert set(await again.observe_bindings()) == {DEV}
+    assert (await again.redir_links()) == {DEV: True}
+    await again.detach(DEV)
+    assert await again.observe() == {}
+    assert await again.redir_links() == {}
+    assert await wait_for(lambda: ep.state.holder is None)
+    assert ep.state.sessions == 1
+
+
+async def _refused(ep: ExportEndpoint, peer: UsbredirPeer, vm: QmpVm, spec: UsbRedirSpec) -> None:
+    """Attach, let QEMU try (and retry), then prove nothing got through."""
+    await vm.attach(DEV, spec)
+    assert await wait_for(lambda: ep.state.connections >= 2, 15), "QEMU did not retry"
+    assert (await vm.redir_links()) == {DEV: False}
+    assert peer.connections == 0 and peer.received == 0  # the device was never opened
+    assert ep.state.sessions == 0 and ep.state.holder is None
+    assert (await vm.observe())[DEV].attached is False
+    await vm.detach(DEV)
+    assert await vm.redir_links() == {}
+
+
+async def test_client_certificate_from_another_ca_is_refused(
+    pki: Pki,
+    peer: UsbredirPeer,
+    qemu: QemuFactory,
+    make_vm: Callable[..., QmpVm],
+    make_endpoint: Callable[..., Any],
+) -> None:
+    ep = await make_endpoint(pki.devhost, TcpSource("127.0.0.1", peer.port))
+    vm, _ = await _running_vm(qemu, make_vm)
+    stranger = certs.issue(pki.other_ca(), "vmhost", pki.root / "stranger")
+    # QEMU itself will not load a certificate its own CA did not sign: a clear error
+    mixed = pki.qemu_dir(certs.HostFiles(pki.ca.cert, stranger.cert, stranger.key), "mixed")
+    with pytest.raises(VmConfigError, match="hasn't got a known issuer"):
+        await vm.attach(DEV, _spec(ep, mixed))
+    assert await vm.observe() == {} and await vm.redir_links() == {}
+    # a VM host of another installation altogether: the endpoint refuses its certificate
+    await _refused(ep, peer, vm, _spec(ep, pki.qemu_dir(stranger, "stranger")))
+    reason = ep.state.refusals[0].reason
+    assert "certificate rejected" in reason and "unable to get local issuer" in reason, reason
+
+
+async def test_expired_client_certificate_is_refused(
+    pki: Pki,
+    peer: UsbredirPeer,
+    qemu: QemuFactory,
+    make_vm: Callable[..., QmpVm],
+    make_endpoint: Callable[..., Any],
+) -> None:
+    ep = await make_endpoint(pki.devhost, TcpSource("127.0.0.1", peer.port))
+    vm, _ = await _running_vm(qemu, make_vm)
+    old = expired(pki, "vmhost-old")
+    # QEMU will not even load an expired certificate of its own
+    with pytest.raises(VmConfigError, match="has expired"):
+        await vm.attach(DEV, _spec(ep, pki.qemu_dir(old, "old")))
+    assert await vm.observe() == {} and await vm.redir_links() == {}
+    # any other client showing it is refused by the endpoint
+    ctx = client_context(old.ca, old.cert, old.key)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _, writer = await asyncio.open_connection(*ep.address, ssl=ctx, server_hostname="devhost")
+        await asyncio.sleep(0.2)
+        writer.write(b"x" * 100)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"x" * 100)
+        await writer.drain()
+    assert await wait_for(lambda: ep.state.refusals)
+    assert "certificate has expired" in ep.state.refusals[0].reason, ep.state.refusals
+
+
+async def test_expired_endpoint_certificate_is_refused_by_qemu(
+    pki: Pki,
+    peer: UsbredirPeer,
+    qemu: QemuFactory,
+    make_vm: Callable[..., QmpVm],
+    make_endpoint: Callable[..., Any],
+) -> None:
+    old = expired(pki, "devhost-old")
+    ep = await make_endpoint(old, TcpSource("127.0.0.1", peer.port))
+    vm, _ = await _running_vm(qemu, make_vm)
+    await _refused(ep, peer, vm, _spec(ep, pki.qemu_dir(pki.vmhost, "vmhost")))
+    assert "hung up right after the handshake" in ep.state.refusals[0].reason, ep.state.refusals
+
+
+async def test_endpoint_with_the_wrong_host_name_is_refused_by_qemu(
+    pki: Pki,
+    peer: UsbredirPeer,
+    qemu: QemuFactory,
+    make_vm: Callable[..., QmpVm],
+    make_endpoint: Callable[..., Any],
+) -> None:
+    """The endpoint shows a certificate for another host (no 127.0.0.1 in it):
+    QEMU checks the address it dialled and hangs up."""
+    elsewhere = pki.issue("otherhost", addresses=["10.9.8.7"])
+    ep = await make_endpoint(elsewhere, TcpSource("127.0.0.1", peer.port))
+    vm, _ = await _running_vm(qemu, make_vm)
+    await _refused(ep, peer, vm, _spec(ep, pki.qemu_dir(pki.vmhost, "vmhost")))
+    assert "hung up right after the handshake" in ep.state.refusals[0].reason, ep.state.refusals
+
+
+async def test_client_name_not_allowed_is_refused(
+    pki: Pki,
+    peer: UsbredirPeer,
+    qemu: QemuFactory,
+    make_vm: Callable[..., QmpVm],
+    make_endpoint: Callable[..., Any],
+) -> None:
+    ep = await make_endpoint(
+        pki.devhost, TcpSource("127.0.0.1", peer.port), allow=frozenset({"vmhost-b"})
+    )
+    vm, _ = await _running_vm(qemu, make_vm)
+    await _refused(ep, peer, vm, _spec(ep, pki.qemu_dir(pki.vmhost, "vmhost")))
+    reason = ep.state.refusals[0].reason
+    assert "client certificate for vmhost is not allowed" in reason, reason
+
+
+async def test_plaintext_client_is_refused(
+    pki: Pki,
+    peer: UsbredirPeer,
+    qemu: QemuFactory,
+    make_vm: Callable[..., QmpVm],
+    make_endpoint: Callable[..., Any],
+) -> None:
+    ep = await make_endpoint(pki.devhost, TcpSource("127.0.0.1", peer.port))
+    vm, _ = await _running_vm(qemu, make_vm)
+    await _refused(ep, peer, vm, _spec(ep, None, insecure=True))
+    reason = ep.state.refusals[0].reason
+    assert "does not speak TLS" in reason, reason
+
+
+async def test_second_vm_host_is_refused_while_the_first_holds(
+    pki: Pki,
+    peer: UsbredirPeer,
+    qemu: QemuFactory,
+    make_vm: Callable[..., QmpVm],
+    make_endpoint: Callable[..., Any],
+) -> None:
+    ep = await make_endpoint(
+        pki.devhost, TcpSource("127.0.0.1", peer.port), allow=frozenset({"vmhost", "vmhost-b"})
+    )
+    first, _ = await _running_vm(qemu, make_vm)
+    await first.attach(DEV, _spec(ep, pki.qemu_dir(pki.vmhost, "vmhost")))
+    assert await wait_for(lambda: ep.state.holder == "vmhost", 15)
+    second, _ = await _running_vm(qemu, make_vm)
+    other = pki.issue("vmhost-b")
+    await second.attach(DEV, _spec(ep, pki.qemu_dir(other, "vmhost-b")))
+    assert await wait_for(lambda: len(ep.state.refusals) >= 1, 15)
+    assert "held by vmhost (first come wins)" in ep.state.refusals[0].reason
+    assert (await second.redir_links()) == {DEV: False}
+    assert (await first.redir_links()) == {DEV: True}
+    # the first lets go: the second's reconnect takes it
+    await first.detach(DEV)
+    assert await wait_for(lambda: ep.state.holder == "vmhost-b", 15)
+    assert await wait_for(second.redir_links, 5) == {DEV: True}
+
+
+async def test_no_certificates_no_link(tmp_path: Path, peer: UsbredirPeer) -> None:
+    with pytest.raises(UsageError, match="insecure = true"):
+        ExportEndpoint("dev", TcpSource("127.0.0.1", peer.port), host="127.0.0.1", port=0, tls=None)
+    spec = UsbRedirSpec("127.0.0.1", 7000, "devhost")
+    assert spec.problem() is not None and "insecure = true" in spec.problem()  # type: ignore[operator]
+    vm = QmpVm("vm", str(tmp_path / "none.sock"))
+    with pytest.raises(VmConfigError, match="needs TLS credentials"):
+        await vm.attach(DEV, spec)
