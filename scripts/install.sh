@@ -86,4 +86,7 @@ fi
 # The man pages vmplug(1) and vmplug.toml(5), made from the same help texts as --help.
 .venv/bin/vmplug man --output /usr/local/share/man 2>/dev/null
 if command -v mandb >/dev/null; then mandb -q /usr/local/share/man 2>/dev/null || true; fi
+# The man pages vmplug(1) and vmplug.toml(5), made from the same help texts as --help.
+.venv/bin/vmplug man --output /usr/local/share/man 2>/dev/null
+if command -v mandb >/dev/null; then mandb -q /usr/local/share/man 2>/dev/null || true; fi
 echo "vmplug: installed in $(pwd)/.venv" >&2

@@ -136,6 +136,8 @@ LAZY_COMMANDS = {
     "doctor": "vmplug.cli.doctor:doctor",
     "generate": "vmplug.cli.generate:generate",
     "demo": "vmplug.cli.demo:demo",
+    "completion": "vmplug.cli.completion:completion",
+    "man": "vmplug.cli.manpage:man_cmd",
 }
 
 
@@ -236,6 +238,9 @@ def add_global_options(command: click.Command) -> click.Command:
         if option.name in taken_names or taken_opts & set(option.opts):
             continue
         command.params.append(option)
+    from vmplug.cli.completion import add_completers  # noqa: PLC0415
+
+    add_completers(command)  # device arguments and --vm complete in bash, zsh and fish
     if GLOBAL_NOTE not in (command.epilog or ""):
         command.epilog = f"{command.epilog}\n\n{GLOBAL_NOTE}" if command.epilog else GLOBAL_NOTE
     if isinstance(command, click.Group):
@@ -308,6 +313,8 @@ def cli(ctx: click.Context, sysfs_root: Path | None, config: str | None, debug: 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run the CLI, turn errors into exit codes."""
     debug = os.environ.get("VMPLUG_DEBUG") == "1" or "--debug" in (argv or sys.argv[1:])
+    if "_VMPLUG_COMPLETE" in os.environ:  # a TAB in bash, zsh or fish
+        import vmplug.cli.completion  # noqa: F401, PLC0415 - registers vmplug's bash class
     try:
         cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except BaseException as exc:  # every way out gets its exit status
