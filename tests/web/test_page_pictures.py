@@ -22,6 +22,7 @@ from playwright.async_api import Browser, Page, async_playwright
 
 from tests.support.apirig import FIXTURES, TOKEN, ApiRig
 from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS
+from vmplug.textsafe import printable
 
 pytestmark = pytest.mark.qemu
 
@@ -35,7 +36,7 @@ LAPTOP = {"width": 1024, "height": 768}
 HOSTILE_MAKER = "X\n\x1b[2J\x1b[31mRED\x1b[0m" + "M" * 5000
 HOSTILE_PRODUCT = (
     '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
-    "\r\nFAKE 9-9 row\x07\u202eevil"
+    "\r\nFAKE 9-9 row\x07\u202eevil\u200b\u2028\U000e0041\\x1b"
 )
 HOSTILE_SERIAL = "S1\n\x1b]0;title\x07<b>bold</b>"
 
@@ -358,9 +359,16 @@ async def test_hostile_device_strings_are_shown_cut_and_inert(
         assert "X\\n\\x1b[2J\\x1b[31mRED\\x1b[0m" + "M" * 5000 in facts
         assert "<script>window.__pwned = 1</script>" in facts  # as text
         assert "\\r\\nFAKE 9-9 row\\x07\\u202eevil" in facts
+        # the same visible form as every other surface (the CLI's vmplug.textsafe)
+        dds = await page.eval_on_selector_all("#d-facts dd", "els => els.map(e => e.textContent)")
+        assert dds[:3] == [
+            printable(HOSTILE_MAKER, None),
+            printable(HOSTILE_PRODUCT, None),
+            printable(HOSTILE_SERIAL + "-1-3", None),
+        ], dds[:3]
         assert "S1\\n\\x1b]0;title\\x07<b>bold</b>-1-3" in facts
         text = await page.evaluate("document.body.innerText")
-        for raw in ("\x1b", "\x07", "\u202e", "\r"):
+        for raw in ("\x1b", "\x07", "\u202e", "\r", "\u200b", "\u2028", "\U000e0041"):
             assert raw not in text, repr(raw)
         maker = await page.evaluate(
             """() => { const dd = document.querySelector('#d-facts dd');

@@ -18,16 +18,18 @@
 
   // -- device strings: visible, cut ---------------------------------------------
 
-  // control characters (C0, DEL, C1), bidi overrides and invisible marks: shown as
-  // escapes, never interpreted.  "\n" is the two characters backslash and n.
-  const CONTROL = /[\u0000-\u001f\u007f-\u009f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]/g;
+  // the same rule as the CLI's (vmplug.textsafe.printable): controls, format
+  // characters (bidi overrides, zero-width marks), lone surrogates and line/paragraph
+  // separators are shown as escapes, never interpreted; "\n" is the two characters
+  // backslash and n; a backslash is doubled, so an escape always means a character
+  const UNSAFE = /[\p{Cc}\p{Cf}\p{Cs}\p{Zl}\p{Zp}\\]/gu;
   const NAMED = { "\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\" };
   const hex = (n, w) => n.toString(16).padStart(w, "0");
   const visible = (s) =>
-    String(s ?? "").replace(CONTROL, (c) => {
+    String(s ?? "").replace(UNSAFE, (c) => {
       if (NAMED[c]) return NAMED[c];
-      const n = c.charCodeAt(0);
-      return n < 256 ? `\\x${hex(n, 2)}` : `\\u${hex(n, 4)}`;
+      const n = c.codePointAt(0);
+      return n <= 0xff ? `\\x${hex(n, 2)}` : n <= 0xffff ? `\\u${hex(n, 4)}` : `\\U${hex(n, 8)}`;
     });
   // the JS cap (CSS ellipsis does the rest): a 5,000-character name costs 5,000
   // characters in the detail panel only
