@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from vmplug.history.store import ActionKind, EventKind, Result, Store
@@ -117,12 +117,3 @@ class Journal:
         if self.store is not None:
             store, ts = self.store, time.time()
             self._write("device", lambda: store.remember_device(dev, ts=ts))
-
-    @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        """:meth:`hold` for the block, then :meth:`release`, even on error."""
-        self.hold()
-        try:
-            yield
-        finally:
-            self.release()

@@ -249,8 +249,8 @@ class Daemon:
     def _handle_host_event(self, event: HostEvent) -> None:
         self.stats.events += 1
         if event.action in ("add", "bind"):
-            read = read_one(self.sysfs_root, event.devpath or "", event.port)
-            if read is None:
+            dev = read_one(self.sysfs_root, event.devpath or "", event.port)
+            if dev is None:
                 # Gone again before we looked, or read while the kernel removed
                 # it (or had not finished setting it up): a half-read device
                 # gives a wrong identity and rule decision, so none at all.
@@ -261,7 +261,6 @@ class Daemon:
                 self._look_again(event, device_dir(self.sysfs_root, event.devpath or ""))
                 return
             self._unsettled.pop(event.port, None)
-            dev = read
             if event.action == "add" and not dev.interfaces:
                 # Several configurations and none chosen yet: the interfaces a
                 # rule may ask about are not known before the kernel picks one.
