@@ -38,7 +38,7 @@ def test_a_crashing_check_becomes_a_finding_and_the_others_run() -> None:
     assert failed.check == "t.boom.failed" and failed.severity is Severity.ERROR
     assert "KeyError" in failed.title and "no such thing" in failed.title
     assert failed.evidence[0].startswith("raised at ") and "test_findings.py" in failed.evidence[0]
-    assert exit_status(out) == 2
+    assert exit_status(out) == 1  # found problems; 2 is bad input, the CLI's alone
 
 
 def test_exit_status() -> None:
@@ -49,7 +49,9 @@ def test_exit_status() -> None:
     assert exit_status([]) == 0
     assert exit_status([ok, info]) == 0
     assert exit_status([ok, warn, info]) == 1
-    assert exit_status([warn, err]) == 2
+    assert exit_status([warn, err]) == 1
+    assert exit_status([ok, warn], Severity.ERROR) == 0  # --fail-on error
+    assert exit_status([warn, err], Severity.ERROR) == 1
 
 
 def test_json_document_is_stable() -> None:

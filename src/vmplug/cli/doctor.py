@@ -9,8 +9,9 @@ import click
 
 from vmplug.cli.app import EPILOG_ENV, Context, emit_json, pass_ctx
 from vmplug.doctor.context import DoctorContext
-from vmplug.doctor.findings import CheckSpec, exit_status, run_checks
+from vmplug.doctor.findings import CheckSpec, Severity, exit_status, run_checks
 from vmplug.doctor.report import render, to_json
+from vmplug.errors import UsageError
 
 
 def all_checks() -> list[CheckSpec]:
@@ -21,8 +22,53 @@ def all_checks() -> list[CheckSpec]:
 
 EPILOG = EPILOG_ENV.replace(
     "Exit status: 0 success, 1 failure or nothing found, 2 bad input.",
-    "Exit status: 0 nothing to fix, 1 warnings, 2 errors (or bad input).",
+    "Exit status: 0 nothing wrong, 1 found problems (a warning or an error; with\n"
+    "--fail-on error: an error), 2 bad input (a bad DEVICE, option or config, an\n"
+    "unreadable or invalid --compose, --inspect or --kernel-log file): no check ran.",
 )
+
+
+def _check_inputs(
+    device: str | None,
+    compose_files: tuple[Path, ...],
+    inspect_files: tuple[Path, ...],
+    kernel_log: Path | None,
+) -> str | None:
+    """Refuse bad input before any check runs (exit status 2, not a finding);
+    returns the kernel log's text when --kernel-log names one."""
+    from vmplug.doctor.container_info import (  # noqa: PLC0415
+        load_compose_file,
+        load_inspect_file,
+    )
+
+    if device is not None and not device.strip():
+        raise UsageError("DEVICE is empty: give a port path, vid:pid, a serial or rule:RULE")
+    if device and device.strip().startswith("rule:"):
+        from vmplug.rules import parse_rule  # noqa: PLC0415
+
+        parse_rule(device.strip()[len("rule:") :])  # a bad rule is bad input: exit 2 now
+    for what, paths, loader in (
+        ("--compose", compose_files, load_compose_file),
+        ("--inspect", inspect_files, load_inspect_file),
+    ):
+        for path in paths:
+            try:
+                loader(path)
+            except UsageError:
+                raise
+            except OSError as exc:
+                raise UsageError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+            except Exception as exc:  # YAML and JSON parsers raise many kinds
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise UsageError(
+                    f"{what} {path}: not a valid {what[2:]} file: {type(exc).__name__}: {first}"
+                ) from None
+    if kernel_log is None:
+        return None
+    try:
+        return kernel_log.read_text(errors="replace")
+    except OSError as exc:
+        raise UsageError(f"--kernel-log {kernel_log}: cannot read: {exc.strerror}") from None
 
 
 @click.command("doctor", epilog=EPILOG)
@@ -85,6 +131,13 @@ EPILOG = EPILOG_ENV.replace(
     help="Device nodes (/dev/bus/usb, udev symlinks) under this directory.",
 )
 @click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for a socket.")
+@click.option(
+    "--fail-on",
+    type=click.Choice(["warning", "error"]),
+    default="warning",
+    show_default=True,
+    help="Exit 1 on a finding this severe or worse (error: warnings exit 0).",
+)
 @pass_ctx
 def doctor(
     obj: Context,
@@ -102,6 +155,7 @@ def doctor(
     proc_root: Path,
     dev_root: Path,
     timeout: float,
+    fail_on: str,
 ) -> None:
     """Find where a USB pass-through breaks: host, container, QEMU, guest.
 
@@ -141,10 +195,7 @@ def doctor(
     """
     from vmplug.config import config_path, load_config  # noqa: PLC0415
 
-    if device and device.strip().startswith("rule:"):
-        from vmplug.rules import parse_rule  # noqa: PLC0415
-
-        parse_rule(device.strip()[len("rule:") :])  # a bad rule is bad input: exit 2 now
+    kernel_text = _check_inputs(device, compose_files, inspect_files, kernel_log)
     config = None
     path = config_path(obj.config)
     if obj.config or path.exists():
@@ -153,7 +204,7 @@ def doctor(
         sysfs_root=obj.sysfs_root,
         dev_root=dev_root,
         proc_root=proc_root,
-        kernel_log_source=(lambda: kernel_log.read_text(errors="replace")) if kernel_log else None,
+        kernel_log_source=(lambda: kernel_text) if kernel_text is not None else None,
         config=config,
         store_path=store_path,
         device=device,
@@ -170,11 +221,12 @@ def doctor(
         findings = run_checks(ctx, all_checks())
     finally:
         ctx.close()
+    threshold = Severity.ERROR if fail_on == "error" else Severity.WARNING
     if as_json:
-        emit_json(to_json(findings))
+        emit_json(to_json(findings, threshold))
     else:
         from rich.console import Console  # noqa: PLC0415
 
         console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
         console.print(render(findings, verbose=verbose))
-    raise SystemExit(exit_status(findings))
+    raise SystemExit(exit_status(findings, threshold))

@@ -96,11 +96,18 @@ def run_checks(ctx: DoctorContext, checks: Sequence[CheckSpec]) -> list[Finding]
     return out
 
 
-def exit_status(findings: Iterable[Finding]) -> int:
-    """0: nothing to fix; 1: warnings; 2: errors."""
-    worst = max((f.severity for f in findings), default=Severity.OK)
-    if worst >= Severity.ERROR:
-        return 2
-    if worst >= Severity.WARNING:
-        return 1
-    return 0
+def worst(findings: Iterable[Finding]) -> Severity:
+    """The most severe finding's severity (OK when there is none)."""
+    return max((f.severity for f in findings), default=Severity.OK)
+
+
+#: Exit statuses of ``vmplug doctor``: 2 (bad input: a bad selector, an
+#: unreadable or invalid file) is the command line's, before any check runs.
+NOTHING_WRONG = 0
+FOUND_PROBLEMS = 1
+
+
+def exit_status(findings: Iterable[Finding], fail_on: Severity = Severity.WARNING) -> int:
+    """0: nothing wrong; 1: a finding at ``fail_on`` or worse (by default a
+    warning or an error).  Never 2: that is bad input, which the CLI refuses."""
+    return FOUND_PROBLEMS if worst(findings) >= fail_on else NOTHING_WRONG

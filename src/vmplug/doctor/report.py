@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from vmplug.doctor.findings import LAYERS, Finding, Severity, exit_status
+from vmplug.doctor.findings import LAYERS, Finding, Severity, exit_status, worst
 
 MARKS = {
     Severity.OK: ("✓", "green"),
@@ -16,16 +16,21 @@ MARKS = {
 SCHEMA_VERSION = 1
 
 
-def to_json(findings: Sequence[Finding]) -> dict[str, Any]:
+def status_label(findings: Sequence[Finding]) -> str:
+    """``ok`` (notes at most), ``warning`` or ``error``: the worst finding."""
+    level = worst(findings)
+    return "error" if level >= Severity.ERROR else "warning" if level >= Severity.WARNING else "ok"
+
+
+def to_json(findings: Sequence[Finding], fail_on: Severity = Severity.WARNING) -> dict[str, Any]:
     """The ``--json`` document; its keys and values are stable for scripts."""
     counts = {s.label: 0 for s in Severity}
     for f in findings:
         counts[f.severity.label] += 1
-    status = exit_status(findings)
     return {
         "version": SCHEMA_VERSION,
-        "status": ("ok", "warning", "error")[status],
-        "exit_status": status,
+        "status": status_label(findings),
+        "exit_status": exit_status(findings, fail_on),
         "counts": counts,
         "findings": [f.to_json() for f in findings],
     }
@@ -64,14 +69,14 @@ def render(findings: Sequence[Finding], verbose: bool = False) -> str:
                 lines.extend(f"           {escape(x)}" for x in fix_lines[1:])
         lines.append("")
     counts = to_json(findings)["counts"]
-    status = exit_status(findings)
+    status = status_label(findings)
     summary = (
         f"{counts['error']} errors, {counts['warning']} warnings, {counts['info']} notes, "
         f"{counts['ok']} checks passed"
     )
-    if status == 0:
+    if status == "ok":
         lines.append(f"[green]nothing to fix[/green] ({summary})")
     else:
-        style = "red" if status == 2 else "yellow"
+        style = "red" if status == "error" else "yellow"
         lines.append(f"[{style}]{summary}[/{style}]")
     return "\n".join(lines)
