@@ -254,7 +254,9 @@
 
   // -- SVG pictures ---------------------------------------------------------------
 
-  function timeline(spans, marks, [t0, t1], { height = 10, axis = false, cls = "strip" } = {}) {
+  // tips: a tooltip per span (the detail panel's); the rows' strips go without, a
+  // date formatted per span for 200 rows is most of a refresh
+  function timeline(spans, marks, [t0, t1], { height = 10, axis = false, cls = "strip", tips = false } = {}) {
     const W = 1000;
     const bar = height;
     const total = axis ? height + 16 : height;
@@ -265,8 +267,8 @@
       if (sp.end <= t0 || sp.start >= t1) continue;
       const a = x(sp.start);
       const w = Math.max(x(sp.end) - a, 1.5);
-      const what = `${sp.state}: ${new Date(sp.start * 1000).toLocaleString()} – ${new Date(sp.end * 1000).toLocaleString()} (${fmtS(sp.end - sp.start)})`;
-      svg.append(s("rect", { class: `span s-${sp.state}`, x: a.toFixed(2), y: 0, width: w.toFixed(2), height: bar, data: { state: sp.state, start: String(sp.start), end: String(sp.end) } }, tip(what)));
+      const what = tips ? tip(`${sp.state}: ${new Date(sp.start * 1000).toLocaleString()} – ${new Date(sp.end * 1000).toLocaleString()} (${fmtS(sp.end - sp.start)})`) : null;
+      svg.append(s("rect", { class: `span s-${sp.state}`, x: a.toFixed(2), y: 0, width: w.toFixed(2), height: bar, data: { state: sp.state, start: String(sp.start), end: String(sp.end) } }, what));
     }
     for (const m of marks) {
       if (m.t < t0 || m.t > t1) continue;
@@ -503,24 +505,30 @@
   // the timelines in the tree rows and VM columns, and the host's figures.
   // full: replay the journal and redraw everything (new journal, the clock moved);
   // else only the rows the last render replaced, from the last replay
+  const strips = new Map(); // identity or "vm:" + name -> its drawn strip, until the next replay
   function renderPictures(full) {
     const t0 = performance.now();
     if (full || !state.replayed) {
       const win = timeWindow();
       const { devs, vms } = replay(state.history, win[1], state.vms.map((v) => v.name));
       state.replayed = { devs, vms, win };
+      strips.clear();
       renderHost(devs, win);
     }
     const { devs, vms, win } = state.replayed;
+    const strip = (key, r, opts) => {
+      let svg = strips.get(key);
+      if (!svg) strips.set(key, (svg = timeline(r ? r.spans : [], r ? r.marks : [], win, opts)));
+      return svg;
+    };
     for (const box of document.querySelectorAll("#tree .strip-box")) {
-      if (!full && box.firstChild) continue;
-      const r = devs.get(box.dataset.identity);
-      box.replaceChildren(timeline(r ? r.spans : [], r ? r.marks : [], win));
+      const id = box.dataset.identity;
+      const svg = strip(id, devs.get(id));
+      if (box.firstChild !== svg) box.replaceChildren(svg); // a rebuilt row takes the drawn strip
     }
     for (const box of document.querySelectorAll("#vms .vm-strip")) {
-      if (!full && box.firstChild) continue;
-      const r = vms.get(box.dataset.vm);
-      box.replaceChildren(timeline(r ? r.spans : [], r ? r.marks : [], win, { height: 8 }));
+      const svg = strip("vm:" + box.dataset.vm, vms.get(box.dataset.vm), { height: 8 });
+      if (box.firstChild !== svg) box.replaceChildren(svg);
     }
     if (full) window.vmplugStats.picturesMs = performance.now() - t0;
   }
@@ -584,14 +592,19 @@
     const vk = state.vms.map((v) => v.name).join("\n");
     const vmsChanged = vk !== vmKey;
     vmKey = vk;
+    const p0 = performance.now();
     if (key !== treeKey || vmsChanged) {
       treeKey = key;
       buildTree();
     } else {
       updateRows();
     }
+    const p1 = performance.now();
     renderVms();
+    const p2 = performance.now();
     renderPictures(false);
+    // where a render's time goes, for benchmarks: tree rows, VM columns, timelines
+    window.vmplugStats.parts = [p1 - p0, p2 - p1, performance.now() - p2];
     const attached = [...state.devices.values()].filter((d) => d.attached).length;
     $("summary").textContent = `${state.devices.size} devices, ${attached} in ${state.vms.length} VMs`;
     state.version += 1;
@@ -628,8 +641,11 @@
     journalAt = performance.now();
     Promise.all([api("GET", "/v1/history?limit=10000"), api("GET", "/v1/health")])
       .then(([history, health]) => {
+        const last = (h) => (h.length ? `${h.length}:${h[h.length - 1].id}` : "");
+        const news = last(history) !== last(state.history);
         state.history = history;
         state.health = health;
+        if (!news) return; // the clock alone: the 10 s redraw moves the window
         renderPictures(true);
         if (state.selected) drawDetailPictures();
       })
@@ -759,7 +775,7 @@
     if (!d || !rp) return;
     const r = rp.devs.get(d.identity);
     const spans = r ? r.spans : [];
-    $("d-timeline").replaceChildren(timeline(spans, r ? r.marks : [], rp.win, { height: 22, axis: true, cls: "big" }), axisLabels(rp.win), legend());
+    $("d-timeline").replaceChildren(timeline(spans, r ? r.marks : [], rp.win, { height: 22, axis: true, cls: "big", tips: true }), axisLabels(rp.win), legend());
     const sl = slices(spans, rp.win);
     const hrow = state.detailHealth || {};
     const slot = fmtS(sl.step);
