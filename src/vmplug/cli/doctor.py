@@ -15,9 +15,9 @@ from vmplug.errors import UsageError
 
 
 def all_checks() -> list[CheckSpec]:
-    from vmplug.doctor import container, guest, host, qemu  # noqa: PLC0415
+    from vmplug.doctor import container, guest, host, proxmox, qemu  # noqa: PLC0415
 
-    return [*host.CHECKS, *container.CHECKS, *qemu.CHECKS, *guest.CHECKS]
+    return [*host.CHECKS, *container.CHECKS, *qemu.CHECKS, *proxmox.CHECKS, *guest.CHECKS]
 
 
 EPILOG = EPILOG_ENV.replace(

@@ -414,3 +414,53 @@ def systemd_cmd(
             _say(line)
     else:
         click.echo(text, nl=False)
+
+
+# ---------------------------------------------------------------------------
+# proxmox
+
+
+@generate.command("proxmox", epilog=SELECTORS_HELP)
+@_device_args
+@click.option(
+    "--vmid", type=click.IntRange(100, 999_999_999), required=True, help="The Proxmox VMID."
+)
+@click.option("--by-port", is_flag=True, help="host=BUS-PORT: whatever is plugged into that port.")
+@click.option(
+    "--mapping",
+    metavar="NAME",
+    help="mapping=NAME: a cluster-wide resource mapping (printed as a pvesh command too).",
+)
+@click.option("--node", metavar="NODE", help="The node for --mapping (default: this host).")
+@click.pass_context
+def proxmox_cmd(
+    ctx: click.Context,
+    selectors: tuple[str, ...],
+    as_json: bool,
+    vmid: int,
+    by_port: bool,
+    mapping: str | None,
+    node: str | None,
+) -> None:
+    """`qm set VMID --usbN host=...` lines: Proxmox VE holds the devices itself.
+
+    Each device gets the first usbN the VM's /etc/pve/qemu-server/VMID.conf
+    does not use (VMPLUG_PROXMOX_ETC moves that directory), host=VENDOR:PRODUCT
+    (or BUS-PORT with --by-port, or mapping=NAME with --mapping) and usb3=1
+    when it is SuperSpeed.  Leave such a device out of vmplug's rules:
+    `vmplug doctor` reports one claimed by both.
+    """
+    from vmplug.generate import proxmox as proxmox_mod  # noqa: PLC0415
+    from vmplug.vms.proxmox_conf import etc_dir, read_vm_confs  # noqa: PLC0415
+
+    devices = _selected(ctx, selectors)
+    existing = next((vm for vm in read_vm_confs(etc_dir()) if vm.vmid == vmid), None)
+    plan = proxmox_mod.plan_proxmox(
+        devices, vmid, by_port=by_port, mapping=mapping, node=node, existing=existing
+    )
+    if as_json:
+        emit_json(proxmox_mod.ProxmoxPlan.to_json(plan))
+        return
+    click.echo(proxmox_mod.render(plan), nl=False)
+    for note in plan.notes:
+        _say(f"note: {note}")

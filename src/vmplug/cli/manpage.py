@@ -144,6 +144,8 @@ def render_vmplug1(root: click.Group | None = None) -> str:
         "(default /var/run/qemu-server).",
         ".TP\n.B VMPLUG_PROXMOX_ETC\nWhere Proxmox's VM configs are "
         "(default /etc/pve/qemu-server).",
+        ".TP\n.B VMPLUG_PROXMOX_NODE\nThis Proxmox node's name, for resource mappings "
+        "(default: the host name).",
         ".TP\n.B DOCKER_HOST\nThe Docker or Podman API socket the doctor and vms ask.",
         ".SH FILES",
         ".TP\n.I /etc/vmplug/vmplug.toml\nThe config file, see \\fBvmplug.toml\\fR(5).",

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import fnmatch
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,11 +273,15 @@ async def scan_containers(socket: str | None, timeout: float) -> tuple[list[Foun
 
 
 def scan_proxmox(run_dir: Path) -> list[FoundVm]:
+    """Running Proxmox VMs (their QMP sockets), named as their VMID.conf names them
+    (``pveVMID`` when it has no name vmplug's config can take)."""
     from vmplug.vms.proxmox import list_vmids, socket_path  # noqa: PLC0415
+    from vmplug.vms.proxmox_conf import vm_names  # noqa: PLC0415
 
+    names = {k: v for k, v in vm_names().items() if _PVE_NAME.fullmatch(v)}
     return [
         FoundVm(
-            name=f"pve{vmid}",
+            name=names.get(vmid, f"pve{vmid}"),
             kind="proxmox",
             where=f"proxmox:{vmid}",
             source="proxmox",
@@ -284,6 +289,10 @@ def scan_proxmox(run_dir: Path) -> list[FoundVm]:
         )
         for vmid in list_vmids(run_dir)
     ]
+
+
+#: What vmplug's config takes as a VM name (config.py's rule).
+_PVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def from_config(vms: Iterable[VmConfig]) -> list[FoundVm]:
