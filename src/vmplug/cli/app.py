@@ -29,6 +29,7 @@ from click.core import ParameterSource
 
 from vmplug import __version__
 from vmplug.errors import VmplugError
+from vmplug.textsafe import DEFAULT_LIMIT, printable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -36,11 +37,13 @@ if TYPE_CHECKING:
     from vmplug.model import UsbDevice
 
 
-def escape(text: str) -> str:
-    """Rich markup escaping, imported only when something is rendered with Rich."""
+def escape(text: str, limit: int | None = DEFAULT_LIMIT) -> str:
+    """Text from outside (a device's strings, a VM's, a daemon's answer) for Rich:
+    control characters made visible, one line, cut at ``limit``
+    (:func:`vmplug.textsafe.printable`), then Rich markup escaped."""
     from rich.markup import escape as rich_escape  # noqa: PLC0415
 
-    return rich_escape(text)
+    return rich_escape(printable(text, limit))
 
 
 EPILOG_ENV = """\b
@@ -97,7 +100,7 @@ class Context:
         devices = read_devices(self.sysfs_root)
         for dev in devices:
             for warning in dev.warnings:
-                click.echo(f"warning: {dev.port}: {warning}", err=True)
+                click.echo(f"warning: {dev.port}: {printable(warning, 500)}", err=True)
         if include_root_hubs:
             return devices
         return [d for d in devices if not d.is_root_hub]

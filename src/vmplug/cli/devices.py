@@ -9,6 +9,7 @@ import click
 
 from vmplug.cli.app import EPILOG_ENV, Context, emit_json, escape, pass_ctx
 from vmplug.model import UsbDevice
+from vmplug.textsafe import printable
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -117,7 +118,7 @@ def list_cmd(obj: Context, as_tree: bool, as_json: bool, show_all: bool, as_rule
         rules = [device_rule(d) for d in devices]
         for r in rules:
             if r.error:
-                click.echo(f"vmplug: {r.port}: no rule: {r.error}", err=True)
+                click.echo(f"vmplug: {r.port}: no rule: {printable(r.error, 500)}", err=True)
         if as_json:
             emit_json([r.to_json() for r in rules if r.text])
         else:

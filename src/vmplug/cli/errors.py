@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import click
 
 from vmplug.errors import UsageError, VmplugError
+from vmplug.textsafe import printable_lines
 
 OK = 0
 FAILURE = 1
@@ -69,7 +70,7 @@ class VmplugFailure(click.ClickException):
         self.exit_code = exit_status(error)  # type: ignore[misc]  # click's class default
 
     def show(self, file: Any = None) -> None:
-        click.echo(self.message, err=True)
+        click.echo(printable_lines(self.message), err=True)
 
 
 def print_traceback() -> None:
@@ -78,7 +79,8 @@ def print_traceback() -> None:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(message, err=True)
+    # the last safeguard: no control character of a device or a peer reaches the terminal
+    click.echo(printable_lines(message), err=True)
     raise SystemExit(code)
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
-from vmplug.cli.app import EPILOG_ENV, Context, emit_json, pass_ctx
+from vmplug.cli.app import EPILOG_ENV, Context, emit_json, escape, pass_ctx
 from vmplug.cli.daemon import daemon_settings, daemon_socket
 from vmplug.errors import UsageError, VmplugError
 
@@ -209,7 +208,7 @@ def _print(
         eph = "-" if r["errors_per_hour"] is None else f"{r['errors_per_hour']:.3g}"
         table.add_row(
             escape(r["port"] or "-") + ("" if r["present"] else " (gone)"),
-            escape(r["name"] or r["identity"]),
+            escape(r["name"] or r["identity"], 200),
             uptime,
             str(r["failures"]),
             _fmt_s(r["mtbf_s"]),

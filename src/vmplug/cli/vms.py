@@ -21,6 +21,7 @@ from vmplug.config_write import NewRule, match_for, render_config, write_config
 from vmplug.errors import UsageError, VmplugError
 from vmplug.host.select import describe
 from vmplug.model import UsbDevice
+from vmplug.textsafe import printable
 from vmplug.vms.discover import DEFAULT_LIBVIRT_URI, Discovery, FoundVm, discover
 
 # ---------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def vms(
         emit_json(found.to_json())
         return
     for note in found.notes:
-        click.echo(f"note: {note}", err=True)
+        click.echo(f"note: {printable(note, None, backslash=False)}", err=True)
     if not found.vms:
         click.echo("no VMs found", err=True)
         return
@@ -403,7 +404,8 @@ def _ask(
     if candidates:
         click.echo("VMs found:", err=True)
         for i, vm in enumerate(candidates, 1):
-            click.echo(f"  {i}. {vm.name}  {vm.where}  ({vm.source}, {vm.state})", err=True)
+            line = f"{printable(vm.name)}  {printable(vm.where or '-', None)}"
+            click.echo(f"  {i}. {line}  ({vm.source}, {printable(vm.state)})", err=True)
         picked = click.prompt(
             "VMs to manage (numbers, comma-separated; empty for none)",
             default="",

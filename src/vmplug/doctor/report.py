@@ -6,6 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from vmplug.doctor.findings import LAYERS, Finding, Severity, exit_status, worst
+from vmplug.textsafe import printable
+
+#: How much of a finding's title or of one line of its evidence is shown: they
+#: quote what devices, VMs and processes say about themselves.
+LINE_LIMIT = 400
 
 MARKS = {
     Severity.OK: ("✓", "green"),
@@ -40,8 +45,15 @@ def render(findings: Sequence[Finding], verbose: bool = False) -> str:
     """Rich markup text: per layer, each finding with its evidence and fix.
 
     ``ok`` findings show as one line each (evidence only with ``verbose``).
+    Every line of text from a finding goes through
+    :func:`~vmplug.textsafe.printable` (a device's name can hold escape
+    sequences and newlines) before Rich's markup escaping; a fix, which is
+    meant to be copied, is never cut.
     """
-    from rich.markup import escape  # noqa: PLC0415
+    from rich.markup import escape as rich_escape  # noqa: PLC0415
+
+    def escape(text: str, limit: int | None = LINE_LIMIT) -> str:
+        return rich_escape(printable(text, limit, backslash=False))
 
     lines: list[str] = []
     #: a note's long fix is shown once per check (many VMs without an agent channel)
@@ -65,8 +77,8 @@ def render(findings: Sequence[Finding], verbose: bool = False) -> str:
                 if f.severity == Severity.INFO:
                     shown[f.check] = f.subject or f.title
                 fix_lines = f.fix.splitlines()
-                lines.append(f"      [bold]fix:[/bold] {escape(fix_lines[0])}")
-                lines.extend(f"           {escape(x)}" for x in fix_lines[1:])
+                lines.append(f"      [bold]fix:[/bold] {escape(fix_lines[0], None)}")
+                lines.extend(f"           {escape(x, None)}" for x in fix_lines[1:])
         lines.append("")
     counts = to_json(findings)["counts"]
     status = status_label(findings)
