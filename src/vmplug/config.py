@@ -152,6 +152,17 @@ class ApiConfig:
     token_file: str | None = None
     #: group allowed on the unix socket (mode 0660) besides root
     group: str | None = None
+    #: open connections per listener (unix socket, TCP port), and from one client
+    #: (an IP address; a uid on the unix socket): one more is answered 503
+    max_connections: int = 256
+    max_connections_per_client: int = 64
+    #: /v1/events subscribers per listener, and from one client
+    max_streams: int = 64
+    max_streams_per_client: int = 16
+    #: seconds a new connection has to send its first request's headers
+    header_timeout: float = 10.0
+    #: seconds a keep-alive connection may wait idle for its next request
+    idle_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +239,16 @@ class _Locator:
 _VM_KEYS = {*VM_KINDS, "shared", "usb_bus", "add_controller", "uri", "persist"}
 _RULE_KEYS = {"attach", "block", "match", "comment"}
 _DAEMON_KEYS = {"socket", "database"}
-_API_KEYS = {"listen", "token_file", "group"}
+#: the [api] bounds: key -> (type, least value)
+_API_BOUNDS: dict[str, tuple[type, float]] = {
+    "max_connections": (int, 1),
+    "max_connections_per_client": (int, 1),
+    "max_streams": (int, 0),
+    "max_streams_per_client": (int, 0),
+    "header_timeout": (float, 0.1),
+    "idle_timeout": (float, 0.1),
+}
+_API_KEYS = {"listen", "token_file", "group", *_API_BOUNDS}
 _TOP_KEYS = {"vm", "rule", "daemon", "api"}
 _LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):(?P<port>\d{1,5})$")
 
@@ -475,10 +495,23 @@ class _Loader:
         if token_file is not None and not token_file.startswith("/"):
             where = self.loc.key(line, "token_file") or line
             raise self.error(f"[api]: token_file {token_file!r} must be absolute", where)
+        bounds: dict[str, Any] = {}
+        for key, (kind, least) in _API_BOUNDS.items():
+            value = table.get(key)
+            if value is None:
+                continue
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            self.typed({key: value}, key, kind, "[api]", line)
+            if value < least:
+                where = self.loc.key(line, key) or line
+                raise self.error(f"[api]: {key} must be at least {least:g}, not {value}", where)
+            bounds[key] = value
         return ApiConfig(
             listen=listen,
             token_file=token_file,
             group=self.typed(table, "group", str, "[api]", line),
+            **bounds,
         )
 
 

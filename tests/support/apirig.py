@@ -19,6 +19,7 @@ from typing import Any
 
 from tests.support.fakekernel import FIXTURES, FakeKernel, until
 from tests.support.qemu_proc import QemuProcess
+from vmplug.api.limits import Limits
 from vmplug.api.server import Api
 from vmplug.config import parse_config
 from vmplug.daemon.reconciler import Daemon
@@ -39,8 +40,11 @@ match = 'via-port "2-2.4.2"'
 class ApiRig:
     """Kernel, VMs, daemon and API of one test; :meth:`close` stops everything."""
 
-    def __init__(self, tmp: Path, *, sysfs_root: Path | None = None) -> None:
+    def __init__(
+        self, tmp: Path, *, sysfs_root: Path | None = None, limits: Limits | None = None
+    ) -> None:
         self.tmp = tmp
+        self.limits = limits
         self.kernel = FakeKernel(tmp, root=sysfs_root)
         self.sock_dir = Path(tempfile.mkdtemp(prefix="vmplug-api", dir="/tmp"))
         self.qemus: dict[str, QemuProcess] = {}
@@ -84,7 +88,7 @@ class ApiRig:
             store=self.store,
             config_path=self.config_path,
         )
-        self.api = Api(self.daemon)
+        self.api = Api(self.daemon, limits=self.limits)
         await self.api.start_unix(self.socket, group=group)
         self.port = await self.api.start_tcp("127.0.0.1:0", TOKEN)
         await self.daemon.start()

@@ -33,6 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from vmplug.api import security
+from vmplug.api.limits import Gate, Limits, client_key, listen_tcp, listen_unix
 from vmplug.api.openapi import document
 from vmplug.daemon.reconciler import Daemon
 from vmplug.errors import SelectorError, VmplugError
@@ -144,9 +145,15 @@ def _asset(name: str) -> bytes:
 class Api:
     """The application; sites are added by :meth:`start_unix` and :meth:`start_tcp`."""
 
-    def __init__(self, daemon: Daemon, *, metrics: bool = True) -> None:
+    def __init__(
+        self, daemon: Daemon, *, metrics: bool = True, limits: Limits | None = None
+    ) -> None:
         #: the commands (set a route, reload); everything read goes through ``view``
         self.daemon = daemon
+        #: connection, stream and time bounds, one :class:`Gate` per listener
+        self.limits = limits or Limits()
+        self.gates: dict[str, Gate] = {}
+        self._servers: list[asyncio.Server] = []
         self.view = daemon.view
         self.token: str | None = None
         self.sessions = security.Sessions()
@@ -187,7 +194,9 @@ class Api:
 
     async def _ensure_runner(self) -> web.AppRunner:
         if self._runner is None:
-            self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
+            self._runner = web.AppRunner(
+                self.app, access_log=None, shutdown_timeout=2.0, **self.limits.runner_kwargs()
+            )
             await self._runner.setup()
         return self._runner
 
@@ -205,9 +214,11 @@ class Api:
             if stat.S_ISSOCK(path.lstat().st_mode):
                 path.unlink()  # a stale socket from a daemon that died
         runner = await self._ensure_runner()
+        gate = self.gates.setdefault("unix", Gate(self.limits, "unix socket"))
         old = os.umask(0o177)
         try:
-            await web.UnixSite(runner, str(path)).start()
+            assert runner.server is not None
+            self._servers.append(await listen_unix(runner.server, gate, str(path)))
         finally:
             os.umask(old)
         if gid is not None:
@@ -222,10 +233,11 @@ class Api:
             raise VmplugError(f"[api] listen {listen!r}: vmplug listens on loopback only")
         self.token = token
         runner = await self._ensure_runner()
-        site = web.TCPSite(runner, host, int(port_s), reuse_address=True)
-        await site.start()
-        server = site._server  # aiohttp keeps the asyncio server here
-        sockets = getattr(server, "sockets", None) or []
+        gate = self.gates.setdefault("tcp", Gate(self.limits, "TCP"))
+        assert runner.server is not None
+        server = await listen_tcp(runner.server, gate, host, int(port_s))
+        self._servers.append(server)
+        sockets = server.sockets
         self.tcp_port = sockets[0].getsockname()[1] if sockets else int(port_s)
         return self.tcp_port
 
@@ -236,9 +248,15 @@ class Api:
         if self.metrics is not None:
             self.metrics.close()
         self.view.unsubscribe(self._on_item)
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()  # no new connections; the runner closes the open ones
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        for server in servers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
 
     # -- the guard every request passes -----------------------------------------
 
@@ -316,6 +334,17 @@ class Api:
                 q.put_nowait({"type": "resync"})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
+        gate = self.gates.get("tcp" if _is_tcp(request) else "unix")
+        if gate is None or request.transport is None:
+            return await self._events(request)
+        with gate.stream(client_key(request.transport)) as admitted:
+            if not admitted:
+                resp = _error(503, "too many event streams; close one or try again")
+                resp.headers["Retry-After"] = "5"
+                return resp
+            return await self._events(request)
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -445,7 +474,7 @@ class Api:
         if not selector:
             return None
         with contextlib.suppress(VmplugError):
-            return select_one(self.view.devices(), selector).identity
+            return select_one(self.view.devices(), selector, exact=True).identity
         store = self.view.store
         if store is not None and store.known_device(selector) is not None:
             return selector
@@ -480,7 +509,7 @@ class Api:
 
     def _select(self, selector: str) -> UsbDevice:
         try:
-            return select_one(self.view.devices(), selector)
+            return select_one(self.view.devices(), selector, exact=True)
         except SelectorError as exc:
             raise ApiError(404, str(exc), candidates=list(exc.candidates)) from None
         except VmplugError as exc:
@@ -498,7 +527,7 @@ class Api:
             return _error(400, f"{dev.port} is a hub: QEMU cannot pass hubs through")
         self.daemon.override(dev.identity, vm)
         state = await self._settle(dev.qemu_id, vm, want=True)
-        return web.json_response({"device": describe(dev), "vm": vm, **state})
+        return web.json_response({"device": describe(dev, exact=True), "vm": vm, **state})
 
     async def detach(self, request: web.Request) -> web.Response:
         data = await _body(request, {"device"})
@@ -506,7 +535,7 @@ class Api:
         self.daemon.override(dev.identity, None)
         held = self.view.holders(dev.qemu_id)
         results = {vm: await self._settle(dev.qemu_id, vm, want=False) for vm in held}
-        return web.json_response({"device": describe(dev), "vms": results})
+        return web.json_response({"device": describe(dev, exact=True), "vms": results})
 
     async def _settle(
         self, qemu_id: str, vm: str, *, want: bool, timeout: float = 10.0

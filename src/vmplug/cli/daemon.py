@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.markup import escape
+from rich.markup import escape as markup_escape
 from rich.table import Table
 
 from vmplug.api.client import ApiError, call, daemon_running
-from vmplug.cli.app import EPILOG_ENV, Context, emit_json, pass_ctx
+from vmplug.cli.app import EPILOG_ENV, Context, emit_json, escape, pass_ctx
 from vmplug.config import ConfigError, DaemonConfig, config_path, load_config
 from vmplug.errors import UsageError, VmplugError
 from vmplug.host.select import describe, select_one
 from vmplug.model import UsbDevice
+from vmplug.textsafe import printable, printable_lines
 
 SOCKET_HELP = "Daemon API socket (default: [daemon] socket in the config, /run/vmplug/vmplug.sock)."
 
@@ -58,7 +59,8 @@ def daemon_settings(obj: Context, *, warn: bool = True) -> DaemonConfig:
     except ConfigError as exc:
         if warn:
             obj.err.print(
-                f"warning: {escape(exc.render())}\n(a running daemon keeps the config it loaded)"
+                f"warning: {markup_escape(printable_lines(exc.render()))}\n"
+                "(a running daemon keeps the config it loaded)"
             )
     defaults = DaemonConfig()
     try:
@@ -74,8 +76,36 @@ def daemon_settings(obj: Context, *, warn: bool = True) -> DaemonConfig:
     )
 
 
+#: How much of one argument of a log message is shown (a device's string, a path, an error).
+LOG_ARG_LIMIT = 300
+
+
+def safe_message(record: logging.LogRecord) -> str:
+    """A record's message as one line: every ``str`` argument through
+    :func:`~vmplug.textsafe.printable` (cut at :data:`LOG_ARG_LIMIT`), then the
+    whole message, so that nothing a device or a client chose (a newline, an
+    escape sequence) can forge another log line or recolour a terminal."""
+    args = record.args
+    if isinstance(args, tuple):
+        args = tuple(printable(a, LOG_ARG_LIMIT) if isinstance(a, str) else a for a in args)
+    elif isinstance(args, dict):
+        args = {
+            k: printable(v, LOG_ARG_LIMIT) if isinstance(v, str) else v for k, v in args.items()
+        }
+    msg = str(record.msg)
+    if args:
+        try:
+            msg = msg % args
+        except (TypeError, ValueError, KeyError):
+            msg = record.getMessage()  # let logging's own handling say what is wrong
+    return printable(msg, None, backslash=False)
+
+
 class _JournalFormatter(logging.Formatter):
-    """``<N>message`` lines that journald turns into priorities; plain text on a tty."""
+    """``<N>message`` lines that journald turns into priorities; plain text on a tty.
+
+    One record is one line (:func:`safe_message`); a traceback, which only
+    vmplug's own code raises, follows it on lines of its own."""
 
     PRIORITY = {  # noqa: RUF012
         logging.DEBUG: 7,
@@ -90,9 +120,11 @@ class _JournalFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.msg, safe.args = safe_message(record), None
         if self.journal:
-            return f"<{self.PRIORITY.get(record.levelno, 6)}>{record.getMessage()}"
-        return super().format(record)
+            return f"<{self.PRIORITY.get(record.levelno, 6)}>{safe.msg}"
+        return super().format(safe)
 
 
 def setup_logging(level: str) -> None:
@@ -151,6 +183,7 @@ def run_cmd(
     running one stays); SIGTERM/SIGINT stop cleanly, leaving attached
     devices attached unless --detach-on-exit.
     """
+    from vmplug.api.limits import Limits  # noqa: PLC0415
     from vmplug.api.server import Api  # noqa: PLC0415
     from vmplug.daemon.reconciler import Daemon  # noqa: PLC0415
     from vmplug.history.store import Store  # noqa: PLC0415
@@ -177,7 +210,7 @@ def run_cmd(
     )
 
     async def main() -> None:
-        api = Api(daemon)
+        api = Api(daemon, limits=Limits.from_config(config.api))
         try:
             await api.start_unix(sock, group=config.api.group)
         except OSError as exc:
@@ -241,17 +274,17 @@ def status_cmd(obj: Context, socket_path: str | None, as_json: bool) -> None:
     d = data["daemon"]
     obj.console.print(
         f"daemon pid {d['pid']}, up {d['uptime_s']:.0f}s, {d['devices']} devices, "
-        f"{escape(d['events'])}, config {escape(d['config'])}"
+        f"{escape(d['events'], None)}, config {escape(d['config'], None)}"
     )
     vms = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
     for col in ("VM", "CONNECTED", "STATE", "WHERE", "DEVICES"):
         vms.add_column(col)
     for name, vm in data["vms"].items():
         vms.add_row(
-            name,
+            escape(name),
             "yes" if vm["connected"] else "[red]no[/]",
-            vm["state"] or "-",
-            escape(vm.get("where") or vm["qmp"] or "-"),
+            escape(vm["state"] or "-"),
+            escape(vm.get("where") or vm["qmp"] or "-", None),
             str(len(vm["devices"])),
         )
     obj.console.print(vms)
@@ -260,12 +293,12 @@ def status_cmd(obj: Context, socket_path: str | None, as_json: bool) -> None:
         atts.add_column(col, overflow="fold")
     for a in data["attachments"]:
         atts.add_row(
-            a["port"],
-            escape(a["identity"]),
-            a["vm"],
-            a["qemu_id"],
-            a["state"],
-            escape(a["error"] or ""),
+            escape(a["port"]),
+            escape(a["identity"], 200),
+            escape(a["vm"]),
+            escape(a["qemu_id"]),
+            escape(a["state"]),
+            escape(a["error"] or "", LOG_ARG_LIMIT),
         )
     obj.console.print(atts)
 
@@ -321,10 +354,10 @@ def history_cmd(
             result = f"{result}: {e['error_class']}: {e['error_message']}"
         table.add_row(
             when,
-            e["kind"],
-            escape(e.get("identity") or e.get("port") or "-"),
-            e.get("vm") or "-",
-            escape(result),
+            escape(e["kind"]),
+            escape(e.get("identity") or e.get("port") or "-", 200),
+            escape(e.get("vm") or "-"),
+            escape(result, LOG_ARG_LIMIT),
         )
     obj.console.print(table)
 
@@ -407,7 +440,7 @@ def _one_shot(
     dev = select_one(devices, selector)
     if dev.is_hub:
         raise UsageError(f"{dev.port} is a hub: QEMU cannot pass hubs through")
-    result: dict[str, Any] = {"device": describe(dev), "op": op}
+    result: dict[str, Any] = {"device": describe(dev, exact=True), "op": op}
     if persist:
         result["rule"] = _persist(path, vm, dev)
     if daemon_running(sock):
@@ -440,10 +473,10 @@ def _one_shot(
     if as_json:
         emit_json(result)
         return
-    obj.console.print(f"{op}: {escape(result['device'])}" + (f" -> {vm}" if vm else ""))
+    obj.console.print(f"{op}: {escape(describe(dev), None)}" + (f" -> {escape(vm)}" if vm else ""))
     for key in ("via", "state", "rule", "error", "note"):
         if result.get(key):
-            obj.console.print(f"  {key}: {escape(str(result[key]))}")
+            obj.console.print(f"  {key}: {escape(str(result[key]), None)}")
     if result.get("state") in ("retrying", "pending"):
         raise SystemExit(1)
 
@@ -470,4 +503,4 @@ def reload_cmd(obj: Context, socket_path: str | None) -> None:
                 f"{refused}\nreload refused: the daemon keeps its running config", refused
             ) from None
         raise
-    obj.console.print(escape(data["message"]))
+    obj.console.print(markup_escape(printable_lines(data["message"])))
