@@ -459,8 +459,10 @@ async def events(rig: Rig, fleet: Fleet, kernel: Kernel, n: int) -> None:
             port = leaves[(i * 37) % len(leaves)]
             path = str((rig.tree / "bus/usb/devices" / port).resolve())
             t0 = time.perf_counter()
-            dev = sysfs.read_device(path, port)
+            read = sysfs.read_device(path, port)
             t1 = time.perf_counter()
+            assert read is not None, f"{port} vanished from the captured tree"
+            dev = read
             args: dict[str, object] = {"driver": "usb-host", "id": f"raw{i}", "bus": "xhci.0"}
             args |= {"hostbus": dev.busnum, "hostport": host_port(port)}
             await c.execute("device_add", args)

@@ -73,7 +73,8 @@ def qemu_ga(sock_dir: Path) -> Iterator[Path]:
         deadline = time.monotonic() + 10
         while not path.exists():
             if proc.poll() is not None:
-                raise AssertionError(f"qemu-ga exited: {proc.stderr.read() if proc.stderr else ''}")
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise AssertionError(f"qemu-ga exited: {err}")
             if time.monotonic() > deadline:
                 raise AssertionError("qemu-ga did not create its socket")
             time.sleep(0.02)

@@ -12,7 +12,7 @@ import asyncio
 import json
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,8 @@ class Docker2010:
                 },
                 status=400,
             )
-        return await handler(request)
+        resp: web.StreamResponse = await handler(request)
+        return resp
 
     async def version(self, _r: web.Request) -> web.Response:
         return web.json_response(
@@ -145,6 +146,7 @@ async def test_events_stream_is_line_delimited_json(docker: tuple[str, Docker201
         got.append(event)
         if len(got) == len(EVENTS):
             break
+    assert isinstance(stream, AsyncGenerator)
     await stream.aclose()
     assert got == EVENTS
     await asyncio.wait_for(peer.closed.wait(), 5)  # closing the iterator closed the stream
