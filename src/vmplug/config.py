@@ -24,7 +24,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,12 +166,63 @@ class ApiConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExportDeviceConfig:
+    """``[export.device.NAME]``: one device that may leave this host."""
+
+    name: str
+    #: the device's sysfs port path on this host ("2-1", "3-1.4")
+    port_path: str
+    #: the TCP port its endpoint listens on
+    port: int
+    #: vendor and product it must have (another device in the socket is not sent)
+    vendor: int | None = None
+    product: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    """``[export]``: this host is a device host (see vmplug.remote.export)."""
+
+    #: this host's name: its certificate is CERTS/NAME-cert.pem
+    name: str
+    #: directory with ca-cert.pem, NAME-cert.pem, NAME-key.pem (None only with insecure)
+    certs: str | None
+    #: address the endpoints listen on
+    listen: str = "0.0.0.0"  # noqa: S104 (a device host serves its LAN)
+    #: VM host names (their certificates' names) that may connect; empty: any the CA signed
+    allow: tuple[str, ...] = ()
+    #: plaintext usbredir, no authentication (lab networks only)
+    insecure: bool = False
+    devices: tuple[ExportDeviceConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteHostConfig:
+    """``[host.NAME]``: a device host this VM host takes devices from."""
+
+    name: str
+    #: DNS name or IP address the VM host dials (the device host's certificate must carry it)
+    address: str
+    #: directory with ca-cert.pem, ME-cert.pem, ME-key.pem (None only with insecure)
+    certs: str | None
+    #: this VM host's own name (its certificate), default "vmhost"
+    me: str = "vmhost"
+    insecure: bool = False
+    #: seconds between QEMU's reconnects
+    reconnect: int = 1
+    #: remote device name -> TCP port of its endpoint
+    devices: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     vms: Mapping[str, VmConfig]
     rules: tuple[RuleConfig, ...]
     daemon: DaemonConfig = DaemonConfig()
     api: ApiConfig = ApiConfig()
+    export: ExportConfig | None = None
+    hosts: Mapping[str, RemoteHostConfig] = field(default_factory=dict)
 
     def decide(self, device: UsbDevice) -> RuleConfig | None:
         """The first rule that matches the device (``None``: stays on the host).
@@ -249,7 +300,11 @@ _API_BOUNDS: dict[str, tuple[type, float]] = {
     "idle_timeout": (float, 0.1),
 }
 _API_KEYS = {"listen", "token_file", "group", *_API_BOUNDS}
-_TOP_KEYS = {"vm", "rule", "daemon", "api"}
+_TOP_KEYS = {"vm", "rule", "daemon", "api", "export", "host"}
+_EXPORT_KEYS = {"name", "certs", "listen", "allow", "insecure", "device"}
+_EXPORT_DEVICE_KEYS = {"port_path", "port", "vendor", "product"}
+_HOST_KEYS = {"address", "certs", "me", "insecure", "reconnect", "devices"}
+_PORT_PATH = re.compile(r"^[0-9]+-[0-9]+(\.[0-9]+)*$")
 _LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):(?P<port>\d{1,5})$")
 
 
@@ -470,7 +525,124 @@ class _Loader:
             database=self.typed(daemon_table, "database", str, "[daemon]", line)
             or defaults.database,
         )
-        return Config(path=str(self.path), vms=vms, rules=rules, daemon=daemon, api=self.api(data))
+        return Config(
+            path=str(self.path),
+            vms=vms,
+            rules=rules,
+            daemon=daemon,
+            api=self.api(data),
+            export=self.export(data),
+            hosts=self.hosts(data),
+        )
+
+    def _port(self, value: object, what: str, key: str, line: int | None) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+            where = self.loc.key(line, key) or line
+            raise self.error(f"{what}: {key} must be a TCP port 1..65535, not {value!r}", where)
+        return value
+
+    def _certs(self, table: Mapping[str, Any], what: str, line: int | None) -> str | None:
+        certs = self.typed(table, "certs", str, what, line)
+        insecure = self.typed(table, "insecure", bool, what, line) or False
+        if certs is None and not insecure:
+            raise self.error(
+                f'{what}: certs = "DIR" is needed (mutual TLS), or insecure = true '
+                "for a lab network",
+                line,
+            )
+        if certs is not None and not certs.startswith("/"):
+            raise self.error(
+                f"{what}: certs {certs!r} must be absolute", self.loc.key(line, "certs")
+            )
+        return str(certs) if certs is not None else None
+
+    def export(self, data: Mapping[str, Any]) -> ExportConfig | None:
+        table = data.get("export")
+        if table is None:
+            return None
+        line = self.loc.table("export")
+        if not isinstance(table, dict):
+            raise self.error("export must be a table: [export]", self.loc.key(0, "export"))
+        self.unknown_keys(table, _EXPORT_KEYS, "[export]", line)
+        name = self.typed(table, "name", str, "[export]", line) or os.uname().nodename
+        allow = table.get("allow", [])
+        if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
+            raise self.error(
+                "[export]: allow must be a list of host names", self.loc.key(line, "allow")
+            )
+        devices: list[ExportDeviceConfig] = []
+        dev_tables = table.get("device", {})
+        if not isinstance(dev_tables, dict):
+            raise self.error("[export]: device must be tables: [export.device.NAME]", line)
+        for dev_name, dev in dev_tables.items():
+            what = f"[export.device.{dev_name}]"
+            dline = self.loc.table(f"export.device.{dev_name}") or line
+            if not isinstance(dev, dict):
+                raise self.error(f"{what} must be a table", dline)
+            self.unknown_keys(dev, _EXPORT_DEVICE_KEYS, what, dline)
+            port_path = self.typed(dev, "port_path", str, what, dline)
+            if port_path is None or not _PORT_PATH.match(port_path):
+                raise self.error(f'{what}: port_path = "BUS-PORT[.PORT...]" (like "2-1")', dline)
+            ids: dict[str, int | None] = {}
+            for key in ("vendor", "product"):
+                raw = self.typed(dev, key, str, what, dline)
+                if raw is not None and not re.fullmatch(r"[0-9a-fA-F]{4}", raw):
+                    raise self.error(f'{what}: {key} must be 4 hex digits ("0627")', dline)
+                ids[key] = None if raw is None else int(raw, 16)
+            devices.append(
+                ExportDeviceConfig(
+                    dev_name,
+                    port_path,
+                    self._port(dev.get("port"), what, "port", dline),
+                    ids["vendor"],
+                    ids["product"],
+                )
+            )
+        ports = [d.port for d in devices]
+        if len(ports) != len(set(ports)):
+            raise self.error("[export]: two devices on the same port", line)
+        return ExportConfig(
+            name=name,
+            certs=self._certs(table, "[export]", line),
+            listen=self.typed(table, "listen", str, "[export]", line) or "0.0.0.0",  # noqa: S104
+            allow=tuple(allow),
+            insecure=self.typed(table, "insecure", bool, "[export]", line) or False,
+            devices=tuple(devices),
+        )
+
+    def hosts(self, data: Mapping[str, Any]) -> dict[str, RemoteHostConfig]:
+        tables = data.get("host", {})
+        if not isinstance(tables, dict):
+            raise self.error("host must be tables: [host.NAME]", self.loc.key(0, "host"))
+        out: dict[str, RemoteHostConfig] = {}
+        for name, table in tables.items():
+            what = f"[host.{name}]"
+            line = self.loc.table(f"host.{name}")
+            if not isinstance(table, dict):
+                raise self.error(f"{what} must be a table", line)
+            if not _VM_NAME.match(name):
+                raise self.error(f"host name {name!r}: use letters, digits, '_', '.', '-'", line)
+            self.unknown_keys(table, _HOST_KEYS, what, line)
+            address = self.typed(table, "address", str, what, line)
+            if not address:
+                raise self.error(f'{what}: address = "HOST" is needed', line)
+            devices = table.get("devices", {})
+            if not isinstance(devices, dict):
+                raise self.error(f"{what}: devices must be a table: NAME = PORT", line)
+            ports = {k: self._port(v, what, k, line) for k, v in devices.items()}
+            reconnect = self.typed(table, "reconnect", int, what, line)
+            if reconnect is not None and not 1 <= reconnect <= 3600:
+                raise self.error(f"{what}: reconnect must be 1..3600 s", line)
+            out[name] = RemoteHostConfig(
+                name=name,
+                address=address,
+                certs=self._certs(table, what, line),
+                me=self.typed(table, "me", str, what, line) or "vmhost",
+                insecure=self.typed(table, "insecure", bool, what, line) or False,
+                reconnect=reconnect or 1,
+                devices=ports,
+            )
+        return out
 
     def api(self, data: Mapping[str, Any]) -> ApiConfig:
         table = data.get("api", {})

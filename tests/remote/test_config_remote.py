@@ -1,0 +1,93 @@
+"""``[export]`` and ``[host.NAME]`` in the config: parsed, and refused with
+the line and a reason when wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmplug.config import ConfigError, parse_config
+
+GOOD = """
+[export]
+name = "devbox"
+certs = "/etc/vmplug/pki"
+listen = "0.0.0.0"
+allow = ["server1"]
+
+[export.device.kbd]
+port_path = "2-1"
+port = 7101
+vendor = "0627"
+product = "0001"
+
+[export.device.stick]
+port_path = "1-1.4"
+port = 7102
+
+[host.devbox]
+address = "devbox.lan"
+certs = "/etc/vmplug/pki"
+me = "server1"
+devices = { kbd = 7101, stick = 7102 }
+"""
+
+
+def test_export_and_hosts_are_read() -> None:
+    cfg = parse_config(GOOD)
+    assert cfg.export is not None
+    assert (cfg.export.name, cfg.export.certs, cfg.export.allow) == (
+        "devbox",
+        "/etc/vmplug/pki",
+        ("server1",),
+    )
+    kbd, stick = cfg.export.devices
+    assert (kbd.name, kbd.port_path, kbd.port, kbd.vendor, kbd.product) == (
+        "kbd",
+        "2-1",
+        7101,
+        0x0627,
+        0x0001,
+    )
+    assert (stick.port_path, stick.vendor) == ("1-1.4", None)
+    host = cfg.hosts["devbox"]
+    assert (host.address, host.me, host.reconnect, dict(host.devices)) == (
+        "devbox.lan",
+        "server1",
+        1,
+        {"kbd": 7101, "stick": 7102},
+    )
+
+
+def test_no_sections_no_remote() -> None:
+    cfg = parse_config("")
+    assert cfg.export is None and dict(cfg.hosts) == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[export]\nname = 'x'\n", 'certs = "DIR" is needed'),
+        (
+            "[export]\ninsecure = true\n[export.device.k]\nport_path = 'usb1'\nport = 1\n",
+            "port_path",
+        ),
+        (
+            "[export]\ninsecure = true\n[export.device.k]\nport_path = '2-1'\nport = 70000\n",
+            "TCP port",
+        ),
+        (
+            "[export]\ninsecure = true\n[export.device.k]\n"
+            "port_path = '2-1'\nport = 1\nvendor = 'x'\n",
+            "4 hex",
+        ),
+        ("[export]\ncerts = 'relative'\n", "must be absolute"),
+        ("[export]\ninsecure = true\nsurprise = 1\n", "unknown key 'surprise'"),
+        ("[host.a]\ncerts = '/p'\n", 'address = "HOST" is needed'),
+        ("[host.a]\naddress = 'h'\n", "insecure = true"),
+        ("[host.a]\naddress = 'h'\ninsecure = true\ndevices = { k = 'x' }\n", "TCP port"),
+    ],
+)
+def test_bad_sections_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config(text)
+    assert info.value.render()  # a message with the place, never a traceback
