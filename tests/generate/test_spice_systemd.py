@@ -14,6 +14,7 @@ from tests.support.devices import AUDIO, DISK, HUB, KEYLAB
 from tests.support.parsers import parse_exec_start, usbredir_string_to_rules
 from vmplug.generate import spice, systemd
 from vmplug.generate.common import CannotExpress
+from vmplug.host import install
 
 from .conftest import QemuRun, qemu_fails
 
@@ -146,7 +147,7 @@ def test_systemd_install(tmp_path: Path) -> None:
     tool.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
     tool.chmod(0o755)
     plan = systemd.plan_systemd("/usr/bin/vmplug")
-    done = systemd.install_unit(plan, unit_dir=tmp_path / "units", systemctl=str(tool))
+    done = install.install_unit(plan, unit_dir=tmp_path / "units", systemctl=str(tool))
     assert (tmp_path / "units" / "vmplug.service").read_text() == plan.text()
     assert log.read_text().splitlines() == ["daemon-reload", "enable --now vmplug.service"]
     assert done[0].startswith("wrote ") and "enable --now" in done[-1]
@@ -156,7 +157,7 @@ def test_systemd_install_reports_failure(tmp_path: Path) -> None:
     tool = tmp_path / "systemctl"
     tool.write_text("#!/bin/sh\necho 'System has not been booted with systemd' >&2\nexit 1\n")
     tool.chmod(0o755)
-    done = systemd.install_unit(
+    done = install.install_unit(
         systemd.plan_systemd("/usr/bin/vmplug"), unit_dir=tmp_path, systemctl=str(tool)
     )
     assert "failed" in done[-1] and "not been booted" in done[-1]

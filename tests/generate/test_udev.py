@@ -17,6 +17,7 @@ from tests.support.devices import AUDIO, DISK, HUB, KEYLAB, SERIAL_A, SERIAL_B
 from tests.support.udev_parse import Token, parse_rules, udev_match
 from vmplug.generate import udev
 from vmplug.generate.common import CannotExpress
+from vmplug.host import install
 
 
 def _group() -> str:
@@ -122,7 +123,7 @@ def _fake_udevadm(tmp_path: Path, status: int = 0) -> tuple[str, Path]:
 def test_install(tmp_path: Path) -> None:
     tool, log = _fake_udevadm(tmp_path)
     rules = udev.plan_udev([AUDIO, KEYLAB])
-    done = udev.install_rules(rules, rules_dir=tmp_path / "rules.d", udevadm=tool)
+    done = install.install_rules(rules, rules_dir=tmp_path / "rules.d", udevadm=tool)
     files = sorted(p.name for p in (tmp_path / "rules.d").iterdir())
     assert files == sorted(r.filename for r in rules)
     assert all(f.startswith("70-vmplug-") and f.endswith(".rules") for f in files)
@@ -137,7 +138,7 @@ def test_install(tmp_path: Path) -> None:
 
 def test_install_without_udev_running(tmp_path: Path) -> None:
     tool, _ = _fake_udevadm(tmp_path, status=1)
-    done = udev.install_rules(
+    done = install.install_rules(
         udev.plan_udev([KEYLAB]), rules_dir=tmp_path, single_file="70-mine.rules", udevadm=tool
     )
     assert (tmp_path / "70-mine.rules").exists()

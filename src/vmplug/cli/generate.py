@@ -25,7 +25,8 @@ from vmplug.generate import qemu as qemu_mod
 from vmplug.generate import spice as spice_mod
 from vmplug.generate import systemd as systemd_mod
 from vmplug.generate import udev as udev_mod
-from vmplug.generate.common import write_atomic
+from vmplug.host import install as host_install
+from vmplug.host.install import write_atomic
 from vmplug.host.select import select_many
 from vmplug.model import UsbDevice
 
@@ -301,7 +302,7 @@ def udev_cmd(
     text = udev_mod.render_rules(rules)
     done: list[str] = []
     if install:
-        done = udev_mod.install_rules(
+        done = host_install.install_rules(
             rules,
             rules_dir=rules_dir,
             single_file=single_file,
@@ -403,7 +404,7 @@ def systemd_cmd(
     text = plan.text()
     done: list[str] = []
     if install:
-        done = systemd_mod.install_unit(
+        done = host_install.install_unit(
             plan, unit_dir=unit_dir, name=name, enable=not no_enable, systemctl=systemctl
         )
     if as_json:

@@ -8,12 +8,9 @@ ends a comment in any of the formats vmplug writes.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import unicodedata
 from collections.abc import Sequence
-from pathlib import Path
 
 from vmplug.errors import UsageError
 from vmplug.model import CLASS_AUDIO, HIGH_SPEED, SUPER_SPEED, TransferType, UsbDevice
@@ -134,20 +131,6 @@ def shared_ids(devices: Sequence[UsbDevice]) -> list[str]:
         if dev.vidpid:
             seen[dev.vidpid] = seen.get(dev.vidpid, 0) + 1
     return [k for k, n in seen.items() if n > 1]
-
-
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text`` at once (a reader sees the old or the new file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        Path(tmp).chmod(mode)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def share_text(devices: Sequence[UsbDevice], dup: Sequence[str]) -> str:

@@ -9,12 +9,11 @@ triggered, so a restart picks up where the last run left off.
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmplug.generate.common import CannotExpress, write_atomic
+from vmplug.generate.common import CannotExpress
 
 UNIT_DIR = Path("/etc/systemd/system")
 UNIT_NAME = "vmplug.service"
@@ -28,8 +27,6 @@ AFTER = (
     "libvirtd.service",
     "virtqemud.service",
 )
-
-Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 
 def exec_quote(word: str) -> str:
@@ -122,35 +119,3 @@ def plan_systemd(
     for word in argv:
         exec_quote(word)
     return SystemdPlan(tuple(argv))
-
-
-def _default_run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
-
-
-def install_unit(
-    plan: SystemdPlan,
-    *,
-    unit_dir: Path = UNIT_DIR,
-    name: str = UNIT_NAME,
-    enable: bool = True,
-    systemctl: str = "systemctl",
-    run: Runner = _default_run,
-) -> list[str]:
-    """Write the unit, reload systemd and enable+start it; say what was done."""
-    if "/" in name or not name.endswith(".service"):
-        raise CannotExpress(f"{name!r}: a unit name ending in .service, without '/'")
-    path = unit_dir / name
-    write_atomic(path, plan.text())
-    done = [f"wrote {path}"]
-    steps = [[systemctl, "daemon-reload"]]
-    if enable:
-        steps.append([systemctl, "enable", "--now", name])
-    for argv in steps:
-        res = run(argv)
-        if res.returncode != 0:
-            why = (res.stderr or "").strip().splitlines()[-1:] or [f"status {res.returncode}"]
-            done.append(f"`{' '.join(argv)}` failed: {why[0]}")
-            return done
-        done.append(f"ran `{' '.join(argv)}`")
-    return done

@@ -27,8 +27,7 @@ nothing can break out of the quotes.
 from __future__ import annotations
 
 import re
-import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,7 @@ from typing import Any
 from vmplug.generate.common import (
     CannotExpress,
     check_passable,
-    comment_text,
     device_label,
-    write_atomic,
 )
 from vmplug.model import UsbDevice
 
@@ -47,8 +44,6 @@ _SAFE = re.compile(r"[A-Za-z0-9._-]")
 _GROUP_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 _MODE_RE = re.compile(r"^0?[0-7]{3}$")
 _PORT_RE = re.compile(r"^\d+-\d+(\.\d+)*$")
-
-Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 
 @dataclass(frozen=True)
@@ -176,53 +171,3 @@ def render_rules(rules: Sequence[UdevRule]) -> str:
         "# and run: udevadm control --reload && udevadm trigger --subsystem-match=usb)",
     ]
     return "\n".join(head) + "\n\n" + "\n".join(r.text() for r in rules)
-
-
-def _default_run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
-
-
-def install_rules(
-    rules: Sequence[UdevRule],
-    *,
-    rules_dir: Path = RULES_DIR,
-    single_file: str | None = None,
-    udevadm: str = "udevadm",
-    sysfs_root: Path = Path("/sys"),
-    run: Runner = _default_run,
-) -> list[str]:
-    """Write the rules, reload udev and re-trigger the devices; say what was done.
-
-    One file per device (``70-vmplug-VID-PID-SERIAL.rules``) so that installing
-    another device later leaves the first in place; ``single_file`` puts them
-    all in one.  udev not running is reported, not an error: the rules apply
-    when it starts.
-    """
-    done: list[str] = []
-    if single_file is not None:
-        if "/" in single_file or not single_file.endswith(".rules"):
-            raise CannotExpress(f"{single_file!r}: a file name ending in .rules, without '/'")
-        files = {single_file: render_rules(rules)}
-    else:
-        files = {r.filename: render_rules([r]) for r in rules}
-    for name, text in files.items():
-        path = rules_dir / name
-        write_atomic(path, text)
-        done.append(f"wrote {path}")
-    reload = run([udevadm, "control", "--reload"])
-    if reload.returncode != 0:
-        why = comment_text(reload.stderr.strip() or f"exit status {reload.returncode}")
-        done.append(
-            f"udev did not reload ({why}); the rules apply when udev starts or at the next boot"
-        )
-        return done
-    done.append("reloaded udev rules (udevadm control --reload)")
-    for rule in rules:
-        sys_path = sysfs_root / "bus" / "usb" / "devices" / rule.port
-        trig = run([udevadm, "trigger", "--action=change", str(sys_path)])
-        if trig.returncode == 0:
-            done.append(f"re-applied to {rule.port} (udevadm trigger --action=change {sys_path})")
-        else:
-            why = comment_text(trig.stderr.strip() or f"exit status {trig.returncode}")
-            done.append(f"could not re-apply to {rule.port} now ({why}); it applies at next plug")
-    return done
