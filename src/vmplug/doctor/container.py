@@ -194,6 +194,41 @@ def check_cgroup(ctx: DoctorContext) -> Iterator[Finding]:
         )
 
 
+ROOTLESS_FIX = """\
+let the host user open the device nodes, and keep that group in the container:
+  vmplug generate udev DEVICE --group kvm --install   # the node's group on the host
+  usermod -aG kvm USER                                # the user podman runs as
+  # compose service (Podman only: Docker has no keep-groups):
+  group_add:
+    - keep-groups
+or run the container with rootful Podman (sudo podman compose up, or the system podman.socket)"""
+
+
+def check_rootless_podman(ctx: DoctorContext) -> Iterator[Finding]:
+    """Rootless Podman: device_cgroup_rules does nothing (the container gets no device
+    cgroup of its own); a /dev/bus/usb node opens only if the host user may open it."""
+    scan = ctx.containers
+    for engine in scan.engines:
+        if not engine.rootless_podman:
+            continue
+        theirs = [c.name for c in scan.containers if c.rootless_podman and c.uses_usb()]
+        files = [c for c in scan.containers if not c.rootless_podman and c.uses_usb()]
+        about = f": {', '.join(theirs)}" if theirs else ""
+        if files and not theirs:
+            about = f" (where {', '.join(c.name for c in files)} would run)"
+        yield Finding(
+            LAYER,
+            "container.rootless-podman",
+            Severity.WARNING,
+            f"{engine.address} is rootless Podman {engine.version}{about}: device_cgroup_rules "
+            "does nothing there; a container opens /dev/bus/usb nodes only as far as the "
+            "host user may",
+            evidence=engine.evidence,
+            fix=ROOTLESS_FIX,
+            subject=engine.address,
+        )
+
+
 def check_selinux(ctx: DoctorContext) -> Iterator[Finding]:
     """SELinux enforcing: container_t may not open usb_device_t without label=disable."""
     specs, _ = _specs(ctx)
@@ -352,6 +387,7 @@ def check_arguments(ctx: DoctorContext) -> Iterator[Finding]:
 CHECKS = (
     CheckSpec(LAYER, "container.devices", check_devices),
     CheckSpec(LAYER, "container.cgroup", check_cgroup),
+    CheckSpec(LAYER, "container.rootless-podman", check_rootless_podman),
     CheckSpec(LAYER, "container.selinux", check_selinux),
     CheckSpec(LAYER, "container.usb-env", check_usb_env),
     CheckSpec(LAYER, "container.qmp", check_qmp),

@@ -44,6 +44,8 @@ class ContainerSpec:
     env: dict[str, str] = field(default_factory=dict)
     running: bool | None = None
     pid: int | None = None
+    #: run by a rootless Podman (its device_cgroup_rules do nothing)
+    rootless_podman: bool = False
 
     def uses_usb(self) -> bool:
         return (
@@ -56,8 +58,26 @@ class ContainerSpec:
 
 
 @dataclass
+class EngineInfo:
+    """What kind of engine answers on a socket: Docker or Podman, rootful or rootless."""
+
+    address: str
+    podman: bool = False
+    rootless: bool = False
+    version: str = ""
+    #: what the answer rests on ("GET /version: Podman Engine 4.3.1", ...)
+    evidence: tuple[str, ...] = ()
+
+    @property
+    def rootless_podman(self) -> bool:
+        return self.podman and self.rootless
+
+
+@dataclass
 class ContainerScan:
     containers: list[ContainerSpec] = field(default_factory=list)
+    #: the engines that answered, and what they are
+    engines: list[EngineInfo] = field(default_factory=list)
     #: what was tried and what came of it ("socket /var/run/docker.sock: no such file")
     notes: list[str] = field(default_factory=list)
     api_reached: bool = False
@@ -205,6 +225,49 @@ async def _list_via_api(engine: Engine) -> list[ContainerSpec]:
     return out
 
 
+async def _engine_info(engine: Engine, address: str) -> EngineInfo:
+    """Podman's ``/version`` names a "Podman Engine" component; whether it runs
+    rootless is libpod's ``host.security.rootless`` (Podman 4.3's compat ``/info``
+    does not say), or ``name=rootless`` among ``/info``'s SecurityOptions (Docker
+    rootless, newer Podman)."""
+    evidence: list[str] = []
+    version_doc = await engine.version()
+    components = version_doc.get("Components") or []
+    names = [str(c.get("Name", "")) for c in components if isinstance(c, dict)]
+    podman = any("podman" in n.lower() for n in names)
+    version = str(version_doc.get("Version", ""))
+    for c in components:
+        if isinstance(c, dict) and "podman" in str(c.get("Name", "")).lower():
+            version = str(c.get("Version", version))
+    evidence.append(f"{address} GET /version: {', '.join(names) or 'no Components'} {version}")
+    rootless = False
+    info = await engine.get_json("/info") or {}
+    options = [str(o) for o in info.get("SecurityOptions") or []]
+    if any("name=rootless" in o.split(",") for o in options):
+        rootless = True
+        evidence.append(f"{address} GET /info: SecurityOptions {options}")
+    if podman and not rootless:
+        # libpod's own API, not the compat one the client's paths are prefixed for
+        status, libpod = await engine._raw("GET", "/v4.0.0/libpod/info")
+        if status != 200 or not isinstance(libpod, dict):
+            libpod = {}
+        security = (libpod.get("host") or {}).get("security") or {}
+        if security.get("rootless") is True:
+            rootless = True
+            evidence.append(f"{address} GET /v4.0.0/libpod/info: host.security.rootless = true")
+    return EngineInfo(address, podman, rootless, version, tuple(evidence))
+
+
+def engine_info(sock_path: str, timeout: float) -> EngineInfo:
+    """Docker or Podman, rootful or rootless, at ``sock_path``; raises
+    :class:`~vmplug.wire.errors.EngineError`."""
+    engine = Engine(sock_path, timeout)
+    try:
+        return run_sync(lambda: _engine_info(engine, sock_path), None)
+    except TimeoutError:
+        raise EngineError(f"{sock_path}: timed out", address=sock_path) from None
+
+
 def list_via_api(sock_path: str, timeout: float) -> list[ContainerSpec]:
     """The running containers of the engine at ``sock_path``, inspected;
     raises :class:`~vmplug.wire.errors.EngineError`."""
@@ -244,5 +307,13 @@ def scan_containers(
             continue
         scan.api_reached = True
         scan.notes.append(f"{sock}: {len(found)} running containers")
+        try:
+            info = engine_info(sock, timeout)
+        except Exception as exc:  # the containers are known; what engine it is stays open
+            scan.notes.append(f"{sock}: engine kind unknown: {exc}")
+        else:
+            scan.engines.append(info)
+            for spec in found:
+                spec.rootless_podman = info.rootless_podman
         scan.containers += found
     return scan
