@@ -131,6 +131,7 @@ class Gate:
         self.high_water = 0
         self._log = _Throttled()
         self._trim: asyncio.TimerHandle | None = None
+        self._live: dict[asyncio.BaseTransport, _Guarded] = {}
 
     @property
     def total(self) -> int:
@@ -179,6 +180,16 @@ class Gate:
             self.name, key, self.limits.header_timeout,
         )  # fmt: skip
 
+    def when_lost(self, transport: asyncio.BaseTransport, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the connection of ``transport`` is gone (at once if it
+        is already).  aiohttp does not cancel a handler whose client left, so an event
+        stream would otherwise wait for its next write to notice."""
+        guarded = self._live.get(transport)
+        if guarded is None:
+            callback()
+        else:
+            guarded.on_lost.append(callback)
+
     # -- event streams --------------------------------------------------------------
 
     @contextmanager
@@ -220,8 +231,12 @@ class Gate:
         self._trim = None
         if self.total > FLOOD_MARK // 4:
             return  # another flood: wait for its end
-        self.high_water = self.total
-        give_back_memory()
+        peak, self.high_water = self.high_water, self.total
+        trimmed = give_back_memory()
+        log.info(
+            "API %s: a flood is over (%d connections at most, %d refused so far)%s",
+            self.name, peak, self.refused, "; free memory handed back" if trimmed else "",
+        )  # fmt: skip
 
     def stats(self) -> dict[str, int]:
         return {
@@ -287,6 +302,7 @@ class _Guarded(asyncio.Protocol):
         self.key = ""
         self.transport: asyncio.Transport | None = None
         self.deadline: asyncio.TimerHandle | None = None
+        self.on_lost: list[Callable[[], None]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -297,6 +313,7 @@ class _Guarded(asyncio.Protocol):
             transport.close()
             return
         self.inner = self.make_inner()
+        self.gate._live[transport] = self
         self.inner.connection_made(transport)
         if self.gate.limits.header_timeout > 0:
             loop = asyncio.get_running_loop()
@@ -341,25 +358,54 @@ class _Guarded(asyncio.Protocol):
         if self.inner is None:
             return
         inner, self.inner = self.inner, None
+        if self.transport is not None:
+            self.gate._live.pop(self.transport, None)
         self.gate.release(self.key)
         inner.connection_lost(exc)
+        callbacks, self.on_lost = self.on_lost, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # one bad callback must not keep the others from running
+                log.exception("API: a connection-lost callback failed")
+
+
+#: bad requests logged per :data:`LOG_EVERY_S` at most; the rest are counted
+BAD_REQUESTS_LOGGED = 10
 
 
 class _BadRequestFilter(logging.Filter):
     """aiohttp's ``Error handling request`` for a request it could not parse: one
-    WARNING line with the reason, no traceback (anyone can send one)."""
+    WARNING line with the reason, no traceback (anyone can send one); during a
+    flood of them, :data:`BAD_REQUESTS_LOGGED` lines per :data:`LOG_EVERY_S`,
+    the next one saying how many were left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.window = 0.0
+        self.logged = 0
+        self.dropped = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         from aiohttp.http_exceptions import HttpProcessingError  # noqa: PLC0415
 
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
+            now = time.monotonic()
+            if now - self.window >= LOG_EVERY_S:
+                self.window, self.logged = now, 0
+            if self.logged >= BAD_REQUESTS_LOGGED:
+                self.dropped += 1
+                return False
+            self.logged += 1
             peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
             reason = str(getattr(exc, "message", "") or "")
             if len(reason) > 160:
                 reason = reason[:159] + "…"
-            record.msg = "API: bad request from %s, answered %s: %s: %s"
-            record.args = (str(peer), exc.code, type(exc).__name__, reason)
+            left_out = f" ({self.dropped} more left out of the log)" if self.dropped else ""
+            self.dropped = 0
+            record.msg = "API: bad request from %s, answered %s: %s: %s%s"
+            record.args = (str(peer), exc.code, type(exc).__name__, reason, left_out)
             if record.levelno > logging.WARNING:  # aiohttp's ERROR; its DEBUG stays DEBUG
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info, record.exc_text, record.stack_info = None, None, None

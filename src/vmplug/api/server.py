@@ -336,15 +336,15 @@ class Api:
     async def events(self, request: web.Request) -> web.StreamResponse:
         gate = self.gates.get("tcp" if _is_tcp(request) else "unix")
         if gate is None or request.transport is None:
-            return await self._events(request)
+            return await self._events(request, None)
         with gate.stream(client_key(request.transport)) as admitted:
             if not admitted:
                 resp = _error(503, "too many event streams; close one or try again")
                 resp.headers["Retry-After"] = "5"
                 return resp
-            return await self._events(request)
+            return await self._events(request, gate)
 
-    async def _events(self, request: web.Request) -> web.StreamResponse:
+    async def _events(self, request: web.Request, gate: Gate | None) -> web.StreamResponse:
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -356,6 +356,9 @@ class Api:
         await resp.prepare(request)
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=SSE_QUEUE)
         self._streams.add(q)
+        if gate is not None and request.transport is not None:
+            # the reader went away: end the stream now, not at its next keep-alive write
+            gate.when_lost(request.transport, lambda: _end_stream(q))
         try:
             await resp.write(b"retry: 1000\nevent: hello\ndata: {}\n\n")
             while True:
@@ -638,6 +641,13 @@ def _port_key(port: str) -> tuple[int, ...]:
     for part in port.replace("-", ".").split("."):
         out.append(int(part) if part.isdigit() else -1)
     return tuple(out)
+
+
+def _end_stream(q: asyncio.Queue[dict[str, Any] | None]) -> None:
+    """Make an event stream's loop end (``None``), even when its queue is full."""
+    while q.full():
+        q.get_nowait()
+    q.put_nowait(None)
 
 
 def _is_tcp(request: web.Request) -> bool:
