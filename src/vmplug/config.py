@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmplug.engine.remedy import AlertConfig, HealPolicy, parse_alerts, parse_policy
 from vmplug.errors import UsageError
 from vmplug.model import UsbDevice
 from vmplug.rules import Rule, RuleSyntaxError, first_match, parse_rule
@@ -94,6 +95,8 @@ class VmConfig:
     uri: str | None = None
     #: libvirt: also write attached devices into the domain's persistent config
     persist: bool = False
+    #: ``heal = false``: the healing ladder never touches this VM's devices
+    heal: bool = True
 
     @property
     def kind(self) -> str:
@@ -130,6 +133,8 @@ class RuleConfig:
     attach: str | None
     block: bool
     line: int | None = None
+    #: ``heal = false``: the healing ladder never touches this rule's devices
+    heal: bool = True
 
     @property
     def target(self) -> str:
@@ -223,6 +228,9 @@ class Config:
     api: ApiConfig = ApiConfig()
     export: ExportConfig | None = None
     hosts: Mapping[str, RemoteHostConfig] = field(default_factory=dict)
+    #: ``[heal]`` and ``[[alert]]`` (vmplug.engine.remedy)
+    heal: HealPolicy = field(default_factory=HealPolicy)
+    alerts: tuple[AlertConfig, ...] = ()
 
     def decide(self, device: UsbDevice) -> RuleConfig | None:
         """The first rule that matches the device (``None``: stays on the host).
@@ -287,8 +295,8 @@ class _Locator:
         return self.lines[line - 1]
 
 
-_VM_KEYS = {*VM_KINDS, "shared", "usb_bus", "add_controller", "uri", "persist"}
-_RULE_KEYS = {"attach", "block", "match", "comment"}
+_VM_KEYS = {*VM_KINDS, "shared", "usb_bus", "add_controller", "uri", "persist", "heal"}
+_RULE_KEYS = {"attach", "block", "match", "comment", "heal"}
 _DAEMON_KEYS = {"socket", "database"}
 #: the [api] bounds: key -> (type, least value)
 _API_BOUNDS: dict[str, tuple[type, float]] = {
@@ -300,7 +308,7 @@ _API_BOUNDS: dict[str, tuple[type, float]] = {
     "idle_timeout": (float, 0.1),
 }
 _API_KEYS = {"listen", "token_file", "group", *_API_BOUNDS}
-_TOP_KEYS = {"vm", "rule", "daemon", "api", "export", "host"}
+_TOP_KEYS = {"vm", "rule", "daemon", "api", "export", "host", "heal", "alert"}
 _EXPORT_KEYS = {"name", "certs", "listen", "allow", "insecure", "device"}
 _EXPORT_DEVICE_KEYS = {"port_path", "port", "vendor", "product"}
 _HOST_KEYS = {"address", "certs", "me", "insecure", "reconnect", "devices"}
@@ -466,6 +474,7 @@ class _Loader:
             proxmox=proxmox,
             uri=uri,
             persist=bool(persist),
+            heal=self.typed(table, "heal", bool, what, line) is not False,
         )
 
     def rule(self, index: int, table: Any, vms: Mapping[str, VmConfig]) -> RuleConfig:
@@ -501,7 +510,10 @@ class _Loader:
             if exc.line == 1 and excerpt[mcol - 1 : mcol] in ("'", '"'):
                 mcol += 1 + exc.column
             raise self.error(f"{what}: bad match rule: {exc.message}", mline, mcol) from None
-        return RuleConfig(index=index, rule=rule, attach=attach, block=bool(block), line=line)
+        heal = self.typed(table, "heal", bool, what, line) is not False
+        return RuleConfig(
+            index=index, rule=rule, attach=attach, block=bool(block), line=line, heal=heal
+        )
 
     def load(self, data: Mapping[str, Any]) -> Config:
         self.unknown_keys(data, _TOP_KEYS, "the top level", 0)
@@ -533,7 +545,26 @@ class _Loader:
             api=self.api(data),
             export=self.export(data),
             hosts=self.hosts(data),
+            **self.remedy(data),
         )
+
+    def remedy(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """``[heal]`` and ``[[alert]]``, validated by vmplug.engine.remedy."""
+        heal, alerts = data.get("heal", {}), data.get("alert", [])
+        if not isinstance(heal, dict):
+            raise self.error("heal must be a table: [heal]", self.loc.key(0, "heal"))
+        if not isinstance(alerts, list):
+            where = self.loc.key(0, "alert")
+            raise self.error("alert must be an array of tables: [[alert]]", where)
+        try:
+            policy = parse_policy(heal)
+        except ValueError as exc:
+            raise self.error(str(exc), self.loc.table("heal")) from None
+        try:
+            parsed = parse_alerts(alerts)
+        except ValueError as exc:
+            raise self.error(str(exc), self.loc.table("alert", 0, array=True)) from None
+        return {"heal": policy, "alerts": parsed}
 
     def _port(self, value: object, what: str, key: str, line: int | None) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:

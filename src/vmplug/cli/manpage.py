@@ -205,6 +205,7 @@ CONFIG_SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
                 "Docker or Podman API socket (unix:///var/run/docker.sock).",
             ),
             ("persist", "libvirt: also write attached devices into the persistent domain."),
+            ("heal", "false: the healing ladder ([heal]) never touches this VM's devices."),
         ),
     ),
     (
@@ -219,6 +220,50 @@ CONFIG_SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
             ("attach", "The VM (a [vm.NAME]) a matching device goes to."),
             ("block", "true: a matching device stays on the host, whatever later rules say."),
             ("comment", "Free text for people; vmplug ignores it."),
+            ("heal", "false: the healing ladder ([heal]) never touches this rule's devices."),
+        ),
+    ),
+    (
+        "[heal]",
+        "Self-healing of devices a rule sends to a VM: re-attach, reset (USBDEVFS_RESET), "
+        "hub port disable/enable, de-authorize/authorize, one rung at a time, each one "
+        "journaled (heal, heal-failed). The controller is never touched.",
+        (
+            ("enabled", "false: no healing (default true)."),
+            ("dry_run", "true: journal what would be done, do nothing."),
+            ("attach_refusals", "Attach errors in a row that start the ladder (default 3)."),
+            ("drops", "Removals or losses within drops_window_s that start it (default 3)."),
+            ("drops_window_s", "The window for drops (default 600)."),
+            ("settle_s", "Seconds attached, without a new trigger, that end an episode (10)."),
+            ("interval_s", "Seconds between rungs, doubled per rung (default 5)."),
+            ("max_interval_s", "The most seconds between rungs (default 600)."),
+            ("max_per_hour", "At most this many rungs per device and hour (default 12)."),
+            (
+                "rungs",
+                'The rungs, in order (default ["reattach", "reset", "port-cycle", "reauthorize"]).',
+            ),
+        ),
+    ),
+    (
+        "[[alert]]",
+        "An alert: conditions over the journal, and where a firing and its all-clear go "
+        "(the journal always; a webhook and a command when given). A subject fires once "
+        "and clears once after clear_after_s without its condition.",
+        (
+            ("name", "The alert's name (default alert-N)."),
+            ("not_back_s", "A device not attached again within this many seconds."),
+            ("drops", "A device removed or lost this many times within drops_window_s."),
+            ("drops_window_s", "The window for drops (default 600)."),
+            ("mtbf_below_s", "A device whose MTBF over health_window_s is below this."),
+            ("recovery_above_s", "A device whose worst or ongoing recovery is above this."),
+            ("health_window_s", "The window of the health figures (default 86400)."),
+            ("vm_lost", "true: a VM down for not_back_s (default 10)."),
+            ("heal_failed", "true: a rung of the healing ladder failed."),
+            ("clear_after_s", "Seconds without the condition before the all-clear (60)."),
+            ("webhook", "An http(s) URL: a JSON POST per firing and all-clear."),
+            ("command", "argv run per firing and all-clear, the event in VMPLUG_ALERT_*."),
+            ("timeout_s", "Timeout of one webhook POST or command (default 5)."),
+            ("retries", "Webhook retries on errors and 5xx (default 3)."),
         ),
     ),
     (

@@ -39,12 +39,14 @@ import signal
 import stat
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vmplug.aio import cancel_and_wait
 from vmplug.config import Config, VmConfig, load_config
+from vmplug.daemon.heal import Remedies
 from vmplug.daemon.journal import Journal, Listener
 from vmplug.daemon.readmodel import PassListener, ReadModel, same_binding
 from vmplug.engine.desired import Action, Attachment, desired, plan, target
@@ -148,12 +150,19 @@ class Daemon:
         self._detaching: set[tuple[str, str]] = set()
         #: called after every reconcile pass with (seconds it took, actions tried)
         self.pass_listeners: list[PassListener] = []
+        #: called with "reloading"/"reloaded" around a SIGHUP reload and "stopping"
+        #: when stop() begins (vmplug.daemon.notify tells systemd)
+        self.lifecycle_listeners: list[Callable[[str], None]] = []
         self._last_pass_actions = 0
         #: wanted(): id(device) -> (device, its attachment), valid for _wanted_key
         self._wanted_memo: dict[int, tuple[UsbDevice, Attachment | None]] = {}
         self._wanted_key: tuple[Config, tuple[tuple[str, str | None], ...]] | None = None
         #: VM name -> observe() failures in a row (the retry backs off)
         self._observe_failures: dict[str, int] = {}
+        #: the kernel log the healer reads for port errors (None: none)
+        self.kernel_log: Path | None = Path("/dev/kmsg") if self.devnodes else None
+        #: the healing ladder and the alerts (vmplug.daemon.heal), while running
+        self.remedies: Remedies | None = None
 
     # -- small helpers ------------------------------------------------------
 
@@ -289,6 +298,8 @@ class Daemon:
             log.info(
                 "device %s %s %s: %s",
                 dev.port, dev.vidpid, _VERB[event.action], _log_name(dev),
+                extra={"VMPLUG_PORT": dev.port, "VMPLUG_DEVICE": dev.identity,
+                       "VMPLUG_ACTION": event.action},
             )  # fmt: skip
             self._saw(dev, _SAW[event.action], _event_detail(event))
             self.mark_dirty()
@@ -297,7 +308,11 @@ class Daemon:
             gone = self.inventory.pop(event.port, None)
             if gone is not None:
                 self._gone[gone.qemu_id] = gone.identity
-            log.info("device %s removed", event.port)
+            log.info(
+                "device %s removed", event.port,
+                extra={"VMPLUG_PORT": event.port, "VMPLUG_ACTION": "remove",
+                       "VMPLUG_DEVICE": gone.identity if gone is not None else None},
+            )  # fmt: skip
             self.journal.event(
                 EventKind.DEVICE_REMOVE,
                 identity=gone.identity if gone else None,
@@ -330,7 +345,7 @@ class Daemon:
     def on_vm_change(self, event: VmEvent) -> None:
         """A backend's :class:`VmEvent`: what to look at again in VM ``event.vm``."""
         vm, kind = event.vm, event.kind
-        log.info("vm %s: %s", vm, event)
+        log.info("vm %s: %s", vm, event, extra={"VMPLUG_VM": vm})
         if kind in (VmEventKind.DISCONNECTED, VmEventKind.SHUTDOWN):
             self.observed.pop(vm, None)
             self.journal.event(EventKind.VM_DOWN, vm=vm, detail={"reason": kind.value})
@@ -364,7 +379,10 @@ class Daemon:
             attempt = self._observe_failures.get(name, 0) + 1
             self._observe_failures[name] = attempt
             delay = min(RETRY_FIRST * 2 ** (attempt - 1), RETRY_MAX)
-            log.warning("vm %s: cannot read its devices (retry in %.1fs): %s", name, delay, exc)
+            log.warning(
+                "vm %s: cannot read its devices (retry in %.1fs): %s", name, delay, exc,
+                extra={"VMPLUG_VM": name},
+            )  # fmt: skip
             self.observed.pop(name, None)
             self.mark_dirty()
             self._spawn(self._observe_later(name, delay))
@@ -532,6 +550,7 @@ class Daemon:
             log.warning(
                 "%s %s %s failed (attempt %d, retry in %.1fs): %s",
                 action.kind, action.qemu_id, action.vm, attempt, delay, exc,
+                extra=_fields(action, identity),
             )  # fmt: skip
             self.journal.action(
                 ActionKind(action.kind),
@@ -563,6 +582,7 @@ class Daemon:
         log.info(
             "%s %s %s ok in %.1f ms (%s%s)",
             action.kind, action.qemu_id, action.vm, elapsed * 1000, action.reason, since,
+            extra=_fields(action, identity),
         )  # fmt: skip
         self.journal.action(
             ActionKind(action.kind),
@@ -659,7 +679,10 @@ class Daemon:
             new = load_config(self.config_path)
         except VmplugError as exc:
             message = exc.render()
-            log.error("reload refused, keeping the running config: %s", message)
+            log.error(
+                "reload refused, keeping the running config: %s", message,
+                extra={"VMPLUG_ACTION": "reload"},
+            )  # fmt: skip
             self.journal.event(EventKind.CONFIG_RELOAD, detail={"ok": False, "error": message})
             return False, message
         old = self.config
@@ -676,7 +699,10 @@ class Daemon:
                 await self.vms.pop(name).stop()
                 self.observed.pop(name, None)
                 await self._start_vm(new.vms[name])
-        log.info("config reloaded: %d VMs, %d rules", len(new.vms), len(new.rules))
+        log.info(
+            "config reloaded: %d VMs, %d rules", len(new.vms), len(new.rules),
+            extra={"VMPLUG_ACTION": "reload"},
+        )  # fmt: skip
         self.mark_dirty()
         return True, f"reloaded: {len(new.vms)} VMs, {len(new.rules)} rules"
 
@@ -693,11 +719,31 @@ class Daemon:
         for vm in self.config.vms.values():
             await self._start_vm(vm)
         self._spawn(self._reconcile_loop())
+        self.remedies = Remedies(self, self.kernel_log)
+        self.remedies.start()
+
+    def _tell(self, what: str) -> None:
+        for listener in list(self.lifecycle_listeners):
+            try:
+                listener(what)
+            except Exception:
+                log.exception("life cycle listener failed")
+
+    async def _sighup(self) -> None:
+        self._tell("reloading")
+        try:
+            await self.reload()
+        finally:
+            self._tell("reloaded")
 
     async def stop(self) -> None:
+        self._tell("stopping")
         self._stopping.set()
         self._dirty.set()
         self.source.stop()
+        if self.remedies is not None:
+            await self.remedies.stop()
+            self.remedies = None
         if self.detach_on_exit:
             for name, held in list(self.observed.items()):
                 for dev_id in list(held):
@@ -714,7 +760,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._sighup()))
         await self.start()
         try:
             await self._stopping.wait()
@@ -735,6 +781,17 @@ _SAW = {"add": EventKind.DEVICE_ADD, "bind": EventKind.DEVICE_BIND}
 def _log_name(dev: UsbDevice) -> str:
     """Maker and product as the device gives them, for the log ("?": none)."""
     return " ".join(p for p in (dev.display_manufacturer, dev.display_product) if p) or "?"
+
+
+def _fields(action: Action, identity: str | None) -> dict[str, Any]:
+    """journald fields of a log line about an action (``journalctl VMPLUG_VM=...``)."""
+    port = action.attachment.port if action.attachment else None
+    return {
+        "VMPLUG_VM": action.vm,
+        "VMPLUG_ACTION": action.kind,
+        "VMPLUG_DEVICE": identity,
+        "VMPLUG_PORT": port,
+    }
 
 
 def _event_detail(event: HostEvent) -> dict[str, Any]:

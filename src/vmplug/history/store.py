@@ -117,6 +117,18 @@ class EventKind(StrEnum):
     DAEMON_START = "daemon-start"
     #: Orderly daemon stop: nothing is observed until the next ``daemon-start``.
     DAEMON_STOP = "daemon-stop"
+    #: The kernel logged an error on a device's port (``port``; ``detail``:
+    #: ``message``, ``pattern``): a trigger of the healing ladder.
+    KERNEL_ERROR = "kernel-error"
+    #: A rung of the healing ladder (:mod:`vmplug.daemon.heal`) was carried
+    #: out (or, ``detail.dry_run``, only said); ``detail``: ``rung``, ``reason``.
+    HEAL = "heal"
+    #: A rung was tried and the kernel or QEMU refused it (``detail.error``).
+    HEAL_FAILED = "heal-failed"
+    #: An ``[[alert]]`` fired (``detail``: ``alert``, ``condition``, ``reason``).
+    ALERT = "alert"
+    #: The condition of a fired alert has been gone long enough: all clear.
+    ALERT_CLEAR = "alert-clear"
 
 
 class ActionKind(StrEnum):

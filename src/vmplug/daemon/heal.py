@@ -1,0 +1,477 @@
+"""Self-healing: the ladder vmplug climbs for a device a rule sends to a VM.
+
+Two halves:
+
+* :func:`decide` is pure: from the journal (the same
+  :class:`~vmplug.history.store.HistoryEntry` rows the history, the API and
+  the health figures read), the device's identity and port, a
+  :class:`HealPolicy` and the time, it says which rung to try next and why,
+  or nothing.  The tests feed it journals a real daemon wrote.
+* :class:`Healer` is the edge: a journal listener that notices triggers,
+  asks :func:`decide`, carries the rung out (:mod:`vmplug.host.usbctl`, the
+  VM backend) and journals it as ``heal`` / ``heal-failed`` with the reason.
+
+The ladder (one rung at a time, the next only when the last did not help):
+
+1. ``reattach`` -- detach the device from its VM (when QEMU holds it) and let
+   the reconciler attach it again now, without waiting for its backoff;
+2. ``reset`` -- ``USBDEVFS_RESET`` on its node; when QEMU holds the device it
+   is detached first (QEMU's claim would be broken under it) and re-attached by
+   the reconciler after the reset;
+3. ``port-cycle`` -- its hub port's ``disable`` set and cleared (a real
+   power cut only on hubs with per-port power switching, see
+   :mod:`vmplug.host.usbctl`);
+4. ``reauthorize`` -- its ``authorized`` set to 0 and back to 1.
+
+The controller is never touched.  Triggers (counted since the last rung, so
+each rung is given its chance): ``attach_refusals`` attach errors in a row,
+any ``kernel-error`` on its port, ``drops`` removals or losses within
+``drops_window_s``.  A rung is judged after ``settle_s``: when the device is
+attached again and no new trigger came, the episode ends (the next trouble
+starts at rung 1 again).  Rungs of one device are spaced by ``interval_s``
+doubling per rung (capped at ``max_interval_s``) and at most ``max_per_hour``
+of them.  ``heal = false`` on a rule or a VM turns it off for its devices,
+``dry_run`` journals what it would do and does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vmplug.engine.desired import target
+from vmplug.engine.remedy import LADDER, HealPolicy, Rung, parse_policy
+from vmplug.history.store import ActionKind, EventKind, HistoryEntry, Result
+from vmplug.host import usbctl
+
+if TYPE_CHECKING:
+    from vmplug.daemon.reconciler import Daemon
+
+log = logging.getLogger("vmplug")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    identity: str
+    rung: Rung
+    reason: str
+    #: which attempt of the ladder this is in the episode (1 = first rung)
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What :func:`decide` found, also when it decides nothing."""
+
+    decision: Decision | None
+    #: why nothing: "healthy", "waiting", "rate-limited", "exhausted", "no-trigger"
+    why: str
+    trigger: str | None = None
+
+
+def _is_heal(e: HistoryEntry) -> bool:
+    return not e.is_action and e.kind in (EventKind.HEAL, EventKind.HEAL_FAILED)
+
+
+def decide(
+    entries: Iterable[HistoryEntry],
+    identity: str,
+    port: str | None,
+    policy: HealPolicy,
+    now: float,
+) -> Status:
+    """The next rung for ``identity`` (on ``port``), from the journal up to ``now``."""
+    mine: list[HistoryEntry] = []
+    for e in entries:
+        if e.ts > now:
+            break
+        if e.identity == identity or (
+            e.kind == EventKind.KERNEL_ERROR and port is not None and e.port == port
+        ):
+            mine.append(e)
+    heals = [e for e in mine if _is_heal(e)]
+    # the episode: heals since the last one that was followed by a settled recovery
+    episode: list[HistoryEntry] = []
+    for h in heals:
+        if episode and _recovered_after(mine, episode[-1], policy, now):
+            episode = []
+        episode.append(h)
+    if episode and _recovered_after(mine, episode[-1], policy, now):
+        episode = []
+    since = episode[-1].ts if episode else float("-inf")
+    trigger = _trigger(mine, since, policy, now)
+    if trigger is None:
+        return Status(None, "healthy" if not episode else "no-trigger")
+    step = len(episode)
+    rungs = policy.rungs
+    if step >= len(rungs):
+        return Status(None, "exhausted", trigger)
+    if episode:
+        wait = min(policy.interval_s * 2 ** (step - 1), policy.max_interval_s)
+        if now - episode[-1].ts < wait:
+            return Status(None, "waiting", trigger)
+    if sum(1 for h in heals if now - h.ts < 3600.0) >= policy.max_per_hour:
+        return Status(None, "rate-limited", trigger)
+    return Status(Decision(identity, rungs[step], trigger, step + 1), "act", trigger)
+
+
+def _recovered_after(
+    mine: Sequence[HistoryEntry], heal: HistoryEntry, policy: HealPolicy, now: float
+) -> bool:
+    """The device was attached after ``heal`` and no trigger came for ``settle_s`` since."""
+    up_at: float | None = None
+    for e in mine:
+        if e.ts <= heal.ts or _is_heal(e):
+            continue
+        if e.is_action and e.kind in (ActionKind.ATTACH, ActionKind.ADOPT):
+            if e.result == Result.OK and up_at is None:
+                up_at = e.ts
+            elif e.result == Result.ERROR:
+                up_at = None
+        elif e.kind in (EventKind.DEVICE_REMOVE, EventKind.ATTACHMENT_LOST, EventKind.KERNEL_ERROR):
+            up_at = None
+    return up_at is not None and now - up_at >= policy.settle_s
+
+
+def _trigger(
+    mine: Sequence[HistoryEntry], since: float, policy: HealPolicy, now: float
+) -> str | None:
+    refusals = 0
+    drops: list[float] = []
+    kernel: str | None = None
+    attached = False
+    for e in mine:
+        if e.ts <= since or _is_heal(e):
+            continue
+        if e.is_action and e.kind == ActionKind.ATTACH:
+            if e.result == Result.ERROR:
+                refusals += 1
+                attached = False
+            else:
+                refusals, attached = 0, True
+        elif e.is_action and e.kind == ActionKind.ADOPT and e.result == Result.OK:
+            refusals, attached = 0, True
+        elif e.kind in (EventKind.DEVICE_REMOVE, EventKind.ATTACHMENT_LOST):
+            attached = False
+            if now - e.ts <= policy.drops_window_s:
+                drops.append(e.ts)
+        elif e.kind == EventKind.KERNEL_ERROR:
+            msg = (e.detail or {}).get("message", "")
+            kernel = f"kernel: {msg}" if msg else "kernel error on its port"
+        elif e.kind in (EventKind.DEVICE_ADD, EventKind.DEVICE_BIND):
+            kernel = None if attached else kernel
+    if refusals >= policy.attach_refusals:
+        return f"attach refused {refusals} times in a row"
+    if len(drops) >= policy.drops:
+        return f"dropped {len(drops)} times in {policy.drops_window_s / 60:g} min"
+    return kernel
+
+
+# ---------------------------------------------------------------- kernel log
+
+#: (pattern name, regex with the kernel's device name as group 1)
+KERNEL_ERRORS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("descriptor-read", re.compile(r"usb (\S+): device descriptor read/\S+, error -\d+")),
+    ("error-71", re.compile(r"usb (\S+): .*error -71\b")),
+    ("error-110", re.compile(r"usb (\S+): .*error -110\b")),
+    ("not-accepting-address", re.compile(r"usb (\S+): device not accepting address")),
+    ("cannot-enumerate", re.compile(r"usb (\S+): unable to enumerate USB device")),
+    ("over-current", re.compile(r"usb (\S+): over-current condition")),
+)
+_ROOT_PORT = re.compile(r"^usb(\d+)-port(\d+)$")
+
+
+def parse_kernel_line(line: str) -> tuple[str, str, str] | None:
+    """A kernel log line (``/dev/kmsg`` record or ``dmesg`` line) to (port,
+    pattern, message), or None when it is no USB error vmplug acts on."""
+    text = line.split(";", 1)[1] if ";" in line.split(" ", 1)[0] else line
+    text = text.strip()
+    for name, pat in KERNEL_ERRORS:
+        m = pat.search(text)
+        if m:
+            port = m.group(1)
+            root = _ROOT_PORT.match(port)
+            if root:  # "usb2-port1": the port of a root hub
+                port = f"{root.group(1)}-{root.group(2)}"
+            return port, name, text[m.start() :]
+    return None
+
+
+class KernelLog:
+    """Reads kernel log records from ``path`` (``/dev/kmsg``, from its end; a
+    FIFO in the tests) without blocking the loop, and calls ``on_line``."""
+
+    def __init__(self, path: Path, on_line: Callable[[str], None]) -> None:
+        self.path = path
+        self.on_line = on_line
+        self._fd: int | None = None
+        self._buf = b""
+
+    def start(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("heal: cannot read the kernel log %s: %s", self.path, exc.strerror)
+            return
+        with contextlib.suppress(OSError):
+            os.lseek(fd, 0, os.SEEK_END)  # /dev/kmsg: only records from now on
+        self._fd = fd
+        asyncio.get_running_loop().add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        assert self._fd is not None
+        while True:
+            try:
+                chunk = os.read(self._fd, 8192)
+            except BlockingIOError:
+                return
+            except OSError:  # EPIPE: /dev/kmsg records overwritten before we read them
+                continue
+            if not chunk:
+                return
+            self._buf += chunk
+            *lines, self._buf = self._buf.split(b"\n")
+            for raw in lines:
+                self.on_line(raw.decode("utf-8", "replace"))
+
+    def stop(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+# ---------------------------------------------------------------- the edge
+
+
+def _entry(n: int, item: Mapping[str, Any]) -> HistoryEntry:
+    """A journal listener's item as the store would give it back."""
+    return HistoryEntry(
+        id=n,
+        ts=float(item.get("ts", time.time())),
+        entry=str(item.get("type", "event")),
+        kind=str(item.get("kind", "")),
+        identity=item.get("identity"),
+        vm=item.get("vm"),
+        port=item.get("port"),
+        qemu_id=item.get("qemu_id"),
+        result=item.get("result"),
+        error_class=item.get("error_class"),
+        error_message=item.get("error_message"),
+        attempt=item.get("attempt"),
+        detail=item.get("detail"),
+    )
+
+
+class Healer:
+    """Listens to the daemon's journal and climbs the ladder for its devices."""
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        policy: HealPolicy,
+        *,
+        kernel_log: Path | None = None,
+        dev_root: Path = Path("/dev"),
+        tick_s: float = 0.5,
+    ) -> None:
+        self.daemon = daemon
+        self.policy = policy
+        self.dev_root = dev_root
+        self.tick_s = tick_s
+        #: the recent journal as entries (the listener's copy; 2 h or 20,000 rows)
+        self.recent: deque[HistoryEntry] = deque(maxlen=20000)
+        self._ids = itertools.count(1)
+        self._task: asyncio.Task[None] | None = None
+        self._busy: set[str] = set()
+        self.kernel = KernelLog(kernel_log, self._kernel_line) if kernel_log else None
+        #: rungs carried out (or said, in dry-run), for tests and status
+        self.done: list[tuple[Decision, bool, str | None]] = []
+
+    # -- journal in ---------------------------------------------------------
+
+    def on_item(self, item: Mapping[str, Any]) -> None:
+        self.recent.append(_entry(next(self._ids), item))
+
+    def _kernel_line(self, line: str) -> None:
+        hit = parse_kernel_line(line)
+        if hit is None:
+            return
+        port, pattern, message = hit
+        dev = self.daemon.inventory.get(port)
+        self.daemon.journal.event(
+            EventKind.KERNEL_ERROR,
+            identity=dev.identity if dev else None,
+            port=port,
+            detail={"pattern": pattern, "message": message},
+        )
+
+    # -- life cycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        self.daemon.listeners.append(self.on_item)
+        if self.kernel is not None:
+            self.kernel.start()
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        if self.on_item in self.daemon.listeners:
+            self.daemon.listeners.remove(self.on_item)
+        if self.kernel is not None:
+            self.kernel.stop()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("heal: pass failed")
+
+    # -- deciding -----------------------------------------------------------
+
+    def allowed(self, identity: str) -> tuple[bool, str]:
+        """A device may be touched only while a rule sends it to a VM that does
+        not say ``heal = false`` (nor its rule)."""
+        d = self.daemon
+        dev = next((x for x in d.inventory.values() if x.identity == identity), None)
+        if dev is None:
+            return False, "not present"
+        vm = target(dev, d.config, d.overrides)
+        if vm is None:
+            return False, "no rule sends it to a VM"
+        rule = d.config.decide(dev)
+        if rule is not None and not getattr(rule, "heal", True):
+            return False, "heal = false on its rule"
+        vmc = d.config.vms.get(vm)
+        if vmc is not None and not getattr(vmc, "heal", True):
+            return False, f"heal = false on VM {vm}"
+        return True, vm
+
+    async def tick(self) -> list[Decision]:
+        if not self.policy.enabled:
+            return []
+        now = time.time()
+        made: list[Decision] = []
+        for dev in list(self.daemon.inventory.values()):
+            if dev.identity in self._busy:
+                continue
+            ok, _ = self.allowed(dev.identity)
+            if not ok:
+                continue
+            status = decide(self.recent, dev.identity, dev.port, self.policy, now)
+            if status.decision is not None:
+                made.append(status.decision)
+                self._busy.add(dev.identity)
+                try:
+                    await self.carry_out(status.decision)
+                finally:
+                    self._busy.discard(dev.identity)
+        return made
+
+    # -- acting -------------------------------------------------------------
+
+    async def carry_out(self, decision: Decision) -> bool:
+        d = self.daemon
+        dev = next((x for x in d.inventory.values() if x.identity == decision.identity), None)
+        allowed, vm = self.allowed(decision.identity)
+        detail: dict[str, Any] = {
+            "rung": decision.rung.value,
+            "reason": decision.reason,
+            "step": decision.step,
+            "dry_run": self.policy.dry_run,
+        }
+        if dev is None or not allowed:
+            return False
+        log.warning(
+            "heal %s (%s): %s%s because %s",
+            dev.port, decision.identity, decision.rung.value,
+            " (dry run: nothing done)" if self.policy.dry_run else "", decision.reason,
+        )  # fmt: skip
+        error: str | None = None
+        if not self.policy.dry_run:
+            try:
+                await self._do(decision.rung, dev.port, dev.busnum, dev.devnum, dev.qemu_id, vm)
+            except Exception as exc:  # a rung that fails is journaled, never fatal
+                error = str(exc) or type(exc).__name__
+        kind = EventKind.HEAL if error is None else EventKind.HEAL_FAILED
+        if error is not None:
+            detail["error"] = error
+            log.warning("heal %s: %s failed: %s", dev.port, decision.rung.value, error)
+        d.journal.event(kind, identity=dev.identity, port=dev.port, vm=vm, detail=detail)
+        self.done.append((decision, error is None, error))
+        d.mark_dirty()
+        return error is None
+
+    async def _detach_if_held(self, qemu_id: str, vm: str) -> bool:
+        d = self.daemon
+        if qemu_id not in d.observed.get(vm, {}):
+            return False
+        backend = d.vms.get(vm)
+        if backend is None:
+            return False
+        d._detaching.add((vm, qemu_id))  # vmplug asked: no loss
+        try:
+            await backend.detach(qemu_id)
+        finally:
+            d._detaching.discard((vm, qemu_id))
+        d.observed.get(vm, {}).pop(qemu_id, None)
+        return True
+
+    async def _do(
+        self, rung: Rung, port: str, busnum: int | None, devnum: int | None, qemu_id: str, vm: str
+    ) -> None:
+        d = self.daemon
+        # attach at once afterwards, not after the backoff of earlier failures
+        d.retries.pop((vm, qemu_id), None)
+        if rung is Rung.REATTACH:
+            await self._detach_if_held(qemu_id, vm)
+        elif rung is Rung.RESET:
+            if busnum is None or devnum is None:
+                raise usbctl.UsbCtlError(f"{port}: no bus/device number to find its node")
+            await self._detach_if_held(qemu_id, vm)
+            node = usbctl.devnode(busnum, devnum, self.dev_root)
+            await asyncio.to_thread(usbctl.reset_device, node)
+        elif rung is Rung.PORT_CYCLE:
+            await asyncio.to_thread(usbctl.cycle_port, d.sysfs_root, port)
+        elif rung is Rung.REAUTHORIZE:
+            await asyncio.to_thread(usbctl.reauthorize, d.sysfs_root, port)
+
+
+__all__ = ["LADDER", "Decision", "HealPolicy", "Healer", "Rung", "Status", "decide", "parse_policy"]
+
+
+class Remedies:
+    """The healer and the alerter of one daemon (started and stopped with it)."""
+
+    def __init__(self, daemon: Daemon, kernel_log: Path | None = None) -> None:
+        from vmplug.daemon.alerts import Alerter  # noqa: PLC0415 (alerts imports this module)
+
+        config = daemon.config
+        self.healer = Healer(daemon, config.heal, kernel_log=kernel_log)
+        self.alerter = Alerter(daemon, config.alerts) if config.alerts else None
+
+    def start(self) -> None:
+        self.healer.start()
+        if self.alerter is not None:
+            self.alerter.start()
+
+    async def stop(self) -> None:
+        await self.healer.stop()
+        if self.alerter is not None:
+            await self.alerter.stop()
