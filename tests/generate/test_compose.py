@@ -107,7 +107,7 @@ def test_snippet_is_a_valid_vmplug_config() -> None:
     config = parse_config(compose.vmplug_snippet(plan), "snippet.toml")
     vm = config.vms["windows"]
     assert vm.qmp == "/srv/windows/qmp/qmp.sock"
-    assert vm.usb_bus == "vmplug-xhci.0"
+    assert vm.usb_bus == "xhci.0"  # the image's own xHCI (its USB setting), not a second one
     assert [r.attach for r in config.rules] == ["windows", "windows"]
     assert [config.decide(d).attach for d in (AUDIO, KEYLAB)] == ["windows", "windows"]  # type: ignore[union-attr]
     assert config.decide(DISK) is None

@@ -151,6 +151,15 @@ def qemu_cmd(
     help="Add to this existing compose file (in place), keeping its comments and order.",
 )
 @click.option("--stdout", "to_stdout", is_flag=True, help="With --merge: print, do not write.")
+@click.option(
+    "--storage",
+    type=click.Choice(compose_mod.STORAGE_MODES),
+    default="after-setup",
+    show_default=True,
+    help="USB mass storage: after-setup (not at boot; its vmplug rule commented out, "
+    "to enable once Windows is installed), live (not at boot; vmplug attaches it once "
+    "the VM runs) or boot (in ARGUMENTS).",
+)
 @click.pass_context
 def compose_cmd(
     ctx: click.Context,
@@ -163,18 +172,33 @@ def compose_cmd(
     qmp_env: bool,
     merge_file: Path | None,
     to_stdout: bool,
+    storage: str,
 ) -> None:
     """A dockurr/windows compose service whose USB devices survive replug.
 
     /dev/bus/usb is bind-mounted (Docker's devices: list only holds the
     nodes present at container start), device_cgroup_rules allows USB nodes
     (major 189), and a QMP socket for vmplug lives in a host folder mounted
-    at /qmp.  The usb-host devices go into ARGUMENTS.  The matching
-    [vm.NAME] and [[rule]] entries for vmplug's config are printed on stderr
-    (and in --json).
+    at /qmp.  The usb-host devices go into ARGUMENTS, on the image's own
+    xHCI (its USB setting: bus xhci.0, port 1 is its usb-tablet), never a
+    second controller.  USB mass storage stays out of ARGUMENTS (Windows
+    Setup may format a USB disk present at boot): vmplug attaches it live
+    (--storage).  Under rootless Podman, where device_cgroup_rules does
+    nothing, a note says what to do instead.  The matching [vm.NAME] and
+    [[rule]] entries for vmplug's config are printed on stderr (and in --json).
     """
     devices = _selected(ctx, selectors)
     base = merge_file.resolve().parent if merge_file is not None else Path.cwd()
+    original: str | None = None
+    image_env: dict[str, str] = {}
+    if merge_file is not None:
+        try:
+            original = merge_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(
+                f"{merge_file}: no such file (leave out --merge for a new one)"
+            ) from None
+        image_env = compose_mod.service_env(original, service)
     plan = compose_mod.plan_compose(
         devices,
         service=service,
@@ -183,16 +207,13 @@ def compose_cmd(
         qmp_dir=qmp_dir,
         qmp_env=qmp_env,
         base_dir=base,
+        image_env=image_env,
+        storage=storage,
+        rootless_podman=_rootless_podman_here(),
     )
     snippet = compose_mod.vmplug_snippet(plan)
     changes: list[str] = []
-    if merge_file is not None:
-        try:
-            original = merge_file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UsageError(
-                f"{merge_file}: no such file (leave out --merge for a new one)"
-            ) from None
+    if merge_file is not None and original is not None:
         text, changes = compose_mod.merge_text(original, plan)
         if not to_stdout and not as_json and text != original:
             write_atomic(merge_file, text, merge_file.stat().st_mode & 0o7777)
@@ -211,7 +232,25 @@ def compose_cmd(
             _say(f"{merge_file}: {verb}:")
             for change in changes:
                 _say(f"  {change}")
+    for note in plan.notes:
+        _say(f"note: {note}")
     _say(f"\nAdd to vmplug's config (/etc/vmplug/vmplug.toml):\n\n{snippet}")
+
+
+def _rootless_podman_here() -> bool:
+    """The engine this compose file is for ($DOCKER_HOST, or the usual sockets) is a
+    rootless Podman (asked over its API, as the doctor asks; one second at most)."""
+    import contextlib  # noqa: PLC0415
+
+    from vmplug.doctor.container_info import engine_info  # noqa: PLC0415
+    from vmplug.wire.engine import candidates, exists  # noqa: PLC0415
+
+    for address in candidates():
+        if exists(address):
+            # no engine there after all: nothing to say
+            with contextlib.suppress(Exception):
+                return engine_info(address, 1.0).rootless_podman
+    return False
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,23 @@ Why each piece is there:
   scripts and a QMP socket serves one client at a time.  Newer images take a
   ``QMP`` variable (``-qmp $QMP``); older ones need ``-qmp …`` in
   ``ARGUMENTS``, which works on both and is the default here.
-* The ``usb-host`` devices and their controller in ``ARGUMENTS``.  The image
+* The ``usb-host`` devices in ``ARGUMENTS``, on the image's *own* USB
+  controller: its scripts (qemus/qemu ``src/config.sh``, ``configureUsb``)
+  add ``-device $USB``, where an empty or ``yes`` ``USB`` means
+  ``qemu-xhci,id=xhci,p2=7,p3=7`` (``usb-ehci,id=ehci`` when Windows boots in
+  legacy mode: 7, Vista, XP, 2000, 9x, Server 2003/2008, ReactOS; ``src/boot.sh``),
+  and ``USB=no`` none at all; with a USB ``MOUSE`` (default ``usb-tablet``)
+  the tablet takes the bus's first port.  So the devices go on bus ``xhci.0``
+  from port 2, and a second controller beside the image's is never added;
+  more devices than its 6 free ports make vmplug set ``USB`` to the same
+  controller with 15 ports.
+* USB mass storage is *not* put in ``ARGUMENTS`` by default: Windows Setup
+  may format a USB disk present at boot (the image's README warns of it).
+  Its vmplug rule attaches it live, after boot; ``storage="boot"`` puts it
+  in ``ARGUMENTS`` anyway.
+* Under rootless Podman ``device_cgroup_rules`` does nothing (no device
+  cgroup of its own); the plan's notes say what to do instead.
+* The image
   expands ``ARGUMENTS`` unquoted (``exec … ${ARGS:+ $ARGS}`` in its
   ``entry.sh``), so each option is split on white space and globbed: no
   option may contain white space or ``* ? [``.
@@ -27,8 +43,8 @@ import io
 import posixpath
 import re
 import unicodedata
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +55,14 @@ from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScala
 from ruamel.yaml.util import load_yaml_guess_indent
 
 from vmplug.errors import UsageError
-from vmplug.generate.common import CannotExpress, comment_text, device_label
-from vmplug.generate.qemu import QemuPlan, plan_qemu, qmp_chardev
+from vmplug.generate.common import (
+    CannotExpress,
+    check_passable,
+    comment_text,
+    device_label,
+    is_usb3,
+)
+from vmplug.generate.qemu import MAX_PORTS, QemuPlan, plan_qemu, qmp_chardev
 from vmplug.model import UsbDevice
 
 IMAGE = "dockurr/windows"
@@ -61,6 +83,89 @@ _UNSAFE_ARG = re.compile(r"[\s*?\[]")
 _UNWRITABLE = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
+#: The image's values for ``USB`` (qemus/qemu src/config.sh, src/boot.sh).
+IMAGE_XHCI = "qemu-xhci,id=xhci,p2=7,p3=7"
+IMAGE_EHCI = "usb-ehci,id=ehci"
+#: The same controller with QEMU's most ports, when the image's 7 are not enough.
+IMAGE_XHCI_15 = "qemu-xhci,id=xhci,p2=15,p3=15"
+#: qemus/qemu's enabled()/disabled() words.
+_ENABLED = frozenset({"y", "yes", "true", "1", "on", "enable", "enabled"})
+_DISABLED = frozenset({"n", "no", "none", "false", "0", "off", "disable", "disabled"})
+#: dockurr VERSION values that boot in legacy mode (define.sh isLegacy: win7, vista,
+#: xp, 2000, 9x, 2003, 2008, reactos), where the image's USB is usb-ehci.
+_LEGACY_VERSIONS = frozenset(
+    {"7u", "7", "7e", "7x86", "vu", "xp", "xp64", "2k", "me", "98", "95", "2003", "2008",
+     "reactos", "nt4"}
+)  # fmt: skip
+#: QEMU's EHCI has 6 ports (NB_PORTS in hw/usb/hcd-ehci.h).
+EHCI_PORTS = 6
+MASS_STORAGE = 0x08
+STORAGE_MODES = ("after-setup", "live", "boot")
+
+
+@dataclass(frozen=True)
+class ImageUsb:
+    """The USB controller the image adds, and where vmplug's devices go on it."""
+
+    setting: str  # the effective USB value (what -device $USB gets)
+    bus_id: str  # xhci
+    ports: int  # ports on its bus
+    first_port: int  # 2 when the image's usb-tablet took port 1
+    set_usb: str | None = None  # a USB value vmplug must write (more ports), else None
+
+    @property
+    def bus(self) -> str:
+        return f"{self.bus_id}.0"
+
+
+def _strip(value: str | None) -> str:
+    return (value or "").strip().strip('"').strip("'").strip()
+
+
+def image_usb(env: Mapping[str, str], wanted: int) -> ImageUsb:
+    """What the image's ``USB``, ``MOUSE`` and ``VERSION`` make of its USB controller,
+    with room for ``wanted`` devices (or a :class:`CannotExpress` saying why not)."""
+    usb = _strip(env.get("USB"))
+    mouse = _strip(env.get("MOUSE")) or "usb-tablet"
+    first = 2 if mouse.lower().startswith("usb") else 1
+    if usb.lower() in _DISABLED:
+        raise CannotExpress(
+            f"USB={usb}: the image then adds no USB controller (and sets usb=off on the "
+            "machine), so there is no bus for the devices; remove USB, or set it to "
+            f"{IMAGE_XHCI}"
+        )
+    custom = bool(usb) and usb.lower() not in _ENABLED
+    if not custom:
+        legacy = _strip(env.get("VERSION")).lower() in _LEGACY_VERSIONS
+        usb = IMAGE_EHCI if legacy else IMAGE_XHCI
+    driver, *parts = usb.split(",")
+    props = dict(p.partition("=")[::2] for p in parts)
+    bus_id = props.get("id", "")
+    if not bus_id:
+        raise CannotExpress(
+            f"USB={usb}: the controller has no id=, so its bus has no name to put devices "
+            "on; add one (USB=qemu-xhci,id=xhci,p2=7,p3=7)"
+        )
+    if driver in ("qemu-xhci", "nec-usb-xhci"):
+        ports = max(_int_prop(props.get("p2", "4")) or 4, _int_prop(props.get("p3", "4")) or 4)
+    elif driver in ("usb-ehci", "ich9-usb-ehci1"):
+        ports = EHCI_PORTS
+    else:
+        raise CannotExpress(
+            f"USB={usb}: vmplug knows the ports of qemu-xhci, nec-usb-xhci and usb-ehci "
+            f"controllers only; set USB={IMAGE_XHCI}"
+        )
+    free = ports - (first - 1)
+    if wanted <= free:
+        return ImageUsb(usb, bus_id, ports, first)
+    if not custom and driver == "qemu-xhci" and wanted <= MAX_PORTS - (first - 1):
+        return ImageUsb(IMAGE_XHCI_15, bus_id, MAX_PORTS, first, set_usb=IMAGE_XHCI_15)
+    raise CannotExpress(
+        f"{wanted} devices at boot, but the image's USB controller ({usb}) has {free} free "
+        "ports; attach some live instead (leave them out here, keep their vmplug rules)"
+    )
+
+
 @dataclass(frozen=True)
 class ComposePlan:
     service: str
@@ -72,6 +177,11 @@ class ComposePlan:
     labels: tuple[str, ...]
     rules: tuple[str, ...]
     changes: tuple[str, ...] = field(default=())
+    image: ImageUsb | None = None
+    storage: str = "after-setup"
+    #: (label, rule) of mass storage left out of ARGUMENTS: vmplug attaches it live
+    live: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def arguments(self) -> list[str]:
@@ -90,6 +200,12 @@ class ComposePlan:
             "qmp_env": self.qmp_value if self.qmp_env else None,
             "qmp_host_dir": self.qmp_host_dir,
             "vmplug_qmp": self.vmplug_qmp,
+            "usb_bus": self.qemu.bus,
+            "usb_env": self.image.set_usb if self.image else None,
+            "image_usb": self.image.setting if self.image else None,
+            "storage": self.storage,
+            "live": [{"device": label, "rule": rule} for label, rule in self.live],
+            "notes": list(self.notes),
             "qemu": self.qemu.to_json(),
         }
 
@@ -129,7 +245,19 @@ def plan_compose(
     base_dir: Path | None = None,
     isobufs: int | None = None,
     isobsize: int | None = None,
+    image_env: Mapping[str, str] | None = None,
+    storage: str = "after-setup",
+    rootless_podman: bool = False,
 ) -> ComposePlan:
+    """The service's pieces for ``devices``.
+
+    ``image_env``: the service's environment as it is (``USB``, ``MOUSE``,
+    ``VERSION`` decide the image's controller); ``storage``: where USB mass
+    storage goes -- ``after-setup`` (default: not at boot; its vmplug rule is
+    written commented out, to enable once Windows is installed), ``live``
+    (not at boot; an active vmplug rule attaches it as soon as the VM runs)
+    or ``boot`` (in ARGUMENTS, present at boot).
+    """
     if not _SERVICE_RE.match(service):
         raise CannotExpress(
             f"service name {service!r}: Compose allows only letters, digits, '.', '_' and '-'"
@@ -145,18 +273,44 @@ def plan_compose(
             "--qmp-dir must be a folder path without control characters or line separators "
             "(YAML 1.1 and 1.2 readers do not agree on them)"
         )
-    qemu = plan_qemu(
-        devices,
-        by_port=by_port,
-        qmp=None if qmp_env else QMP_CONTAINER_SOCKET,
-        isobufs=isobufs,
-        isobsize=isobsize,
+    if storage not in STORAGE_MODES:
+        raise CannotExpress(f"storage {storage!r}: one of {', '.join(STORAGE_MODES)}")
+    check_passable(devices)
+    at_boot = [d for d in devices if storage == "boot" or not d.has_interface_class(MASS_STORAGE)]
+    later = [d for d in devices if d not in at_boot]
+    image = image_usb(image_env or {}, len(at_boot))
+    qmp = None if qmp_env else QMP_CONTAINER_SOCKET
+    if at_boot:
+        qemu = plan_qemu(
+            at_boot,
+            by_port=by_port,
+            controller_id=image.bus_id,
+            qmp=qmp,
+            isobufs=isobufs,
+            isobsize=isobsize,
+        )
+    else:
+        qemu = QemuPlan(image.bus_id, image.ports, image.ports, (), by_port, qmp=qmp)
+    # the image's controller, its ports; the first is its usb-tablet's
+    offset = image.first_port - 1
+    qemu = replace(
+        qemu,
+        own_controller=False,
+        p2=image.ports,
+        p3=image.ports,
+        devices=tuple(replace(h, port=h.port + offset) for h in qemu.devices),
     )
     arguments_value(qemu.args())
     base = base_dir if base_dir is not None else Path.cwd()
     host_dir = qmp_dir if posixpath.isabs(qmp_dir) else posixpath.join(str(base), qmp_dir)
     vmplug_qmp = posixpath.join(posixpath.normpath(host_dir), "qmp.sock")
-    rules = tuple(f'via-port "{d.port}"' if by_port else f"id {d.vidpid}" for d in devices)
+
+    def rule_of(d: UsbDevice) -> str:
+        return f'via-port "{d.port}"' if by_port else f"id {d.vidpid}"
+
+    deferred = [d for d in later if storage == "after-setup"]
+    active = [d for d in devices if d not in deferred]
+    notes = _notes(vm_name, image, at_boot, later, storage, rootless_podman)
     return ComposePlan(
         service=service,
         vm=vm_name,
@@ -164,9 +318,66 @@ def plan_compose(
         qmp_env=qmp_env,
         qmp_host_dir=qmp_dir,
         vmplug_qmp=vmplug_qmp,
-        labels=tuple(device_label(d) for d in devices),
-        rules=rules,
+        labels=tuple(device_label(d) for d in active),
+        rules=tuple(rule_of(d) for d in active),
+        image=image,
+        storage=storage,
+        live=tuple((device_label(d), rule_of(d)) for d in deferred),
+        notes=notes,
     )
+
+
+#: What a rootless Podman needs instead of device_cgroup_rules.
+ROOTLESS_PODMAN_NOTE = (
+    "rootless Podman: device_cgroup_rules does nothing there (the container gets no "
+    "device cgroup of its own), so it opens /dev/bus/usb nodes only as far as the host "
+    "user may: give the nodes a group (vmplug generate udev DEVICE --group kvm --install), "
+    "put the user in it, and add group_add: [keep-groups] to the service (Podman only); "
+    "or run the container with rootful Podman"
+)
+
+
+def _notes(
+    vm: str,
+    image: ImageUsb,
+    at_boot: Sequence[UsbDevice],
+    later: Sequence[UsbDevice],
+    storage: str,
+    rootless_podman: bool,
+) -> tuple[str, ...]:
+    out = [f"devices on the image's own USB controller ({image.setting}), bus {image.bus}"]
+    if image.set_usb:
+        out.append(
+            f"USB={image.set_usb}: {len(at_boot)} devices do not fit on the image's "
+            "7-port xHCI; the same controller with 15 ports"
+        )
+    if image.bus_id == "ehci" and any(is_usb3(d) for d in at_boot):
+        out.append("the image's EHCI (legacy Windows) runs USB 3 devices at high speed")
+    for dev in later:
+        what = f"{dev.port} ({device_label(dev)}) is USB mass storage"
+        if storage == "after-setup":
+            out.append(
+                f"{what}: left out of ARGUMENTS, since Windows Setup may format a USB disk "
+                "present at boot; its vmplug rule is written commented out: uncomment it "
+                "once Windows is installed (vmplug then attaches it live whenever the VM "
+                f"runs), or attach it once after boot: vmplug attach {dev.port} --vm {vm}"
+            )
+        else:
+            out.append(
+                f"{what}: left out of ARGUMENTS (Windows Setup may format a USB disk present "
+                "at boot); vmplug's rule attaches it live once the VM runs -- keep it "
+                "unplugged during the first start, while Setup runs"
+            )
+    if storage == "boot":
+        for dev in at_boot:
+            if dev.has_interface_class(MASS_STORAGE):
+                out.append(
+                    f"{dev.port} is USB mass storage in ARGUMENTS: present at boot, which "
+                    "Windows Setup may format; unplug it for the first start"
+                )
+    if rootless_podman:
+        out.append(ROOTLESS_PODMAN_NOTE)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------
@@ -366,20 +577,61 @@ def _get_env(service: CommentedMap, key: str) -> str | None:
     return None
 
 
+def service_env(text: str, service: str) -> dict[str, str]:
+    """The environment of ``service`` in a compose file (``{}`` when it has none, or
+    the file does not parse: :func:`merge_text` then says what is wrong)."""
+    try:
+        data = YAML(typ="safe", pure=True).load(text)
+    except Exception:  # ruamel raises many YAMLError subclasses
+        return {}
+    svc = ((data or {}).get("services") or {}).get(service) if isinstance(data, dict) else None
+    if not isinstance(svc, dict):
+        return {}
+    env = svc.get("environment") or {}
+    if isinstance(env, dict):
+        return {str(k): "" if v is None else str(v) for k, v in env.items()}
+    if isinstance(env, list):
+        return dict(str(item).partition("=")[::2] for item in env)
+    return {}
+
+
 def _merge_service(
     service: CommentedMap, plan: ComposePlan, changes: list[str], map_indent: int
 ) -> None:
+    # the image's own controller: USB decides it; vmplug writes USB only for more ports
+    env_now = {k: v for k in ("USB", "MOUSE", "VERSION") if (v := _get_env(service, k)) is not None}
+    theirs = image_usb(env_now, len(plan.qemu.devices))
+    if plan.image is not None and theirs.bus != plan.image.bus:
+        raise CannotExpress(
+            f"service {plan.service!r} has USB={env_now.get('USB', '')!r}, whose bus is "
+            f"{theirs.bus}, but the plan puts the devices on {plan.image.bus}: plan with the "
+            "service's environment (vmplug generate compose --merge reads it)"
+        )
+    if (
+        plan.image is not None
+        and plan.image.set_usb
+        and _get_env(service, "USB") != (plan.image.set_usb)
+    ):
+        _set_env(service, "USB", plan.image.set_usb, changes)
     # ARGUMENTS (and QMP when asked)
     had_arguments = _get_env(service, "ARGUMENTS") is not None
     new_args = _merge_arguments(_get_env(service, "ARGUMENTS"), plan, changes)
     _set_env(service, "ARGUMENTS", new_args, changes)
     env = service.get("environment")
     if not had_arguments and isinstance(env, CommentedMap):
+        image = plan.image.setting if plan.image else "its USB setting"
+        tablet = plan.image is None or plan.image.first_port == 2
         lines = [
-            "vmplug: USB controller and devices (no option may contain a space:",
-            "the image splits ARGUMENTS on spaces)",
+            "vmplug: USB devices on the image's own controller, not a second one",
+            f"(USB: {image}; bus {plan.qemu.bus}"
+            + (", whose port 1 is the image's usb-tablet)." if tablet else ")."),
+            "No option may contain a space: the image splits ARGUMENTS on spaces.",
         ]
         lines += [f"  guest port {d.port}: {d.label}" for d in plan.qemu.devices]
+        lines += [f"  not here, USB storage: {label}" for label, _ in plan.live]
+        if plan.live:
+            lines.append("  (Windows Setup may format a USB disk present at boot: vmplug")
+            lines.append("  attaches it live, after boot; see its rule in vmplug's config)")
         env.yaml_set_comment_before_after_key(
             "ARGUMENTS",
             before="\n".join(comment_text(line) for line in lines),
@@ -515,5 +767,15 @@ def vmplug_snippet(plan: ComposePlan) -> str:
         rule.add("match", tomlkit.string(rule_text, literal="'" not in rule_text))
         rule["match"].comment(label)
         rules.append(rule)
-    doc.add("rule", rules)
-    return tomlkit.dumps(doc)
+    if len(rules):
+        doc.add("rule", rules)
+    text = tomlkit.dumps(doc)
+    for label, rule_text in plan.live:
+        match = tomlkit.string(rule_text, literal="'" not in rule_text).as_string()
+        text += (
+            f"\n# USB storage: {comment_text(label)}\n"
+            "# Windows Setup may format a USB disk present at boot: uncomment once\n"
+            "# Windows is installed (vmplug then attaches it live, after boot).\n"
+            f'# [[rule]]\n# attach = "{plan.vm}"\n# match = {match}\n'
+        )
+    return text

@@ -95,6 +95,9 @@ class QemuPlan:
     by_port: bool
     qmp: str | None = None
     notes: tuple[str, ...] = field(default=())
+    #: False: the controller is someone else's (dockurr's own ``-device $USB``);
+    #: only the devices are written, on its bus
+    own_controller: bool = True
 
     @property
     def bus(self) -> str:
@@ -110,7 +113,7 @@ class QemuPlan:
 
     def args(self) -> list[str]:
         """The QEMU arguments as a list (one element per argv word)."""
-        out = ["-device", _device_opt(self.controller_properties())]
+        out = ["-device", _device_opt(self.controller_properties())] if self.own_controller else []
         for dev in self.devices:
             out += ["-device", _device_opt(dev.properties(self.bus))]
         if self.qmp is not None:
