@@ -93,8 +93,8 @@ def decide(
     """The next rung for ``identity`` (on ``port``), from the journal up to ``now``."""
     mine: list[HistoryEntry] = []
     for e in entries:
-        if e.ts > now:
-            break
+        if e.ts > now:  # held writes: the id order may differ a little from ts order
+            continue
         if e.identity == identity or (
             e.kind == EventKind.KERNEL_ERROR and port is not None and e.port == port
         ):
@@ -108,7 +108,8 @@ def decide(
         episode.append(h)
     if episode and _recovered_after(mine, episode[-1], policy, now):
         episode = []
-    since = episode[-1].ts if episode else float("-inf")
+    # a trigger is answered by the rung after it: only what came since the last rung counts
+    since = heals[-1].ts if heals else float("-inf")
     trigger = _trigger(mine, since, policy, now)
     if trigger is None:
         return Status(None, "healthy" if not episode else "no-trigger")
@@ -425,12 +426,25 @@ class Healer:
         backend = d.vms.get(vm)
         if backend is None:
             return False
+        identity = d._identity_of(qemu_id)
         d._detaching.add((vm, qemu_id))  # vmplug asked: no loss
+        t0 = time.perf_counter()
         try:
             await backend.detach(qemu_id)
+        except Exception as exc:
+            d.journal.action(
+                ActionKind.DETACH, identity=identity, qemu_id=qemu_id, vm=vm,
+                result=Result.ERROR, error_class=type(exc).__name__, error_message=str(exc),
+                duration_s=time.perf_counter() - t0,
+            )  # fmt: skip
+            raise
         finally:
             d._detaching.discard((vm, qemu_id))
         d.observed.get(vm, {}).pop(qemu_id, None)
+        d.journal.action(
+            ActionKind.DETACH, identity=identity, qemu_id=qemu_id, vm=vm, result=Result.OK,
+            duration_s=time.perf_counter() - t0,
+        )  # fmt: skip
         return True
 
     async def _do(

@@ -1,0 +1,241 @@
+"""The healing ladder and the alerts on a real daemon: real QEMU, a captured
+sysfs tree changed as the kernel would, replayed uevents, a real SQLite journal.
+
+The pure halves (:func:`vmplug.daemon.heal.decide`, :func:`vmplug.daemon.alerts.replay`)
+are checked against the journals these runs wrote: each rung the daemon took is
+the rung ``decide`` gives for the journal as it stood at that moment, and the
+alert transitions a webhook server on loopback received are the ones
+``replay`` finds in the same journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.qemu.test_daemon import Rig
+from tests.support.fakekernel import until
+from vmplug.daemon.alerts import replay
+from vmplug.daemon.heal import LADDER, Rung, decide
+from vmplug.daemon.reconciler import Daemon
+from vmplug.history.store import EventKind, HistoryEntry
+
+pytestmark = pytest.mark.qemu
+
+KBD, MIDI = "2-2.4.2", "1-3"
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Callable[[str], Rig]]:
+    made: list[Rig] = []
+
+    def make(capture: str) -> Rig:
+        r = Rig(tmp_path, capture)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        await r.close()
+
+
+def _heals(entries: list[HistoryEntry]) -> list[HistoryEntry]:
+    return [e for e in entries if e.kind in (EventKind.HEAL, EventKind.HEAL_FAILED)]
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_refused_attaches_climb_the_whole_ladder_and_decide_replays_it(
+    rig: Callable[[str], Rig],
+) -> None:
+    r = rig("mixed")
+    # neither VM has a USB controller: every device_add is refused by QEMU
+    r.qemu("a", usb=False).start()
+    r.qemu("b", usb=False).start()
+    r.write_config(
+        f"""
+[heal]
+attach_refusals = 2
+interval_s = 0.2
+settle_s = 1
+
+[[rule]]
+attach = "a"
+match = 'via-port "{KBD}"'
+
+[[rule]]
+attach = "b"
+heal = false
+match = 'via-port "{MIDI}"'
+"""
+    )
+    d = await r.daemon()
+    store = r.stores[0]
+    kbd = d.inventory[KBD]
+
+    def climbed() -> bool:
+        return len(_heals(store.history(kbd.identity, limit=None))) >= len(LADDER)
+
+    await until(lambda: _true(climbed()), timeout=40, what="four rungs journaled")
+    await asyncio.sleep(1.0)  # the ladder is exhausted: nothing more comes
+    entries = store.history(None, limit=None)
+    heals = _heals(entries)
+    # one rung at a time, in the ladder's order, each with its reason; then no more
+    assert [h.detail["rung"] for h in heals if h.detail] == [r.value for r in LADDER]
+    assert all(h.identity == kbd.identity and h.port == KBD for h in heals)
+    assert all("attach refused" in str(h.detail and h.detail["reason"]) for h in heals)
+    # reattach has nothing to undo; reset, port-cycle, reauthorize fail on a
+    # replayed tree (no /dev/bus/usb node, no hub port attributes): journaled as such
+    kinds = {h.detail["rung"]: h.kind for h in heals if h.detail}
+    assert kinds[Rung.REATTACH] == EventKind.HEAL
+    assert kinds[Rung.RESET] == EventKind.HEAL_FAILED
+    assert all(h.detail and h.detail.get("error") for h in heals if h.kind == "heal-failed")
+    # the device whose rule says heal = false was refused as often and never touched
+    midi = d.inventory[MIDI].identity
+    refused = [e for e in store.history(midi, limit=None) if e.result == "error"]
+    assert len(refused) >= 3
+    assert not [h for h in heals if h.identity == midi]
+    # the pure ladder over the journal as it stood at each rung gives that rung
+    policy = d.config.heal
+    for h in heals:
+        before = [e for e in entries if e.id < h.id]
+        status = decide(before, kbd.identity, KBD, policy, h.ts)
+        assert status.decision is not None, (h, status)
+        assert status.decision.rung.value == h.detail["rung"] if h.detail else False
+    # ... and after the last one: exhausted, it climbs no further
+    assert decide(entries, kbd.identity, KBD, policy, heals[-1].ts + 60).why == "exhausted"
+    # between two rungs the backoff holds it back
+    mid = decide([e for e in entries if e.id <= heals[1].id], kbd.identity, KBD, policy,
+                 heals[1].ts + 0.01)  # fmt: skip
+    assert mid.decision is None and mid.why in ("waiting", "no-trigger")
+
+
+async def test_a_kernel_error_on_its_port_reattaches_the_device_in_qemu(
+    rig: Callable[[str], Rig], tmp_path: Path
+) -> None:
+    r = rig("mixed")
+    r.write_config(
+        f"""
+[heal]
+interval_s = 0.2
+settle_s = 1
+
+[[rule]]
+attach = "a"
+match = 'via-port "{KBD}"'
+""",
+        vms=("a",),
+    )
+    r.qemu("a").start()
+    kmsg = tmp_path / "kmsg"
+    os.mkfifo(kmsg)
+    writer = os.open(kmsg, os.O_RDWR | os.O_NONBLOCK)
+    try:
+
+        class KmsgDaemon(Daemon):
+            def __init__(self, *a: Any, **kw: Any) -> None:
+                super().__init__(*a, **kw)
+                self.kernel_log = kmsg
+
+        d = await r.daemon(KmsgDaemon)
+        await until(lambda: _ports_eq(r, "a", {KBD}), what="attached at start")
+        store = r.stores[0]
+        ident = d.inventory[KBD].identity
+        # a /dev/kmsg record as the kernel writes it, for the device's port
+        os.write(
+            writer, f"3,812,99122,-;usb {KBD}: device descriptor read/64, error -110\n".encode()
+        )
+        await until(lambda: _true(bool(_heals(store.history(ident, limit=None)))), what="heal")
+        await until(lambda: _ports_eq(r, "a", {KBD}), what="attached again")
+        await asyncio.sleep(1.5)  # settle: the episode ends, no second rung
+        entries = store.history(ident, limit=None)
+        heals = _heals(entries)
+        assert len(heals) == 1 and heals[0].kind == "heal"
+        assert heals[0].detail and heals[0].detail["rung"] == "reattach"
+        assert "error -110" in heals[0].detail["reason"]
+        after = [(e.kind, e.result) for e in entries if e.id > heals[0].id and e.is_action]
+        # detached by the rung (held by QEMU), attached again by the reconciler
+        kinds = [(e.kind, e.result) for e in entries if e.is_action]
+        assert ("detach", "ok") in kinds and ("attach", "ok") in after
+        assert decide(entries, ident, KBD, d.config.heal, entries[-1].ts + 5).why == "healthy"
+    finally:
+        os.close(writer)
+
+
+async def _ports_eq(r: Rig, vm: str, want: set[str]) -> bool:
+    return await r.ports(vm) == want
+
+
+async def test_a_flapping_device_sends_one_alert_and_one_all_clear(
+    rig: Callable[[str], Rig],
+) -> None:
+    got: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    r = rig("mixed")
+    try:
+        r.write_config(
+            f"""
+[heal]
+enabled = false
+
+[[alert]]
+name = "flapping"
+drops = 3
+drops_window_s = 3
+clear_after_s = 1.5
+webhook = "http://127.0.0.1:{port}/hook"
+
+[[rule]]
+attach = "a"
+match = 'via-port "{KBD}"'
+""",
+            vms=("a",),
+        )
+        r.qemu("a").start()
+        d = await r.daemon()
+        await until(lambda: _ports_eq(r, "a", {KBD}), what="attached at start")
+        ident = d.inventory[KBD].identity
+        for i in range(10):  # ten drops, one every ~0.4 s
+            r.kernel.unplug(KBD)
+            await asyncio.sleep(0.2)
+            r.kernel.plug(KBD, devnum=60 + i)
+            await asyncio.sleep(0.2)
+        await until(lambda: _ports_eq(r, "a", {KBD}), what="attached after the flapping")
+        await until(lambda: _true(len(got) >= 2), timeout=20, what="the all-clear")
+        await asyncio.sleep(2.0)  # nothing more comes
+        assert [(b["state"], b["subject"], b["condition"]) for b in got] == [
+            ("firing", ident, "drops"),
+            ("resolved", ident, "drops"),
+        ]
+        entries = r.stores[0].history(None, limit=None)
+        journaled = [e.kind for e in entries if e.kind in ("alert", "alert-clear")]
+        assert journaled == ["alert", "alert-clear"]
+        # the pure dedup over the same journal, checked every 0.25 s: the same two
+        alert = d.config.alerts[0]
+        t0, t1 = entries[0].ts, entries[-1].ts + 5
+        times = [t0 + 0.25 * i for i in range(int((t1 - t0) / 0.25) + 1)]
+        again = replay(entries, alert, times)
+        assert [(t.state, t.subject) for t in again] == [("firing", ident), ("resolved", ident)]
+        json.dumps(got)  # the body is plain JSON
+    finally:
+        await runner.cleanup()
