@@ -504,3 +504,34 @@ def proxmox_cmd(
     click.echo(proxmox_mod.render(plan), nl=False)
     for note in plan.notes:
         _say(f"note: {note}")
+
+
+# ---------------------------------------------------------------------------
+# prometheus-rules
+
+
+@generate.command("prometheus-rules")
+@click.option("--job", default="vmplug", show_default=True, help="The scrape job's name.")
+@click.option("--uptime-below", type=float, default=0.99, show_default=True)
+@click.option("--drops", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--drops-window", default="10m", show_default=True, help="A PromQL duration.")
+@click.option("--json", "as_json", is_flag=True, help="The rules as JSON.")
+def prometheus_rules_cmd(
+    job: str, uptime_below: float, drops: int, drops_window: str, as_json: bool
+) -> None:
+    """Alertmanager alerting rules over vmplug's /metrics (check: promtool check rules FILE)."""
+    import re  # noqa: PLC0415
+
+    from vmplug.generate import prometheus  # noqa: PLC0415
+
+    if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_:.-]*", job):
+        raise UsageError(f"--job {job!r}: a Prometheus job name (letters, digits, _ : . -)")
+    if not re.fullmatch(r"\d+[smhd]", drops_window):
+        raise UsageError(f"--drops-window {drops_window!r}: a duration like 10m")
+    opts = prometheus.RuleOptions(
+        job=job, uptime_below=uptime_below, drops=drops, drops_window=drops_window
+    )
+    if as_json:
+        emit_json({"rules": prometheus.rules(opts)})
+        return
+    click.echo(prometheus.render(opts), nl=False)
