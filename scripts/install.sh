@@ -16,7 +16,11 @@ packages=(
   systemd zsh fish man-db
   libvirt-dev pkg-config gcc python3-dev
   chromium
+  docker.io docker-compose containerd runc podman crun uidmap fuse-overlayfs slirp4netns iptables
 )
+# Packages whose postinst would start a daemon on this machine (the lab guest
+# runs them from this root file system; the host never should).
+nostart=(usbguard docker.io containerd podman)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,13 +29,22 @@ if ((${#missing[@]})); then
   echo "vmplug: installing system packages: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  if [[ " ${missing[*]} " == *" usbguard "* ]] && [ ! -e /usr/sbin/policy-rc.d ]; then
-    # invoke-rc.d asks policy-rc.d; 101 = "do not start": usbguard-daemon never runs
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    apt-get install -y -qq --no-install-recommends usbguard >/dev/null
-    rm -f /usr/sbin/policy-rc.d
-    trap - EXIT
+  held=()
+  for p in "${nostart[@]}"; do [[ " ${missing[*]} " == *" $p "* ]] && held+=("$p"); done
+  if ((${#held[@]})); then
+    # invoke-rc.d and deb-systemd-invoke ask policy-rc.d; 101 = "do not start":
+    # usbguard-daemon, dockerd, containerd and podman's units never run here.
+    own_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+      own_policy=1
+      trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    apt-get install -y -qq --no-install-recommends "${held[@]}" >/dev/null
+    if ((own_policy)); then
+      rm -f /usr/sbin/policy-rc.d
+      trap - EXIT
+    fi
   fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
@@ -42,6 +55,14 @@ fi
 # there before (the user's own) is not touched.
 if [[ " ${missing[*]} " == *" usbguard "* ]] && command -v systemctl >/dev/null; then
   systemctl disable --now usbguard.service >/dev/null 2>&1 || true
+fi
+# Likewise the container engines: the lab guest starts dockerd / podman's
+# service itself, with its state on a tmpfs; enabled units here would start
+# them (and their bridges and iptables rules) on the next boot of this machine.
+if [[ " ${missing[*]} " =~ " "(docker.io|containerd|podman)" " ]] && command -v systemctl >/dev/null; then
+  systemctl disable --now docker.service docker.socket containerd.service podman.service \
+    podman.socket podman-restart.service podman-auto-update.service podman-auto-update.timer \
+    >/dev/null 2>&1 || true
 fi
 
 # libvirt resolves its default QEMU user (libvirt-qemu) before it reads
@@ -83,9 +104,6 @@ fi
 # `vmplug run` in the guest compiled them again under TCG, up to a minute on a
 # fresh clone.  Compiled once here, whatever PYTHONDONTWRITEBYTECODE says.
 .venv/bin/python -m compileall -q src >/dev/null
-# The man pages vmplug(1) and vmplug.toml(5), made from the same help texts as --help.
-.venv/bin/vmplug man --output /usr/local/share/man 2>/dev/null
-if command -v mandb >/dev/null; then mandb -q /usr/local/share/man 2>/dev/null || true; fi
 # The man pages vmplug(1) and vmplug.toml(5), made from the same help texts as --help.
 .venv/bin/vmplug man --output /usr/local/share/man 2>/dev/null
 if command -v mandb >/dev/null; then mandb -q /usr/local/share/man 2>/dev/null || true; fi
