@@ -285,6 +285,11 @@ def test_match_check_config_doctor_generate(host: Host, term: str) -> None:
     plain = host.tty("check-config", term=term)
     if term != "dumb":
         assert len(rows_of(plain, [KBD])[KBD]) == 1
+    # an ambiguous selector: the error lists the candidates, hostile names made visible
+    err = host.tty("attach", "0627:0001", "--vm", "a", term=term, ok=(2,))
+    assert "candidates:" in err and "\\x1b[2J" in err
+    if term != "dumb":
+        assert len([x for x in err.split("\n") if x.lstrip().startswith("2-2.4.2 ")]) == 1
     report = host.tty("doctor", term=term, ok=(0, 1, 2))
     assert "\\x1b[2J" in report  # the keyboard is named, made visible
     host.tty("doctor", KBD, "-v", term=term, ok=(0, 1, 2))
