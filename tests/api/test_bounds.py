@@ -196,6 +196,11 @@ async def test_event_streams_are_capped(small_rig: ApiRig) -> None:
         assert (await open_stream("127.0.0.2")).startswith(b"HTTP/1.1 200")
         assert (await open_stream("127.0.0.3")).startswith(b"HTTP/1.1 503")  # 3 in total
         assert rig.api.gates["tcp"].total_streams == 3
+        # a stream is a request being answered: neither timeout ends it
+        await asyncio.sleep(1.6)  # past header_timeout (0.5 s) and idle_timeout (1 s)
+        assert rig.api.gates["tcp"].total_streams == 3
+        reader, _ = streams[0]
+        assert b"event: hello" in await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
     finally:
         for _, w in streams:
             w.close()
