@@ -127,9 +127,31 @@ class _JournalFormatter(logging.Formatter):
         return super().format(safe)
 
 
+class _MessageFormatter(logging.Formatter):
+    """journald's ``MESSAGE=``: the one safe line, then a traceback if any (the
+    native protocol carries newlines; the other fields are the record's own)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = safe_message(record)
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        return msg
+
+
 def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JournalFormatter(journal="JOURNAL_STREAM" in os.environ))
+    """Structured records to journald when stderr really is the journal's stream
+    (``$JOURNAL_STREAM`` names fd 2's dev:ino), else plain lines on stderr."""
+    from vmplug.wire.systemd import JournalHandler, journal_is_stderr  # noqa: PLC0415
+
+    stream = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = stream
+    if journal_is_stderr():
+        # a record journald refuses still reaches it through the stream, as <N>line
+        stream.setFormatter(_JournalFormatter(journal=True))
+        handler = JournalHandler(fallback=stream.handle)
+        handler.setFormatter(_MessageFormatter())
+    else:
+        stream.setFormatter(_JournalFormatter(journal=False))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -185,9 +207,11 @@ def run_cmd(
     """
     from vmplug.api.limits import Limits  # noqa: PLC0415
     from vmplug.api.server import Api  # noqa: PLC0415
+    from vmplug.daemon.notify import ServiceNotifier  # noqa: PLC0415
     from vmplug.daemon.reconciler import Daemon  # noqa: PLC0415
     from vmplug.history.store import Store  # noqa: PLC0415
     from vmplug.host.events import make_source  # noqa: PLC0415
+    from vmplug.wire.systemd import Notifier  # noqa: PLC0415
 
     setup_logging(log_level)
     path = config_path(obj.config)
@@ -210,6 +234,9 @@ def run_cmd(
     )
 
     async def main() -> None:
+        # READY=1 after the first pass, WATCHDOG=1, STATUS=, RELOADING=1, STOPPING=1
+        service = ServiceNotifier(daemon, Notifier.from_env())
+        service.install()
         api = Api(daemon, limits=Limits.from_config(config.api))
         try:
             await api.start_unix(sock, group=config.api.group)
@@ -221,6 +248,7 @@ def run_cmd(
                 await _start_tcp(api, config)
             await daemon.run_forever()
         finally:
+            await service.close()
             await api.stop()
             sock.unlink(missing_ok=True)
 

@@ -408,6 +408,25 @@ def _default_exec() -> str:
     return str(Path(sys.argv[0]).resolve())
 
 
+def _unit_paths(config: str | None) -> tuple[list[str], list[str]]:
+    """The VMs' QMP sockets and the files the daemon writes, from the config if
+    there is one (the unit's sandbox opens their directories)."""
+    from vmplug.config import ConfigError, config_path, load_config  # noqa: PLC0415
+
+    path = config_path(config)
+    if not path.exists():
+        return [], []
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        raise UsageError(exc.render()) from None
+    sockets = [vm.qmp for vm in cfg.vms.values() if vm.qmp and not vm.qmp.startswith("tcp:")]
+    state = [cfg.daemon.socket, cfg.daemon.database]
+    if cfg.api.token_file:
+        state.append(cfg.api.token_file)
+    return sockets, state
+
+
 @generate.command("systemd")
 @click.option("--exec", "executable", metavar="PATH", help="vmplug executable (default: found).")
 @click.option("--install", is_flag=True, help="Write the unit, reload systemd, enable and start.")
@@ -439,7 +458,10 @@ def systemd_cmd(
     the config this command is given (--config or VMPLUG_CONFIG), if any.
     """
     config = context(ctx).config
-    plan = systemd_mod.plan_systemd(executable or _default_exec(), config=config)
+    sockets, state = _unit_paths(config)
+    plan = systemd_mod.plan_systemd(
+        executable or _default_exec(), config=config, sockets=sockets, state=state
+    )
     text = plan.text()
     done: list[str] = []
     if install:
