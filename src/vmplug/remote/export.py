@@ -109,6 +109,10 @@ class PlainLink(Protocol):
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
 
+    def present(self) -> bool:
+        """False once the device this link streams is gone from the bus (or replaced)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -127,6 +131,23 @@ class _TcpLink:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     process: asyncio.subprocess.Process | None = None
+    #: where the device was when the link opened, and how to look again
+    where: Location | None = None
+    locate: Callable[[], Location | None] | None = None
+
+    def present(self) -> bool:
+        """The device file usbredirect holds is still there.
+
+        Not a sysfs look-up: usbredirect resets the device when it claims it,
+        and sysfs may show it in flux meanwhile; a deleted usbfs node is
+        exact (the kernel removed the device this process opened)."""
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return proc is None
+        held = _usbfs_files(proc.pid)
+        if held is None:  # not opened yet, or /proc unreadable: ask sysfs
+            return self.locate is None or self.locate() is not None
+        return not any(target.endswith(" (deleted)") for target in held)
 
     async def close(self) -> None:
         await close_writer(self.writer)
@@ -140,6 +161,25 @@ class _TcpLink:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+
+
+def _usbfs_files(pid: int) -> list[str] | None:
+    """The /dev/bus/usb nodes process ``pid`` has open (as readlink shows
+    them, `` (deleted)`` appended once the device is gone); None for none."""
+    found: list[str] = []
+    base = Path(f"/proc/{pid}/fd")
+    try:
+        fds = list(base.iterdir())
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            target = str(fd.readlink())
+        except OSError:
+            continue
+        if target.startswith("/dev/bus/usb/"):
+            found.append(target)
+    return found or None
 
 
 class TcpSource:
@@ -236,7 +276,7 @@ class UsbredirectSource:
             reader, writer = accepted.result()
             if proc.stderr is not None:
                 _drain_stderr(proc.stderr, self)
-            return _TcpLink(reader, writer, proc)
+            return _TcpLink(reader, writer, proc, where, self.locate)
         exited.cancel()
         stderr = b""
         if proc.returncode is None:
@@ -496,10 +536,12 @@ class ExportEndpoint:
             self._touch()
             log.info("export %s: streaming to %s (%s)", self.name, who, self.source.describe())
             link.writer.write(first)
-            await relay((reader, writer), (link.reader, link.writer), stats)
+            await self._relay_while_present(link, reader, writer, stats)
             self.state.bytes_up += stats.up
             self.state.bytes_down += stats.down
-            side = "the VM host" if stats.closed_by == "a" else "the device side"
+            side = {"a": "the VM host", "b": "the device side", "device": "an unplug"}.get(
+                stats.closed_by or "", "vmplug"
+            )
             log.info(
                 "export %s: link to %s ended by %s (%d B up, %d B down)",
                 self.name,
@@ -512,6 +554,35 @@ class ExportEndpoint:
             if link is not None:
                 await link.close()
             await close_writer(writer)
+
+    async def _relay_while_present(
+        self,
+        link: PlainLink,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        stats: RelayStats,
+    ) -> None:
+        """Relay until either side ends, or the device leaves the bus.
+
+        usbredirect does not exit when its device is unplugged (it tells
+        QEMU the device disconnected and keeps its dead handle), and it
+        would never see the replugged device: so the link ends when the
+        kernel shows the device gone, and QEMU's reconnect finds it again."""
+        task = asyncio.create_task(relay((reader, writer), (link.reader, link.writer), stats))
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=self.poll)
+                if not task.done() and not link.present():
+                    log.info("export %s: device left the bus; ending the link", self.name)
+                    stats.closed_by = "device"
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 class Exporter:
