@@ -205,6 +205,8 @@ async def test_daemon_restart_adopts_and_never_attaches_twice(rig: Callable[[str
     r = rig("mixed")
     d1 = await r.up()
     await until(lambda: _eq(r.ports("a"), {"2-2.4.2"}))
+    # both VMs' attaches done (b's may still be in flight when a's is seen)
+    assert await d1.wait_converged(10)
     await r.stop_daemon(d1)  # leaves attached devices attached
     assert await r.ports("a") == {"2-2.4.2"}
     store = r.stores[0]
