@@ -183,11 +183,11 @@ def _trigger(
 #: (pattern name, regex with the kernel's device name as group 1)
 KERNEL_ERRORS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("descriptor-read", re.compile(r"usb (\S+): device descriptor read/\S+, error -\d+")),
-    ("error-71", re.compile(r"usb (\S+): .*error -71\b")),
-    ("error-110", re.compile(r"usb (\S+): .*error -110\b")),
     ("not-accepting-address", re.compile(r"usb (\S+): device not accepting address")),
     ("cannot-enumerate", re.compile(r"usb (\S+): unable to enumerate USB device")),
     ("over-current", re.compile(r"usb (\S+): over-current condition")),
+    ("error-71", re.compile(r"usb (\S+): .*error -71\b")),
+    ("error-110", re.compile(r"usb (\S+): .*error -110\b")),
 )
 _ROOT_PORT = re.compile(r"^usb(\d+)-port(\d+)$")
 
