@@ -3,9 +3,15 @@ the line and a reason when wrong."""
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 
 from vmplug.config import ConfigError, parse_config
+from vmplug.errors import UsageError
+from vmplug.remote import certs
+from vmplug.remote.serve import exporter_from_config
 
 GOOD = """
 [export]
@@ -91,3 +97,31 @@ def test_bad_sections_are_refused(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         parse_config(text)
     assert info.value.render()  # a message with the place, never a traceback
+
+
+async def test_export_section_builds_its_endpoints(tmp_path: Path) -> None:
+    """[export] -> one mutual-TLS endpoint per device, listening; a bad certificate is refused."""
+    pki = tmp_path / "pki"
+    certs.make_ca(pki)
+    certs.issue(pki, "devbox", addresses=["127.0.0.1"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    text = (
+        f'[export]\nname = "devbox"\ncerts = "{pki}"\nlisten = "127.0.0.1"\nallow = ["vm1"]\n'
+        f'[export.device.kbd]\nport_path = "2-1"\nport = {port}\n'
+    )
+    export = parse_config(text).export
+    assert export is not None
+    exporter = exporter_from_config(export, sysfs=tmp_path)
+    await exporter.start()
+    try:
+        (row,) = exporter.to_json()
+        assert (row["name"], row["listen"], row["tls"]) == ("kbd", f"127.0.0.1:{port}", True)
+        ep = exporter.endpoints[0]
+        assert ep.allow == frozenset({"vm1"})
+    finally:
+        await exporter.stop()
+    (pki / "devbox-key.pem").chmod(0o644)
+    with pytest.raises(UsageError, match="chmod 600"):
+        exporter_from_config(export, sysfs=tmp_path)

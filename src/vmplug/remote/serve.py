@@ -22,6 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
+from vmplug.config import ExportConfig
 from vmplug.errors import UsageError, VmplugError
 from vmplug.remote.certs import CA_CERT, HostFiles, check
 from vmplug.remote.export import ExportEndpoint, Exporter, SysfsLocator, UsbredirectSource
@@ -69,6 +70,38 @@ def build(args: argparse.Namespace) -> Exporter:
         for name, port_path, port in args.device
     ]
     return Exporter(endpoints)
+
+
+def exporter_from_config(export: ExportConfig, *, sysfs: Path = Path("/sys")) -> Exporter:
+    """The endpoints of a config's ``[export]`` section (what ``vmplug run`` starts)."""
+    tls = None
+    if not export.insecure:
+        if export.certs is None:
+            raise UsageError("[export]: certs is needed (or insecure = true)")
+        d = Path(export.certs)
+        files = HostFiles(d / CA_CERT, d / f"{export.name}-cert.pem", d / f"{export.name}-key.pem")
+        info = check(files)
+        if info.problems:
+            raise UsageError("[export]: " + "; ".join(info.problems))
+        for warning in info.warnings:
+            log.warning("[export]: %s", warning)
+        tls = server_context(files.ca, files.cert, files.key)
+    return Exporter(
+        [
+            ExportEndpoint(
+                dev.name,
+                UsbredirectSource(
+                    SysfsLocator(dev.port_path, vendor=dev.vendor, product=dev.product, sysfs=sysfs)
+                ),
+                host=export.listen,
+                port=dev.port,
+                tls=tls,
+                allow=frozenset(export.allow) or None,
+                insecure=export.insecure,
+            )
+            for dev in export.devices
+        ]
+    )
 
 
 async def _serve(exporter: Exporter, status: Path | None) -> None:
