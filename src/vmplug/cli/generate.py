@@ -513,12 +513,17 @@ def proxmox_cmd(
     `vmplug doctor` reports one claimed by both.
     """
     from vmplug.generate import proxmox as proxmox_mod  # noqa: PLC0415
-    from vmplug.vms.proxmox_conf import etc_dir, read_vm_confs  # noqa: PLC0415
+    from vmplug.vms.proxmox_conf import etc_dir, node_name, read_vm_confs  # noqa: PLC0415
 
     devices = _selected(ctx, selectors)
     existing = next((vm for vm in read_vm_confs(etc_dir()) if vm.vmid == vmid), None)
     plan = proxmox_mod.plan_proxmox(
-        devices, vmid, by_port=by_port, mapping=mapping, node=node, existing=existing
+        devices,
+        vmid,
+        by_port=by_port,
+        mapping=mapping,
+        node=node or (node_name() if mapping else None),
+        existing=existing,
     )
     if as_json:
         emit_json(proxmox_mod.ProxmoxPlan.to_json(plan))

@@ -616,9 +616,10 @@ def _merge_service(
     # ARGUMENTS (and QMP when asked)
     had_arguments = _get_env(service, "ARGUMENTS") is not None
     new_args = _merge_arguments(_get_env(service, "ARGUMENTS"), plan, changes)
-    _set_env(service, "ARGUMENTS", new_args, changes)
+    if new_args or had_arguments:  # nothing at boot (USB storage only): no ARGUMENTS
+        _set_env(service, "ARGUMENTS", new_args, changes)
     env = service.get("environment")
-    if not had_arguments and isinstance(env, CommentedMap):
+    if not had_arguments and new_args and isinstance(env, CommentedMap):
         image = plan.image.setting if plan.image else "its USB setting"
         tablet = plan.image is None or plan.image.first_port == 2
         lines = [

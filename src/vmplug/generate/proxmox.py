@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vmplug.engine.proxmox_conf import MAPPING_ID, MAX_USB, PveVm
 from vmplug.generate.common import (
     CannotExpress,
     check_passable,
@@ -34,7 +35,6 @@ from vmplug.generate.common import (
     shared_ids,
 )
 from vmplug.model import UsbDevice
-from vmplug.vms.proxmox_conf import MAPPING_ID, MAX_USB, PveVm, node_name
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,9 @@ def plan_proxmox(
         usb3 = ",usb3=1" if is_usb3(dev) else ""
         if mapping is not None:
             where = f",path={dev.port}" if by_port else ""
-            here = node or node_name()
+            if not node:
+                raise CannotExpress("--mapping needs the node the device is on (--node)")
+            here = node
             map_def = (mapping, f"node={here},id={dev.vidpid}{where}")
             value = f"mapping={mapping}{usb3}"
         else:
