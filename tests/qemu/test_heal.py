@@ -239,3 +239,60 @@ match = 'via-port "{KBD}"'
         json.dumps(got)  # the body is plain JSON
     finally:
         await runner.cleanup()
+
+
+async def test_a_lost_vm_alerts_once_through_a_command_and_clears_when_back(
+    rig: Callable[[str], Rig], tmp_path: Path
+) -> None:
+    out = tmp_path / "alerts.jsonl"
+    script = tmp_path / "alert.sh"
+    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$VMPLUG_ALERT_JSON" >> {out}\n')
+    script.chmod(0o755)
+    r = rig("mixed")
+    r.write_config(
+        f"""
+[heal]
+enabled = false
+
+[[alert]]
+name = "vm"
+vm_lost = true
+not_back_s = 1
+clear_after_s = 1
+command = ["{script}"]
+
+[[rule]]
+attach = "a"
+match = 'via-port "{KBD}"'
+""",
+        vms=("a",),
+    )
+    r.qemu("a").start()
+    d = await r.daemon()
+    await until(lambda: _ports_eq(r, "a", {KBD}), what="attached at start")
+    ident = d.inventory[KBD].identity
+    r.qemus["a"].kill()
+    r.qemus["a"].wait()
+    await asyncio.sleep(3.0)  # down for longer than not_back_s: both fire, once
+    r.qemus["a"].cleanup()
+    r.qemus.pop("a")
+    obs = r.observers.pop("a", None)
+    if obs is not None:
+        await obs.stop()
+    r.qemu("a").start()
+    await until(lambda: _ports_eq(r, "a", {KBD}), timeout=30, what="attached again")
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+
+    await until(lambda: _true(len(lines()) >= 4), timeout=20, what="two fires, two clears")
+    await asyncio.sleep(1.5)
+    got = sorted((x["subject"], x["condition"], x["state"]) for x in lines())
+    assert got == [
+        (ident, "not-back", "firing"),
+        (ident, "not-back", "resolved"),
+        ("vm:a", "vm-lost", "firing"),
+        ("vm:a", "vm-lost", "resolved"),
+    ]
+    firing = [x for x in lines() if x["state"] == "firing"]
+    assert all(x["alert"] == "vm" and x["reason"] for x in firing)

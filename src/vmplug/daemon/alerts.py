@@ -66,12 +66,14 @@ def active(entries: Iterable[HistoryEntry], alert: AlertConfig, now: float) -> d
     drops: dict[str, deque[float]] = {}
     vm_down: dict[str, float] = {}
     heal_failed: dict[str, tuple[float, str]] = {}
+    held_by: dict[str, str | None] = {}
     for e in rows:
         who = e.identity
         if e.is_action and who is not None and e.kind in (ActionKind.ATTACH, ActionKind.ADOPT):
             if e.result == Result.OK:
                 down_since.pop(who, None)
                 heal_failed.pop(who, None)
+                held_by[who] = e.vm
             else:
                 down_since.setdefault(who, e.ts)
         elif e.kind in (EventKind.DEVICE_REMOVE, EventKind.ATTACHMENT_LOST) and who is not None:
@@ -81,6 +83,9 @@ def active(entries: Iterable[HistoryEntry], alert: AlertConfig, now: float) -> d
             down_since.pop(who, None)  # no longer wanted anywhere
         elif e.kind == EventKind.VM_DOWN and e.vm is not None:
             vm_down.setdefault(e.vm, e.ts)
+            for gone in [w for w, vm in held_by.items() if vm == e.vm]:
+                del held_by[gone]  # its devices are out of it until attached again
+                down_since.setdefault(gone, e.ts)
         elif e.kind == EventKind.VM_UP and e.vm is not None:
             vm_down.pop(e.vm, None)
         elif e.kind == EventKind.DAEMON_STOP:
