@@ -123,6 +123,13 @@ def test_bash_completes_ports_and_ids_from_sysfs(env: dict[str, str]) -> None:
     assert bash_complete(env, "attach", "46f4", ":") == sorted(
         i.split(":")[1] for i in ids() if i.startswith("46f4:")
     )
+    # Proxmox VMIDs from the qemu-server configs (tests/fixtures/proxmox)
+    env["VMPLUG_PROXMOX_ETC"] = str(REPO / "tests" / "fixtures" / "proxmox" / "etc" / "qemu-server")
+    assert bash_complete(env, "generate", "proxmox", "2-2.1", "--vmid", "10") == [
+        "101",
+        "102",
+        "103",
+    ]
     # --sysfs-root before the subcommand wins over the environment
     env["VMPLUG_SYSFS_ROOT"] = "/nonexistent"
     assert bash_complete(env, "--sysfs-root", str(SYSFS), "attach", "2-2.4.") == [

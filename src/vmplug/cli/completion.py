@@ -8,7 +8,8 @@ with the subcommands, the options, and these values:
   subcommand, ``VMPLUG_CONFIG``, or ``/etc/vmplug/vmplug.toml``);
 * devices (``DEVICE`` arguments): every port path and vendor:product id of
   the host's USB devices, read from sysfs (``--sysfs-root`` before the
-  subcommand, ``VMPLUG_SYSFS_ROOT``, or ``/sys``).
+  subcommand, ``VMPLUG_SYSFS_ROOT``, or ``/sys``);
+* Proxmox VMIDs (``--vmid``) from /etc/pve/qemu-server (``VMPLUG_PROXMOX_ETC``).
 
 bash counts ``:`` as a word break (``COMP_WORDBREAKS``), so it hands ``1235:8``
 over as three words; :class:`VmplugBashComplete` joins them again and answers
@@ -128,9 +129,23 @@ def complete_devices(
     return [item for value, item in sorted(items.items()) if value.startswith(incomplete)]
 
 
-#: Parameter names whose values are devices, and VM names.
+def complete_vmids(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """Proxmox VMIDs from /etc/pve/qemu-server (VMPLUG_PROXMOX_ETC), with their names."""
+    from vmplug.vms.proxmox_conf import read_vm_confs  # noqa: PLC0415
+
+    return [
+        CompletionItem(str(vm.vmid), help=vm.name or "")
+        for vm in read_vm_confs()
+        if str(vm.vmid).startswith(incomplete)
+    ]
+
+
+#: Parameter names whose values are devices, VM names and Proxmox VMIDs.
 DEVICE_PARAMS = frozenset({"device", "selectors"})
 VM_PARAMS = frozenset({"vm"})
+VMID_PARAMS = frozenset({"vmid"})
 
 
 def add_completers(command: click.Command) -> None:
@@ -143,6 +158,8 @@ def add_completers(command: click.Command) -> None:
             param._custom_shell_complete = complete_devices
         elif isinstance(param, click.Option) and param.name in VM_PARAMS:
             param._custom_shell_complete = complete_vm_names
+        elif isinstance(param, click.Option) and param.name in VMID_PARAMS:
+            param._custom_shell_complete = complete_vmids
 
 
 def script(shell: str) -> str:
@@ -178,6 +195,7 @@ __all__ = [
     "add_completers",
     "complete_devices",
     "complete_vm_names",
+    "complete_vmids",
     "completion",
     "script",
 ]
