@@ -14,13 +14,14 @@ packages=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
   libxml2-utils
   systemd zsh fish man-db
+  systemd-container prometheus
   libvirt-dev pkg-config gcc python3-dev
   chromium
   docker.io docker-compose containerd runc podman crun uidmap fuse-overlayfs slirp4netns iptables
 )
 # Packages whose postinst would start a daemon on this machine (the lab guest
 # runs them from this root file system; the host never should).
-nostart=(usbguard docker.io containerd podman)
+nostart=(usbguard docker.io containerd podman prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -55,6 +56,12 @@ fi
 # there before (the user's own) is not touched.
 if [[ " ${missing[*]} " == *" usbguard "* ]] && command -v systemctl >/dev/null; then
   systemctl disable --now usbguard.service >/dev/null 2>&1 || true
+fi
+# Prometheus: the tests run only its promtool (check metrics, check rules);
+# its postinst enables prometheus.service, which would scrape and store on
+# this machine from its next boot.
+if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+  systemctl disable --now prometheus.service >/dev/null 2>&1 || true
 fi
 # Likewise the container engines: the lab guest starts dockerd / podman's
 # service itself, with its state on a tmpfs; enabled units here would start

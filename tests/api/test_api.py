@@ -237,7 +237,7 @@ async def test_metrics_count_qmp_errors_and_time_hotplugs(rig: ApiRig) -> None:
     # the keyboard's failure (its unplug) shows in its figures and the metric
     identity = d.inventory[KBD].identity
     assert re.search(
-        rf'^vmplug_device_failures\{{identity="{re.escape(identity)}",port="{KBD}"\}} 1\.0$',
+        rf'^vmplug_device_failures_total\{{identity="{re.escape(identity)}",port="{KBD}"\}} 1\.0$',
         text,
         re.M,
     ), text

@@ -5,7 +5,7 @@ For sites that already run Prometheus and Alertmanager: the same conditions as
 exports (:mod:`vmplug.api.metrics`):
 
 * ``vmplug_device_uptime_ratio`` below a bound -- a device not in its VM;
-* ``vmplug_device_failures`` rising K times within a window -- a device that
+* ``vmplug_device_failures_total`` rising K times within a window -- a device that
   keeps dropping;
 * ``vmplug_vm_connected == 0`` -- a VM lost;
 * ``vmplug_events_total{kind="heal-failed"}`` rising -- a rung failed;
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 #: the series the rules read; a test checks each one is what /metrics exports
 METRICS = (
     "vmplug_device_uptime_ratio",
-    "vmplug_device_failures",
+    "vmplug_device_failures_total",
     "vmplug_vm_connected",
     "vmplug_events_total",
     "vmplug_hotplug_latency_seconds_bucket",
@@ -66,7 +66,8 @@ def rules(o: RuleOptions) -> list[dict[str, object]]:
         },
         {
             "alert": "VmplugDeviceFlapping",
-            "expr": f"delta(vmplug_device_failures{{{sel}}}[{o.drops_window}]) >= {o.drops}",
+            "expr": f"increase(vmplug_device_failures_total{{{sel}}}[{o.drops_window}])"
+            f" >= {o.drops}",
             "for": "0m",
             "severity": "warning",
             "summary": f"USB device {{{{ $labels.identity }}}} dropped {o.drops}+ times "
