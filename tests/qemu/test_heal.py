@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from tests.support.fakekernel import until
 from vmplug.daemon.alerts import replay
 from vmplug.daemon.heal import LADDER, Rung, decide
 from vmplug.daemon.reconciler import Daemon
-from vmplug.history.store import EventKind, HistoryEntry
+from vmplug.history.store import EventKind, HistoryEntry, Store
 
 pytestmark = pytest.mark.qemu
 
@@ -171,6 +172,10 @@ match = 'via-port "{KBD}"'
         os.close(writer)
 
 
+async def _more_heals(store: Store, identity: str, n: int) -> bool:
+    return len(_heals(store.history(identity, limit=None))) > n
+
+
 async def _ports_eq(r: Rig, vm: str, want: set[str]) -> bool:
     return await r.ports(vm) == want
 
@@ -296,3 +301,50 @@ match = 'via-port "{KBD}"'
     ]
     firing = [x for x in lines() if x["state"] == "firing"]
     assert all(x["alert"] == "vm" and x["reason"] for x in firing)
+
+
+async def test_dry_run_journals_the_rung_and_touches_nothing(
+    rig: Callable[[str], Rig], tmp_path: Path
+) -> None:
+    r = rig("mixed")
+    r.write_config(
+        f"""
+[heal]
+dry_run = true
+interval_s = 0.2
+
+[[rule]]
+attach = "a"
+match = 'via-port "{KBD}"'
+""",
+        vms=("a",),
+    )
+    r.qemu("a").start()
+    kmsg = tmp_path / "kmsg"
+    os.mkfifo(kmsg)
+    writer = os.open(kmsg, os.O_RDWR | os.O_NONBLOCK)
+    try:
+
+        class KmsgDaemon(Daemon):
+            def __init__(self, *a: Any, **kw: Any) -> None:
+                super().__init__(*a, **kw)
+                self.kernel_log = kmsg
+
+        d = await r.daemon(KmsgDaemon)
+        await until(lambda: _ports_eq(r, "a", {KBD}), what="attached at start")
+        held = set((await r.held("a")).keys())
+        ident = d.inventory[KBD].identity
+        store = r.stores[0]
+        for _ in range(3):  # three errors, each answered by the next rung (only said)
+            n = len(_heals(store.history(ident, limit=None)))
+            record = f"3,1,1,-;usb {KBD}: device not accepting address 9, error -71\n"
+            os.write(writer, record.encode())
+            await until(partial(_more_heals, store, ident, n), what="the next rung said")
+        heals = _heals(store.history(ident, limit=None))
+        assert [h.detail["rung"] for h in heals if h.detail] == ["reattach", "reset", "port-cycle"]
+        assert all(h.detail and h.detail["dry_run"] is True for h in heals)
+        # QEMU kept the device all along under the same id; vmplug never detached it
+        assert set((await r.held("a")).keys()) == held
+        assert not [e for e in store.history(ident, limit=None) if e.kind == "detach"]
+    finally:
+        os.close(writer)
