@@ -180,7 +180,7 @@ class DemoLab:
             self.guest.kill(self.vm, signal.SIGKILL)
             self.vm = None
 
-    def start_daemon(self, timeout: float = 90.0) -> float:
+    def start_daemon(self, timeout: float = 240.0) -> float:
         """Start ``vmplug run`` in the guest; return seconds until its first rescan."""
         self.daemon_starts += 1
         log = self.guest.workdir / f"daemon-{self.daemon_starts}.log"
