@@ -77,6 +77,8 @@ class Soak:
     tmp: Path
     rng: random.Random
     settle: float = 20.0
+    #: the healing ladder on (default off: the invariants are the reconciler's alone)
+    heal: bool = False
     kernel: FakeKernel = field(init=False)
     qemus: dict[str, QemuProcess] = field(default_factory=dict)
     daemon: subprocess.Popen[bytes] | None = None
@@ -113,7 +115,7 @@ class Soak:
         )
         self.config.write_text(
             vms + f'[daemon]\nsocket = "{self.sock}/api.sock"\ndatabase = "{self.db}"\n\n'
-            "[heal]\nenabled = false\n\n" + rules
+            f"[heal]\nenabled = {'true' if self.heal else 'false'}\n\n" + rules
         )
         self.plugged = dict.fromkeys(ROUTES, True)
 
@@ -221,6 +223,14 @@ class Soak:
             if f["rss_kb"] > 3 * self.first["rss_kb"] or f["fds"] > 2 * self.first["fds"] + 16:
                 self.violations.append(f"after {kind}: resources {f} vs first {self.first}")
             self.last = f
+
+    def kinds(self) -> dict[str, int]:
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            rows = con.execute("SELECT kind, COUNT(*) FROM journal GROUP BY kind").fetchall()
+        finally:
+            con.close()
+        return {str(k): int(n) for k, n in rows}
 
     def journal_check(self) -> None:
         con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
@@ -353,6 +363,8 @@ class Soak:
             "uevents_checked_in_journal": len(self.expect),
             "daemon_start": self.first,
             "daemon_end": self.last,
+            "heal": self.heal,
+            "journal_kinds": self.kinds(),
             "load_avg": os.getloadavg(),
         }
 
@@ -372,9 +384,11 @@ class Soak:
         shutil.rmtree(self.sock, ignore_errors=True)
 
 
-async def soak(duration: float, seed: int, settle: float = 20.0) -> dict[str, Any]:
+async def soak(
+    duration: float, seed: int, settle: float = 20.0, heal: bool = False
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vmplug-soak-") as tmp:
-        s = Soak(Path(tmp), random.Random(seed), settle=settle)
+        s = Soak(Path(tmp), random.Random(seed), settle=settle, heal=heal)
         try:
             return await s.run(duration)
         finally:
@@ -387,11 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--settle", type=float, default=20.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--heal", action="store_true", help="with the healing ladder on")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("soak: needs root (the journal's own tmpfs, to fill it)", file=sys.stderr)
         return 2
-    out = asyncio.run(soak(args.duration, args.seed, args.settle))
+    out = asyncio.run(soak(args.duration, args.seed, args.settle, args.heal))
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -402,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {kind:12s} survived {n:4d}  recovery p50 {r.get('p50_s', 0):.3f} s  "
                   f"p99 {r.get('p99_s', 0):.3f} s  max {r.get('max_s', 0):.3f} s")  # fmt: skip
         print(f"  journal: {out['uevents_checked_in_journal']} uevents checked")
+        kinds = out["journal_kinds"]
+        print("  journal: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
         print(f"  violations: {len(out['violations'])}")
         for v in out["violations"]:
             print(f"    {v}")

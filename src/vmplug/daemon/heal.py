@@ -256,6 +256,13 @@ class KernelLog:
 # ---------------------------------------------------------------- the edge
 
 
+#: entries that start watching a device (with any action error)
+_WATCH = frozenset(
+    {EventKind.DEVICE_REMOVE, EventKind.ATTACHMENT_LOST, EventKind.KERNEL_ERROR,
+     EventKind.HEAL, EventKind.HEAL_FAILED}
+)  # fmt: skip
+
+
 def _entry(n: int, item: Mapping[str, Any]) -> HistoryEntry:
     """A journal listener's item as the store would give it back."""
     return HistoryEntry(
@@ -291,8 +298,10 @@ class Healer:
         self.policy = policy
         self.dev_root = dev_root
         self.tick_s = tick_s
-        #: the recent journal as entries (the listener's copy; 2 h or 20,000 rows)
-        self.recent: deque[HistoryEntry] = deque(maxlen=20000)
+        #: each device's recent journal entries (the listener's copy, 2,000 a device)
+        self.recent: dict[str, deque[HistoryEntry]] = {}
+        #: devices with a trigger or an open episode: the only ones each tick looks at
+        self.watch: set[str] = set()
         self._ids = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         self._busy: set[str] = set()
@@ -303,7 +312,20 @@ class Healer:
     # -- journal in ---------------------------------------------------------
 
     def on_item(self, item: Mapping[str, Any]) -> None:
-        self.recent.append(_entry(next(self._ids), item))
+        identity = item.get("identity")
+        if not identity:
+            return
+        rows = self.recent.get(identity)
+        if rows is None:
+            if len(self.recent) > 4096:  # forget devices long gone, not watched
+                present = {d.identity for d in self.daemon.inventory.values()}
+                for old in [k for k in self.recent if k not in present and k not in self.watch]:
+                    del self.recent[old]
+            rows = self.recent[identity] = deque(maxlen=2000)
+        entry = _entry(next(self._ids), item)
+        rows.append(entry)
+        if entry.kind in _WATCH or entry.result == Result.ERROR:
+            self.watch.add(identity)
 
     def _kernel_line(self, line: str) -> None:
         hit = parse_kernel_line(line)
@@ -369,13 +391,18 @@ class Healer:
             return []
         now = time.time()
         made: list[Decision] = []
-        for dev in list(self.daemon.inventory.values()):
-            if dev.identity in self._busy:
+        by_identity = {d.identity: d for d in self.daemon.inventory.values()}
+        for identity in list(self.watch):
+            dev = by_identity.get(identity)
+            if dev is None or dev.identity in self._busy:
                 continue
             ok, _ = self.allowed(dev.identity)
             if not ok:
                 continue
-            status = decide(self.recent, dev.identity, dev.port, self.policy, now)
+            rows = self.recent.get(identity, ())
+            status = decide(rows, dev.identity, dev.port, self.policy, now)
+            if status.why == "healthy":
+                self.watch.discard(identity)
             if status.decision is not None:
                 made.append(status.decision)
                 self._busy.add(dev.identity)
