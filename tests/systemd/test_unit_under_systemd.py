@@ -112,7 +112,10 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     units, cfg, out = base / "units", base / "cfg", base / "out"
     for d in (units / "multi-user.target.wants", cfg, out):
         d.mkdir(parents=True)
-    (cfg / "vmplug.toml").write_text('[vm.windows]\nqmp = "/run/vmtest/qmp.sock"\n')
+    # [api] group: the API socket is chown'ed (a syscall the filter must allow)
+    (cfg / "vmplug.toml").write_text(
+        '[api]\ngroup = "root"\n\n[vm.windows]\nqmp = "/run/vmtest/qmp.sock"\n'
+    )
     (cfg / "driver.sh").write_text(DRIVER)
     exe = str(ROOT / ".venv" / "bin" / "vmplug")
     plan = plan_systemd(exe, config="/cfg/vmplug.toml", sockets=["/run/vmtest/qmp.sock"])
@@ -126,6 +129,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     binds += [f"--bind={out}:/out", f"--bind-ro={ROOT}"]
     # --volatile=yes starts with an empty /etc: pyudev finds libudev via ld.so.cache
     binds.append("--bind-ro=/etc/ld.so.cache")
+    binds.append("--bind-ro=/etc/group")  # [api] group by name
     # the venv's python is a link to the interpreter it was made from
     python = Path(sys.executable).resolve()
     prefix = python.parents[1]

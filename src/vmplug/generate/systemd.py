@@ -196,6 +196,8 @@ class SystemdPlan:
             "SystemCallArchitectures=native\n"
             "SystemCallFilter=@system-service\n"
             "SystemCallFilter=~@privileged @resources\n"
+            "# ...but chown (of the API socket to [api] group), which @privileged holds\n"
+            "SystemCallFilter=@chown\n"
             "SystemCallErrorNumber=EPERM\n"
             "# root reaches sockets owned by the qemu/libvirt users (DAC) and gives the\n"
             "# API socket to [api] group (chown); no other capability\n"
