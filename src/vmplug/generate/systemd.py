@@ -128,7 +128,8 @@ class SystemdPlan:
         for d in (*self.state_dirs, *self.socket_dirs):
             if any(_under(d, t) for t in OWN_DIRS):
                 continue
-            word = exec_quote(d)
+            # quoted like ExecStart= (C escapes, %% specifiers), but no $VAR here
+            word = exec_quote(d).replace("$$", "$")
             word = '"-' + word[1:] if word.startswith('"') else "-" + word
             if word not in out:
                 out.append(word)
