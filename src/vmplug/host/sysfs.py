@@ -47,18 +47,10 @@ class SysfsError(UsageError):
     """The sysfs root itself is unusable (not one device's attribute)."""
 
 
-#: Flags of every attribute read.  Reads within one device go through the
-#: device directory's descriptor (``dir_fd``): the kernel then walks one path
-#: component per file, not the whole ``/sys/devices/pci.../usbN/N-P.P`` path
-#: (issue 16: a third of ``vmplug list``'s system time on 1,000 devices).
-_RD = os.O_RDONLY | os.O_CLOEXEC
-_DIR = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
-
-
-def _read(path: str, dir_fd: int | None = None) -> str | None:
+def _read(path: str) -> str | None:
     """A sysfs attribute as text without its trailing newline, or None."""
     try:
-        fd = os.open(path, _RD, dir_fd=dir_fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -70,9 +62,9 @@ def _read(path: str, dir_fd: int | None = None) -> str | None:
     return data.decode("utf-8", "replace").rstrip("\n")
 
 
-def _read_bytes(path: str, dir_fd: int | None = None) -> bytes | None:
+def _read_bytes(path: str) -> bytes | None:
     try:
-        fd = os.open(path, _RD, dir_fd=dir_fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -86,12 +78,10 @@ def _read_bytes(path: str, dir_fd: int | None = None) -> bytes | None:
         os.close(fd)
 
 
-def _read_uevent(path: str, dir_fd: int | None = None) -> tuple[int, dict[str, str]] | None:
-    """The device's ``uevent`` node (inode number) and properties; None: no device.
-
-    With ``dir_fd`` (the device directory's), ``path`` is relative to it."""
+def _read_uevent(path: str) -> tuple[int, dict[str, str]] | None:
+    """The device's ``uevent`` node (inode number) and properties; None: no device."""
     try:
-        fd = os.open(path if dir_fd is not None else path + "/uevent", _RD, dir_fd=dir_fd)
+        fd = os.open(path + "/uevent", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -136,9 +126,9 @@ def _in_flux(path: str, name: str) -> bool:
     return os.path.isdir(f"{parent}/{hub_intf}/{hub}-port{number}")
 
 
-def _driver(path: str, dir_fd: int | None = None) -> str | None:
+def _driver(path: str) -> str | None:
     try:
-        return os.path.basename(os.readlink(path + "/driver", dir_fd=dir_fd))
+        return os.path.basename(os.readlink(path + "/driver"))
     except OSError:
         return None
 
@@ -233,10 +223,10 @@ _USBGUARD_SIZES = {_DT_DEVICE: (18,), _DT_CONFIG: (9,), _DT_INTERFACE: (9,), _DT
 _LINUX_ROOT_HUBS = frozenset({(0x1D6B, 0x0001), (0x1D6B, 0x0002), (0x1D6B, 0x0003)})
 
 
-def _read_string(path: str, dir_fd: int | None = None) -> bytes | None:
+def _read_string(path: str) -> bytes | None:
     """A string attribute's bytes as usbguard reads them (trailing NUL/CR/LF/TAB/BS cut)."""
     try:
-        fd = os.open(path, _RD, dir_fd=dir_fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -393,7 +383,7 @@ def _controller(real: str) -> str | None:
 
 
 def _interfaces(
-    dfd: int, name: str, configuration: int | None, parsed: _Parsed, warnings: list[str]
+    path: str, name: str, configuration: int | None, parsed: _Parsed, warnings: list[str]
 ) -> tuple[Interface, ...]:
     cfg = parsed.configs.get(configuration) if configuration is not None else None
     if cfg is None and len(parsed.configs) == 1 and configuration is None:
@@ -406,7 +396,7 @@ def _interfaces(
     for number in sorted(cfg):
         alts = sorted(cfg[number], key=lambda a: a.alternate)
         first = alts[0]
-        driver = _driver(f"{name}:{configuration}.{number}", dfd) if configuration else None
+        driver = _driver(f"{path}/{name}:{configuration}.{number}") if configuration else None
         out.append(
             Interface(number, first.cls, first.subclass, first.protocol, driver, tuple(alts))
         )
@@ -430,30 +420,12 @@ def read_device(
     already read, by path) only serve the ``parent-hash``: without them it is
     worked out from the path and by reading the parent hub.
     """
-    try:
-        dfd = os.open(path, _DIR)
-    except OSError:
-        return None  # no device here (any more)
-    try:
-        return _read_device_at(dfd, path, name, root, known_hashes)
-    finally:
-        os.close(dfd)
-
-
-def _read_device_at(
-    dfd: int,
-    path: str,
-    name: str,
-    root: str | None,
-    known_hashes: dict[str, str | None] | None,
-) -> UsbDevice | None:
-    """:func:`read_device` on the device directory open as ``dfd``."""
     warnings: list[str] = []
-    first = _read_uevent("uevent", dfd)
+    first = _read_uevent(path)
     if first is None:
         return None  # no device here (any more)
     node, ev = first
-    raw = _read_bytes("descriptors", dfd)
+    raw = _read_bytes(path + "/descriptors")
     if raw is None:
         warnings.append("descriptors: missing")
         parsed = _Parsed()
@@ -464,32 +436,32 @@ def _read_device_at(
     vendor_id, product_id, bcd = parsed.vendor_id, parsed.product_id, parsed.bcd_device
     dclass, dsub, dproto = parsed.device_class, parsed.device_subclass, parsed.device_protocol
     if vendor_id is None:  # fall back to the attribute files
-        vendor_id = _int(_read("idVendor", dfd), 16, "idVendor", warnings)
-        product_id = _int(_read("idProduct", dfd), 16, "idProduct", warnings)
-        bcd = _int(_read("bcdDevice", dfd), 16, "bcdDevice", warnings)
-        dclass = _int(_read("bDeviceClass", dfd), 16, "bDeviceClass", warnings)
-        dsub = _int(_read("bDeviceSubClass", dfd), 16, "bDeviceSubClass", warnings)
-        dproto = _int(_read("bDeviceProtocol", dfd), 16, "bDeviceProtocol", warnings)
+        vendor_id = _int(_read(path + "/idVendor"), 16, "idVendor", warnings)
+        product_id = _int(_read(path + "/idProduct"), 16, "idProduct", warnings)
+        bcd = _int(_read(path + "/bcdDevice"), 16, "bcdDevice", warnings)
+        dclass = _int(_read(path + "/bDeviceClass"), 16, "bDeviceClass", warnings)
+        dsub = _int(_read(path + "/bDeviceSubClass"), 16, "bDeviceSubClass", warnings)
+        dproto = _int(_read(path + "/bDeviceProtocol"), 16, "bDeviceProtocol", warnings)
 
-    busnum = _int(ev.get("BUSNUM") or _read("busnum", dfd), 10, "busnum", warnings)
-    devnum = _int(ev.get("DEVNUM") or _read("devnum", dfd), 10, "devnum", warnings)
-    config_text = _read("bConfigurationValue", dfd)
+    busnum = _int(ev.get("BUSNUM") or _read(path + "/busnum"), 10, "busnum", warnings)
+    devnum = _int(ev.get("DEVNUM") or _read(path + "/devnum"), 10, "devnum", warnings)
+    config_text = _read(path + "/bConfigurationValue")
     configuration = _int(config_text, 10, "bConfigurationValue", warnings) if config_text else None
-    authorized_text = _read("authorized", dfd)
+    authorized_text = _read(path + "/authorized")
     authorized = None if authorized_text is None else authorized_text.strip() == "1"
     # Only hubs have ports; the USB version is bcdUSB in the device descriptor.
-    num_ports = _int(_read("maxchild", dfd), 10, "maxchild", warnings) if dclass == 9 else None
-    version = _read("version", dfd) if parsed.bcd_usb is None else _bcd(parsed.bcd_usb)
-    delay = _read("power/autosuspend_delay_ms", dfd)
-    product_raw = _read_string("product", dfd)
-    serial_raw = _read_string("serial", dfd)
+    num_ports = _int(_read(path + "/maxchild"), 10, "maxchild", warnings) if dclass == 9 else None
+    version = _read(path + "/version") if parsed.bcd_usb is None else _bcd(parsed.bcd_usb)
+    delay = _read(path + "/power/autosuspend_delay_ms")
+    product_raw = _read_string(path + "/product")
+    serial_raw = _read_string(path + "/serial")
     guard = usbguard_hash(raw, product_raw, serial_raw) if raw else None
     if raw and guard is None:
         warnings.append("descriptors: usbguard would refuse them (no hash)")
 
-    power_control = _read("power/control", dfd)
+    power_control = _read(path + "/power/control")
     interfaces = _interfaces(
-        dfd,
+        path,
         # a root hub "usbN" names its interfaces "N-0:C.I"
         f"{busnum}-0" if name.startswith("usb") and busnum is not None else name,
         configuration,
@@ -498,7 +470,7 @@ def _read_device_at(
     )
     # Read after everything usb_disconnect/device_del remove before the port link
     # goes (interfaces, the configuration, power/, descriptors): see _in_flux.
-    connect_type = _read("port/connect_type", dfd)
+    connect_type = _read(path + "/port/connect_type")
     if connect_type is None and _in_flux(path, name):
         return None
 
@@ -509,20 +481,20 @@ def _read_device_at(
         vendor_id=vendor_id,
         product_id=product_id,
         bcd_device=bcd,
-        manufacturer=_read("manufacturer", dfd),
+        manufacturer=_read(path + "/manufacturer"),
         product=_text(product_raw),
         serial=_text(serial_raw),
-        speed_mbps=_speed(_read("speed", dfd), warnings),
+        speed_mbps=_speed(_read(path + "/speed"), warnings),
         usb_version=version.strip() if version else None,
         device_class=dclass,
         device_subclass=dsub,
         device_protocol=dproto,
         num_ports=num_ports if num_ports else None,
-        removable=_read("removable", dfd),
+        removable=_read(path + "/removable"),
         authorized=authorized,
         power_control=power_control,
         autosuspend_delay_ms=_int(delay, 10, "autosuspend_delay_ms", warnings),
-        driver=ev.get("DRIVER") or _driver(".", dfd),
+        driver=ev.get("DRIVER") or _driver(path),
         controller=_controller(path),
         connect_type=connect_type,
         configuration=configuration,
@@ -536,7 +508,7 @@ def _read_device_at(
     # device_del removes uevent before every attribute and string: the same
     # uevent still there now means all of them came from one live device.
     try:
-        if os.stat("uevent", dir_fd=dfd).st_ino == node:
+        if os.stat(path + "/uevent").st_ino == node:
             return device
     except OSError:
         pass
