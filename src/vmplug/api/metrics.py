@@ -44,8 +44,6 @@ from prometheus_client import (
     Counter,
     Histogram,
     ProcessCollector,
-    disable_created_metrics,
-    enable_created_metrics,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
@@ -66,11 +64,7 @@ class Metrics:
 
     def __init__(self, view: ReadModel, *, created: bool = False) -> None:
         self.view = view
-        # prometheus_client's switch is process-wide: the last daemon made decides
-        if created:
-            enable_created_metrics()  # type: ignore[no-untyped-call]
-        else:
-            disable_created_metrics()  # type: ignore[no-untyped-call]
+        created_series(created)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)
@@ -124,6 +118,22 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def created_series(on: bool) -> None:
+    """``_created`` series on or off.  prometheus_client's switch is process-wide
+    (the last daemon made decides); before 0.18 there is no function for it, only
+    the flag those functions set."""
+    import prometheus_client  # noqa: PLC0415
+    from prometheus_client import metrics  # noqa: PLC0415
+
+    fn = getattr(
+        prometheus_client, "enable_created_metrics" if on else "disable_created_metrics", None
+    )
+    if fn is not None:
+        fn()
+    else:
+        metrics._use_created = on
 
 
 class _BuildInfo(Collector):
