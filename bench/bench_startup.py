@@ -1,0 +1,92 @@
+"""Start-up cost of the ``vmplug`` command, each figure over interpreter start.
+
+Whole processes, timed from outside, in turn (A B A B ...) so that a drift of
+the shared machine hits both sides alike; CPU time (user + sys of the finished
+child, from ``getrusage``) is the figure to quote on a loaded machine, wall
+time is printed beside it, and the load average with them.
+
+* ``vmplug --version`` vs ``python -c pass`` (goal: < 30 ms over it);
+* ``vmplug list --json`` on the 1,000-device tree of :mod:`bench.bench_list`
+  vs ``python -c pass`` (goal: < 100 ms of work over it).
+
+Run: .venv/bin/python -m bench.bench_startup [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.bench_list import BUSES, build_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+VMPLUG = str(Path(sys.executable).with_name("vmplug"))  # the console script users run
+BASE = [sys.executable, "-c", "pass"]
+
+
+def _run(cmd: list[str]) -> tuple[float, float]:
+    """(cpu, wall) seconds of one whole process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return cpu, wall
+
+
+def _pair(cmd: list[str], runs: int) -> dict[str, float]:
+    """Medians of ``cmd`` and of ``python -c pass``, run in turn, and the ratio."""
+    _run(cmd), _run(BASE)  # warm-up: page cache, .pyc
+    a_cpu, a_wall, b_cpu, b_wall = [], [], [], []
+    for _ in range(runs):
+        c, w = _run(cmd)
+        a_cpu.append(c)
+        a_wall.append(w)
+        c, w = _run(BASE)
+        b_cpu.append(c)
+        b_wall.append(w)
+    med = statistics.median
+    return {
+        "cpu": med(a_cpu),
+        "wall": med(a_wall),
+        "base_cpu": med(b_cpu),
+        "base_wall": med(b_wall),
+        "over_cpu": med(a - b for a, b in zip(a_cpu, b_cpu, strict=True)),
+        "over_wall": med(a - b for a, b in zip(a_wall, b_wall, strict=True)),
+        "ratio_cpu": med(a / b for a, b in zip(a_cpu, b_cpu, strict=True) if b > 0),
+    }
+
+
+def _row(name: str, r: dict[str, float], goal_ms: float) -> None:
+    print(
+        f"{name:<34} cpu {r['cpu'] * 1e3:6.1f} ms (python -c pass {r['base_cpu'] * 1e3:5.1f}) "
+        f"over it {r['over_cpu'] * 1e3:6.1f} ms cpu, {r['over_wall'] * 1e3:6.1f} ms wall; "
+        f"ratio {r['ratio_cpu']:.2f}x; goal < {goal_ms:.0f} ms over: "
+        f"{'met' if r['over_cpu'] * 1e3 < goal_ms else 'NOT met'}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=15)
+    args = ap.parse_args()
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} cpus")
+    _row("vmplug --version", _pair([VMPLUG, "--version"], args.runs), 30)
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "sysfs"
+        n = build_tree(tree)
+        cmd = [VMPLUG, "--sysfs-root", str(tree), "list", "--json"]
+        _row(f"vmplug list --json ({n}+{BUSES} devs)", _pair(cmd, args.runs), 100)
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
+
+
+if __name__ == "__main__":
+    main()
