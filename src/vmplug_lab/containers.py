@@ -34,6 +34,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterable
@@ -41,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmplug_lab.guest import GuestProcess, LabError, LabGuest
+from vmplug_lab.demo import WATCHER_NAME, DemoVmState, script
+from vmplug_lab.guest import GuestProcess, LabDevice, LabError, LabGuest
 
 QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
 QEMU_MODULE_DIR = "/usr/lib/x86_64-linux-gnu/qemu"
@@ -383,9 +385,243 @@ def lab_compose(text: str, service: str = "windows", extra_qmp: Iterable[str] = 
     return out.getvalue()
 
 
+# ---------------------------------------------------------------------------
+# the whole path: engine, compose, container, vmplug, watcher
+
+HUB = LabDevice("usb-hub", "xhci.0", "2", "hub1")
+KBD = LabDevice("usb-kbd", "xhci.0", "2.1", "kbd1")
+TABLET = LabDevice("usb-tablet", "xhci.0", "2.2", "tablet1")
+PORTS = {KBD.id: "2-2.1", TABLET.id: "2-2.2"}
+SERVICE = "windows"
+CT_ROOT = "/tmp/ct"
+PROJECT = f"{CT_ROOT}/proj"
+QMP_DIR = f"{PROJECT}/qmp"
+CHECK_SOCK = f"{QMP_DIR}/check.sock"
+TIMING_SOCK = f"{QMP_DIR}/timing.sock"
+VMPLUG = Path(sys.executable).parent / "vmplug"
+COMPOSE = "/usr/bin/docker-compose"
+CTSTART_NAME = "ctstart.py"
+
+
+class ContainerLab:
+    """The lab guest with one engine, the generated compose service, ``vmplug
+    run`` (container backend: the VM found through the engine's API) and the
+    demo's QOM watcher on a second QMP socket of the container's QEMU.
+
+    Always :meth:`close` it (a ``finally``): it stops the guest by PID.
+    """
+
+    def __init__(self, workdir: Path, kind: str) -> None:
+        self.workdir = Path(workdir).absolute()
+        self.guest = LabGuest([HUB, KBD, TABLET], self.workdir / "lab", memory="1536M")
+        self.engine = Engines(self.guest, kind, CT_ROOT)
+        self.kind = kind
+        self.state_path = self.guest.workdir / "state.json"
+        self.daemon: GuestProcess | None = None
+        self.watcher: GuestProcess | None = None
+        self.daemon_starts = 0
+        self.daemon_log_path = self.guest.workdir / "daemon-0.log"
+        self.timings: dict[str, float] = {}
+        self.generated = ""
+        self.snippet = ""
+
+    def _time(self, name: str, t0: float) -> None:
+        self.timings[name] = round(time.monotonic() - t0, 1)
+
+    @property
+    def env(self) -> str:
+        return f"DOCKER_HOST={self.engine.spec.host}"
+
+    def boot(self) -> None:
+        t0 = time.monotonic()
+        tarball = build_image_tar(self.guest.workdir / "image.tar")
+        self.guest.start()
+        self._time("boot", t0)
+        g = self.guest
+        (g.workdir / WATCHER_NAME).write_text(script(WATCHER_NAME))
+        g.wait_for(" && ".join(f"test -e /sys/bus/usb/devices/{p}" for p in PORTS.values()))
+        t0 = time.monotonic()
+        self.engine.prepare()
+        self.engine.start()
+        self._time("engine", t0)
+        t0 = time.monotonic()
+        self.engine.load_image(tarball)
+        self._time("import", t0)
+
+    def generate(self) -> str:
+        """``vmplug generate compose --by-port`` in the project folder (the two
+        devices share 0627:0001); the lab's copy of it written there too."""
+        g = self.guest
+        gen, err = g.workdir / "generated.yml", g.workdir / "generated.err"
+        ports = " ".join(PORTS.values())
+        g.run(
+            f"mkdir -p {PROJECT} && cd {PROJECT} && {VMPLUG} generate compose --by-port {ports}"
+            f" >{gen} 2>{err}",
+            timeout=240,
+            check=True,
+        )
+        self.generated, self.snippet = gen.read_text(), err.read_text()
+        lab = g.workdir / "docker-compose.yml"
+        lab.write_text(lab_compose(self.generated, SERVICE, ("check.sock", "timing.sock")))
+        g.run(f"cp {lab} {PROJECT}/docker-compose.yml", check=True)
+        return self.generated
+
+    def compose(self, args: str, timeout: float = 300.0) -> float:
+        t0 = time.monotonic()
+        self.guest.run(
+            f"cd {PROJECT} && {self.env} {COMPOSE} --no-ansi {args}", timeout=timeout, check=True
+        )
+        return time.monotonic() - t0
+
+    def cli(self, args: str, timeout: float = 180.0) -> str:
+        return self.guest.run(
+            f"{self.engine.spec.cli()} {args}", timeout=timeout, check=True
+        ).stdout
+
+    def container_id(self) -> str:
+        return str(self.engine.inspect(SERVICE).get("Id", ""))
+
+    def config(self) -> str:
+        """vmplug's config: the snippet's rules, the VM as a container found
+        through the engine's API (``container =``, ``uri =``) on the snippet's bus."""
+        rules = [
+            ln for ln in self.snippet.splitlines() if ln.startswith(("[[rule]]", "attach", "match"))
+        ]
+        bus = next(
+            (
+                ln.split("=", 1)[1].strip()
+                for ln in self.snippet.splitlines()
+                if ln.startswith("usb_bus")
+            ),
+            '"vmplug-xhci.0"',
+        )
+        vm = (
+            f'[vm.{SERVICE}]\ncontainer = "{SERVICE}"\nuri = "{self.engine.spec.host}"\n'
+            f"usb_bus = {bus}\n\n"
+        )
+        return vm + "\n".join(rules).replace("[[rule]]", "\n[[rule]]") + "\n"
+
+    def start_watcher(self) -> None:
+        self.state_path.unlink(missing_ok=True)
+        self.watcher = self.guest.spawn(
+            f"/usr/bin/python3 -I -S {self.guest.workdir}/{WATCHER_NAME}"
+            f" {CHECK_SOCK} {self.state_path}",
+            log=f"{self.guest.workdir}/watcher.log",
+        )
+
+    def start_daemon(self, timeout: float = 120.0) -> None:
+        self.daemon_starts += 1
+        cfg = self.guest.workdir / "vmplug.toml"
+        cfg.write_text(self.config())
+        self.daemon_log_path = self.guest.workdir / f"daemon-{self.daemon_starts}.log"
+        self.daemon = self.guest.spawn(
+            f"{VMPLUG} --config {cfg} run --socket {CT_ROOT}/vmplug.sock --db {CT_ROOT}/vmplug.db"
+            " --events kernel",
+            log=str(self.daemon_log_path),
+        )
+        self.wait_log(f"vm {SERVICE}: connected", timeout)
+
+    def daemon_log(self) -> str:
+        try:
+            return self.daemon_log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_log(self, needle: str, timeout: float, after: int = 0) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.daemon_log()[after:]:
+            if self.daemon is not None and self.guest.poll(self.daemon) is not None:
+                raise LabError(f"vmplug run exited:\n{self.daemon_log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise LabError(f"no {needle!r} in the daemon's log in {timeout:g} s")
+            time.sleep(0.2)
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None:
+            self.guest.kill(self.daemon, signal.SIGTERM)
+            self.daemon = None
+
+    def state(self) -> DemoVmState:
+        try:
+            raw = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return DemoVmState()
+        return DemoVmState(
+            bool(raw.get("up")), int(raw.get("conn", 0)), dict(raw.get("devices", {}))
+        )
+
+    def expect(
+        self, expected: Iterable[str], timeout: float = 60.0, min_conn: int = 0
+    ) -> tuple[float | None, DemoVmState]:
+        """Seconds until the container's QEMU holds exactly ``expected`` (each
+        once, nothing of vmplug's waiting), seen on a watcher connection
+        numbered above ``min_conn`` (a QEMU started after the event)."""
+        want = sorted(expected)
+        t0 = time.monotonic()
+        while True:
+            st = self.state()
+            if st.conn > min_conn and st.holds(want):
+                return time.monotonic() - t0, st
+            if time.monotonic() - t0 > timeout:
+                return None, st
+            time.sleep(0.1)
+
+    # ------------------------------------------------------------- timing
+
+    def _ctstart(self, args: str) -> dict[str, Any]:
+        tool = self.guest.workdir / CTSTART_NAME
+        if not tool.exists():
+            tool.write_text(script(CTSTART_NAME))
+        res = self.guest.run(f"/usr/bin/python3 -I -S {tool} {args}", timeout=180)
+        line = res.stdout.strip().splitlines()[-1:] or ["{}"]
+        try:
+            rec = json.loads(line[0])
+        except ValueError:
+            rec = {}
+        if not isinstance(rec, dict) or "dt" not in rec:
+            raise LabError(f"ctstart {args}: rc={res.rc} {res.stdout} {res.stderr}")
+        return rec
+
+    def time_container_start(self) -> dict[str, Any]:
+        """Stop the container, then time ``POST /containers/NAME/start`` -> both
+        devices attached in its QEMU (guest clock; :file:`scripts/ctstart.py`)."""
+        sock = self.engine.spec.socket
+        return self._ctstart(f"container {sock} {SERVICE} {TIMING_SOCK} {len(PORTS)}")
+
+    def qemu_argv(self) -> list[str]:
+        """The container's QEMU command line, as its entry script printed it."""
+        out = self.cli(f"logs {SERVICE}")
+        lines = [ln for ln in out.splitlines() if ln.startswith("entry: qemu-system-x86_64 ")]
+        if not lines:
+            raise LabError(f"no entry: line in the container's log:\n{out[-1000:]}")
+        return lines[-1].removeprefix("entry: ").split()
+
+    def time_bare_vm(self, argv: list[str], sockdir: str = f"{CT_ROOT}/bare") -> dict[str, Any]:
+        """The same QEMU started directly in the guest (no container), timed the
+        same way; the container must be stopped (it holds the devices)."""
+        moved = [
+            a.replace("unix:/qmp/", f"unix:{sockdir}/").replace("/run/shm/", f"{sockdir}/")
+            for a in argv
+        ]
+        self.guest.run(f"mkdir -p {sockdir}", check=True)
+        cmd = " ".join(shlex.quote(a) for a in moved)
+        return self._ctstart(f"vm {sockdir}/timing.sock {len(PORTS)} -- {cmd}")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            for proc in (self.daemon, self.watcher):
+                if proc is not None and self.guest.qemu_pid is not None:
+                    self.guest.kill(proc, signal.SIGKILL, timeout=5)
+            if self.guest.qemu_pid is not None:
+                self.guest.run(f"cd {PROJECT} && {self.env} {COMPOSE} kill", timeout=120)
+            self.engine.close()
+        self.guest.stop()
+
+
 __all__ = [
     "ENTRY_SCRIPT",
     "IMAGE",
+    "ContainerLab",
     "EngineSpec",
     "Engines",
     "build_image_tar",

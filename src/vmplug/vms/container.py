@@ -217,15 +217,25 @@ def compose_fix(service: str) -> str:
     )
 
 
-async def find_api(uri: str | None = None) -> Engine | None:
+#: Seconds one Engine API call may take.  Generous: a busy engine (Podman's
+#: service under TCG answered in 7-10 s; dockerd while it restarts a
+#: container, more than 5 s) is slow, not gone, and a lookup is rare.
+API_TIMEOUT = 30.0
+
+#: Container events after which the container's QMP socket may have moved or
+#: come back: look the container up again at once.
+RELOOK_EVENTS = frozenset({"create", "start", "restart", "die", "destroy", "rename", "kill"})
+
+
+async def find_api(uri: str | None = None, timeout: float = API_TIMEOUT) -> Engine | None:
     """The Engine API on the first socket that exists (None: no Docker or Podman here)."""
-    return find_engine(uri)
+    return find_engine(uri, timeout)
 
 
-async def locate(name: str, uri: str | None = None) -> ContainerQmp:
+async def locate(name: str, uri: str | None = None, timeout: float = API_TIMEOUT) -> ContainerQmp:
     """Find container ``name`` and its QMP socket on the host; raises
     :class:`ContainerError` (with the compose fix) or :class:`DockerApiError`."""
-    api = await find_api(uri)
+    api = await find_api(uri, timeout)
     if api is None:
         raise DockerApiError(
             name,
@@ -236,7 +246,7 @@ async def locate(name: str, uri: str | None = None) -> ContainerQmp:
     try:
         doc = await api.inspect(name)
     except EngineError as exc:
-        raise DockerApiError("docker", str(exc)) from exc
+        raise DockerApiError(name, str(exc)) from exc
     if doc is None:
         raise ContainerError(name, f"no container {name!r} at {api.address}")
     found = read_container(doc)
@@ -282,7 +292,10 @@ class ContainerVm(Notifier):
         self.found: ContainerQmp | None = None
         self.error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._events_task: asyncio.Task[None] | None = None
         self._relook = asyncio.Event()
+        #: the engine's last event for this container (``start``, ``die``...), if any
+        self.last_event: str | None = None
 
     @property
     def connected(self) -> bool:
@@ -302,10 +315,15 @@ class ContainerVm(Notifier):
     async def start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"vmplug-container-{self.name}")
+        if self._events_task is None or self._events_task.done():
+            self._events_task = asyncio.create_task(
+                self._follow_events(), name=f"vmplug-container-events-{self.name}"
+            )
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        await cancel_and_wait([task])
+        events, self._events_task = self._events_task, None
+        await cancel_and_wait([task, events])
         inner, self.inner = self.inner, None
         if inner is not None:
             await inner.stop()
@@ -358,6 +376,35 @@ class ContainerVm(Notifier):
             # Look again when QEMU goes away (restart, re-create), and now and
             # then while it is away.
             await self._wait_relook(None if self.connected else self.lookup_interval * 5)
+
+    async def _follow_events(self) -> None:
+        """Follow the engine's ``/events`` for this container: a re-created,
+        restarted or removed container is looked up again at once, not when its
+        QMP socket's fate is noticed.  The stream is opened again when it ends
+        (an engine restart), with a pause that grows to ``lookup_interval * 5``."""
+        pause = self.lookup_interval
+        while True:
+            api = await find_api(self.uri)
+            if api is None:
+                await asyncio.sleep(pause)
+                continue
+            try:
+                async for event in api.events(
+                    {"type": ["container"], "container": [self.container]}
+                ):
+                    action = str(event.get("Action") or event.get("status") or "")
+                    action = action.split(":", 1)[0]  # "exec_start: sh" and the like
+                    if action in RELOOK_EVENTS:
+                        self.last_event = action
+                        log.debug("vm %s: container %s: %s", self.name, self.container, action)
+                        self._relook.set()
+                    pause = self.lookup_interval
+            except EngineError as exc:
+                log.debug("vm %s: engine events: %s", self.name, exc)
+            # the stream ended: the engine went away or restarted; look again
+            self._relook.set()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, self.lookup_interval * 5)
 
     async def _wait_relook(self, timeout: float | None) -> None:
         with contextlib.suppress(TimeoutError):
