@@ -23,7 +23,7 @@ from aiohttp import web
 
 from tests.qemu.test_daemon import Rig
 from tests.support.fakekernel import until
-from vmplug.daemon.alerts import replay
+from vmplug.daemon.alerts import AlertConfig, active, replay
 from vmplug.daemon.heal import LADDER, Rung, decide
 from vmplug.daemon.reconciler import Daemon
 from vmplug.history.store import EventKind, HistoryEntry, Store
@@ -242,6 +242,12 @@ match = 'via-port "{KBD}"'
         again = replay(entries, alert, times)
         assert [(t.state, t.subject) for t in again] == [("firing", ident), ("resolved", ident)]
         json.dumps(got)  # the body is plain JSON
+        # the health-figure conditions over the same journal: ten failures in
+        # seconds put MTBF under an hour; a bound above every recovery stays quiet
+        now = entries[-1].ts
+        mtbf = active(entries, AlertConfig(name="m", mtbf_below_s=3600.0), now)
+        assert mtbf[ident].condition == "mtbf"
+        assert active(entries, AlertConfig(name="r", recovery_above_s=3600.0), now) == {}
     finally:
         await runner.cleanup()
 
