@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ HCD_MODULES = ("ehci_pci", "xhci_pci")
 GUEST_PATH = (
     f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 )
+
+#: Where the guest unpacks :mod:`vmplug_lab.pybundle` (its /tmp is a tmpfs).
+GUEST_BUNDLE_DIR = "/tmp/vmplug-python"
 
 #: Seconds a QMP or guest-agent command may take (guest-exec of a busy TCG guest).
 WIRE_TIMEOUT = 30.0
@@ -276,6 +280,7 @@ class LabGuest:
         kernel: Path | None = None,
         cpus: int = 1,
         boot_timeout: float = 300.0,
+        python_bundle: bool = True,
     ) -> None:
         self.devices: list[LabDevice] = list(devices)
         self.workdir = Path(workdir).absolute()
@@ -295,6 +300,10 @@ class LabGuest:
         self.console_log = self.workdir / "console.log"
         self.boot_script = self.workdir / "lab-init.sh"
         self.boot_seconds: float | None = None
+        #: Copy vmplug's Python modules into the guest's tmpfs at boot and put
+        #: them first on PYTHONPATH (vmplug_lab.pybundle; VMPLUG_LAB_BUNDLE=0: off).
+        self.python_bundle = python_bundle and os.environ.get("VMPLUG_LAB_BUNDLE") != "0"
+        self.python_path: str | None = None  # the guest's PYTHONPATH once unpacked
         self._vng: subprocess.Popen[bytes] | None = None
         self._qemu_pid: int | None = None
         self._qmp: SyncQmp | None = None
@@ -353,6 +362,13 @@ class LabGuest:
         self.boot_script.write_text(_BOOT_SCRIPT.format(modules=" ".join(GUEST_MODULES)))
         env = dict(os.environ)
         env["PATH"] = f"{find_vng().parent}:{env.get('PATH', '/usr/bin:/bin')}"
+        bundle = self.workdir / "python-bundle.tar"
+        builder = None
+        if self.python_bundle:  # built on the host while the guest boots
+            from vmplug_lab import pybundle  # noqa: PLC0415
+
+            builder = threading.Thread(target=pybundle.build, args=(bundle,), daemon=True)
+            builder.start()
         t0 = time.monotonic()
         with self.console_log.open("wb") as log:
             self._vng = subprocess.Popen(
@@ -366,10 +382,23 @@ class LabGuest:
             )
         try:
             self._wait_boot(t0 + self.boot_timeout)
+            if builder is not None:
+                builder.join()
+                self._install_bundle(bundle)
         except BaseException:
             self.stop()
             raise
         self.boot_seconds = time.monotonic() - t0
+
+    def _install_bundle(self, bundle: Path) -> None:
+        """Unpack the bundle into the guest's tmpfs: one sequential read of the
+        share instead of Python's thousands of lookups over it."""
+        if not bundle.exists():
+            return  # the build failed on the host: the guest imports over the share
+        target = GUEST_BUNDLE_DIR
+        res = self.run(f"rm -rf {target} && mkdir -p {target} && tar -xf {bundle} -C {target}")
+        if res.rc == 0:
+            self.python_path = target
 
     def _make_image(self, dev: LabDevice) -> None:
         if dev.needs_image():
@@ -480,7 +509,8 @@ class LabGuest:
             {
                 "path": "/usr/bin/setsid",
                 "arg": ["/bin/sh", "-c", cmd],
-                "env": [f"PATH={GUEST_PATH}", "HOME=/root", "LANG=C.UTF-8", "TERM=dumb"],
+                "env": [f"PATH={GUEST_PATH}", "HOME=/root", "LANG=C.UTF-8", "TERM=dumb"]
+                + ([f"PYTHONPATH={self.python_path}"] if self.python_path else []),
                 "capture-output": capture,
             },
         )

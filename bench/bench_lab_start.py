@@ -1,0 +1,95 @@
+"""`vmplug run` start-up inside the lab guest: modules from the guest's tmpfs
+(:mod:`vmplug_lab.pybundle`, unpacked at boot) vs over the 9p share.
+
+One guest boot (the demo's: hub, keyboard, tablet, the demo config); then,
+in turn, ``vmplug run`` started with ``PYTHONPATH`` at the bundle and without
+it (``env -u PYTHONPATH``: every import over 9p), each timed in the guest from
+the start to the daemon's first ``rescan:`` log line, and stopped (SIGTERM).
+The first start over the share is the cold one (the guest's page cache
+empty), as ``vmplug demo``'s first daemon start is; later ones are warmer.
+Prints each time, the ratio share / bundle, the bundle's unpack time at boot
+and the load average.
+
+Run: .venv/bin/python -m bench.bench_lab_start [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vmplug_lab.demo import GUEST_DIR, DemoLab
+from vmplug_lab.guest import lab_unavailable_reason
+
+_START = """\
+rm -f {d}/vmplug.sock {d}/vmplug.db*
+t0=$(date +%s%N)
+{env} {vmplug} --config {w}/vmplug.toml run --socket {d}/vmplug.sock --db {d}/vmplug.db \
+  --events kernel >{log} 2>&1 &
+pid=$!
+while ! grep -q "rescan:" {log}; do
+  kill -0 $pid 2>/dev/null || {{ echo died; cat {log}; exit 1; }}
+  sleep 0.05
+done
+t1=$(date +%s%N)
+kill -TERM $pid; wait $pid
+echo $(( (t1 - t0) / 1000000 ))
+"""
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    reason = lab_unavailable_reason()
+    if reason:
+        sys.exit(f"lab unavailable: {reason}")
+    print(f"load average {_load()} (2 cores shared)")
+    with tempfile.TemporaryDirectory(prefix="vmplug-bench-lab-") as tmp:
+        lab = DemoLab(Path(tmp))
+        try:
+            t0 = time.monotonic()
+            boot = lab.boot()
+            g = lab.guest
+            print(f"boot {boot:.1f} s (bundle built and unpacked: {g.python_path is not None})")
+            if g.python_path is None:
+                sys.exit("no bundle in the guest: nothing to compare")
+            vmplug = Path(sys.executable).parent / "vmplug"
+            times: dict[str, list[float]] = {"share": [], "bundle": []}
+            for i in range(args.rounds):
+                for kind in ("share", "bundle"):  # the share first: the cold case
+                    env = "env -u PYTHONPATH" if kind == "share" else ""
+                    res = g.run(
+                        _START.format(
+                            d=GUEST_DIR, w=g.workdir, env=env, vmplug=vmplug, log=f"/tmp/{kind}{i}"
+                        ),
+                        timeout=900,
+                        check=True,
+                    )
+                    ms = float(res.stdout.split()[-1])
+                    times[kind].append(ms / 1000)
+                    print(f"round {i + 1}: {kind:6} start -> first rescan {ms / 1000:6.2f} s"
+                          f"  (load {_load()})")  # fmt: skip
+            share, bundle = times["share"], times["bundle"]
+            print(
+                f"cold: share {share[0]:.2f} s / bundle {bundle[0]:.2f} s = "
+                f"{share[0] / bundle[0]:.2f}x;  median share {statistics.median(share):.2f} s"
+                f" / bundle {statistics.median(bundle):.2f} s = "
+                f"{statistics.median(share) / statistics.median(bundle):.2f}x (goal bundle < 5 s)"
+            )
+            print(f"total {time.monotonic() - t0:.0f} s, load average {_load()} at the end")
+        finally:
+            lab.close()
+
+
+if __name__ == "__main__":
+    main()
