@@ -430,7 +430,9 @@ class ContainerLab:
 
     @property
     def env(self) -> str:
-        return f"DOCKER_HOST={self.engine.spec.host}"
+        """docker-compose's environment: the engine, and a read timeout far above
+        its default 60 s (Podman's service under TCG took longer for /version)."""
+        return f"DOCKER_HOST={self.engine.spec.host} COMPOSE_HTTP_TIMEOUT=600"
 
     def boot(self) -> None:
         t0 = time.monotonic()
@@ -466,7 +468,7 @@ class ContainerLab:
         g.run(f"cp {lab} {PROJECT}/docker-compose.yml", check=True)
         return self.generated
 
-    def compose(self, args: str, timeout: float = 300.0) -> float:
+    def compose(self, args: str, timeout: float = 900.0) -> float:
         t0 = time.monotonic()
         self.guest.run(
             f"cd {PROJECT} && {self.env} {COMPOSE} --no-ansi {args}", timeout=timeout, check=True
@@ -509,7 +511,7 @@ class ContainerLab:
             log=f"{self.guest.workdir}/watcher.log",
         )
 
-    def start_daemon(self, timeout: float = 120.0) -> None:
+    def start_daemon(self, timeout: float = 300.0) -> None:
         self.daemon_starts += 1
         cfg = self.guest.workdir / "vmplug.toml"
         cfg.write_text(self.config())

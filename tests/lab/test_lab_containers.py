@@ -30,7 +30,9 @@ import pytest
 from vmplug_lab.containers import KBD, PORTS, SERVICE, ContainerLab
 from vmplug_lab.guest import lab_unavailable_reason
 
-pytestmark = pytest.mark.lab
+# The module fixture (guest boot, engine, image import: 4-9 min under TCG on a
+# loaded machine) counts toward the first test's timeout.
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
 
 BOTH = sorted(PORTS.values())
 
