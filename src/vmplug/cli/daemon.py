@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.markup import escape as markup_escape
-from rich.table import Table
 
 from vmplug.api.client import ApiError, call, daemon_running
 from vmplug.cli.app import EPILOG_ENV, Context, emit_json, escape, pass_ctx
@@ -24,6 +22,14 @@ from vmplug.model import UsbDevice
 from vmplug.textsafe import printable, printable_lines
 
 SOCKET_HELP = "Daemon API socket (default: [daemon] socket in the config, /run/vmplug/vmplug.sock)."
+
+
+def markup_escape(text: str) -> str:
+    """Rich's markup escape, Rich imported only here: ``vmplug run`` never
+    loads it (issue 16: ~200 files, start-up and RSS)."""
+    from rich.markup import escape as rich_escape  # noqa: PLC0415
+
+    return rich_escape(text)
 
 
 class ReloadRefused(UsageError):
@@ -304,6 +310,8 @@ def status_cmd(obj: Context, socket_path: str | None, as_json: bool) -> None:
         f"daemon pid {d['pid']}, up {d['uptime_s']:.0f}s, {d['devices']} devices, "
         f"{escape(d['events'], None)}, config {escape(d['config'], None)}"
     )
+    from rich.table import Table  # noqa: PLC0415 - see markup_escape
+
     vms = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
     for col in ("VM", "CONNECTED", "STATE", "WHERE", "DEVICES"):
         vms.add_column(col)
@@ -370,6 +378,8 @@ def history_cmd(
     if as_json:
         emit_json(entries)
         return
+    from rich.table import Table  # noqa: PLC0415 - see markup_escape
+
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("TIME", "WHAT", "DEVICE", "VM", "RESULT"):
         table.add_column(col, overflow="fold")
