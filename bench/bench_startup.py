@@ -7,7 +7,11 @@ time is printed beside it, and the load average with them.
 
 * ``vmplug --version`` vs ``python -c pass`` (goal: < 30 ms over it);
 * ``vmplug list --json`` on the 1,000-device tree of :mod:`bench.bench_list`
-  vs ``python -c pass`` (goal: < 100 ms of work over it).
+  vs ``python -c pass`` (goal: < 100 ms of work over it);
+* ``vmplug run`` on that tree (one VM, the demo's config, no VM running):
+  peak RSS and cpu from start to its first ``rescan:`` line, stopped with
+  SIGINT there, vs the same with Rich imported first, as ``vmplug run`` did
+  before issue 16 (goal: peak RSS < 40 MB).
 
 Run: .venv/bin/python -m bench.bench_startup [--runs N]
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -74,6 +79,41 @@ def _row(name: str, r: dict[str, float], goal_ms: float) -> None:
     )
 
 
+_RUN = """
+import sys
+if sys.argv[1] == "rich":
+    import rich.markup, rich.table  # the alternative: what cli/daemon imported before
+from vmplug.cli import main
+main(sys.argv[2:])
+"""
+
+
+def _daemon(tree: Path, tmp: Path, rich: bool) -> tuple[float, float]:
+    """(peak RSS MiB, cpu s) of one ``vmplug run``, stopped at its first rescan."""
+    conf = tmp / "vmplug.toml"
+    conf.write_text(f'[vm.demo]\nqmp = "{tmp}/vm.sock"\n\n[[rule]]\nattach = "demo"\n'
+                    "match = 'id 0627:0001'\n")  # fmt: skip
+    for stale in tmp.glob("db*"):
+        stale.unlink()
+    args = ["--config", str(conf), "--sysfs-root", str(tree), "run", "--socket",
+            str(tmp / "api.sock"), "--db", str(tmp / "db"), "--events", "kernel"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUN, "rich" if rich else "-", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "rescan:" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.stderr.read()
+    _pid, _status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = 0
+    return usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=15)
@@ -85,6 +125,21 @@ def main() -> None:
         n = build_tree(tree)
         cmd = [VMPLUG, "--sysfs-root", str(tree), "list", "--json"]
         _row(f"vmplug list --json ({n}+{BUSES} devs)", _pair(cmd, args.runs), 100)
+        rss: dict[bool, list[float]] = {False: [], True: []}
+        cpu: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(max(3, args.runs // 3)):
+            for rich in (False, True):
+                r, c = _daemon(tree, Path(tmp), rich)
+                rss[rich].append(r)
+                cpu[rich].append(c)
+        med = statistics.median
+        print(
+            f"vmplug run to first rescan ({n}+{BUSES} devs): peak RSS {med(rss[False]):.1f} MiB,"
+            f" cpu {med(cpu[False]):.3f} s; with Rich (before) {med(rss[True]):.1f} MiB,"
+            f" {med(cpu[True]):.3f} s; ratio RSS {med(rss[False]) / med(rss[True]):.3f}x,"
+            f" cpu {med(cpu[False]) / med(cpu[True]):.3f}x; goal < 40 MB: "
+            f"{'met' if med(rss[False]) * 1.048576 < 40 else 'NOT met'}"
+        )
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
 
 
