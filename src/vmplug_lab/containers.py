@@ -399,7 +399,9 @@ QMP_DIR = f"{PROJECT}/qmp"
 CHECK_SOCK = f"{QMP_DIR}/check.sock"
 TIMING_SOCK = f"{QMP_DIR}/timing.sock"
 VMPLUG = Path(sys.executable).parent / "vmplug"
-COMPOSE = "/usr/bin/docker-compose"
+#: Debian's docker-compose (system Python): without the PYTHONPATH the lab gives
+#: the venv's Python (vmplug_lab.pybundle's modules are 3.11.7's, not 3.11.2's).
+COMPOSE = "env -u PYTHONPATH /usr/bin/docker-compose"
 CTSTART_NAME = "ctstart.py"
 
 
