@@ -19,7 +19,8 @@ read inside the VM (remote) against the same read in the device host
 (local: the device's own kernel), CPU of the export side per MB relayed,
 and the recovery time after a network cut.
 
-Prints one JSON object (``--json``) or a readable summary.
+Prints one JSON object (``--json``) or a readable summary.  Run from the
+repository root: ``.venv/bin/python -m bench.bench_remote [--part relay]``.
 """
 
 from __future__ import annotations
@@ -197,14 +198,17 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bench_lab(replugs: int, read_mb: int, cut_seconds: float) -> dict[str, Any]:
+def bench_lab(
+    replugs: int, read_mb: int, cut_seconds: float, out: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The lab part; ``out`` receives each result as soon as it is measured."""
     from tests.remote.labrig import KBD, STICK, RemoteLab  # noqa: PLC0415 - the lab part only
     from vmplug.vms.qmp import QmpVm  # noqa: PLC0415
     from vmplug.wire.qmp import SyncQmp  # noqa: PLC0415
 
     root = Path(tempfile.mkdtemp(prefix="vmplug-bench-lab-"))
     lab = RemoteLab(root, (KBD, STICK))
-    out: dict[str, Any] = {}
+    out = {} if out is None else out
     try:
         t0 = time.monotonic()
         lab.boot()
@@ -334,7 +338,12 @@ def main() -> int:
     if args.part in ("relay", "all"):
         result["relay"] = bench_relay(args.mb, args.rounds)
     if args.part in ("lab", "all"):
-        result["lab"] = bench_lab(args.replugs, args.read_mb, args.cut)
+        lab: dict[str, Any] = {}
+        result["lab"] = lab
+        try:
+            lab.update(bench_lab(args.replugs, args.read_mb, args.cut, lab))
+        except Exception as exc:  # a later stage failed: keep what was measured
+            lab["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     result["load_after"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps(result, indent=2))
