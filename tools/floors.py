@@ -14,7 +14,9 @@ that environment:
    ``web.RequestKey`` in aiohttp < 3.14, fails here, whatever the tests cover);
 3. ``vmplug ... --help`` for every command and subcommand, found by walking
    the click group (a new command is covered without editing this file);
-4. the unit tier: ``pytest -m "not lab and not qemu"`` (no QEMU, no lab guest).
+4. the unit tier: ``pytest -m "not lab and not qemu"`` (no QEMU, no lab guest),
+   less the tests of external programs named in ``UNIT_TIER_IGNORE`` and
+   ``UNIT_TIER_DESELECT`` (each with the reason it is left out).
 
 Exit 0 when all pass, 1 when any fails, 2 on bad input (e.g. a dependency
 without a ``>=`` floor).  ``--floor NAME=VERSION`` tries another floor without
@@ -60,9 +62,33 @@ UNIT_TIER_TOOLS = (
     "mypy",  # tests/vms/test_contract.py runs it on a probe of the VmBackend contract
 )
 
-#: Test modules that import a test tool the unit tier does not install at
-#: module level, although every test in them is marked ``qemu``.
-UNIT_TIER_IGNORE = ("tests/web",)  # playwright
+#: What the unit tier leaves out, and why.  This tier proves the declared
+#: floors of vmplug's *Python* dependencies; a test that mainly proves an
+#: external program (systemd, a shell's line editor, Podman) gains nothing
+#: from a floor pin, and re-running it here only makes CI slower.  Those
+#: tests run in the full suite (scripts/test.sh's pytest step) with .venv.
+UNIT_TIER_IGNORE: dict[str, str] = {
+    # imports playwright at module level (not a unit-tier tool), although
+    # every test in it is marked ``qemu``
+    "tests/web": "playwright",
+    # boots a generated unit under systemd-nspawn (a whole systemd in a
+    # container, ~1 min per test on a loaded 2-core machine): proves systemd
+    # runs the unit, not a Python floor; test_unit_text.py covers the unit text
+    "tests/systemd/test_unit_under_systemd.py": "systemd-nspawn boots",
+    # starts real Podman API services (rootless and rootful): proves Podman,
+    # not a Python floor; the doctor's Python paths run in the other
+    # tests/doctor modules
+    "tests/doctor/test_rootless_podman.py": "Podman API services",
+}
+
+#: Single tests left out: shell completion typed into an interactive bash
+#: and zsh on a pseudo-terminal proves readline / ZLE.  The click completion
+#: code they go through is still proved at the floor by the other
+#: tests/unit/test_completion.py tests (bash's completion function, fish).
+UNIT_TIER_DESELECT: dict[str, str] = {
+    "tests/unit/test_completion.py::test_bash_readline_tab": "bash readline on a pty",
+    "tests/unit/test_completion.py::test_zsh_tab": "zsh ZLE on a pty",
+}
 
 #: The unit tier: every test that needs neither QEMU nor the lab guest.
 UNIT_TIER_MARKERS = "not lab and not qemu"
@@ -337,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "-m",
                         UNIT_TIER_MARKERS,
                         *(f"--ignore={path}" for path in UNIT_TIER_IGNORE),
+                        *(f"--deselect={node}" for node in UNIT_TIER_DESELECT),
                         *args.pytest_args,
                     ],
                     tail=True,
