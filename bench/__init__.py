@@ -1,1 +1,4 @@
-"""Benchmarks: each prints its figures and the ratio against the alternative (run as python -m bench.NAME)."""
+"""Benchmarks: each prints its figures and the ratio to its alternative.
+
+Run one as ``python -m bench.NAME``.
+"""
