@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import stat
 from collections.abc import Iterator
@@ -130,12 +131,29 @@ def _specs(ctx: DoctorContext) -> tuple[list[ContainerSpec], list[Finding]]:
     return specs, pre
 
 
+def _usb_device_nodes(spec: ContainerSpec, dev_root: str) -> list[str]:
+    """The USB device nodes among a container's ``devices:``, also those given
+    by a symlink (``/dev/focusrite_4i4`` from a udev rule: the engine resolves
+    it once, at container start, to the ``/dev/bus/usb`` node of that moment;
+    its inspect document keeps the name as given)."""
+    found: list[str] = []
+    for dev in spec.devices:
+        if dev.startswith("/dev/bus/usb"):
+            found.append(dev)
+        elif dev.startswith("/dev/"):
+            real = os.path.realpath(posixpath.join(dev_root, dev[len("/dev/") :]))
+            rel = os.path.relpath(real, os.path.realpath(dev_root))
+            if rel.startswith("bus/usb/"):
+                found.append(f"{dev} -> /dev/{rel}")
+    return found
+
+
 def check_devices(ctx: DoctorContext) -> Iterator[Finding]:
     """``/dev/bus/usb`` as ``devices:`` (made once at start) instead of a bind mount."""
     specs, pre = _specs(ctx)
     yield from pre
     for spec in specs:
-        as_devices = [d for d in spec.devices if d.startswith("/dev/bus/usb")]
+        as_devices = _usb_device_nodes(spec, str(ctx.dev_root))
         bind = _usb_bind(spec)
         if as_devices:
             yield _f(
