@@ -32,7 +32,7 @@ from vmplug_lab.guest import lab_unavailable_reason
 
 # The module fixture (guest boot, engine, image import: 4-9 min under TCG on a
 # loaded machine) counts toward the first test's timeout.
-pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.lab, pytest.mark.long_lab, pytest.mark.timeout(1800)]
 
 BOTH = sorted(PORTS.values())
 

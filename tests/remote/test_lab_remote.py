@@ -21,7 +21,7 @@ from tests.remote.labrig import AUDIO, KBD, REMOTES, STICK, RemoteLab
 from vmplug.vms.qmp import QmpVm
 from vmplug_lab.guest import lab_unavailable_reason
 
-pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.lab, pytest.mark.long_lab, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
