@@ -58,6 +58,7 @@ from typing import Any
 
 from tests.support.fakekernel import FakeKernel
 from tests.support.qemu_proc import QemuProcess
+from vmplug.host.inventory import read_devices
 from vmplug.vms.qmp import QmpVm
 
 VMPLUG = [sys.executable, "-m", "vmplug"]
@@ -80,6 +81,7 @@ class Soak:
     #: the healing ladder on (default off: the invariants are the reconciler's alone)
     heal: bool = False
     kernel: FakeKernel = field(init=False)
+    identities: set[str] = field(init=False)
     qemus: dict[str, QemuProcess] = field(default_factory=dict)
     daemon: subprocess.Popen[bytes] | None = None
     cycles: int = 0
@@ -99,6 +101,9 @@ class Soak:
 
     def __post_init__(self) -> None:
         self.kernel = FakeKernel(self.tmp, "mixed")
+        #: every identity a present device can have: an attach of any other is
+        #: a device read half-way through its removal (issue 19)
+        self.identities = {d.identity for d in read_devices(self.kernel.root)}
         self.sock = Path(tempfile.mkdtemp(prefix="vmplug-s", dir="/tmp"))
         self.mnt = self.tmp / "dbfs"
         self.mnt.mkdir()
@@ -250,6 +255,17 @@ class Soak:
             self.violations.append(f"journal: {len(doubled)} seqnums twice, e.g. {doubled[:5]}")
         if lost:
             self.violations.append(f"journal: {len(lost)} uevents lost, e.g. {lost[:5]}")
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            attached = con.execute(
+                "SELECT DISTINCT identity FROM journal "
+                "WHERE entry = 'action' AND kind = 'attach' AND result = 'ok'"
+            ).fetchall()
+        finally:
+            con.close()
+        phantoms = sorted(str(i) for (i,) in attached if i not in self.identities)
+        if phantoms:
+            self.violations.append(f"journal: attach of identities no device has: {phantoms[:5]}")
 
     # -- actions ------------------------------------------------------------------
 
