@@ -68,7 +68,11 @@ def capture_topology(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     with tarfile.open(tar) as tf:
-        tf.extractall(out, filter="tar")
+        # extraction filters came with Python 3.11.4; Debian 12 has 3.11.2 (our own archive)
+        if hasattr(tarfile, "tar_filter"):
+            tf.extractall(out, filter="tar")
+        else:  # pragma: no cover - Python < 3.11.4
+            tf.extractall(out)  # noqa: S202
     info: dict[str, object] = json.loads((out / "capture.json").read_text())
     return info
 
