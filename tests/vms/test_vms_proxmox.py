@@ -75,6 +75,11 @@ async def test_proxmox_vm_never_holds_the_socket(qemu: QemuFactory, run_dir: Pat
     sock = run_dir / "101.qmp"
     proc = qemu([*XHCI, "-qmp", f"unix:{sock},server=on,wait=off"], name="pve101")
     proc.start()
+    # start() waits for QEMU's own QMP socket; this second one may come a moment later
+    for _ in range(200):
+        if sock.exists():
+            break
+        await asyncio.sleep(0.025)
     assert list_vmids(run_dir) == [101]
     reasons: list[K] = []
     cfg = parse_config("[vm.pve]\nproxmox = 101\n")
