@@ -61,3 +61,15 @@ def test_exposure(tmp_path: Path) -> None:
     m = re.search(r"Overall exposure level for vmplug.service: ([\d.]+)", res.stdout + res.stderr)
     assert m, res.stdout + res.stderr
     assert float(m.group(1)) <= 3.0, res.stdout
+
+
+def test_a_vmplug_under_tmp_keeps_tmp(tmp_path: Path) -> None:
+    """PrivateTmp= would hide a vmplug (or a QMP socket) under /tmp: the unit keeps
+    the real /tmp there, and only there (a clone in /tmp, as CI makes, must run)."""
+    text = plan_systemd(_exe(tmp_path), sockets=["/srv/vm/qmp.sock"]).text()
+    assert str(tmp_path).startswith("/tmp/")
+    assert _lines(text, "PrivateTmp") == ["no"]
+    text = plan_systemd("/usr/bin/vmplug", sockets=["/tmp/vm/qmp.sock"]).text()
+    assert _lines(text, "PrivateTmp") == ["no"]
+    text = plan_systemd("/usr/bin/vmplug", sockets=["/srv/vm/qmp.sock"]).text()
+    assert _lines(text, "PrivateTmp") == ["yes"]

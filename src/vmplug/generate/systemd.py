@@ -78,6 +78,8 @@ def exec_quote(word: str) -> str:
 
 #: the places that hold a user's files: ProtectHome= hides them
 HOME_DIRS = ("/home", "/root", "/run/user")
+#: the shared temporary directories: PrivateTmp= gives the unit empty ones
+TMP_DIRS = ("/tmp", "/var/tmp")
 #: the directories systemd makes for the unit (RuntimeDirectory=, StateDirectory=)
 OWN_DIRS = ("/run/vmplug", "/var/lib/vmplug")
 
@@ -120,6 +122,15 @@ class SystemdPlan:
         dirs = (*self.socket_dirs, *self.program_dirs)
         if any(_under(d, h) for d in dirs for h in HOME_DIRS):
             return "read-only"
+        return "yes"
+
+    @property
+    def private_tmp(self) -> str:
+        """``yes``, or ``no`` when a VM's socket, vmplug or its Python lives under
+        /tmp or /var/tmp (PrivateTmp= would hide it: the daemon could not start)."""
+        dirs = (*self.socket_dirs, *self.program_dirs)
+        if any(_under(d, t) for d in dirs for t in TMP_DIRS):
+            return "no"
         return "yes"
 
     def rw_paths(self) -> list[str]:
@@ -179,7 +190,7 @@ class SystemdPlan:
             f"ReadWritePaths={' '.join(self.rw_paths())}\n"
             f"{home_note}"
             f"ProtectHome={self.protect_home}\n"
-            "PrivateTmp=yes\n"
+            f"PrivateTmp={self.private_tmp}\n"
             "# USB device nodes (given to QEMU, reset), the kernel log (port errors)\n"
             "DevicePolicy=closed\n"
             "DeviceAllow=char-usb_device rw\n"
