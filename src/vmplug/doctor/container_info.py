@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from vmplug.vms.container import mount_path
 from vmplug.wire._sync import run_sync
 from vmplug.wire.engine import Engine
 from vmplug.wire.errors import EngineError
@@ -105,11 +106,7 @@ def qmp_socket(spec: ContainerSpec) -> tuple[str, str] | None:
 
 def host_path(spec: ContainerSpec, path: str) -> str | None:
     """Where a container path is on the host, through the longest bind mount over it."""
-    for src, dst in sorted(spec.binds, key=lambda b: -len(b[1])):
-        d = dst.rstrip("/")
-        if path == d or path.startswith(d + "/"):
-            return src.rstrip("/") + path[len(d) :]
-    return None
+    return mount_path(spec.binds, path)
 
 
 # ---------------------------------------------------------------- inspect documents

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import posixpath
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,26 +116,35 @@ def qmp_paths_in_container(doc: Mapping[str, Any]) -> list[str]:
     return paths
 
 
-def host_path(doc: Mapping[str, Any], inside: str) -> str | None:
-    """The host path of a container path, through its bind mounts and volumes
-    (the mount with the longest matching destination); None when it is not on
-    a mount (then only the container sees it)."""
+def mount_path(mounts: Iterable[tuple[str, str]], inside: str) -> str | None:
+    """The host path of a container path through ``(source, destination)`` mounts
+    (the one with the longest matching destination); None when it is not on one
+    (then only the container sees it)."""
     best: tuple[int, str] | None = None
     inside = posixpath.normpath(inside)
-    for mount in doc.get("Mounts") or []:
-        if not isinstance(mount, dict):
+    for source, destination in mounts:
+        if not source:
             continue
-        dest = mount.get("Destination")
-        source = mount.get("Source")
-        if not isinstance(dest, str) or not isinstance(source, str) or not source:
-            continue
-        dest = posixpath.normpath(dest)
+        dest = posixpath.normpath(destination)
         if inside == dest or inside.startswith(dest.rstrip("/") + "/"):
             rest = posixpath.relpath(inside, dest)
             mapped = source if rest == "." else posixpath.join(source, rest)
             if best is None or len(dest) > best[0]:
                 best = (len(dest), mapped)
     return best[1] if best else None
+
+
+def host_path(doc: Mapping[str, Any], inside: str) -> str | None:
+    """The host path of a container path, through an inspect document's bind
+    mounts and volumes (see :func:`mount_path`)."""
+    mounts = [
+        (m["Source"], m["Destination"])
+        for m in doc.get("Mounts") or []
+        if isinstance(m, dict)
+        and isinstance(m.get("Source"), str)
+        and isinstance(m.get("Destination"), str)
+    ]
+    return mount_path(mounts, inside)
 
 
 @dataclass(frozen=True, slots=True)
