@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.chroot import in_chroot
 from vmplug.doctor.container import check_rootless_podman
 from vmplug.doctor.container_info import engine_info
 from vmplug.doctor.context import DoctorContext
@@ -28,10 +29,13 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "tests" / "fixtures" / "doctor" / "compose"
 NOBODY = 65534
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("podman") is None or shutil.which("setpriv") is None or os.geteuid() != 0,
-    reason="needs Debian's podman, setpriv, and root (to run one service as nobody)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("podman") is None or shutil.which("setpriv") is None or os.geteuid() != 0,
+        reason="needs Debian's podman, setpriv, and root (to run one service as nobody)",
+    ),
+    pytest.mark.skipif(in_chroot(), reason="Podman's service does not come up inside a chroot"),
+]
 
 Start = Callable[[bool], Path]
 

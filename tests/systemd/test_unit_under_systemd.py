@@ -32,7 +32,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.chroot import in_chroot
 from vmplug.generate.systemd import plan_systemd
+
+pytestmark = pytest.mark.skipif(
+    in_chroot(), reason="systemd-nspawn cannot boot a container from inside a chroot"
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 WATCHDOG_SEC = 3
