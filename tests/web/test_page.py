@@ -7,48 +7,19 @@ QEMU itself over QMP.  Screenshots go to pytest's tmp dir and test-artifacts/.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser
 
 from tests.support.apirig import TOKEN, ApiRig
-from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS, keep
+from tests.web.conftest import card, keep, open_page
 from vmplug.api.security import Sessions
 
 pytestmark = pytest.mark.qemu
 
 KBD = "2-2.4.2"
 TABLET = "1-3"
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-async def open_page(browser: Browser, rig: ApiRig, **context: Any) -> tuple[Page, list[str]]:
-    ctx = await browser.new_context(**context)
-    page = await ctx.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    # the token buys a session cookie once; the address bar keeps no token
-    await page.goto(f"{rig.base}/?token={TOKEN}")
-    assert page.url == f"{rig.base}/"
-    await page.wait_for_selector("#live[data-state=live]", timeout=15000)
-    return page, errors
-
-
-def card(vm: str, port: str) -> str:
-    return f'section.vm[data-vm="{vm}"] li.card[data-port="{port}"]'
 
 
 async def test_tree_click_attach_and_live_unplug(

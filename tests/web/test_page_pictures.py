@@ -13,15 +13,14 @@ test-artifacts/ (git-ignored).
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page
 
-from tests.support.apirig import FIXTURES, TOKEN, ApiRig
-from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.support.apirig import FIXTURES, ApiRig
+from tests.web.conftest import card, open_page
 from vmplug.textsafe import printable
 
 pytestmark = pytest.mark.qemu
@@ -39,31 +38,6 @@ HOSTILE_PRODUCT = (
     "\r\nFAKE 9-9 row\x07\u202eevil\u200b\u2028\U000e0041\\x1b"
 )
 HOSTILE_SERIAL = "S1\n\x1b]0;title\x07<b>bold</b>"
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-async def open_page(browser: Browser, rig: ApiRig, **context: Any) -> tuple[Page, list[str]]:
-    ctx = await browser.new_context(**context)
-    page = await ctx.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    await page.goto(f"{rig.base}/?token={TOKEN}")
-    await page.wait_for_selector("#live[data-state=live]", timeout=15000)
-    return page, errors
-
-
-def card(vm: str, port: str) -> str:
-    return f'section.vm[data-vm="{vm}"] li.card[data-port="{port}"]'
 
 
 async def select(page: Page, port: str) -> None:
