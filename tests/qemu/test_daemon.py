@@ -14,55 +14,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.support.fakekernel import FakeKernel, until
-from tests.support.qemu_proc import QemuProcess
+from tests.support.qemurig import QemuRig
 from vmplug.config import parse_config
 from vmplug.daemon.reconciler import Daemon
 from vmplug.engine.desired import Attachment
 from vmplug.history.store import Store
 from vmplug.host.events import ReplayEventSource
-from vmplug.vms.qmp import QmpVm
 
 pytestmark = pytest.mark.qemu
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "sysfs"
 
 
-class Rig:
+class Rig(QemuRig):
     """Kernel, VMs and daemons of one test; everything stopped at teardown."""
 
     def __init__(self, tmp: Path, capture: str) -> None:
-        self.tmp = tmp
+        super().__init__(tmp, "vmplug-d")
         self.kernel = FakeKernel(tmp, capture)
-        self.qemus: dict[str, QemuProcess] = {}
-        # one short directory for every socket: a VM made again keeps its paths
-        self.sock_dir = Path(tempfile.mkdtemp(prefix="vmplug-d", dir="/tmp"))
         self.daemons: list[Daemon] = []
         self.stores: list[Store] = []
-        self.observers: dict[str, QmpVm] = {}
-        self.config_path = tmp / "vmplug.toml"
-
-    def qemu(self, name: str, usb: bool = True) -> QemuProcess:
-        if name not in self.qemus:
-            self.qemus[name] = QemuProcess(
-                self.tmp,
-                ["-device", "qemu-xhci,id=xhci"] if usb else [],
-                qmp_sockets=2,
-                name=name,
-                sock_dir=self.sock_dir,
-            )
-        return self.qemus[name]
 
     def write_config(self, rules: str, vms: tuple[str, ...] = ("a", "b")) -> None:
-        text = "".join(f'[vm.{n}]\nqmp = "{self.qemu(n).qmp_paths[0]}"\n\n' for n in vms)
-        self.config_path.write_text(text + rules)
+        self.config_path.write_text(self.vm_tables(vms) + rules)
 
     async def up(self, rules: str | None = None) -> Daemon:
         """Config, both VMs running, and a daemon started on them."""
@@ -90,33 +70,13 @@ class Rig:
         await d.stop()
         self.daemons.remove(d)
 
-    async def held(self, vm: str) -> dict[str, Any]:
-        """What QEMU really holds, read through the test's own QMP socket."""
-        q = self.qemus[vm]
-        if not q.alive:
-            return {}
-        if vm not in self.observers:
-            self.observers[vm] = QmpVm(f"obs-{vm}", str(q.qmp_paths[1]), shared=True)
-            await self.observers[vm].start()
-        try:
-            return dict(await self.observers[vm].observe())
-        except Exception:
-            return {}
-
-    async def ports(self, vm: str) -> set[str]:
-        return {f"{o.hostbus}-{o.hostport}" for o in (await self.held(vm)).values()}
-
     async def close(self) -> None:
         for d in list(self.daemons):
             await d.stop()
-        for obs in self.observers.values():
-            await obs.stop()
         for s in self.stores:
             s.close()
-        for q in self.qemus.values():
-            q.cleanup()
+        await self.close_vms()
         self.kernel.close()
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,20 +12,16 @@ Used by tests/api, tests/web and bench/bench_api.py.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from tests.support.fakekernel import FIXTURES, FakeKernel, until
-from tests.support.qemu_proc import QemuProcess
+from tests.support.qemurig import QemuRig
 from vmplug.api.limits import Limits
 from vmplug.api.server import Api
 from vmplug.config import parse_config
 from vmplug.daemon.reconciler import Daemon
 from vmplug.history.store import Store
 from vmplug.host.events import ReplayEventSource
-from vmplug.vms.qmp import QmpVm
 
 TOKEN = "test-token-0123456789abcdef"
 __all__ = ["FIXTURES", "TOKEN", "ApiRig", "FakeKernel", "until"]
@@ -37,19 +33,15 @@ match = 'via-port "2-2.4.2"'
 """
 
 
-class ApiRig:
+class ApiRig(QemuRig):
     """Kernel, VMs, daemon and API of one test; :meth:`close` stops everything."""
 
     def __init__(
         self, tmp: Path, *, sysfs_root: Path | None = None, limits: Limits | None = None
     ) -> None:
-        self.tmp = tmp
+        super().__init__(tmp, "vmplug-api")
         self.limits = limits
         self.kernel = FakeKernel(tmp, root=sysfs_root)
-        self.sock_dir = Path(tempfile.mkdtemp(prefix="vmplug-api", dir="/tmp"))
-        self.qemus: dict[str, QemuProcess] = {}
-        self.observers: dict[str, QmpVm] = {}
-        self.config_path = tmp / "vmplug.toml"
         self.socket = self.sock_dir / "api.sock"
         self.daemon: Daemon | None = None
         self.store: Store | None = None
@@ -60,23 +52,10 @@ class ApiRig:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def qemu(self, name: str, usb: bool = True) -> QemuProcess:
-        """QEMU ``name``; ``usb=False``: no USB controller, so every attach fails."""
-        if name not in self.qemus:
-            self.qemus[name] = QemuProcess(
-                self.tmp,
-                ["-device", "qemu-xhci,id=xhci"] if usb else [],
-                qmp_sockets=2,
-                name=name,
-                sock_dir=self.sock_dir,
-            )
-        return self.qemus[name]
-
     async def up(
         self, rules: str = RULES, vms: tuple[str, ...] = ("a", "b"), group: str | None = None
     ) -> Daemon:
-        text = "".join(f'[vm.{n}]\nqmp = "{self.qemu(n).qmp_paths[0]}"\n\n' for n in vms)
-        self.config_path.write_text(text + rules)
+        self.config_path.write_text(self.vm_tables(vms) + rules)
         for n in vms:
             self.qemu(n).start()
         config = parse_config(self.config_path.read_text(), self.config_path)
@@ -94,22 +73,6 @@ class ApiRig:
         await self.daemon.start()
         return self.daemon
 
-    async def held(self, vm: str) -> dict[str, Any]:
-        """What QEMU really holds, read through the test's own QMP socket."""
-        q = self.qemus[vm]
-        if not q.alive:
-            return {}
-        if vm not in self.observers:
-            self.observers[vm] = QmpVm(f"obs-{vm}", str(q.qmp_paths[1]), shared=True)
-            await self.observers[vm].start()
-        try:
-            return dict(await self.observers[vm].observe())
-        except Exception:
-            return {}
-
-    async def ports(self, vm: str) -> set[str]:
-        return {f"{o.hostbus}-{o.hostport}" for o in (await self.held(vm)).values()}
-
     async def wait_ports(self, vm: str, want: set[str], timeout: float = 20.0) -> None:
         async def check() -> bool:
             return await self.ports(vm) == want
@@ -121,11 +84,7 @@ class ApiRig:
             await self.api.stop()
         if self.daemon is not None:
             await self.daemon.stop()
-        for obs in self.observers.values():
-            await obs.stop()
         if self.store is not None:
             self.store.close()
-        for q in self.qemus.values():
-            q.cleanup()
+        await self.close_vms()
         self.kernel.close()
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
