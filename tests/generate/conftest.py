@@ -6,11 +6,9 @@ the test fails.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +19,8 @@ from typing import Any
 import pytest
 
 from tests.support.vmrig import Libvirt, private_libvirtd
+from vmplug.wire.errors import CommandError
+from vmplug.wire.qmp import SyncQmp
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "generate"
 QEMU = shutil.which("qemu-system-x86_64")
@@ -54,59 +54,23 @@ def golden() -> Callable[[str, str], None]:
 
 
 class Qmp:
-    """A minimal synchronous QMP client (one command at a time, events skipped)."""
+    """The tests' blocking QMP session: :class:`vmplug.wire.qmp.SyncQmp` with
+    keyword arguments, an error reply raised as :class:`RuntimeError`."""
 
     def __init__(self, path: Path, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.settimeout(timeout)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.file = self.sock.makefile("rwb")
-        greeting = self._read()
-        assert "QMP" in greeting
-        self.cmd("qmp_capabilities")
-
-    def _read(self) -> dict[str, Any]:
-        line = self.file.readline()
-        if not line:
-            raise ConnectionError("QMP closed")
-        data: dict[str, Any] = json.loads(line)
-        return data
+        self._session = SyncQmp(path, timeout=timeout, name="generate-test")
 
     def cmd(self, name: str, **arguments: Any) -> Any:
-        msg: dict[str, Any] = {"execute": name}
-        if arguments:
-            msg["arguments"] = arguments
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise RuntimeError(f"{name}: {reply['error']}")
-            return reply["return"]
-
-    def try_cmd(self, name: str, **arguments: Any) -> tuple[bool, Any]:
         try:
-            return True, self.cmd(name, **arguments)
-        except RuntimeError as exc:
-            return False, str(exc)
+            return self._session.execute(name, arguments or None)
+        except CommandError as exc:
+            raise RuntimeError(f"{name}: {exc}") from exc
 
     def qom_get(self, path: str, prop: str) -> Any:
         return self.cmd("qom-get", path=path, property=prop)
 
     def close(self) -> None:
-        self.file.close()
-        self.sock.close()
+        self._session.close()
 
 
 @dataclass
