@@ -10,6 +10,7 @@ add one and install the agent.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ from vmplug.doctor.windows import (
     usb_ids,
 )
 from vmplug.wire.errors import AgentError
-from vmplug.wire.qga import GuestAgent
+from vmplug.wire.qga import GuestAgent, commands
 
 LAYER = "guest"
 
@@ -109,19 +110,157 @@ def check_guest(ctx: DoctorContext) -> Iterator[Finding]:
             )
             continue
         with agent:
-            info = agent.info()
+            try:
+                agent.ping()
+                info = agent.info()
+            except AgentError as exc:
+                yield _f(
+                    "guest.agent",
+                    Severity.WARNING,
+                    "the guest agent connected but does not answer guest-ping/guest-info",
+                    vm,
+                    evidence=(f"{path}: {exc}",),
+                    fix=INSTALL_AGENT,
+                )
+                continue
             osinfo = agent.osinfo()
-            os_id = str(osinfo.get("id", ""))
-            os_name = osinfo.get("pretty-name") or osinfo.get("name") or os_id or "?"
-            evidence = (
-                f"{path}: qemu-ga {info.get('version', '?')}",
-                f"guest-get-osinfo: {os_name} {osinfo.get('kernel-release', '')}".rstrip(),
-            )
-            yield _f("guest.agent", Severity.OK, "guest agent answers", vm, evidence=evidence)
-            if os_id == "mswindows":
-                yield from _windows(agent, vm)
-            else:
+            health = agent_findings(vm, path, info, osinfo)
+            yield from health
+            if any(f.severity >= Severity.ERROR for f in health):
+                continue
+            usable = set(_enabled(info))
+            if str(osinfo.get("id", "")) == "mswindows":
+                if {"guest-exec", "guest-exec-status"} <= usable:
+                    yield from _windows(agent, vm)
+            elif {"guest-file-open", "guest-file-read"} <= usable:
                 yield from _linux(ctx, agent, vm, inst)
+
+
+# ---------------------------------------------------------------- the agent's own health
+
+#: What vmplug's guest checks call, and what for.
+NEEDED_COMMANDS: dict[str, str] = {
+    "guest-sync": "make the channel ours (every client needs it)",
+    "guest-ping": "the agent's liveness",
+    "guest-info": "the agent's version and commands",
+    "guest-get-osinfo": "tell a Windows guest from a Linux one",
+    "guest-file-open": "read a Linux guest's /sys/bus/usb",
+    "guest-file-read": "read a Linux guest's /sys/bus/usb",
+    "guest-file-close": "read a Linux guest's /sys/bus/usb",
+    "guest-exec": "run Get-PnpDevice, Get-Service and powercfg in a Windows guest",
+    "guest-exec-status": "collect what guest-exec ran",
+}
+#: guest-get-osinfo came with QEMU 2.10; guest-exec with 2.5.
+MIN_VERSION = (2, 10)
+
+
+def _enabled(info: dict[str, Any]) -> list[str]:
+    return [name for name, on in commands(info).items() if on]
+
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """``7.2.22`` / ``100.0.0`` (virtio-win's builds) -> a tuple; None when unreadable."""
+    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return tuple(int(g) for g in m.groups() if g is not None) if m else None
+
+
+def unblock_fix(os_id: str, blocked: Sequence[str]) -> str:
+    """How to enable ``blocked`` again in the guest, for its kind of OS."""
+    names = ",".join(blocked)
+    if os_id == "mswindows":
+        return (
+            "in the guest (admin PowerShell): the QEMU-GA service's command line blocks them\n"
+            "  (Get-ItemProperty HKLM:\\SYSTEM\\CurrentControlSet\\Services\\QEMU-GA).ImagePath\n"
+            f"  remove {names} from its -b/--block-rpcs (or --blacklist) list, or add them to\n"
+            "  --allow-rpcs, with Set-ItemProperty ... -Name ImagePath -Value '<the new line>';\n"
+            "  check block-rpcs= in qemu-ga.conf next to qemu-ga.exe, then\n"
+            "  Restart-Service QEMU-GA"
+        )
+    return (
+        "in the guest: the agent runs with these commands blocked; find where\n"
+        "  ps -o args= -C qemu-ga        (look for -b/--block-rpcs, --blacklist, --allow-rpcs)\n"
+        "  Fedora/RHEL: /etc/sysconfig/qemu-ga   BLACKLIST_RPC= / FILTER_RPC_ARGS=\n"
+        "  any distribution: /etc/qemu/qemu-ga.conf   block-rpcs= (blacklist= before 8.1)\n"
+        f"remove {names} there (or add them to --allow-rpcs), then\n"
+        "  systemctl restart qemu-guest-agent"
+    )
+
+
+def agent_findings(
+    vm: str, path: str, info: dict[str, Any], osinfo: dict[str, Any]
+) -> list[Finding]:
+    """The agent's health from its own answers (``guest-info``, ``guest-get-osinfo``):
+    version, and which of the commands vmplug needs are missing or disabled."""
+    out: list[Finding] = []
+    version = str(info.get("version", "?"))
+    os_id = str(osinfo.get("id", ""))
+    os_name = osinfo.get("pretty-name") or osinfo.get("name") or os_id or "?"
+    cmds = commands(info)
+    evidence = (
+        f"{path}: guest-ping answered; guest-info: qemu-ga {version}, "
+        f"{sum(cmds.values())} of {len(cmds)} commands enabled",
+        f"guest-get-osinfo: {os_name} {osinfo.get('kernel-release', '')}".rstrip()
+        if osinfo
+        else "guest-get-osinfo: no answer",
+    )
+    out.append(_f("guest.agent", Severity.OK, "guest agent answers", vm, evidence=evidence))
+    parsed = parse_version(version)
+    if parsed is not None and parsed < MIN_VERSION:
+        out.append(
+            _f(
+                "guest.agent-version",
+                Severity.WARNING,
+                f"qemu-ga {version} is older than {'.'.join(map(str, MIN_VERSION))}: "
+                "it has no guest-get-osinfo, so the doctor cannot tell the guest's OS",
+                vm,
+                evidence=(f"guest-info: version {version}",),
+                fix="update the agent in the guest: Windows: the virtio-win guest tools "
+                "(qemu-ga-x86_64.msi); Linux: the distribution's qemu-guest-agent package",
+            )
+        )
+    relevant = ["guest-sync", "guest-ping", "guest-info", "guest-get-osinfo"]
+    relevant += (
+        ["guest-exec", "guest-exec-status"]
+        if os_id == "mswindows"
+        else ["guest-file-open", "guest-file-read", "guest-file-close"]
+    )
+    missing = [c for c in relevant if c not in cmds]
+    blocked = [c for c in relevant if cmds.get(c) is False]
+    if blocked:
+        out.append(
+            _f(
+                "guest.agent-commands",
+                Severity.WARNING,
+                "the guest agent has commands vmplug needs disabled: "
+                + ", ".join(f"{c} ({NEEDED_COMMANDS[c]})" for c in blocked),
+                vm,
+                evidence=tuple(f"guest-info: {c} enabled=false" for c in blocked),
+                fix=unblock_fix(os_id, blocked),
+            )
+        )
+    if missing and cmds:
+        out.append(
+            _f(
+                "guest.agent-commands",
+                Severity.WARNING,
+                f"qemu-ga {version} does not have " + ", ".join(missing),
+                vm,
+                evidence=tuple(f"guest-info: no {c} in supported_commands" for c in missing),
+                fix="update the agent in the guest (virtio-win guest tools; qemu-guest-agent)",
+            )
+        )
+    if not blocked and not (missing and cmds):
+        needed = [c for c in relevant if c in cmds]
+        out.append(
+            _f(
+                "guest.agent-commands",
+                Severity.OK,
+                "every agent command vmplug uses is enabled",
+                vm,
+                evidence=(f"guest-info: enabled {', '.join(needed)}",),
+            )
+        )
+    return out
 
 
 def _linux(

@@ -187,6 +187,17 @@ async def guest_exec(
     return ExecResult(rc, out, err)
 
 
+def commands(info: Mapping[str, Any]) -> dict[str, bool]:
+    """``guest-info``'s ``supported_commands``: name -> ``enabled`` (False when the
+    agent was started with ``-b``/``--block-rpcs`` (``--blacklist`` before QEMU 8.1),
+    or not in ``--allow-rpcs``, or its config file's ``block-rpcs``)."""
+    out: dict[str, bool] = {}
+    for item in info.get("supported_commands", []) or []:
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            out[item["name"]] = bool(item.get("enabled", True))
+    return out
+
+
 class GuestAgent:
     """A blocking connection to ``qemu-ga``; use as a context manager.
 
@@ -260,9 +271,11 @@ class GuestAgent:
         return dict(self.execute("guest-info"))
 
     def supported(self) -> set[str]:
-        return {
-            c["name"] for c in self.info().get("supported_commands", []) if c.get("enabled", True)
-        }
+        return {name for name, enabled in commands(self.info()).items() if enabled}
+
+    def ping(self) -> None:
+        """``guest-ping``: returns when the agent answers (raises otherwise)."""
+        self.execute("guest-ping")
 
     def osinfo(self) -> dict[str, Any]:
         try:
@@ -313,6 +326,7 @@ __all__ = [
     "AgentClient",
     "ExecResult",
     "GuestAgent",
+    "commands",
     "guest_exec",
     "guest_sync",
     "open_agent",
