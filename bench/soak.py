@@ -22,7 +22,11 @@ random intervals (5-200 ms):
   (uevents while it is dead are lost, as the kernel's would be);
 * ``sigstop``: a QEMU stopped (SIGSTOP) for 2-4 s while a device is replugged;
 * ``overflow``: a burst of 40 unplug/replug uevents and an ENOBUFS marker;
-* ``disk-full``: the journal's file system filled for 3 s while devices move.
+* ``disk-full``: the journal's file system filled for 3 s while devices move;
+* ``slow-setup``: a device announced (``add``) before the kernel has made its
+  ``port`` link, the link made 20-300 ms later (``bind``): the daemon reads it
+  "in flux" and again later (the soak's first finding: that re-read journaled
+  the add's seqnum a second time).
 
 After each fault, the invariants, polled until they hold (recovery time) or
 ``--settle`` s pass (a violation): every present routed device is held exactly
@@ -63,7 +67,7 @@ from vmplug.vms.qmp import QmpVm
 
 VMPLUG = [sys.executable, "-m", "vmplug"]
 ROUTES = {"2-2.4.2": "a", "1-3": "b"}
-FAULTS = ("cycle", "vm-kill", "daemon-kill", "sigstop", "overflow", "disk-full")
+FAULTS = ("cycle", "vm-kill", "daemon-kill", "sigstop", "overflow", "disk-full", "slow-setup")
 
 
 def _pct(xs: list[float], p: float) -> float | None:
@@ -326,6 +330,18 @@ class Soak:
             for _ in range(20):
                 self.replug(self.rng.choice(list(ROUTES)))
             self.kernel.overflow()
+        elif kind == "slow-setup":
+            if self.plugged[port]:
+                self.kernel.unplug(port)
+                self._expect()
+                self.plugged[port] = False
+            self.devnum = self.devnum % 120 + 1
+            self.kernel.plug_setting_up(port, devnum=self.devnum + 1)
+            self._expect()  # the add
+            await asyncio.sleep(self.rng.uniform(0.02, 0.3))
+            self.kernel.finish_setup(port)
+            self.plugged[port] = True
+            self.cycles += 1
         elif kind == "disk-full":
             filler = self.mnt / "filler"
             self.recording = False  # what comes now may not reach the disk

@@ -36,7 +36,8 @@ class FakeKernel:
         os.mkfifo(self.fifo)
         self._fd = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
         self.seq = 1000
-        self.where: dict[str, Path] = {}  # port -> device dir while plugged
+        self.where: dict[str, Path] = {}  # port -> device dir while unplugged
+        self._held_links: dict[str, str] = {}  # port -> its "port" link, while setting up
 
     def close(self) -> None:
         os.close(self._fd)
@@ -69,7 +70,7 @@ class FakeKernel:
         self._send("unbind", real, uevent)
         self._send("remove", real, uevent)
 
-    def plug(self, port: str, devnum: int | None = None) -> None:
+    def plug(self, port: str, devnum: int | None = None, *, announce: bool = True) -> None:
         real = self.where.pop(port)
         shutil.move(self.stash / port, real)
         if devnum is not None:
@@ -78,9 +79,28 @@ class FakeKernel:
             text = [f"DEVNUM={devnum:03d}" if t.startswith("DEVNUM=") else t for t in text]
             (real / "uevent").write_text("\n".join(text) + "\n")
         (self._links() / port).symlink_to(os.path.relpath(real, self._links()))
-        uevent = (real / "uevent").read_text()
-        self._send("add", real, uevent)
-        self._send("bind", real, uevent)
+        if announce:
+            uevent = (real / "uevent").read_text()
+            self._send("add", real, uevent)
+            self._send("bind", real, uevent)
+
+    def plug_setting_up(self, port: str, devnum: int | None = None) -> int:
+        """Plug as the kernel is still setting the device up: its ``add`` is sent
+        while its ``port`` link (the kernel makes it last, after the probe) is
+        not there yet, so a read of the device then is "in flux".  Returns the
+        add's seqnum; :meth:`finish_setup` makes the link and sends ``bind``."""
+        real = self.where[port]  # unplugged before
+        self.plug(port, devnum=devnum, announce=False)
+        link = real / "port"
+        self._held_links[port] = str(link.readlink())
+        link.unlink()
+        self._send("add", real, (real / "uevent").read_text())
+        return self.seq
+
+    def finish_setup(self, port: str) -> None:
+        real = self.devdir(port)
+        (real / "port").symlink_to(self._held_links.pop(port))
+        self._send("bind", real, (real / "uevent").read_text())
 
     def overflow(self) -> None:
         os.write(self._fd, b'{"OVERFLOW": "1"}\n')

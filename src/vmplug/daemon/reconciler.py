@@ -335,7 +335,9 @@ class Daemon:
             return
         self._unsettled[event.port] = tries
         log.info("device %s: changing while read (removed or set up); reading again", event.port)
-        again = dataclasses.replace(event, action="bind")
+        # a re-read is no uevent: an "add" journaled its seqnum already (once)
+        seqnum = None if event.action == "add" else event.seqnum
+        again = dataclasses.replace(event, action="bind", seqnum=seqnum)
         with contextlib.suppress(RuntimeError):  # no loop: a direct call, nothing to come back to
             loop = asyncio.get_running_loop()
             loop.call_later(UNSETTLED_FIRST * 2 ** (tries - 1), self.on_host_event, again)
