@@ -210,6 +210,9 @@ class UsbDevice:
     #: False when another present device has the same vid:pid and serial
     #: (cheap devices often share one): then the port tells them apart.
     serial_unique: bool = True
+    #: the device host it is plugged into (``[host.NAME]``, reached over
+    #: usbredir); None: this host
+    host: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -264,12 +267,15 @@ class UsbDevice:
         """What survives a replug: vid:pid + serial, else vid:pid + port path.
 
         A serial shared by two present devices with the same vid:pid is no
-        identity: both fall back to their port paths.
+        identity: both fall back to their port paths.  A remote device's
+        identity ends in ``@HOST``: the same stick on two device hosts is two
+        devices.
         """
         vidpid = self.vidpid or "????:????"
+        where = "" if self.host is None else f"@{self.host}"
         if self.serial and self.serial_unique:
-            return f"{vidpid}/serial={self.serial}"
-        return f"{vidpid}/port={self.port}"
+            return f"{vidpid}/serial={self.serial}{where}"
+        return f"{vidpid}/port={self.port}{where}"
 
     @property
     def qemu_id(self) -> str:
@@ -333,6 +339,7 @@ class UsbDevice:
             "interfaces": [i.to_json(speed) for i in self.interfaces],
             "identity": self.identity,
             "qemu_id": self.qemu_id,
+            "host": self.host,
             "vm": None,
             "warnings": list(self.warnings),
         }

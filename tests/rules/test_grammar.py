@@ -110,7 +110,7 @@ def test_render() -> None:
         parse_rule('name "x" vendor 1235')
     assert info.value.render() == (
         "<rule>:1:10: error: unknown attribute 'vendor': expected an attribute: id, serial, "
-        "name, hash, parent-hash, via-port, with-interface, with-connect-type, label\n"
+        "name, hash, parent-hash, via-port, via-host, with-interface, with-connect-type, label\n"
         'name "x" vendor 1235\n'
         "         ^^^^^^"
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.support.devices import DEVICES
@@ -195,3 +197,32 @@ def test_rule_value_semantics() -> None:
     assert parse_rule("id 1235:821A").attributes == a.attributes
     assert parse_rule("1235:821a").to_text() == "id 1235:821a"
     assert {a, Rule("id 1235:821a")} == {a}
+
+
+# A remote device is the same capture with its device host set (what the VM
+# host's inventory makes of a device host's export list).
+REMOTE_SCARLETT = dataclasses.replace(SCARLETT, host="studio")
+
+
+@pytest.mark.parametrize(
+    ("rule", "local", "remote"),
+    [
+        ('via-host "studio"', False, True),
+        ('via-host "other"', False, False),
+        ('via-host ""', True, False),  # a device of this host has no device host
+        ('via-host one-of { "a" "studio" }', False, True),
+        ('via-host none-of { "studio" }', True, False),
+        ('id 1235:821a via-host "studio"', False, True),
+        ("id 1235:821a", True, True),  # a rule without via-host takes either
+    ],
+)
+def test_via_host(rule: str, local: bool, remote: bool) -> None:
+    r = parse_rule(rule)
+    assert (r.matches(SCARLETT), r.matches(REMOTE_SCARLETT)) == (local, remote)
+
+
+def test_remote_identity_names_its_host() -> None:
+    assert REMOTE_SCARLETT.identity == SCARLETT.identity + "@studio"
+    assert REMOTE_SCARLETT.qemu_id != SCARLETT.qemu_id
+    assert REMOTE_SCARLETT.to_json()["host"] == "studio"
+    assert SCARLETT.to_json()["host"] is None

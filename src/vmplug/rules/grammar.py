@@ -5,7 +5,7 @@ the target (allow/block/reject) lives in vmplug's config, not in the text::
 
     rule       := [ "match" ] [ device-id ] attribute*  [ "#" comment ]
     attribute  := NAME value | NAME [ OPERATOR ] "{" value+ "}"
-    NAME       := id | serial | name | hash | parent-hash | via-port
+    NAME       := id | serial | name | hash | parent-hash | via-port | via-host
                 | with-interface | with-connect-type | label
     OPERATOR   := all-of | one-of | none-of | equals | equals-ordered | match-all
 
@@ -29,7 +29,10 @@ meaning, except:
   ends in a space; usbguard's rules files trim their lines);
 * any whitespace, newlines included, separates tokens, and braces need none;
 * ``label`` may appear once, like every other attribute (usbguard's parser
-  checks the wrong keyword for it).
+  checks the wrong keyword for it);
+* ``via-host "NAME"`` is vmplug's own: the device host (``[host.NAME]``) a
+  remote device is plugged into; a device of this host has none, so
+  ``via-host ""`` selects local devices only (usbguard has no such attribute).
 """
 
 from __future__ import annotations
@@ -154,6 +157,7 @@ _KINDS = {
     "hash": "string",
     "parent-hash": "string",
     "via-port": "string",
+    "via-host": "string",
     "with-interface": "interface",
     "with-connect-type": "string",
     "label": "string",

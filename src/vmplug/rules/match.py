@@ -63,6 +63,7 @@ _STRING_FIELDS = {
     "hash": "descriptors_sha256",
     "parent-hash": "parent_hash",
     "via-port": "port",
+    "via-host": "host",  # vmplug's own: the device host of a remote device
     "with-connect-type": "connect_type",
 }
 
