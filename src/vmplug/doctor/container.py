@@ -290,12 +290,70 @@ def check_selinux(ctx: DoctorContext) -> Iterator[Finding]:
             )
 
 
+#: QEMU's USB host controllers (``-device DRIVER``): what the image's ``USB`` names.
+XHCI_DRIVERS = ("qemu-xhci", "nec-usb-xhci")
+CONTROLLER_DRIVERS = (
+    *XHCI_DRIVERS,
+    "usb-ehci",
+    "ich9-usb-ehci1",
+    "ich9-usb-ehci2",
+    "ich9-usb-uhci1",
+    "ich9-usb-uhci2",
+    "ich9-usb-uhci3",
+    "ich9-usb-uhci4",
+    "ich9-usb-uhci5",
+    "ich9-usb-uhci6",
+    "piix3-usb-uhci",
+    "piix4-usb-uhci",
+    "vt82c686b-usb-uhci",
+    "pci-ohci",
+    "sysbus-ohci",
+)
+#: The image's default controller (qemus/qemu ``src/config.sh``: ``: "${USB:=...}"``).
+IMAGE_USB = "qemu-xhci,id=xhci,p2=7,p3=7"
+USB_ON = ("", "y", "yes", "1", "on", "true", "enabled")
+
+
+def image_controller(spec: ContainerSpec) -> str | None:
+    """The ``-device`` the image's scripts make of ``USB`` (``configureUsb``:
+    ``-device $USB``; empty means the default, ``no`` none)."""
+    value = spec.env.get("USB")
+    if value is None or value.strip().lower() in USB_ON:
+        return IMAGE_USB
+    if value.strip().lower() in USB_OFF:
+        return None
+    return value.strip()
+
+
+def _controllers(spec: ContainerSpec) -> list[tuple[str, dict[str, str]]]:
+    """(where, properties) of every USB controller the container's QEMU gets."""
+    out: list[tuple[str, dict[str, str]]] = []
+    image = image_controller(spec)
+    if image is not None:
+        props = parse_opts(image, "driver")
+        if props.get("driver") in CONTROLLER_DRIVERS:
+            out.append(("USB", props))
+    args = _qemu_args(spec)
+    for i, a in enumerate(args):
+        if a in ("-device", "--device") and i + 1 < len(args):
+            props = parse_opts(args[i + 1], "driver")
+            if props.get("driver") in CONTROLLER_DRIVERS:
+                out.append(("ARGUMENTS", props))
+    return out
+
+
 def check_usb_env(ctx: DoctorContext) -> Iterator[Finding]:
-    """``USB=N`` starts QEMU without its USB controller."""
+    """``USB=N`` starts QEMU without its USB controller; ``USB`` set to a device
+    (``0x1234:0x5678``) is passed as ``-device 0x1234:0x5678`` and QEMU does not start."""
     specs, _ = _specs(ctx)
     for spec in specs:
         value = spec.env.get("USB")
-        if value is not None and value.strip().lower() in USB_OFF:
+        image = image_controller(spec)
+        driver = parse_opts(image, "driver").get("driver", "") if image else ""
+        state = []
+        if spec.running is False:
+            state.append(f"container not running (ExitCode {spec.exit_code})")
+        if value is not None and image is None:
             yield _f(
                 "container.usb-env",
                 Severity.ERROR,
@@ -304,7 +362,32 @@ def check_usb_env(ctx: DoctorContext) -> Iterator[Finding]:
                 spec,
                 evidence=(f"environment USB={value}",),
                 fix="remove USB from environment: (the image's default is a qemu-xhci "
-                "controller), or set USB: qemu-xhci,id=xhci,p2=8,p3=8",
+                f"controller), or set USB: {IMAGE_USB}",
+            )
+        elif image is not None and driver not in CONTROLLER_DRIVERS:
+            wanted = re.fullmatch(r"(?:0x)?([0-9a-fA-F]{4}):(?:0x)?([0-9a-fA-F]{4})", image)
+            device = (
+                f"vendorid=0x{wanted.group(1).lower()},productid=0x{wanted.group(2).lower()}"
+                if wanted
+                else "vendorid=0xVVVV,productid=0xPPPP"
+            )
+            ids = f"{wanted.group(1).lower()}:{wanted.group(2).lower()}" if wanted else "VVVV:PPPP"
+            yield _f(
+                "container.usb-env",
+                Severity.ERROR,
+                f"USB={value} is not a USB controller: the image passes USB to QEMU as "
+                f"'-device {image}' (its controller), so QEMU does not start "
+                f"({driver!r} is not a device model) and no device is passed",
+                spec,
+                evidence=(
+                    f"environment USB={value}",
+                    f"the image's scripts: -device {image}",
+                    *state,
+                ),
+                fix=f"USB names the image's USB controller, not a device: remove USB (default "
+                f"{IMAGE_USB}) and pass the device by a vmplug rule:\n"
+                f"  vmplug generate compose {ids} --merge docker-compose.yml\n"
+                f'or in environment: ARGUMENTS: "-device usb-host,bus=xhci.0,{device}"',
             )
         else:
             yield _f(
@@ -312,6 +395,79 @@ def check_usb_env(ctx: DoctorContext) -> Iterator[Finding]:
                 Severity.OK,
                 "USB controller on" + (f" (USB={value})" if value else " (image default)"),
                 spec,
+            )
+
+
+def _vm_for(ctx: DoctorContext, spec: ContainerSpec) -> Any:
+    for vm in ctx.config.vms.values() if ctx.config is not None else ():
+        if vm.container and vm.container == spec.name:
+            return vm
+    return None
+
+
+def check_controllers(ctx: DoctorContext) -> Iterator[Finding]:
+    """Two USB controllers (the image's ``USB`` and another in ``ARGUMENTS``):
+    vmplug attaches to a single xHCI bus only; with two it needs ``usb_bus``."""
+    specs, _ = _specs(ctx)
+    for spec in specs:
+        ctrls = _controllers(spec)
+        xhci = [(w, p) for w, p in ctrls if p.get("driver") in XHCI_DRIVERS]
+        if len(ctrls) < 2:
+            continue
+        names = [f"{p.get('id', '?')}.0 ({p.get('driver')}, from {w})" for w, p in ctrls]
+        evidence = tuple(
+            f"{w}: -device " + ",".join(f"{k}={v}" if k != "driver" else v for k, v in p.items())
+            for w, p in ctrls
+        )
+        ids = [p.get("id") for _, p in ctrls if p.get("id")]
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            yield _f(
+                "container.controllers",
+                Severity.ERROR,
+                f"{len(ctrls)} USB controllers with the same id {twice[0]!r}: QEMU does not "
+                f"start (\"Duplicate ID '{twice[0]}' for device\")",
+                spec,
+                evidence=evidence,
+                fix="remove the controller from ARGUMENTS: the image adds its own "
+                f"(USB, default {IMAGE_USB}); for more ports set USB to it, e.g. "
+                "USB: qemu-xhci,id=xhci,p2=15,p3=15",
+            )
+            continue
+        vm = _vm_for(ctx, spec)
+        bus = getattr(vm, "usb_bus", None) if vm is not None else None
+        image = next((p for w, p in ctrls if w == "USB"), None)
+        image_bus = f"{image.get('id', 'xhci')}.0" if image else f"{ctrls[0][1].get('id')}.0"
+        if bus:
+            yield _f(
+                "container.controllers",
+                Severity.OK,
+                f"{len(ctrls)} USB controllers; vmplug attaches on usb_bus = {bus!r} "
+                f"([vm.{vm.name}])",
+                spec,
+                evidence=evidence,
+            )
+        elif len(xhci) == 1:
+            yield _f(
+                "container.controllers",
+                Severity.OK,
+                f"{len(ctrls)} USB controllers; vmplug attaches on the one xHCI bus, "
+                f"{xhci[0][1].get('id', '?')}.0",
+                spec,
+                evidence=evidence,
+            )
+        else:
+            yield _f(
+                "container.controllers",
+                Severity.WARNING,
+                f"{len(ctrls)} USB controllers: {', '.join(names)}; vmplug attaches only on a "
+                "single xHCI bus and refuses to choose between these (no usb_bus for "
+                "this container in the config)",
+                spec,
+                evidence=evidence,
+                fix=f"in vmplug's config, [vm.{vm.name if vm else spec.name}]: usb_bus = "
+                f'"{image_bus}" (the image\'s own controller, where vmplug generate compose '
+                "puts the devices); or drop the second controller from ARGUMENTS",
             )
 
 
@@ -408,6 +564,7 @@ CHECKS = (
     CheckSpec(LAYER, "container.rootless-podman", check_rootless_podman),
     CheckSpec(LAYER, "container.selinux", check_selinux),
     CheckSpec(LAYER, "container.usb-env", check_usb_env),
+    CheckSpec(LAYER, "container.controllers", check_controllers),
     CheckSpec(LAYER, "container.qmp", check_qmp),
     CheckSpec(LAYER, "container.arguments", check_arguments),
 )

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from vmplug.vms.container import mount_path
 from vmplug.wire._sync import run_sync
@@ -45,6 +44,8 @@ class ContainerSpec:
     env: dict[str, str] = field(default_factory=dict)
     running: bool | None = None
     pid: int | None = None
+    #: the engine's State.ExitCode (a QEMU that did not start exits 1)
+    exit_code: int | None = None
     #: run by a rootless Podman (its device_cgroup_rules do nothing)
     rootless_podman: bool = False
 
@@ -147,6 +148,8 @@ def from_inspect(doc: dict[str, Any], source: str) -> ContainerSpec:
         spec.running = bool(state.get("Running"))
         pid = state.get("Pid")
         spec.pid = int(pid) if pid else None
+        code = state.get("ExitCode")
+        spec.exit_code = int(code) if isinstance(code, int) else None
     return spec
 
 
@@ -211,17 +214,6 @@ def load_compose_file(path: Path) -> list[ContainerSpec]:
 # ---------------------------------------------------------------- Engine API
 
 
-async def _list_via_api(engine: Engine) -> list[ContainerSpec]:
-    out: list[ContainerSpec] = []
-    for item in await engine.get_json("/containers/json") or []:
-        cid = str(item.get("Id", ""))
-        if not cid:
-            continue
-        doc = await engine.get_json(f"/containers/{quote(cid, safe='')}/json")
-        out.append(from_inspect(doc, f"{engine.address} GET /containers/{cid[:12]}/json"))
-    return out
-
-
 async def _engine_info(engine: Engine, address: str) -> EngineInfo:
     """Podman's ``/version`` names a "Podman Engine" component; whether it runs
     rootless is libpod's ``host.security.rootless`` (Podman 4.3's compat ``/info``
@@ -266,16 +258,25 @@ def engine_info(sock_path: str, timeout: float) -> EngineInfo:
 
 
 def list_via_api(sock_path: str, timeout: float) -> list[ContainerSpec]:
-    """The running containers of the engine at ``sock_path``, inspected;
-    raises :class:`~vmplug.wire.errors.EngineError`."""
-    engine = Engine(sock_path, timeout)
+    """Every container of the engine at ``sock_path`` (running or not), inspected
+    (:func:`vmplug.vms.discover.scan_containers`, the one lister); raises
+    :class:`~vmplug.wire.errors.EngineError`."""
+    from vmplug.vms.discover import scan_containers  # noqa: PLC0415
+
     try:
-        return run_sync(lambda: _list_via_api(engine), None)
+        scan = run_sync(lambda: scan_containers(sock_path, timeout), None)
     except TimeoutError:
         raise EngineError(f"{sock_path}: timed out", address=sock_path) from None
+    if scan.error is not None:
+        raise EngineError(scan.error, address=sock_path)
+    address = scan.address or sock_path
+    return [
+        from_inspect(d, f"{address} GET /containers/{str(d.get('Id', ''))[:12]}/json")
+        for d in scan.docs
+    ]
 
 
-def scan_containers(
+def gather_containers(
     *,
     inspect_files: Sequence[Path] = (),
     compose_files: Sequence[Path] = (),
@@ -303,7 +304,7 @@ def scan_containers(
             scan.notes.append(f"{sock}: {why}")
             continue
         scan.api_reached = True
-        scan.notes.append(f"{sock}: {len(found)} running containers")
+        scan.notes.append(f"{sock}: {len(found)} containers")
         try:
             info = engine_info(sock, timeout)
         except Exception as exc:  # the containers are known; what engine it is stays open

@@ -231,14 +231,14 @@ class DoctorContext:
 
     @cached_property
     def containers(self) -> ContainerScan:
-        from vmplug.doctor.container_info import scan_containers  # noqa: PLC0415
+        from vmplug.doctor.container_info import gather_containers  # noqa: PLC0415
         from vmplug.wire.engine import candidates  # noqa: PLC0415
 
         if self.api_sockets is not None:
             sockets = list(self.api_sockets)
         else:
             sockets = list(dict.fromkeys([*self.config_api_sockets(), *candidates()]))
-        return scan_containers(
+        return gather_containers(
             inspect_files=self.inspect_files,
             compose_files=self.compose_files,
             sockets=sockets,

@@ -237,23 +237,45 @@ _LIBVIRT_STATES = {
 }
 
 
-async def scan_containers(socket: str | None, timeout: float) -> tuple[list[FoundVm], str | None]:
-    """QEMU containers the Docker/Podman API knows, with their QMP socket on the host."""
-    from vmplug.vms.container import find_api, read_container  # noqa: PLC0415
+@dataclass
+class ContainerDocs:
+    """What one Docker/Podman API said: every container's inspect document."""
+
+    #: the API socket that answered (None: no Docker or Podman here)
+    address: str | None = None
+    #: ``GET /containers/{id}/json`` of each container, running or not
+    docs: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+async def scan_containers(socket: str | None, timeout: float | None = None) -> ContainerDocs:
+    """Every container (``all=1``: a QEMU that did not start is one to look at)
+    the Docker/Podman API at ``socket`` knows, inspected: for ``vmplug vms`` and
+    the doctor's container layer alike.  ``socket`` None: the first usual one;
+    ``timeout`` per API call (None: the container backend's, for a slow engine)."""
+    from vmplug.vms.container import API_TIMEOUT, find_api  # noqa: PLC0415
     from vmplug.wire.errors import EngineError  # noqa: PLC0415
 
-    api = await find_api(socket)
+    api = await find_api(socket, API_TIMEOUT if timeout is None else timeout)
     if api is None:
-        return [], None  # no Docker or Podman here: nothing to say
+        return ContainerDocs()  # no Docker or Podman here: nothing to say
+    out = ContainerDocs(address=api.address)
     try:
-        listing = await api.containers()
-        docs = [await api.inspect(str(c.get("Id", ""))) for c in listing]
+        for item in await api.containers():
+            doc = await api.inspect(str(item.get("Id", "")))
+            if doc is not None:
+                out.docs.append(doc)
     except EngineError as exc:
-        return [], str(exc)
+        out.docs, out.error = [], str(exc)
+    return out
+
+
+def container_vms(scan: ContainerDocs, socket: str | None) -> list[FoundVm]:
+    """The QEMU containers among ``scan``'s, with their QMP socket on the host."""
+    from vmplug.vms.container import read_container  # noqa: PLC0415
+
     out = []
-    for doc in docs:
-        if doc is None:
-            continue
+    for doc in scan.docs:
         found = read_container(doc)
         if not found.is_qemu:
             continue
@@ -263,13 +285,13 @@ async def scan_containers(socket: str | None, timeout: float) -> tuple[list[Foun
             where=f"container:{found.name}",
             source="container",
             state="running" if found.running else "stopped",
-            uri=api.address if socket else None,
+            uri=scan.address if socket else None,
             problem=found.problem,
         )
         if found.socket is not None:
             vm.qmp = found.socket
         out.append(vm)
-    return out, None
+    return out
 
 
 def scan_proxmox(run_dir: Path) -> list[FoundVm]:
@@ -373,7 +395,8 @@ async def discover(
         rows.extend(found)
         if note and (uri != DEFAULT_LIBVIRT_URI or Path("/run/libvirt/libvirt-sock").exists()):
             notes.append(note)
-    containers, note = await scan_containers(docker_socket, timeout)
+    scan = await scan_containers(docker_socket)
+    containers, note = container_vms(scan, docker_socket), scan.error
     rows.extend(containers)
     if note:
         notes.append(note)
@@ -444,8 +467,10 @@ async def _probe_first_free(vm: FoundVm, timeout: float) -> None:
 
 __all__ = [
     "DEFAULT_LIBVIRT_URI",
+    "ContainerDocs",
     "Discovery",
     "FoundVm",
+    "container_vms",
     "discover",
     "from_config",
     "probe_qmp",
