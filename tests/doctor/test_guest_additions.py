@@ -11,17 +11,34 @@ import shutil
 import signal
 import socket as s
 import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vmplug.doctor.context import DoctorContext
-from vmplug.doctor.findings import Finding, Severity
-from vmplug.doctor.guest import agent_findings, check_guest, parse_version
+from vmplug.doctor.findings import Finding, Severity, run_checks
+from vmplug.doctor.guest import (
+    CHECKS,
+    FilterSyntaxError,
+    Passed,
+    agent_findings,
+    check_guest,
+    filter_verdict,
+    parse_filter,
+    parse_version,
+)
+from vmplug.generate.spice import plan_spice
+from vmplug.host.inventory import read_devices
+from vmplug.model import UsbDevice
 from vmplug.wire.qga import GuestAgent, commands
+
+from .conftest import QEMU, SYSFS, XHCI
 
 AgentFactory = Callable[..., Path]
 
@@ -154,3 +171,171 @@ def test_no_agent_on_the_channel(tmp_path: Path) -> None:
     (f,) = found
     assert f.severity is Severity.WARNING and "does not answer" in f.title
     assert f.fix and "qemu-guest-agent" in f.fix
+
+
+# ---------------------------------------------------------------- SPICE USB redirection
+
+GADGETS = SYSFS / "gadgets"  # a real kernel's dummy_hcd: 4-1 is a Scarlett 4i4 (1235:821a)
+
+
+def _scarlett_and_keylab() -> tuple[UsbDevice, UsbDevice]:
+    devs = {d.vidpid: d for d in read_devices(GADGETS)}
+    return devs["1235:821a"], devs["1c75:02cb"]
+
+
+def _passed(dev: UsbDevice) -> Passed:
+    assert dev.vendor_id is not None and dev.product_id is not None
+    return Passed(dev.vendor_id, dev.product_id, dev.port, dev)
+
+
+def test_filter_written_by_generate_spice_parses_the_same_way() -> None:
+    scarlett, keylab = _scarlett_and_keylab()
+    plan = plan_spice([scarlett])
+    for sep in (",", ":"):
+        rules = parse_filter(plan.filter(sep))
+        assert [(r.vendor, r.product, r.allow) for r in rules] == [
+            (0x1235, 0x821A, True),
+            (-1, -1, False),
+        ]
+        assert filter_verdict(rules, _passed(scarlett)) == (True, 0)
+        assert filter_verdict(rules, _passed(keylab)) == (False, 1)
+    with pytest.raises(FilterSyntaxError, match="expected 5 fields"):
+        parse_filter("-1,0x1235,0x821a,1")
+    with pytest.raises(FilterSyntaxError, match="must be numbers"):
+        parse_filter("-1,0x1235,zz,-1,1")
+    with pytest.raises(FilterSyntaxError, match="vendor 65536 out of range"):
+        parse_filter("-1,0x10000,1,-1,1")
+
+
+def test_filter_checks_device_and_interface_classes_like_usbredir() -> None:
+    """usbredirfilter_check: the device class (not 0x00/0xef), then every interface
+    class; all must be allowed.  The Scarlett is 0xef with two audio interfaces."""
+    scarlett, keylab = _scarlett_and_keylab()
+    no_audio = parse_filter("0x01,-1,-1,-1,0|-1,-1,-1,-1,1")
+    assert filter_verdict(no_audio, _passed(scarlett)) == (False, 0)
+    assert filter_verdict(no_audio, _passed(keylab)) == (False, 0)  # KeyLab: audio/MIDI too
+    serial = next(d for d in read_devices(GADGETS) if d.vidpid == "0525:a4a7")
+    assert filter_verdict(no_audio, _passed(serial)) == (True, 1)
+    # no rule matches: usbredir denies
+    assert filter_verdict(parse_filter("-1,0x046d,-1,-1,1"), _passed(scarlett)) == (False, None)
+
+
+def _spice_ok() -> bool:
+    # QEMU lists the options and exits 1; without SPICE it says "There is no option group"
+    res = subprocess.run([QEMU, "-spice", "help"], capture_output=True, text=True, check=False)
+    return "disable-ticketing" in res.stdout + res.stderr
+
+
+def _free_port() -> int:
+    with s.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return int(sk.getsockname()[1])
+
+
+def _spice_vm(qemu: Any, *, filtered_second: bool = True) -> Any:
+    if not _spice_ok():
+        pytest.skip("this QEMU has no SPICE (Debian: qemu-system-modules-spice)")
+    redir2 = "usb-redir,chardev=usbredirchardev2,id=usbredirdev2,bus=xhci.0"
+    if filtered_second:
+        redir2 += ",filter=-1:0x1235:0x821a:-1:0|-1:-1:-1:-1:1"
+    args = [
+        *XHCI,
+        "-spice", f"port={_free_port()},addr=127.0.0.1,disable-ticketing=on",
+        "-chardev", "spicevmc,name=usbredir,id=usbredirchardev1",
+        "-device", "usb-redir,chardev=usbredirchardev1,id=usbredirdev1,bus=xhci.0",
+        "-chardev", "spicevmc,name=usbredir,id=usbredirchardev2",
+        "-device", redir2,
+        "-device", "usb-host,vendorid=0x1235,productid=0x821a,id=scarlett,bus=xhci.0",
+    ]  # fmt: skip
+    proc = qemu(args, name=f"spice-{uuid.uuid4().hex[:6]}")
+    proc.start()
+    return proc
+
+
+def _spice_check(proc: Any) -> list[Finding]:
+    ctx = DoctorContext(sysfs_root=GADGETS, vm=proc.name, kernel_log_source=str, timeout=5.0)
+    return [f for f in run_checks(ctx, list(CHECKS)) if f.check.startswith("guest.spice")]
+
+
+@contextlib.contextmanager
+def _spice_client(filter_text: str) -> Iterator[int]:
+    """A process with remote-viewer's command line (no SPICE client is installed
+    here): the doctor reads the real /proc/PID/cmdline.  Killed by PID."""
+    proc = subprocess.Popen(
+        ["remote-viewer", "-c", "import time; time.sleep(60)",
+         f"--spice-usbredir-auto-redirect-filter={filter_text}", "spice://127.0.0.1:5900"],
+        executable=sys.executable,
+    )  # fmt: skip
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.qemu
+def test_spice_usbredir_channels_on_a_real_vm_compete(qemu: Any) -> None:
+    proc = _spice_vm(qemu)
+    (f,) = _spice_check(proc)
+    assert f.severity is Severity.WARNING and f.subject == "1235:821a"
+    # channel 2's own QEMU filter blocks the device; channel 1 has none
+    assert "channel(s) usbredirdev1 (spicevmc)" in f.title
+    assert (
+        "usb-redir usbredirdev1: chardev usbredirchardev1 (query-chardev: spicevmc), no filter, "
+        "attached=false" in f.evidence
+    )
+    assert any("usbredirdev2" in e and "filter -1:0x1235:0x821a:-1:0" in e for e in f.evidence)
+    assert f.fix is not None
+    assert (
+        "-device usb-redir,chardev=usbredirchardev1,id=usbredirdev1,"
+        "filter=-1:0x1235:0x821a:-1:0|-1:-1:-1:-1:1"
+    ) in f.fix
+    assert "--spice-usbredir-auto-redirect-filter='-1,0x1235,0x821a,-1,0|-1,-1,-1,-1,1'" in f.fix
+    assert "<usbdev vendor='0x1235' product='0x821a' allow='no'/>" in f.fix
+    assert "-chardev spicevmc,name=usbredir,id=usbredirchardev1" in f.fix
+
+
+@pytest.mark.qemu
+def test_spice_client_auto_redirect_filter_that_takes_the_device(qemu: Any) -> None:
+    proc = _spice_vm(qemu)
+    with _spice_client("0x03,-1,-1,-1,0|-1,-1,-1,-1,1") as pid:
+        found = _spice_check(proc)
+    err = [f for f in found if f.severity is Severity.ERROR]
+    assert len(err) == 1, found
+    assert f"remote-viewer (pid {pid}) redirects 1235:821a" in err[0].title
+    assert "rule 2 (-1,-1,-1,-1,1) allows 1235:821a" in err[0].evidence
+    assert err[0].fix and (
+        "--spice-usbredir-auto-redirect-filter='-1,0x1235,0x821a,-1,0|0x03,-1,-1,-1,0|"
+        "-1,-1,-1,-1,1'" in err[0].fix
+    )
+    # the fix, applied, is judged clean: the client no longer takes it
+    fixed = "-1,0x1235,0x821a,-1,0|0x03,-1,-1,-1,0|-1,-1,-1,-1,1"
+    with _spice_client(fixed):
+        found = _spice_check(proc)
+    assert not [f for f in found if f.severity is Severity.ERROR]
+
+
+@pytest.mark.qemu
+def test_spice_without_competition(qemu: Any) -> None:
+    if not _spice_ok():
+        pytest.skip("this QEMU has no SPICE")
+    port = _free_port()
+    bare = qemu([*XHCI, "-spice", f"port={port},addr=127.0.0.1,disable-ticketing=on"],
+                name=f"spice-{uuid.uuid4().hex[:6]}")  # fmt: skip
+    bare.start()
+    (f,) = _spice_check(bare)
+    assert f.severity is Severity.OK and f"SPICE on 127.0.0.1:{port}" in f.title
+    # every channel filtered: the device is safe from SPICE
+    filtered = qemu(
+        [*XHCI,
+         "-chardev", "spicevmc,name=usbredir,id=c1", "-spice",
+         f"port={_free_port()},addr=127.0.0.1,disable-ticketing=on",
+         "-device", "usb-redir,chardev=c1,id=r1,bus=xhci.0,filter=-1:0x1235:-1:-1:0|-1:-1:-1:-1:1",
+         "-device", "usb-host,vendorid=0x1235,productid=0x821a,id=scarlett,bus=xhci.0"],
+        name=f"spice-{uuid.uuid4().hex[:6]}",
+    )  # fmt: skip
+    filtered.start()
+    (g,) = _spice_check(filtered)
+    assert (
+        g.severity is Severity.OK and "every SPICE usbredir channel's filter blocks it" in g.title
+    )

@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vmplug.doctor.context import DoctorContext
@@ -27,8 +28,11 @@ from vmplug.doctor.windows import (
     parse_selective_suspend,
     usb_ids,
 )
-from vmplug.wire.errors import AgentError
+from vmplug.generate.spice import ANY, FilterRule
+from vmplug.model import UsbDevice
+from vmplug.wire.errors import AgentError, WireError
 from vmplug.wire.qga import GuestAgent, commands
+from vmplug.wire.qmp import SyncQmp
 
 LAYER = "guest"
 
@@ -394,9 +398,6 @@ def selective_suspend_findings(text: str, vm: str, err: str = "") -> Iterator[Fi
         yield _f("guest.windows-suspend", Severity.OK, "USB selective suspend off", vm, evidence=ev)
 
 
-CHECKS = (CheckSpec(LAYER, "guest.agent", check_guest),)
-
-
 # ---------------------------------------------------------------- a Linux guest's USB devices
 # (the agent cannot list directories: root hubs ``usbN``, then each hub's ports up
 # to its ``maxchild``, recursively, with file reads only)
@@ -517,3 +518,428 @@ def linux_usb_devices(agent: GuestAgent, max_bus: int = 16) -> list[GuestUsbDevi
         out.append(root)
         walk(f"usb{bus}", bus)
     return out
+
+
+# ---------------------------------------------------------------- SPICE USB redirection
+# A VM with spicevmc ``usbredir`` channels takes whatever USB devices a SPICE
+# client (remote-viewer, virt-viewer, spicy) redirects.  A client running on
+# the host that vmplug passes a device from grabs that same device through
+# libusb: with an auto-redirect filter that allows it, at once on connect and
+# on every replug, fighting QEMU's usb-host for it.
+
+#: SPICE clients whose command lines carry spice-gtk's usbredir options.
+SPICE_CLIENTS = ("remote-viewer", "virt-viewer", "spicy")
+#: spice-gtk's options (``spice-option.c``): both take a usbredir filter string.
+CLIENT_FILTER_OPTIONS = (
+    "--spice-usbredir-auto-redirect-filter",
+    "--spice-usbredir-redirect-on-connect",
+)
+#: ``SPICE_CHANNEL_USBREDIR`` (spice-protocol ``enums.h``): query-spice's channel-type.
+SPICE_CHANNEL_USBREDIR = 9
+
+
+class FilterSyntaxError(ValueError):
+    """A usbredir filter string that usbredirfilter_string_to_rules would refuse."""
+
+
+def parse_filter(text: str, separator: str | None = None) -> tuple[FilterRule, ...]:
+    """A usbredir filter (``class,vendor,product,version,allow|…``), parsed as
+    ``usbredirfilter_string_to_rules`` does: numbers in C syntax (``0x…``,
+    ``-1`` = any), ``,`` between fields for SPICE clients, ``:`` for QEMU's
+    ``usb-redir,filter=`` (``separator`` None: whichever the text uses); empty
+    rules between ``|`` are skipped, as usbredir skips them."""
+    sep = separator or (":" if ":" in text and "," not in text else ",")
+    rules: list[FilterRule] = []
+    for n, raw in enumerate(text.strip().split("|"), 1):
+        part = raw.strip()
+        if not part:
+            continue
+        fields = part.split(sep)
+        if len(fields) != 5:
+            raise FilterSyntaxError(
+                f"filter rule {n} {part!r}: expected 5 fields class{sep}vendor{sep}product"
+                f"{sep}version{sep}allow, got {len(fields)}"
+            )
+        try:
+            nums = [int(f.strip(), 0) for f in fields]
+        except ValueError:
+            raise FilterSyntaxError(
+                f"filter rule {n} {part!r}: fields must be numbers (0x1235, 1235 or -1)"
+            ) from None
+        limits = (0xFF, 0xFFFF, 0xFFFF, 0xFFFF)
+        for value, top, name in zip(
+            nums[:4], limits, ("class", "vendor", "product", "version"), strict=True
+        ):
+            if value < -1 or value > top:
+                raise FilterSyntaxError(f"filter rule {n} {part!r}: {name} {value} out of range")
+        rules.append(FilterRule(nums[0], nums[1], nums[2], nums[3], bool(nums[4])))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class Passed:
+    """A device vmplug (or a usb-host) passes through to a VM: what a filter is judged by."""
+
+    vendor_id: int
+    product_id: int
+    label: str
+    device: UsbDevice | None = None
+
+    @property
+    def ids(self) -> str:
+        return f"{self.vendor_id:04x}:{self.product_id:04x}"
+
+
+def _check1(rules: Sequence[FilterRule], cls: int | None, p: Passed) -> tuple[bool, int] | None:
+    version = p.device.bcd_device if p.device is not None else None
+    for i, r in enumerate(rules):
+        if r.cls != ANY and (cls is None or r.cls != cls):
+            continue
+        if r.vendor not in (ANY, p.vendor_id):
+            continue
+        if r.product not in (ANY, p.product_id):
+            continue
+        if r.version != ANY and (version is None or r.version != version):
+            continue
+        return r.allow, i
+    return None
+
+
+def filter_verdict(rules: Sequence[FilterRule], p: Passed) -> tuple[bool, int | None]:
+    """Would this filter let the device be redirected, and by which rule
+    (``usbredirfilter_check``: the device class unless 0x00/0xef, then each
+    interface class, each must be allowed; no rule matching: denied)."""
+    classes: list[int | None] = []
+    dev = p.device
+    if dev is None:
+        classes = [None]
+    else:
+        if dev.device_class not in (None, 0x00, 0xEF):
+            classes.append(dev.device_class)
+        classes += [i.cls for i in dev.interfaces]
+        if not classes:
+            classes = [None]
+    decided: int | None = None
+    for cls in classes:
+        got = _check1(rules, cls, p)
+        if got is None:
+            return False, None
+        if not got[0]:
+            return False, got[1]
+        decided = got[1]
+    return True, decided
+
+
+def blocking_filter(passed: Sequence[Passed], rest: Sequence[FilterRule], sep: str) -> str:
+    """``rest`` with a block rule for each passed device put first."""
+    rules = [FilterRule(ANY, p.vendor_id, p.product_id, ANY, False) for p in passed]
+    seen = {(r.vendor, r.product) for r in rules}
+    rules += [r for r in rest if (r.vendor, r.product, r.allow) not in {(*k, False) for k in seen}]
+    if not rest:
+        rules.append(FilterRule(ANY, ANY, ANY, ANY, True))
+    return "|".join(sep.join(r.fields()) for r in rules)
+
+
+@dataclass(frozen=True)
+class RedirChannel:
+    """One ``usb-redir`` device of a VM, from QOM and query-chardev."""
+
+    id: str
+    chardev: str | None
+    backend: str | None  # query-chardev ``filename``: "spicevmc", "unix:…", "tcp:…"
+    filter: str | None  # QEMU's own usb-redir filter (":" between fields)
+    attached: bool | None
+
+    @property
+    def spice(self) -> bool:
+        return self.backend == "spicevmc"
+
+    @property
+    def ours(self) -> bool:
+        return self.id.startswith("vmplug-")
+
+
+@dataclass
+class SpiceState:
+    """What QMP says about a VM's SPICE server and its usbredir channels."""
+
+    enabled: bool = False
+    where: str | None = None
+    redirs: list[RedirChannel] = field(default_factory=list)
+    #: spicevmc chardevs no usb-redir uses (vdagent, webdav, a half-removed redir)
+    other_spicevmc: list[str] = field(default_factory=list)
+    connected_usbredir: int = 0
+
+
+def read_spice(client: Any, timeout: float) -> SpiceState:
+    """``query-spice``, ``query-chardev`` and every ``child<usb-redir>`` under
+    ``/machine/peripheral`` (``chardev``, ``filter``, ``attached``)."""
+    state = SpiceState()
+    try:
+        spice = client.execute("query-spice", timeout=timeout) or {}
+    except Exception:  # a QEMU built without SPICE has no query-spice
+        spice = {}
+    state.enabled = bool(spice.get("enabled"))
+    if state.enabled:
+        state.where = f"{spice.get('host', '?')}:{spice.get('port', spice.get('tls-port', '?'))}"
+    state.connected_usbredir = sum(
+        1
+        for c in spice.get("channels", []) or []
+        if c.get("channel-type") == SPICE_CHANNEL_USBREDIR
+    )
+    backends = {
+        c["label"]: str(c.get("filename", ""))
+        for c in client.execute("query-chardev", timeout=timeout) or []
+    }
+    used: set[str] = set()
+    for item in client.execute("qom-list", {"path": "/machine/peripheral"}, timeout=timeout) or []:
+        if item.get("type") != "child<usb-redir>":
+            continue
+        path = f"/machine/peripheral/{item['name']}"
+
+        def get(prop: str, path: str = path) -> Any:
+            try:
+                return client.execute("qom-get", {"path": path, "property": prop}, timeout=timeout)
+            except Exception:  # an older QEMU lacks the property
+                return None
+
+        chardev = get("chardev") or None
+        if chardev:
+            used.add(str(chardev))
+        attached = get("attached")
+        state.redirs.append(
+            RedirChannel(
+                id=str(item["name"]),
+                chardev=str(chardev) if chardev else None,
+                backend=backends.get(str(chardev)) if chardev else None,
+                filter=str(get("filter") or "") or None,
+                attached=attached if isinstance(attached, bool) else None,
+            )
+        )
+    state.other_spicevmc = [
+        label for label, fn in backends.items() if fn == "spicevmc" and label not in used
+    ]
+    return state
+
+
+@dataclass(frozen=True)
+class ClientFilter:
+    """A SPICE client's usbredir filter: where it was read, and its rules."""
+
+    source: str
+    option: str
+    text: str
+    rules: tuple[FilterRule, ...]
+
+
+def client_filters(proc_root: Path) -> tuple[list[ClientFilter], list[str]]:
+    """The usbredir filters on the command lines of SPICE clients running here
+    (``/proc/PID/cmdline``), and what could not be parsed."""
+    found: list[ClientFilter] = []
+    bad: list[str] = []
+    try:
+        pids = sorted(int(p.name) for p in proc_root.iterdir() if p.name.isdigit())
+    except OSError:
+        return found, bad
+    for pid in pids:
+        try:
+            raw = (proc_root / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+        if not argv or Path(argv[0]).name not in SPICE_CLIENTS:
+            continue
+        for i, arg in enumerate(argv):
+            for opt in CLIENT_FILTER_OPTIONS:
+                if arg.startswith(opt + "="):
+                    value: str | None = arg[len(opt) + 1 :]
+                elif arg == opt:
+                    value = argv[i + 1] if i + 1 < len(argv) else None
+                else:
+                    continue
+                if value is None:
+                    continue
+                where = f"{Path(argv[0]).name} (pid {pid})"
+                try:
+                    found.append(ClientFilter(where, opt, value, parse_filter(value, ",")))
+                except FilterSyntaxError as exc:
+                    bad.append(f"{where} {opt}: {exc}")
+    return found, bad
+
+
+def passed_devices(ctx: DoctorContext, inst: QemuInstance) -> list[Passed]:
+    """What this VM takes from the host: its usb-host devices (by the present
+    device they match, else their vendorid/productid) and what vmplug's rules
+    attach to it."""
+    out: dict[str, Passed] = {}
+    try:
+        devices = ctx.devices
+    except Exception:  # no sysfs here: judge by the usb-host's own ids
+        devices = []
+    for h in inst.hosts():
+        dev = next((d for d in devices if h.matches(d)), None)
+        if dev is not None and dev.vendor_id is not None and dev.product_id is not None:
+            p = Passed(dev.vendor_id, dev.product_id, f"{dev.port} ({h.describe()})", dev)
+        elif (vp := h.vidpid()) is not None:
+            p = Passed(vp[0], vp[1], h.describe())
+        else:
+            continue
+        out.setdefault(p.ids, p)
+    if ctx.config is not None:
+        for dev in devices:
+            rc = ctx.config.decide(dev)
+            if rc is None or rc.attach != inst.name or dev.vendor_id is None:
+                continue
+            if dev.product_id is None:
+                continue
+            p = Passed(dev.vendor_id, dev.product_id, f"{dev.port} (rule {rc.index + 1})", dev)
+            out.setdefault(p.ids, p)
+    return list(out.values())
+
+
+REMOVE_CHANNEL = """\
+or remove the SPICE USB redirection channel from the VM:
+  QEMU: drop  -chardev spicevmc,name=usbredir,id={chardev}
+        and   -device usb-redir,chardev={chardev},…
+  libvirt (virsh edit VM): delete  <redirdev bus='usb' type='spicevmc'>…</redirdev>"""
+
+
+def spice_findings(
+    vm: str,
+    state: SpiceState,
+    passed: Sequence[Passed],
+    clients: Sequence[ClientFilter],
+) -> Iterator[Finding]:
+    """Judge a VM's SPICE USB redirection against what it passes through."""
+    spice_redirs = [r for r in state.redirs if r.spice and not r.ours]
+    if not spice_redirs:
+        if state.enabled:
+            yield _f(
+                "guest.spice-usbredir",
+                Severity.OK,
+                f"SPICE on {state.where}, no spicevmc usbredir channel: nothing redirects "
+                "USB into this VM but vmplug",
+                vm,
+                evidence=tuple(
+                    f"usb-redir {r.id}: chardev {r.chardev} ({r.backend})" for r in state.redirs
+                ),
+            )
+        return
+    listing = tuple(
+        f"usb-redir {r.id}: chardev {r.chardev} (query-chardev: {r.backend})"
+        + (f", filter {r.filter}" if r.filter else ", no filter")
+        + (f", attached={str(r.attached).lower()}" if r.attached is not None else "")
+        for r in spice_redirs
+    ) + (
+        (f"query-spice: {state.connected_usbredir} usbredir channel(s) of a client connected",)
+        if state.connected_usbredir
+        else ()
+    )
+    if not passed:
+        yield _f(
+            "guest.spice-usbredir",
+            Severity.INFO,
+            f"{len(spice_redirs)} SPICE USB redirection channel(s) (SPICE on {state.where}); "
+            "no device is passed through to this VM, so nothing competes",
+            vm,
+            evidence=listing,
+        )
+        return
+    for p in passed:
+        open_on = []
+        for r in spice_redirs:
+            rules: tuple[FilterRule, ...] = ()
+            if r.filter:
+                try:
+                    rules = parse_filter(r.filter, ":")
+                except FilterSyntaxError:
+                    rules = ()
+            if not rules or filter_verdict(rules, p)[0]:
+                open_on.append((r, rules))
+        for c in clients:
+            allowed, idx = filter_verdict(c.rules, p)
+            if not allowed:
+                continue
+            rule = c.text.split("|")[idx] if idx is not None else "?"
+            yield _f(
+                "guest.spice-usbredir",
+                Severity.ERROR,
+                f"{c.source} redirects {p.ids} ({p.label}) into this VM over SPICE while "
+                "vmplug passes it through: the two fight over the device",
+                vm,
+                evidence=(
+                    f"{c.source}: {c.option}={c.text}",
+                    f"rule {(idx or 0) + 1} ({rule}) allows {p.ids}",
+                    *listing,
+                ),
+                fix=f"start the client with the device blocked first:\n  {c.option}="
+                f"'{blocking_filter(passed, c.rules, ',')}'\n"
+                + REMOVE_CHANNEL.format(chardev=spice_redirs[0].chardev),
+                subject=p.ids,
+            )
+        if not open_on:
+            yield _f(
+                "guest.spice-usbredir",
+                Severity.OK,
+                f"{p.ids} ({p.label}): every SPICE usbredir channel's filter blocks it",
+                vm,
+                evidence=listing,
+                subject=p.ids,
+            )
+            continue
+        r0 = open_on[0][0]
+        yield _f(
+            "guest.spice-usbredir",
+            Severity.WARNING,
+            f"SPICE USB redirection can take {p.ids} ({p.label}), which vmplug passes "
+            f"through: channel(s) {', '.join(r.id for r, _ in open_on)} "
+            "(spicevmc) let a SPICE client on this host redirect it too",
+            vm,
+            evidence=listing,
+            fix="keep it out of SPICE: give each usb-redir a filter that blocks it\n"
+            f"  -device usb-redir,chardev={r0.chardev},id={r0.id},filter="
+            f"{blocking_filter(passed, open_on[0][1], ':')}\n"
+            "  libvirt: <redirfilter>"
+            + "".join(
+                f"<usbdev vendor='0x{q.vendor_id:04x}' product='0x{q.product_id:04x}' allow='no'/>"
+                for q in passed
+            )
+            + "<usbdev allow='yes'/></redirfilter>\n"
+            "and in SPICE clients on this host:\n"
+            f"  remote-viewer --spice-usbredir-auto-redirect-filter='"
+            f"{blocking_filter(passed, (), ',')}'\n" + REMOVE_CHANNEL.format(chardev=r0.chardev),
+            subject=p.ids,
+        )
+
+
+def check_spice(ctx: DoctorContext) -> Iterator[Finding]:
+    """SPICE USB redirection on each VM, against the devices it passes through."""
+    clients, bad = client_filters(ctx.proc_root)
+    for text in bad:
+        yield Finding(
+            LAYER,
+            "guest.spice-usbredir",
+            Severity.WARNING,
+            f"a SPICE client's usbredir filter does not parse: {text}",
+            fix="write it as class,vendor,product,version,allow|… (vmplug generate spice)",
+        )
+    insts = [i for _, _, i in _targets(ctx) if i is not None] if ctx.qga_socket else ctx.qemus
+    for inst in insts:
+        path = inst.qmp_used or next(iter(inst.qmp_paths), None)
+        if path is None or inst.qmp_error:
+            continue
+        try:
+            client = SyncQmp(path, ctx.timeout, name="doctor-spice")
+        except WireError:
+            continue  # the qemu layer reports a QMP socket that does not answer
+        try:
+            state = read_spice(client, ctx.timeout)
+        finally:
+            client.close()
+        yield from spice_findings(inst.name, state, passed_devices(ctx, inst), clients)
+
+
+CHECKS = (
+    CheckSpec(LAYER, "guest.agent", check_guest),
+    CheckSpec(LAYER, "guest.spice-usbredir", check_spice),
+)
