@@ -39,7 +39,10 @@ def main() -> int:
             assert before is not None
             usbctl.reset_device(usbctl.devnode(busnum, before))
         elif lever == "port-cycle":
-            extra["disable"] = str(usbctl.cycle_port(SYS, port))
+            cycled = usbctl.cycle_port(SYS, port, dev_root=Path("/dev"))
+            extra["disable"] = str(cycled.disable)
+            extra["power"] = cycled.note
+            extra["switching"] = cycled.switching
         elif lever == "reauthorize":
             extra["authorized"] = str(usbctl.reauthorize(SYS, port))
         hub = usbctl.port_of(port).hub

@@ -23,10 +23,15 @@ The ladder (one rung at a time, the next only when the last did not help):
    :mod:`vmplug.host.usbctl`);
 4. ``reauthorize`` -- its ``authorized`` set to 0 and back to 1.
 
-The controller is never touched.  Triggers (counted since the last rung, so
-each rung is given its chance): ``attach_refusals`` attach errors in a row,
-any ``kernel-error`` on its port, ``drops`` removals or losses within
-``drops_window_s``.  A rung is judged after ``settle_s``: when the device is
+5. ``controller`` -- the host controller unbound from its driver and bound
+   again: never, unless ``[heal] controllers`` names that controller's PCI
+   address; otherwise the ladder ends after rung 4 (``Status.refused`` says so).
+
+Triggers (counted since the last rung, so each rung is given its chance):
+``attach_refusals`` attach errors in a row, any ``kernel-error`` on its port,
+``drops`` removals or losses within ``drops_window_s``, a ``guest-problem``
+(the guest agent's probe: a Linux guest whose driver did not bind, a Windows
+problem code).  A rung is judged after ``settle_s``: when the device is
 attached again and no new trigger came, the episode ends (the next trouble
 starts at rung 1 again).  Rungs of one device are spaced by ``interval_s``
 doubling per rung (capped at ``max_interval_s``) and at most ``max_per_hour``
@@ -77,6 +82,22 @@ class Status:
     #: why nothing: "healthy", "waiting", "rate-limited", "exhausted", "no-trigger"
     why: str
     trigger: str | None = None
+    #: a rung the ladder would climb to and may not (the controller, not allowed)
+    refused: str | None = None
+
+
+#: journal kind the guest-agent probe writes (vmplug.history.store.EventKind.GUEST_PROBLEM)
+GUEST_PROBLEM = "guest-problem"
+
+
+def controller_rung(policy: HealPolicy, controller: str | None) -> str | None:
+    """None when the controller rung may follow the ladder for a device on
+    ``controller`` (a PCI address); else why not."""
+    if controller is None:
+        return "its controller is not on PCI (or not known): never reset"
+    if controller not in policy.controllers:
+        return f"controller {controller} is not in [heal] controllers: never reset"
+    return None
 
 
 def _is_heal(e: HistoryEntry) -> bool:
@@ -89,8 +110,10 @@ def decide(
     port: str | None,
     policy: HealPolicy,
     now: float,
+    controller: str | None = None,
 ) -> Status:
-    """The next rung for ``identity`` (on ``port``), from the journal up to ``now``."""
+    """The next rung for ``identity`` (on ``port``, its host controller at PCI
+    address ``controller``), from the journal up to ``now``."""
     mine: list[HistoryEntry] = []
     for e in entries:
         if e.ts > now:  # held writes: the id order may differ a little from ts order
@@ -103,7 +126,7 @@ def decide(
     # the episode: heals since the last one that was followed by a settled recovery
     episode: list[HistoryEntry] = []
     for h in heals:
-        if episode and _recovered_after(mine, episode[-1], policy, now):
+        if episode and _recovered_after(mine, episode[-1], policy, h.ts):
             episode = []
         episode.append(h)
     if episode and _recovered_after(mine, episode[-1], policy, now):
@@ -115,8 +138,11 @@ def decide(
         return Status(None, "healthy" if not episode else "no-trigger")
     step = len(episode)
     rungs = policy.rungs
+    refused = controller_rung(policy, controller)
+    if refused is None:
+        rungs = (*rungs, Rung.CONTROLLER)
     if step >= len(rungs):
-        return Status(None, "exhausted", trigger)
+        return Status(None, "exhausted", trigger, refused)
     if episode:
         wait = min(policy.interval_s * 2 ** (step - 1), policy.max_interval_s)
         if now - episode[-1].ts < wait:
@@ -127,21 +153,32 @@ def decide(
 
 
 def _recovered_after(
-    mine: Sequence[HistoryEntry], heal: HistoryEntry, policy: HealPolicy, now: float
+    mine: Sequence[HistoryEntry], heal: HistoryEntry, policy: HealPolicy, until: float
 ) -> bool:
-    """The device was attached after ``heal`` and no trigger came for ``settle_s`` since."""
+    """After ``heal`` (and before ``until``: the next rung, or now) the device
+    was attached and stayed so, with no trigger, for ``settle_s``: the rung
+    worked.  Trouble that comes later is a new episode, from rung 1."""
     up_at: float | None = None
     for e in mine:
         if e.ts <= heal.ts or _is_heal(e):
             continue
+        if e.ts > until:
+            break
         if e.is_action and e.kind in (ActionKind.ATTACH, ActionKind.ADOPT):
             if e.result == Result.OK and up_at is None:
                 up_at = e.ts
             elif e.result == Result.ERROR:
+                if up_at is not None and e.ts - up_at >= policy.settle_s:
+                    return True
                 up_at = None
-        elif e.kind in (EventKind.DEVICE_REMOVE, EventKind.ATTACHMENT_LOST, EventKind.KERNEL_ERROR):
+        elif e.kind in (
+            EventKind.DEVICE_REMOVE, EventKind.ATTACHMENT_LOST, EventKind.KERNEL_ERROR,
+            GUEST_PROBLEM,
+        ):  # fmt: skip
+            if up_at is not None and e.ts - up_at >= policy.settle_s:
+                return True
             up_at = None
-    return up_at is not None and now - up_at >= policy.settle_s
+    return up_at is not None and until - up_at >= policy.settle_s
 
 
 def _trigger(
@@ -150,6 +187,7 @@ def _trigger(
     refusals = 0
     drops: list[float] = []
     kernel: str | None = None
+    guest: str | None = None
     attached = False
     for e in mine:
         if e.ts <= since or _is_heal(e):
@@ -169,13 +207,17 @@ def _trigger(
         elif e.kind == EventKind.KERNEL_ERROR:
             msg = (e.detail or {}).get("message", "")
             kernel = f"kernel: {msg}" if msg else "kernel error on its port"
+        elif e.kind == GUEST_PROBLEM:
+            d = e.detail or {}
+            what = d.get("message") or d.get("problem") or "a problem"
+            guest = f"guest {e.vm or '?'}: {what}"
         elif e.kind in (EventKind.DEVICE_ADD, EventKind.DEVICE_BIND):
             kernel = None if attached else kernel
     if refusals >= policy.attach_refusals:
         return f"attach refused {refusals} times in a row"
     if len(drops) >= policy.drops:
         return f"dropped {len(drops)} times in {policy.drops_window_s / 60:g} min"
-    return kernel
+    return kernel or guest
 
 
 # ---------------------------------------------------------------- kernel log
@@ -259,7 +301,7 @@ class KernelLog:
 #: entries that start watching a device (with any action error)
 _WATCH = frozenset(
     {EventKind.DEVICE_REMOVE, EventKind.ATTACHMENT_LOST, EventKind.KERNEL_ERROR,
-     EventKind.HEAL, EventKind.HEAL_FAILED}
+     EventKind.HEAL, EventKind.HEAL_FAILED, GUEST_PROBLEM}
 )  # fmt: skip
 
 
@@ -400,7 +442,7 @@ class Healer:
             if not ok:
                 continue
             rows = self.recent.get(identity, ())
-            status = decide(rows, dev.identity, dev.port, self.policy, now)
+            status = decide(rows, dev.identity, dev.port, self.policy, now, dev.controller)
             if status.why == "healthy":
                 self.watch.discard(identity)
             if status.decision is not None:
@@ -432,9 +474,15 @@ class Healer:
             " (dry run: nothing done)" if self.policy.dry_run else "", decision.reason,
         )  # fmt: skip
         error: str | None = None
+        if decision.rung is Rung.CONTROLLER:
+            detail["controller"] = dev.controller
         if not self.policy.dry_run:
             try:
-                await self._do(decision.rung, dev.port, dev.busnum, dev.devnum, dev.qemu_id, vm)
+                note = await self._do(
+                    decision.rung, dev.port, dev.busnum, dev.devnum, dev.qemu_id, vm,
+                    dev.controller,
+                )  # fmt: skip
+                detail.update(note)
             except Exception as exc:  # a rung that fails is journaled, never fatal
                 error = str(exc) or type(exc).__name__
         kind = EventKind.HEAL if error is None else EventKind.HEAL_FAILED
@@ -475,8 +523,10 @@ class Healer:
         return True
 
     async def _do(
-        self, rung: Rung, port: str, busnum: int | None, devnum: int | None, qemu_id: str, vm: str
-    ) -> None:
+        self, rung: Rung, port: str, busnum: int | None, devnum: int | None, qemu_id: str,
+        vm: str, controller: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Carry a rung out; what it found for the journal's ``detail``."""
         d = self.daemon
         # attach at once afterwards, not after the backoff of earlier failures
         d.retries.pop((vm, qemu_id), None)
@@ -489,12 +539,28 @@ class Healer:
             node = usbctl.devnode(busnum, devnum, self.dev_root)
             await asyncio.to_thread(usbctl.reset_device, node)
         elif rung is Rung.PORT_CYCLE:
-            await asyncio.to_thread(usbctl.cycle_port, d.sysfs_root, port)
+            # the port's power read from its hub while off: only on the live /dev
+            dev_root = self.dev_root if d.devnodes else None
+            cycled = await asyncio.to_thread(usbctl.cycle_port, d.sysfs_root, port, 0.5, dev_root)
+            log.warning("heal %s: port-cycle: %s", port, cycled.note)
+            return {"power": cycled.note, "hub_power_switching": cycled.switching}
         elif rung is Rung.REAUTHORIZE:
             await asyncio.to_thread(usbctl.reauthorize, d.sysfs_root, port)
+        elif rung is Rung.CONTROLLER:
+            # decide() offers it only for an allowed controller; refused again here
+            refused = controller_rung(self.policy, controller)
+            if refused is not None or controller is None:
+                raise usbctl.UsbCtlError(refused or "no controller")
+            await asyncio.to_thread(
+                usbctl.rebind_controller, Path(d.sysfs_root), controller, self.policy.controllers
+            )
+        return {}
 
 
-__all__ = ["LADDER", "Decision", "HealPolicy", "Healer", "Rung", "Status", "decide", "parse_policy"]
+__all__ = [
+    "GUEST_PROBLEM", "LADDER", "Decision", "HealPolicy", "Healer", "Rung", "Status",
+    "controller_rung", "decide", "parse_policy",
+]  # fmt: skip
 
 
 class Remedies:

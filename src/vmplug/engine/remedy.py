@@ -9,6 +9,7 @@ config loader shows.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,9 +21,13 @@ class Rung(StrEnum):
     RESET = "reset"
     PORT_CYCLE = "port-cycle"
     REAUTHORIZE = "reauthorize"
+    #: the host controller unbound from its driver and bound again: only after
+    #: the ladder, and only for a controller ``[heal] controllers`` names
+    CONTROLLER = "controller"
 
 
 LADDER: tuple[Rung, ...] = (Rung.REATTACH, Rung.RESET, Rung.PORT_CYCLE, Rung.REAUTHORIZE)
+_PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +45,9 @@ class HealPolicy:
     max_per_hour: int = 12
     #: rungs allowed, in order (a site may leave out port-cycle, say)
     rungs: tuple[Rung, ...] = LADDER
+    #: PCI addresses ("0000:00:14.0") of host controllers the ladder may unbind
+    #: and bind again after its last rung; none by default
+    controllers: tuple[str, ...] = ()
 
 
 _POLICY_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -53,6 +61,7 @@ _POLICY_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_interval_s": (int, float),
     "max_per_hour": int,
     "rungs": list,
+    "controllers": list,
 }
 
 
@@ -66,9 +75,19 @@ def parse_policy(table: Mapping[str, Any]) -> HealPolicy:
         want = _POLICY_KEYS[key]
         if (isinstance(value, bool) and want is not bool) or not isinstance(value, want):
             raise ValueError(f"[heal] {key} has the wrong type ({type(value).__name__})")
-        if isinstance(value, list):
+        if key == "controllers" and isinstance(value, list):
+            bad = [v for v in value if not isinstance(v, str) or not _PCI_ADDRESS.match(v)]
+            if bad:
+                raise ValueError(
+                    f'[heal] controllers: PCI addresses like "0000:00:14.0" '
+                    f"(lspci -D), not {bad[0]!r}"
+                )
+            kw[key] = tuple(value)
+        elif isinstance(value, list):
             try:
                 kw[key] = tuple(Rung(v) for v in value)
+                if Rung.CONTROLLER in kw[key]:
+                    raise ValueError("controller")
             except ValueError:
                 names = ", ".join(r.value for r in LADDER)
                 raise ValueError(f"[heal] rungs: each one of {names}") from None
