@@ -346,7 +346,8 @@ class Soak:
             filler = self.mnt / "filler"
             self.recording = False  # what comes now may not reach the disk
             try:
-                with filler.open("wb") as f, contextlib.suppress(OSError):
+                # unbuffered, and the close inside the suppress: a full disk ends it
+                with contextlib.suppress(OSError), filler.open("wb", buffering=0) as f:
                     while True:
                         f.write(b"\0" * (1 << 20))
                 for _ in range(6):
