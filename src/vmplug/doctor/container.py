@@ -412,6 +412,7 @@ def check_controllers(ctx: DoctorContext) -> Iterator[Finding]:
     for spec in specs:
         ctrls = _controllers(spec)
         xhci = [(w, p) for w, p in ctrls if p.get("driver") in XHCI_DRIVERS]
+        ehci = [(w, p) for w, p in ctrls if "ehci" in p.get("driver", "")]
         if len(ctrls) < 2:
             continue
         names = [f"{p.get('id', '?')}.0 ({p.get('driver')}, from {w})" for w, p in ctrls]
@@ -419,7 +420,7 @@ def check_controllers(ctx: DoctorContext) -> Iterator[Finding]:
             f"{w}: -device " + ",".join(f"{k}={v}" if k != "driver" else v for k, v in p.items())
             for w, p in ctrls
         )
-        ids = [p.get("id") for _, p in ctrls if p.get("id")]
+        ids = [p["id"] for _, p in ctrls if p.get("id")]
         twice = sorted({i for i in ids if ids.count(i) > 1})
         if twice:
             yield _f(
@@ -447,12 +448,13 @@ def check_controllers(ctx: DoctorContext) -> Iterator[Finding]:
                 spec,
                 evidence=evidence,
             )
-        elif len(xhci) == 1:
+        elif len(xhci) == 1 or (not xhci and len(ehci) == 1):
+            kind, (_, one) = ("xHCI", xhci[0]) if xhci else ("EHCI", ehci[0])
             yield _f(
                 "container.controllers",
                 Severity.OK,
-                f"{len(ctrls)} USB controllers; vmplug attaches on the one xHCI bus, "
-                f"{xhci[0][1].get('id', '?')}.0",
+                f"{len(ctrls)} USB controllers; vmplug attaches on the one {kind} bus, "
+                f"{one.get('id', '?')}.0 (vms.base.pick_usb_bus)",
                 spec,
                 evidence=evidence,
             )
