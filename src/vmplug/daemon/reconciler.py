@@ -49,7 +49,15 @@ from vmplug.config import Config, VmConfig, load_config
 from vmplug.daemon.heal import Remedies
 from vmplug.daemon.journal import Journal, Listener
 from vmplug.daemon.readmodel import PassListener, ReadModel, same_binding
-from vmplug.engine.desired import Action, Attachment, desired, plan, target
+from vmplug.engine.desired import (
+    Action,
+    Attachment,
+    EarlyRules,
+    desired,
+    host_port,
+    plan,
+    target,
+)
 from vmplug.errors import VmplugError
 from vmplug.history.store import ActionKind, EventKind, Result, Store
 from vmplug.host.events import EventSource, HostEvent
@@ -163,6 +171,11 @@ class Daemon:
         self.kernel_log: Path | None = Path("/dev/kmsg") if self.devnodes else None
         #: the healing ladder and the alerts (vmplug.daemon.heal), while running
         self.remedies: Remedies | None = None
+        #: port -> the device last read there before it left: a replug's guess
+        #: of which device (identity, QEMU id) comes back (see _attach_early)
+        self._left: dict[str, UsbDevice] = {}
+        #: the rules as far as a uevent answers them, for self.config
+        self._early_rules: EarlyRules | None = None
 
     # -- small helpers ------------------------------------------------------
 
@@ -246,7 +259,8 @@ class Daemon:
                         self.journal.event(EventKind.OVERFLOW)
                         self.rescan()
                     else:
-                        self._handle_host_event(item)
+                        early = await self._attach_early(item)
+                        self._handle_host_event(item, early)
                     if self._wanted_now:
                         async with self._pass_lock:
                             await self.reconcile_once()
@@ -255,8 +269,19 @@ class Daemon:
                 finally:
                     self.journal.release()
 
-    def _handle_host_event(self, event: HostEvent) -> None:
+    def _handle_host_event(self, event: HostEvent, early: Early | None = None) -> None:
+        """Read the device an event names (or forget it) and journal it.  ``early``:
+        what :meth:`_attach_early` attached already on this ``add``; journaled
+        here, after the device's event, under the identity it was added as."""
         self.stats.events += 1
+        try:
+            self._handle_read(event, early)
+        finally:
+            if early is not None:
+                self._journal_early(early)
+                self.mark_dirty()  # a pass checks it against the device read (or not)
+
+    def _handle_read(self, event: HostEvent, early: Early | None) -> None:
         if event.action in ("add", "bind"):
             dev = read_one(self.sysfs_root, event.devpath or "", event.port)
             if dev is None:
@@ -270,7 +295,7 @@ class Daemon:
                 self._look_again(event, device_dir(self.sysfs_root, event.devpath or ""))
                 return
             self._unsettled.pop(event.port, None)
-            if event.action == "add" and not dev.interfaces:
+            if event.action == "add" and not dev.interfaces and early is None:
                 # Several configurations and none chosen yet: the interfaces a
                 # rule may ask about are not known before the kernel picks one.
                 self.journal.event(
@@ -293,7 +318,19 @@ class Daemon:
                 event.action == "add" or known is None or known.devnum != dev.devnum
             ):
                 # only a device that will be attached pops its entry again
-                self._bind_times[dev.identity] = time.perf_counter()
+                if early is None or early.att.qemu_id != dev.qemu_id:
+                    self._bind_times[dev.identity] = time.perf_counter()
+                self._wanted_now = True
+            if early is not None and (
+                early.att.qemu_id != dev.qemu_id
+                or target(dev, self.config, self.overrides) != early.att.vm
+            ):
+                # the guess was wrong (another device of the same kind in the
+                # same socket): the pass replaces what was added
+                log.warning(
+                    "device %s: added early as %s (%s), read as %s: replacing",
+                    dev.port, early.att.qemu_id, early.att.identity, dev.identity,
+                )  # fmt: skip
                 self._wanted_now = True
             log.info(
                 "device %s %s %s: %s",
@@ -308,6 +345,7 @@ class Daemon:
             gone = self.inventory.pop(event.port, None)
             if gone is not None:
                 self._gone[gone.qemu_id] = gone.identity
+                self._left[event.port] = gone
             log.info(
                 "device %s removed", event.port,
                 extra={"VMPLUG_PORT": event.port, "VMPLUG_ACTION": "remove",
@@ -320,6 +358,111 @@ class Daemon:
                 detail=_event_detail(event),
             )
             self.mark_dirty()
+
+    # -- the replug fast path -------------------------------------------------
+
+    def early_attachment(self, event: HostEvent) -> Attachment | None:
+        """The attachment an ``add`` uevent decides by itself, or None.
+
+        The rules are asked with only what the uevent says (vid:pid from
+        PRODUCT, the port from DEVPATH; :class:`~vmplug.engine.desired.EarlyRules`):
+        a rule that needs a serial, interfaces or strings leaves it undecided.
+        The QEMU id is named after the device's identity, which needs its
+        serial: the uevent does not carry it, and sysfs gives it only once the
+        kernel's probe lets go of the device.  So the id is the one of the
+        device that last left this port, when the new one has the same
+        vid:pid:bcdDevice (a replug); it is checked once the device is read,
+        and a wrong guess is replaced by the pass.  No guess (a first plug, a
+        restarted daemon), an override, or a VM not ready: None, and the
+        device is read first as before.
+        """
+        if event.action != "add" or self.overrides:
+            return None
+        if event.busnum is None or event.devnum is None or not event.product:
+            return None
+        prev = self._left.get(event.port)
+        if prev is None or prev.is_hub or _product_ids(event.product) != (
+            prev.vendor_id, prev.product_id, prev.bcd_device,
+        ):  # fmt: skip
+            return None
+        rules = self._early_rules
+        if rules is None or rules.config is not self.config:
+            rules = self._early_rules = EarlyRules(self.config)
+        assert prev.vendor_id is not None and prev.product_id is not None
+        vm = rules.target(prev.vendor_id, prev.product_id, event.port)
+        if not isinstance(vm, str):
+            return None
+        backend = self.vms.get(vm)
+        if backend is None or not backend.connected or vm not in self.observed:
+            return None
+        if any(prev.qemu_id in held for held in self.observed.values()):
+            return None  # its old attachment is not gone yet: the pass goes in order
+        return Attachment(
+            vm=vm,
+            qemu_id=prev.qemu_id,
+            hostbus=event.busnum,
+            hostport=host_port(event.port),
+            hostaddr=event.devnum,
+            identity=prev.identity,
+            port=event.port,
+        )
+
+    async def _attach_early(self, event: HostEvent) -> Early | None:
+        """device_add at once on a replug's ``add``, as a bare attacher does,
+        when :meth:`early_attachment` decides it; the device is read and the
+        journal written afterwards.  None: not decided, or QEMU refused (the
+        read path then goes on as for any device)."""
+        if event.action != "add":
+            return None
+        t0 = time.perf_counter()
+        async with self._pass_lock:
+            att = self.early_attachment(event)
+            if att is None:
+                return None
+            spec = UsbHostSpec(hostbus=att.hostbus, hostport=att.hostport)
+            if self.devnodes:
+                node = _usbfs_node(att.hostbus, att.hostaddr)
+                if node is None:
+                    return None  # gone again (or not this device): read it first
+                spec = dataclasses.replace(spec, hostaddr=att.hostaddr, hostdevice=node)
+            else:
+                att = dataclasses.replace(att, hostaddr=None)
+            t1 = time.perf_counter()
+            try:
+                await self.vms[att.vm].attach(att.qemu_id, spec)
+            except VmplugError as exc:
+                log.info("%s: early device_add refused (%s); reading the device", att.qemu_id, exc)
+                if isinstance(exc, (VmDisconnected, VmTimeout)):
+                    self._spawn(self._observe(att.vm))
+                return None
+            t2 = time.perf_counter()
+            self.observed.setdefault(att.vm, {})[att.qemu_id] = att
+        self.stats.event_to_add.append((att.port, t1 - t0))
+        self.stats.event_to_attached.append((att.port, t2 - t0))
+        self.stats.actions_ok += 1
+        self.retries.pop((att.vm, att.qemu_id), None)
+        return Early(att, t2 - t1, t1 - t0, t2 - t0)
+
+    def _journal_early(self, early: Early) -> None:
+        att = early.att
+        action = Action("attach", att.vm, att.qemu_id, att, reason=f"replug ({att.port}), early")
+        log.info(
+            "attach %s %s ok in %.1f ms (%s; %.0f ms after the device appeared, "
+            "device_add sent after %.1f ms)",
+            att.qemu_id, att.vm, early.duration * 1000, action.reason,
+            early.latency * 1000, early.decided * 1000,
+            extra=_fields(action, att.identity),
+        )  # fmt: skip
+        self.journal.action(
+            ActionKind.ATTACH,
+            identity=att.identity,
+            qemu_id=att.qemu_id,
+            vm=att.vm,
+            result=Result.OK,
+            duration_s=early.duration,
+            attempt=1,
+            latency_s=early.latency,
+        )
 
     def _look_again(self, event: HostEvent, path: str) -> None:
         """A device not read as one consistent set: when its directory is still
@@ -774,6 +917,44 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """``GET /v1/status`` (:meth:`ReadModel.status`)."""
         return self.view.status()
+
+
+@dataclass(frozen=True, slots=True)
+class Early:
+    """A device_add sent on a replug's ``add`` before the device was read."""
+
+    att: Attachment
+    duration: float  # device_add sent -> answered
+    decided: float  # event -> device_add sent
+    latency: float  # event -> answered
+
+
+#: the kernel's char major of usb_device nodes (include/linux/usb.h USB_DEVICE_MAJOR)
+USB_DEVICE_MAJOR = 189
+
+
+def _usbfs_node(bus: int, devnum: int | None) -> str | None:
+    """/dev/bus/usb/BBB/DDD when it is that device's node: its dev_t is the
+    one the kernel gives bus ``bus`` device ``devnum`` (drivers/usb/core/usb.c:
+    minor = (busnum - 1) * 128 + devnum - 1), no sysfs read needed."""
+    if devnum is None:
+        return None
+    path = f"/dev/bus/usb/{bus:03d}/{devnum:03d}"
+    try:
+        st = os.stat(path)  # noqa: PTH116
+    except OSError:
+        return None
+    want = os.makedev(USB_DEVICE_MAJOR, (bus - 1) * 128 + devnum - 1)
+    return path if stat.S_ISCHR(st.st_mode) and st.st_rdev == want else None
+
+
+def _product_ids(product: str) -> tuple[int, int, int] | None:
+    """The uevent's PRODUCT ("627/1/0", hex, no padding) as (vid, pid, bcdDevice)."""
+    try:
+        vid, pid, bcd = (int(x, 16) for x in product.split("/"))
+    except ValueError:
+        return None
+    return vid, pid, bcd
 
 
 _VERB = {"add": "added", "bind": "bound"}

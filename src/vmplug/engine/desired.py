@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from vmplug.config import Config
 from vmplug.model import UsbDevice
+from vmplug.rules import Rule
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -125,6 +126,20 @@ def desired(
         vm = target(dev, config, overrides)
         if vm is None:
             continue
+        if dev.host is not None:
+            # a remote device: a usb-redir to its device host's endpoint, no
+            # host socket (what QOM shows of a usb-redir: bus 0, port "")
+            out.add(
+                Attachment(
+                    vm=vm,
+                    qemu_id=dev.qemu_id,
+                    hostbus=0,
+                    hostport="",
+                    identity=dev.identity,
+                    port=f"{dev.host}:{dev.port}",
+                )
+            )
+            continue
         out.add(
             Attachment(
                 vm=vm,
@@ -193,3 +208,55 @@ def plan(
             want = wanted_by_key[key]
             actions.append(Action("attach", vm, want.qemu_id, want, reason=f"wanted ({want.port})"))
     return actions
+
+
+#: Rule attributes a device's ``add`` uevent answers by itself: ``id`` (PRODUCT)
+#: and ``via-port`` (DEVPATH); ``label`` is never tested.  Every other one
+#: (serial, name, hash, parent-hash, with-interface, with-connect-type) needs
+#: sysfs, whose strings wait for the kernel's probe of the device.
+EARLY_ATTRIBUTES = frozenset({"id", "via-port", "label"})
+
+
+class Undecided:
+    """What :meth:`EarlyRules.target` says when the uevent alone cannot decide."""
+
+    def __repr__(self) -> str:
+        return "UNDECIDED"
+
+
+UNDECIDED = Undecided()
+
+
+class EarlyRules:
+    """The rules as far as a uevent can answer them, compiled once per config.
+
+    :meth:`target` walks the rules in order, as :meth:`Config.decide` does,
+    with only vid:pid and the port known.  A rule whose ``id``/``via-port``
+    part fails cannot match whatever the rest says: it is passed over.  A
+    rule whose known part holds decides the device when it asks nothing
+    more; when it asks for more (a serial, interfaces, strings), nothing is
+    decided and the caller reads the device.  Hubs and overrides are the
+    caller's to exclude (the uevent's PRODUCT does not say "hub").
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.rules: list[tuple[Rule | None, bool, str | None]] = []
+        for rc in config.rules:
+            known = tuple(a for a in rc.rule.attributes if a.name in EARLY_ATTRIBUTES)
+            rest = len(known) < len(rc.rule.attributes)
+            tested = tuple(a for a in known if a.name != "label")
+            rule = Rule(rc.rule.source, tested) if tested else None
+            self.rules.append((rule, rest, None if rc.block else rc.attach))
+
+    def target(self, vendor: int, product: int, port: str) -> str | Undecided | None:
+        """The VM the rules send this device to, None (stays on the host), or
+        :data:`UNDECIDED`."""
+        stand_in = UsbDevice(port=port, vendor_id=vendor, product_id=product)
+        for rule, rest, vm in self.rules:
+            if rule is not None and not rule.matches(stand_in):
+                continue  # cannot match, whatever its other attributes say
+            if rest:
+                return UNDECIDED
+            return vm
+        return None

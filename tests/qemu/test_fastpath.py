@@ -1,0 +1,218 @@
+"""The replug fast path against real QEMU: device_add on the ``add`` uevent,
+before the device is read (issue 16).
+
+On a real kernel, a device's string attributes (``serial``, names) wait for
+the device lock the kernel holds while it probes drivers, so reading the
+device first puts that probe on the path to ``device_add``.  Here the
+captured tree's ``serial`` file of the replugged keyboard is a FIFO: reading
+it blocks until the test writes the serial, as a read during the probe
+blocks until the probe ends.  A thread (the daemon's event loop is blocked
+in that read) watches QEMU through the test's own QMP socket and only then
+lets the read go on.  With the fast path, QEMU holds the device before its
+serial could be read; without it, not until after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+
+import pytest
+
+from tests.support.fakekernel import FakeKernel, until
+from tests.support.qemurig import QemuRig
+from vmplug.config import parse_config
+from vmplug.daemon.reconciler import Daemon
+from vmplug.history.store import Store
+from vmplug.host.events import ReplayEventSource
+from vmplug.wire.qmp import SyncQmp
+
+pytestmark = pytest.mark.qemu
+
+KBD = "2-2.4.2"  # 0627:0001 with a serial, in tests/fixtures/sysfs/mixed
+BY_ID = 'id 0627:0001 via-port "2-2.4.2"'
+BY_SERIAL = 'serial "68284-0000:00:0b.0-2.4.2"'
+
+
+class Rig(QemuRig):
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp, "vmplug-fp")
+        self.kernel = FakeKernel(tmp, "mixed")
+        self.daemon: Daemon | None = None
+        self.store: Store | None = None
+
+    async def up(self, match: str) -> Daemon:
+        self.config_path.write_text(
+            self.vm_tables(("a",)) + f"[[rule]]\nattach = \"a\"\nmatch = '{match}'\n"
+        )
+        self.qemu("a").start()
+        config = parse_config(self.config_path.read_text(), self.config_path)
+        self.store = Store(self.tmp / "vmplug.db")
+        self.daemon = Daemon(
+            config,
+            sysfs_root=self.kernel.root,
+            source=ReplayEventSource(self.kernel.fifo),
+            store=self.store,
+            config_path=self.config_path,
+        )
+        await self.daemon.start()
+        await until(lambda: _has(self.ports("a"), {KBD}), what="attached at start")
+        return self.daemon
+
+    async def close(self) -> None:
+        if self.daemon is not None:
+            await self.daemon.stop()
+        if self.store is not None:
+            self.store.close()
+        await self.close_vms()
+        self.kernel.close()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+async def _has(value: Awaitable[set[str]], want: set[str]) -> bool:
+    return await value == want
+
+
+class ProbeHold(threading.Thread):
+    """Holds the daemon's read of ``serial`` (a FIFO) until QEMU was seen
+    holding ``qemu_id`` or ``wait`` seconds passed; then gives the serial,
+    leaving a regular file in the FIFO's place for the reads after."""
+
+    def __init__(self, fifo: Path, serial: str, qmp: Path, qemu_id: str, wait: float) -> None:
+        super().__init__(daemon=True, name="probe-hold")
+        self.fifo, self.serial, self.qmp, self.qemu_id, self.wait = fifo, serial, qmp, qemu_id, wait
+        self.held_before_read: bool | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.held_before_read = self._watch()
+            self._release()
+        except BaseException as exc:  # reported by the test, never lost in the thread
+            self.error = exc
+            with contextlib.suppress(OSError):
+                self._release()
+
+    def _watch(self) -> bool:
+        end = time.monotonic() + self.wait
+        with SyncQmp(self.qmp, timeout=5.0, name="fastpath") as qmp:
+            while time.monotonic() < end:
+                listing = qmp.execute("qom-list", {"path": "/machine/peripheral"})
+                if any(c.get("name") == self.qemu_id for c in listing):
+                    return True
+                time.sleep(0.02)
+        return False
+
+    def _release(self) -> None:
+        end = time.monotonic() + 20.0
+        while True:  # the daemon must have opened the FIFO (ENXIO: no reader yet)
+            try:
+                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENXIO or time.monotonic() > end:
+                    raise
+                time.sleep(0.01)
+        try:
+            plain = self.fifo.with_name("serial.plain")
+            plain.write_text(self.serial + "\n")
+            plain.replace(self.fifo)  # later reads find a file; the open FIFO lives on
+            os.write(fd, (self.serial + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+def _prepare(r: Rig, d: Daemon, wait: float, new_serial: str | None = None) -> ProbeHold:
+    """Unplugged keyboard, its serial a FIFO; the hold that will watch for its id."""
+    path = r.kernel.stash / KBD / "serial"
+    serial = path.read_text().strip()
+    path.unlink()
+    os.mkfifo(path)
+    real = r.kernel.where[KBD]  # where it comes back
+    qemu_id = d._left[KBD].qemu_id
+    return ProbeHold(real / "serial", new_serial or serial, r.qemu("a").qmp_paths[1], qemu_id, wait)
+
+
+async def _plug_held(r: Rig, hold: ProbeHold) -> None:
+    hold.start()
+    r.kernel.plug(KBD, devnum=42)
+    # the daemon's loop blocks in the read until the hold lets it go
+    await asyncio.to_thread(hold.join, 30.0)
+    assert not hold.is_alive(), "the daemon never read the serial"
+    if hold.error is not None:
+        raise hold.error
+
+
+def _attaches(r: Rig, identity: str) -> list[tuple[str, str | None]]:
+    assert r.store is not None
+    return [
+        (e.kind, e.result)
+        for e in r.store.history(identity, limit=None)
+        if e.kind in ("attach", "detach")
+    ]
+
+
+async def test_replug_is_attached_before_the_device_can_be_read(rig: Rig) -> None:
+    d = await rig.up(BY_ID)
+    identity, qemu_id = d.inventory[KBD].identity, d.inventory[KBD].qemu_id
+    assert d.inventory[KBD].serial  # its identity, and so its QEMU id, needs the serial
+    rig.kernel.unplug(KBD)
+    await until(lambda: _has(rig.ports("a"), set()), what="detached")
+    hold = _prepare(rig, d, wait=10.0)
+    await _plug_held(rig, hold)
+    assert hold.held_before_read, "QEMU did not hold the device before its serial was read"
+    await until(lambda: _has(rig.ports("a"), {KBD}), what="attached after the replug")
+    assert set(await rig.held("a")) == {qemu_id}
+    assert d.inventory[KBD].devnum == 42 and d.inventory[KBD].identity == identity
+    assert await d.wait_converged(10.0)
+    # exactly once: one attach per plug, the replug's journaled under the read identity
+    assert _attaches(rig, identity) == [("attach", "ok"), ("detach", "ok"), ("attach", "ok")]
+    assert d.stats.actions_ok == 3
+
+
+async def test_a_wrong_guess_is_replaced_by_the_device_read(rig: Rig) -> None:
+    d = await rig.up(BY_ID)
+    old = d.inventory[KBD].qemu_id
+    rig.kernel.unplug(KBD)
+    await until(lambda: _has(rig.ports("a"), set()), what="detached")
+    # another keyboard of the same make, another serial, in the same socket
+    hold = _prepare(rig, d, wait=10.0, new_serial="another-one")
+    await _plug_held(rig, hold)
+    assert hold.held_before_read  # added early under the old device's id
+    new = d.inventory[KBD]
+    assert new.serial == "another-one" and new.qemu_id != old
+    await until(
+        lambda: _has_ids(rig, {new.qemu_id}), what="the guessed id replaced by the device's"
+    )
+    assert await d.wait_converged(10.0)
+    assert _attaches(rig, new.identity) == [("attach", "ok")]
+
+
+async def _has_ids(r: Rig, want: set[str]) -> bool:
+    return set(await r.held("a")) == want
+
+
+async def test_a_rule_that_needs_the_serial_waits_for_the_read(rig: Rig) -> None:
+    d = await rig.up(BY_SERIAL)
+    identity = d.inventory[KBD].identity
+    rig.kernel.unplug(KBD)
+    await until(lambda: _has(rig.ports("a"), set()), what="detached")
+    hold = _prepare(rig, d, wait=1.5)
+    await _plug_held(rig, hold)
+    assert hold.held_before_read is False, "attached on a rule the uevent cannot answer"
+    await until(lambda: _has(rig.ports("a"), {KBD}), what="attached after the read")
+    assert _attaches(rig, identity) == [("attach", "ok"), ("detach", "ok"), ("attach", "ok")]
