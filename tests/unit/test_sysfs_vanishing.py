@@ -167,13 +167,14 @@ class Kernel:
         if Path(path).name in LOCKED and 0 < self.done < self.lock_end:
             self.advance(self.lock_end)
 
-    def open(self, path: str, flags: int, mode: int = 0o777) -> int:
+    def open(self, path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        full = path if dir_fd is None else f"{self.fds[dir_fd]}/{path}"  # openat: as the kernel
         self.opens += 1
-        self.seen.add(path)
+        self.seen.add(full)
         if self.opens == self.at and self.before:
             self.advance(self.upto)
-        fd = os.open(path, flags, mode)
-        self.fds[fd] = path
+        fd = os.open(path, flags, mode, dir_fd=dir_fd)
+        self.fds[fd] = full
         if self.opens == self.at and not self.before:
             self.advance(self.upto)
         return fd
@@ -315,9 +316,9 @@ def _open_number(
     seen: list[str] = []
 
     class Spy(Kernel):
-        def open(self, p: str, flags: int, mode: int = 0o777) -> int:
+        def open(self, p: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
             seen.append(Path(p).name)
-            return super().open(p, flags, mode)
+            return super().open(p, flags, mode, dir_fd=dir_fd)
 
     assert _read(monkeypatch, Spy(steps, lock_end, 0, 0, True), path) is not None
     return seen.index(name) + 1

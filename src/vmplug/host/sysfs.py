@@ -47,21 +47,6 @@ class SysfsError(UsageError):
     """The sysfs root itself is unusable (not one device's attribute)."""
 
 
-def _read(path: str) -> str | None:
-    """A sysfs attribute as text without its trailing newline, or None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, 65536)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return data.decode("utf-8", "replace").rstrip("\n")
-
-
 def _read_bytes(path: str) -> bytes | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -76,22 +61,6 @@ def _read_bytes(path: str) -> bytes | None:
         return None
     finally:
         os.close(fd)
-
-
-def _read_uevent(path: str) -> tuple[int, dict[str, str]] | None:
-    """The device's ``uevent`` node (inode number) and properties; None: no device."""
-    try:
-        fd = os.open(path + "/uevent", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        node = os.fstat(fd).st_ino
-        data = os.read(fd, 65536)
-    except OSError:
-        return None  # ENODEV: removed between open and read
-    finally:
-        os.close(fd)
-    return node, _uevent(data.decode("utf-8", "replace"))
 
 
 def _in_flux(path: str, name: str) -> bool:
@@ -124,13 +93,6 @@ def _in_flux(path: str, name: str) -> bool:
     number = chain.rsplit(".", 1)[-1]
     hub_intf = f"{bus}-0:1.0" if hub.startswith("usb") else f"{hub}:1.0"
     return os.path.isdir(f"{parent}/{hub_intf}/{hub}-port{number}")
-
-
-def _driver(path: str) -> str | None:
-    try:
-        return os.path.basename(os.readlink(path + "/driver"))
-    except OSError:
-        return None
 
 
 @dataclass(slots=True)
@@ -382,8 +344,16 @@ def _controller(real: str) -> str | None:
     return found
 
 
+def _driver_at(dirfd: int, link: str) -> str | None:
+    """The driver a ``driver`` link (relative to ``dirfd``) names, or None."""
+    try:
+        return os.path.basename(os.readlink(link, dir_fd=dirfd))
+    except OSError:
+        return None
+
+
 def _interfaces(
-    path: str, name: str, configuration: int | None, parsed: _Parsed, warnings: list[str]
+    dirfd: int, name: str, configuration: int | None, parsed: _Parsed, warnings: list[str]
 ) -> tuple[Interface, ...]:
     cfg = parsed.configs.get(configuration) if configuration is not None else None
     if cfg is None and len(parsed.configs) == 1 and configuration is None:
@@ -396,11 +366,88 @@ def _interfaces(
     for number in sorted(cfg):
         alts = sorted(cfg[number], key=lambda a: a.alternate)
         first = alts[0]
-        driver = _driver(f"{path}/{name}:{configuration}.{number}") if configuration else None
+        driver = (
+            _driver_at(dirfd, f"{name}:{configuration}.{number}/driver") if configuration else None
+        )
         out.append(
             Interface(number, first.cls, first.subclass, first.protocol, driver, tuple(alts))
         )
     return tuple(out)
+
+
+_O_FILE = os.O_RDONLY | os.O_CLOEXEC
+_O_DIR = _O_FILE | os.O_DIRECTORY
+
+
+def _at(dirfd: int, name: str, size: int = 65536) -> bytes | None:
+    """The bytes of attribute ``name`` of the directory open as ``dirfd``, or None.
+
+    Relative to the device's directory, so the kernel walks one name, not the
+    whole path, and a directory the kernel removed (and perhaps made again for
+    a new device) answers nothing: its old node has no attributes any more.
+    """
+    try:
+        fd = os.open(name, _O_FILE, dir_fd=dirfd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, size)
+    except OSError:
+        return None  # ENODEV: removed between open and read
+    finally:
+        os.close(fd)
+
+
+def _at_all(dirfd: int, name: str) -> bytes | None:
+    """All of a binary attribute (``descriptors`` can pass 64 KiB), or None."""
+    data = _at(dirfd, name)
+    if data is None or len(data) < 65536:
+        return data
+    try:
+        fd = os.open(name, _O_FILE, dir_fd=dirfd)
+    except OSError:
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _at_text(dirfd: int, name: str) -> str | None:
+    """An attribute as text without its trailing newline, or None (as :func:`_read`)."""
+    data = _at(dirfd, name)
+    return None if data is None else data.decode("utf-8", "replace").rstrip("\n")
+
+
+def _at_string(dirfd: int, name: str) -> bytes | None:
+    """A string attribute as usbguard reads it (as :func:`_read_string`)."""
+    data = _at(dirfd, name, 4096)
+    return None if data is None else data.rstrip(_USBGUARD_TRIM)
+
+
+#: The controller of each ``.../usbN`` directory already seen (a scan asks once per bus).
+_CONTROLLERS: dict[str, str | None] = {}
+
+
+def _controller_of(path: str) -> str | None:
+    """:func:`_controller` of ``path``, worked out once per root hub's directory."""
+    at = path.find("/usb")
+    while at >= 0:
+        end = path.find("/", at + 1)
+        head = path[: end if end >= 0 else len(path)]
+        if head[at + 4 :].isdigit():
+            if head not in _CONTROLLERS:
+                if len(_CONTROLLERS) > 256:
+                    _CONTROLLERS.clear()
+                _CONTROLLERS[head] = _controller(head)
+            return _CONTROLLERS[head]
+        at = path.find("/usb", at + 1)
+    return _controller(path)
 
 
 def read_device(
@@ -419,13 +466,44 @@ def read_device(
     ``root`` (the sysfs root) and ``known_hashes`` (usbguard hashes of devices
     already read, by path) only serve the ``parent-hash``: without them it is
     worked out from the path and by reading the parent hub.
+
+    Frugal, since it runs on every rescan: every file is opened relative to
+    the device's directory; ``uevent`` gives the bus and device numbers and
+    the driver, ``descriptors`` the ids, class codes, USB version and every
+    interface and endpoint; a string the device descriptor says the device
+    has no index for (the kernel then makes no file) is not looked for.
     """
-    warnings: list[str] = []
-    first = _read_uevent(path)
-    if first is None:
+    try:
+        dirfd = os.open(path, _O_DIR)
+    except OSError:
         return None  # no device here (any more)
-    node, ev = first
-    raw = _read_bytes(path + "/descriptors")
+    try:
+        return _read_at(dirfd, path, name, root, known_hashes)
+    finally:
+        os.close(dirfd)
+
+
+def _read_at(
+    dirfd: int,
+    path: str,
+    name: str,
+    root: str | None,
+    known_hashes: dict[str, str | None] | None,
+) -> UsbDevice | None:
+    warnings: list[str] = []
+    try:
+        fd = os.open("uevent", _O_FILE, dir_fd=dirfd)
+    except OSError:
+        return None  # no device here (any more)
+    try:
+        node = os.fstat(fd).st_ino
+        data = os.read(fd, 65536)
+    except OSError:
+        return None  # ENODEV: removed between open and read
+    finally:
+        os.close(fd)
+    ev = _uevent(data.decode("utf-8", "replace"))
+    raw = _at_all(dirfd, "descriptors")
     if raw is None:
         warnings.append("descriptors: missing")
         parsed = _Parsed()
@@ -436,41 +514,40 @@ def read_device(
     vendor_id, product_id, bcd = parsed.vendor_id, parsed.product_id, parsed.bcd_device
     dclass, dsub, dproto = parsed.device_class, parsed.device_subclass, parsed.device_protocol
     if vendor_id is None:  # fall back to the attribute files
-        vendor_id = _int(_read(path + "/idVendor"), 16, "idVendor", warnings)
-        product_id = _int(_read(path + "/idProduct"), 16, "idProduct", warnings)
-        bcd = _int(_read(path + "/bcdDevice"), 16, "bcdDevice", warnings)
-        dclass = _int(_read(path + "/bDeviceClass"), 16, "bDeviceClass", warnings)
-        dsub = _int(_read(path + "/bDeviceSubClass"), 16, "bDeviceSubClass", warnings)
-        dproto = _int(_read(path + "/bDeviceProtocol"), 16, "bDeviceProtocol", warnings)
+        vendor_id = _int(_at_text(dirfd, "idVendor"), 16, "idVendor", warnings)
+        product_id = _int(_at_text(dirfd, "idProduct"), 16, "idProduct", warnings)
+        bcd = _int(_at_text(dirfd, "bcdDevice"), 16, "bcdDevice", warnings)
+        dclass = _int(_at_text(dirfd, "bDeviceClass"), 16, "bDeviceClass", warnings)
+        dsub = _int(_at_text(dirfd, "bDeviceSubClass"), 16, "bDeviceSubClass", warnings)
+        dproto = _int(_at_text(dirfd, "bDeviceProtocol"), 16, "bDeviceProtocol", warnings)
+        has_strings = (True, True, True)
+    else:  # iManufacturer, iProduct, iSerialNumber: 0 means no string, and no file
+        assert raw is not None
+        has_strings = (raw[14] != 0, raw[15] != 0, raw[16] != 0)
 
-    busnum = _int(ev.get("BUSNUM") or _read(path + "/busnum"), 10, "busnum", warnings)
-    devnum = _int(ev.get("DEVNUM") or _read(path + "/devnum"), 10, "devnum", warnings)
-    config_text = _read(path + "/bConfigurationValue")
+    busnum = _int(ev.get("BUSNUM") or _at_text(dirfd, "busnum"), 10, "busnum", warnings)
+    devnum = _int(ev.get("DEVNUM") or _at_text(dirfd, "devnum"), 10, "devnum", warnings)
+    config_text = _at_text(dirfd, "bConfigurationValue")
     configuration = _int(config_text, 10, "bConfigurationValue", warnings) if config_text else None
-    authorized_text = _read(path + "/authorized")
+    authorized_text = _at_text(dirfd, "authorized")
     authorized = None if authorized_text is None else authorized_text.strip() == "1"
     # Only hubs have ports; the USB version is bcdUSB in the device descriptor.
-    num_ports = _int(_read(path + "/maxchild"), 10, "maxchild", warnings) if dclass == 9 else None
-    version = _read(path + "/version") if parsed.bcd_usb is None else _bcd(parsed.bcd_usb)
-    delay = _read(path + "/power/autosuspend_delay_ms")
-    product_raw = _read_string(path + "/product")
-    serial_raw = _read_string(path + "/serial")
+    num_ports = _int(_at_text(dirfd, "maxchild"), 10, "maxchild", warnings) if dclass == 9 else None
+    version = _at_text(dirfd, "version") if parsed.bcd_usb is None else _bcd(parsed.bcd_usb)
+    delay = _at_text(dirfd, "power/autosuspend_delay_ms")
+    product_raw = _at_string(dirfd, "product") if has_strings[1] else None
+    serial_raw = _at_string(dirfd, "serial") if has_strings[2] else None
     guard = usbguard_hash(raw, product_raw, serial_raw) if raw else None
     if raw and guard is None:
         warnings.append("descriptors: usbguard would refuse them (no hash)")
 
-    power_control = _read(path + "/power/control")
-    interfaces = _interfaces(
-        path,
-        # a root hub "usbN" names its interfaces "N-0:C.I"
-        f"{busnum}-0" if name.startswith("usb") and busnum is not None else name,
-        configuration,
-        parsed,
-        warnings,
-    )
+    power_control = _at_text(dirfd, "power/control")
+    # a root hub "usbN" names its interfaces "N-0:C.I"
+    intf_name = f"{busnum}-0" if name.startswith("usb") and busnum is not None else name
+    interfaces = _interfaces(dirfd, intf_name, configuration, parsed, warnings)
     # Read after everything usb_disconnect/device_del remove before the port link
     # goes (interfaces, the configuration, power/, descriptors): see _in_flux.
-    connect_type = _read(path + "/port/connect_type")
+    connect_type = _at_text(dirfd, "port/connect_type")
     if connect_type is None and _in_flux(path, name):
         return None
 
@@ -481,21 +558,21 @@ def read_device(
         vendor_id=vendor_id,
         product_id=product_id,
         bcd_device=bcd,
-        manufacturer=_read(path + "/manufacturer"),
+        manufacturer=_at_text(dirfd, "manufacturer") if has_strings[0] else None,
         product=_text(product_raw),
         serial=_text(serial_raw),
-        speed_mbps=_speed(_read(path + "/speed"), warnings),
+        speed_mbps=_speed(_at_text(dirfd, "speed"), warnings),
         usb_version=version.strip() if version else None,
         device_class=dclass,
         device_subclass=dsub,
         device_protocol=dproto,
         num_ports=num_ports if num_ports else None,
-        removable=_read(path + "/removable"),
+        removable=_at_text(dirfd, "removable"),
         authorized=authorized,
         power_control=power_control,
         autosuspend_delay_ms=_int(delay, 10, "autosuspend_delay_ms", warnings),
-        driver=ev.get("DRIVER") or _driver(path),
-        controller=_controller(path),
+        driver=ev.get("DRIVER") or _driver_at(dirfd, "driver"),
+        controller=_controller_of(path),
         connect_type=connect_type,
         configuration=configuration,
         interfaces=interfaces,
@@ -508,7 +585,7 @@ def read_device(
     # device_del removes uevent before every attribute and string: the same
     # uevent still there now means all of them came from one live device.
     try:
-        if os.stat(path + "/uevent").st_ino == node:
+        if os.stat("uevent", dir_fd=dirfd).st_ino == node:
             return device
     except OSError:
         pass
