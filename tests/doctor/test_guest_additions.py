@@ -32,13 +32,16 @@ from vmplug.doctor.guest import (
     filter_verdict,
     parse_filter,
     parse_version,
+    service_findings,
+    virtio_findings,
 )
+from vmplug.doctor.windows import parse_pnp_json, parse_services_json, pci_ids, virtio_advice
 from vmplug.generate.spice import plan_spice
 from vmplug.host.inventory import read_devices
 from vmplug.model import UsbDevice
 from vmplug.wire.qga import GuestAgent, commands
 
-from .conftest import QEMU, SYSFS, XHCI
+from .conftest import DOCTOR, QEMU, SYSFS, XHCI
 
 AgentFactory = Callable[..., Path]
 
@@ -339,3 +342,54 @@ def test_spice_without_competition(qemu: Any) -> None:
     assert (
         g.severity is Severity.OK and "every SPICE usbredir channel's filter blocks it" in g.title
     )
+
+
+# ---------------------------------------------------------------- Windows (documents, not captures)
+
+WIN = DOCTOR / "windows"
+
+
+def test_windows_services_as_get_service_writes_them() -> None:
+    ok = parse_services_json((WIN / "services-ok.json").read_text())
+    assert [(x.name, x.status, x.start) for x in ok] == [
+        ("QEMU-GA", "Running", "Automatic"),
+        ("spice-agent", "Running", "Automatic"),
+    ]
+    (f,) = service_findings(ok, "win")
+    assert f.severity is Severity.OK
+    one = parse_services_json("\ufeff" + (WIN / "services-strings.json").read_text())
+    assert [(x.name, x.status, x.start) for x in one] == [("QEMU-GA", "Running", "Automatic")]
+    bad = list(service_findings(parse_services_json((WIN / "services-bad.json").read_text()), "w"))
+    assert [(x.severity, x.subject) for x in bad] == [
+        (Severity.WARNING, "QEMU-GA"),
+        (Severity.WARNING, "vdservice"),
+    ]
+    assert "starts Manual, not with Windows" in bad[0].title
+    assert bad[0].fix and "Set-Service -Name QEMU-GA -StartupType Automatic" in bad[0].fix
+    assert bad[1].fix and "Set-Service -Name vdservice -StartupType Disabled" in bad[1].fix
+    assert "Get-Service vdservice (RHEV Spice Agent): Status=Running StartType=Automatic" in (
+        bad[1].evidence
+    )
+    (none,) = service_findings([], "w")
+    assert none.severity is Severity.OK and "none of QEMU-GA" in none.title
+
+
+def test_virtio_drivers_as_get_pnpdevice_writes_them() -> None:
+    devs = parse_pnp_json((WIN / "pnp-virtio.json").read_text())
+    found = list(virtio_findings(devs, "win"))
+    (balloon,) = found
+    assert balloon.severity is Severity.ERROR
+    assert balloon.title == (
+        "VM win: PCI Device (virtio-balloon): Code 28 CM_PROB_FAILED_INSTALL: "
+        "The drivers for this device are not installed."
+    )
+    assert balloon.fix and "pnputil /add-driver D:\\balloon\\w10\\amd64\\*.inf /install" in (
+        balloon.fix
+    )
+    healthy = [d for d in devs if d.problem == 0]
+    (ok,) = virtio_findings(healthy, "win")
+    assert ok.severity is Severity.OK and "2 VirtIO/QEMU PCI devices" in ok.title
+    assert any("qemu-xhci USB controller" in e for e in ok.evidence)
+    assert "EHCI" in virtio_advice((0x1B36, 0x000D))
+    assert "guest agent's channel" in virtio_advice((0x1AF4, 0x1043))
+    assert pci_ids(devs[0].instance_id) == (0x1AF4, 0x1043)

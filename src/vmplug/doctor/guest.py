@@ -21,12 +21,20 @@ from vmplug.doctor.findings import CheckSpec, Finding, Severity
 from vmplug.doctor.qemu_info import QemuInstance, find_processes, query_qmp
 from vmplug.doctor.windows import (
     ADVICE,
+    PCI_DEVICES,
     PNP_COMMAND,
     POWERCFG_ARGS,
+    SERVICE_COMMAND,
+    SERVICES,
+    VIRTIO_COMMAND,
     PnpDevice,
+    WinService,
     parse_pnp_json,
     parse_selective_suspend,
+    parse_services_json,
+    pci_ids,
     usb_ids,
+    virtio_advice,
 )
 from vmplug.generate.spice import ANY, FilterRule
 from vmplug.model import UsbDevice
@@ -335,6 +343,125 @@ def _windows(agent: GuestAgent, vm: str) -> Iterator[Finding]:
         yield from windows_findings(parse_pnp_json(out), vm)
     rc, out, err = agent.exec("powercfg.exe", POWERCFG_ARGS, timeout=60)
     yield from selective_suspend_findings(out if rc == 0 else "", vm, err)
+    for check, command, judge in (
+        ("guest.windows-services", SERVICE_COMMAND, _judge_services),
+        ("guest.windows-virtio", VIRTIO_COMMAND, _judge_virtio),
+    ):
+        cmd = ["-NoProfile", "-NonInteractive", "-Command", command]
+        rc, out, err = agent.exec("powershell.exe", cmd, timeout=120)
+        if rc != 0:
+            yield _f(
+                check,
+                Severity.WARNING,
+                f"PowerShell failed in the guest (exit {rc})",
+                vm,
+                evidence=(command, err.strip()[:500]),
+            )
+            continue
+        try:
+            yield from judge(out, vm)
+        except ValueError as exc:  # json.JSONDecodeError included
+            yield _f(
+                check,
+                Severity.WARNING,
+                "PowerShell's output in the guest is not the JSON asked for",
+                vm,
+                evidence=(command, f"{exc}", out.strip()[:300]),
+            )
+
+
+def _judge_services(text: str, vm: str) -> Iterator[Finding]:
+    yield from service_findings(parse_services_json(text), vm)
+
+
+def _judge_virtio(text: str, vm: str) -> Iterator[Finding]:
+    yield from virtio_findings(parse_pnp_json(text), vm)
+
+
+def service_findings(services: Sequence[WinService], vm: str) -> Iterator[Finding]:
+    """The guest additions' services (``Get-Service``): the agent must start with
+    Windows; two SPICE agents fight over the one vdagent port."""
+    by_name = {s.name.lower(): s for s in services}
+    ev = tuple(
+        f"Get-Service {s.name} ({s.display}): Status={s.status} StartType={s.start}"
+        for s in services
+    )
+    bad = False
+    ga = by_name.get("qemu-ga")
+    if ga is not None and ga.start != "Automatic":
+        bad = True
+        yield _f(
+            "guest.windows-services",
+            Severity.WARNING,
+            f"the QEMU Guest Agent service starts {ga.start}, not with Windows: after a "
+            "reboot nothing answers on the agent channel",
+            vm,
+            evidence=ev,
+            fix="in the guest (admin PowerShell):\n"
+            "  Set-Service -Name QEMU-GA -StartupType Automatic\n  Start-Service QEMU-GA",
+            subject="QEMU-GA",
+        )
+    agents = [by_name[n] for n in ("spice-agent", "vdservice") if n in by_name]
+    running = [a for a in agents if a.status == "Running"]
+    if len(running) > 1:
+        bad = True
+        yield _f(
+            "guest.windows-services",
+            Severity.WARNING,
+            "two SPICE agents run (spice-agent and the older vdservice): they fight over "
+            "the one vdagent port (com.redhat.spice.0)",
+            vm,
+            evidence=ev,
+            fix="in the guest (admin PowerShell): keep the newer one\n"
+            "  Stop-Service vdservice\n  Set-Service -Name vdservice -StartupType Disabled",
+            subject="vdservice",
+        )
+    if not bad:
+        yield _f(
+            "guest.windows-services",
+            Severity.OK,
+            "the guest additions' services are set up as they should be"
+            if services
+            else "none of " + ", ".join(SERVICES) + " is installed",
+            vm,
+            evidence=ev,
+        )
+
+
+def virtio_findings(devices: Sequence[PnpDevice], vm: str) -> Iterator[Finding]:
+    """QEMU's paravirtual PCI devices (virtio 1AF4, Red Hat 1B36: the xHCI
+    controller) as Windows sees them: one finding per device with a problem code."""
+    bad = 0
+    listing: list[str] = []
+    for d in devices:
+        ids = pci_ids(d.instance_id)
+        if ids is None:
+            continue
+        what, driver = PCI_DEVICES.get(ids, (f"PCI {ids[0]:04x}:{ids[1]:04x}", "?"))
+        listing.append(f"{d.name} ({what}, {driver}): Code {d.problem}")
+        if d.problem == 0:
+            continue
+        bad += 1
+        yield _f(
+            "guest.windows-virtio",
+            Severity.WARNING if d.problem in (22, 45) else Severity.ERROR,
+            f"{d.name} ({what}): Code {d.problem} {d.problem_name}: {d.problem_text}",
+            vm,
+            evidence=(
+                f"Get-PnpDevice: InstanceId={d.instance_id} Class={d.cls} Status={d.status} "
+                f"ConfigManagerErrorCode={d.problem}",
+            ),
+            fix=virtio_advice(ids),
+            subject=d.instance_id,
+        )
+    if not bad:
+        yield _f(
+            "guest.windows-virtio",
+            Severity.OK,
+            f"{len(listing)} VirtIO/QEMU PCI devices in Windows, each with its driver",
+            vm,
+            evidence=tuple(listing),
+        )
 
 
 def windows_findings(devices: Sequence[PnpDevice], vm: str) -> Iterator[Finding]:

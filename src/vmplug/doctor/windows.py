@@ -268,3 +268,132 @@ def parse_selective_suspend(text: str) -> tuple[int, int] | None:
     if len(values) < 2:
         return None
     return int(values[-2], 16), int(values[-1], 16)
+
+
+# ---------------------------------------------------------------- services (Get-Service)
+
+#: Services of the guest additions the doctor looks at: name -> what it is.
+SERVICES: dict[str, str] = {
+    "QEMU-GA": "QEMU Guest Agent (virtio-win guest tools)",
+    "spice-agent": "SPICE agent (spice-guest-tools / spice-vdagent-win)",
+    "vdservice": "SPICE agent service of older spice-guest-tools (RHEV Spice Agent)",
+}
+#: The PowerShell the doctor runs for them (one line, no profile).
+SERVICE_COMMAND = (
+    "Get-Service -Name "
+    + ",".join(f"'{n}'" for n in SERVICES)
+    + " -ErrorAction SilentlyContinue | Select-Object Name,DisplayName,Status,StartType"
+    " | ConvertTo-Json"
+)
+#: System.ServiceProcess.ServiceControllerStatus: ConvertTo-Json writes the number.
+SERVICE_STATUS = {
+    1: "Stopped",
+    2: "StartPending",
+    3: "StopPending",
+    4: "Running",
+    5: "ContinuePending",
+    6: "PausePending",
+    7: "Paused",
+}
+#: System.ServiceProcess.ServiceStartMode.
+START_MODE = {0: "Boot", 1: "System", 2: "Automatic", 3: "Manual", 4: "Disabled"}
+
+
+@dataclass(frozen=True)
+class WinService:
+    name: str
+    display: str
+    status: str
+    start: str
+
+
+def _enum(value: Any, table: dict[int, str]) -> str:
+    if isinstance(value, bool) or value is None:
+        return "?"
+    if isinstance(value, int):
+        return table.get(value, str(value))
+    return str(value)
+
+
+def _items(text: str) -> list[dict[str, Any]]:
+    text = text.strip().lstrip("\ufeff")
+    if not text:
+        return []
+    data = json.loads(text)
+    items = data if isinstance(data, list) else [data]
+    return [i for i in items if isinstance(i, dict)]
+
+
+def parse_services_json(text: str) -> list[WinService]:
+    """``Get-Service … | Select-Object Name,DisplayName,Status,StartType |
+    ConvertTo-Json``: enums as numbers (PowerShell 5.1 and 7) or names
+    (``-EnumsAsStrings``); one object or a list."""
+    return [
+        WinService(
+            name=str(i.get("Name") or "?"),
+            display=str(i.get("DisplayName") or i.get("Name") or "?"),
+            status=_enum(i.get("Status"), SERVICE_STATUS),
+            start=_enum(i.get("StartType"), START_MODE),
+        )
+        for i in _items(text)
+    ]
+
+
+# ---------------------------------------------------------------- VirtIO and QEMU PCI devices
+
+#: PCI ids of QEMU's paravirtual devices (virtio 1AF4, Red Hat 1B36) -> (what, Windows driver).
+PCI_DEVICES: dict[tuple[int, int], tuple[str, str]] = {
+    (0x1AF4, 0x1000): ("virtio-net (transitional)", "netkvm (virtio-win)"),
+    (0x1AF4, 0x1041): ("virtio-net", "netkvm (virtio-win)"),
+    (0x1AF4, 0x1001): ("virtio-blk (transitional)", "viostor (virtio-win)"),
+    (0x1AF4, 0x1042): ("virtio-blk", "viostor (virtio-win)"),
+    (0x1AF4, 0x1002): ("virtio-balloon (transitional)", "balloon (virtio-win)"),
+    (0x1AF4, 0x1045): ("virtio-balloon", "balloon (virtio-win)"),
+    (0x1AF4, 0x1003): ("virtio-serial (transitional)", "vioserial (virtio-win)"),
+    (0x1AF4, 0x1043): ("virtio-serial", "vioserial (virtio-win)"),
+    (0x1AF4, 0x1004): ("virtio-scsi (transitional)", "vioscsi (virtio-win)"),
+    (0x1AF4, 0x1048): ("virtio-scsi", "vioscsi (virtio-win)"),
+    (0x1AF4, 0x1005): ("virtio-rng (transitional)", "viorng (virtio-win)"),
+    (0x1AF4, 0x1044): ("virtio-rng", "viorng (virtio-win)"),
+    (0x1AF4, 0x1050): ("virtio-gpu", "viogpudo (virtio-win)"),
+    (0x1AF4, 0x1052): ("virtio-input", "vioinput (virtio-win)"),
+    (0x1AF4, 0x105A): ("virtio-fs", "viofs (virtio-win)"),
+    (0x1B36, 0x000D): ("qemu-xhci USB controller", "USBXHCI (in the box since Windows 8)"),
+    (0x1B36, 0x0100): ("qxl display", "qxldod (virtio-win)"),
+}
+#: Get-PnpDevice's filter for them (added to the USB one by the doctor).
+VIRTIO_FILTER = "$_.InstanceId -like 'PCI\\VEN_1AF4*' -or $_.InstanceId -like 'PCI\\VEN_1B36*'"
+VIRTIO_COMMAND = (
+    f"Get-PnpDevice | Where-Object {{ {VIRTIO_FILTER} }} | Select-Object Status,Class,"
+    "FriendlyName,InstanceId,Problem,ConfigManagerErrorCode,Present | ConvertTo-Json -Depth 2"
+)
+
+
+def pci_ids(instance_id: str) -> tuple[int, int] | None:
+    """``PCI\\VEN_1AF4&DEV_1043&SUBSYS_…`` -> (0x1af4, 0x1043)."""
+    m = re.match(r"PCI\\VEN_([0-9A-Fa-f]{4})&DEV_([0-9A-Fa-f]{4})", instance_id)
+    return (int(m.group(1), 16), int(m.group(2), 16)) if m else None
+
+
+def virtio_advice(ids: tuple[int, int]) -> str:
+    """The fix for a QEMU PCI device Windows has no working driver for."""
+    what, driver = PCI_DEVICES.get(ids, (f"PCI {ids[0]:04x}:{ids[1]:04x}", "virtio-win"))
+    if ids == (0x1B36, 0x000D):
+        return (
+            "Windows 7 has no xHCI driver: give the VM an EHCI controller instead "
+            "(-device ich9-usb-ehci1,id=ehci, usb-host ...,bus=ehci.0) or install the "
+            "vendor's xHCI driver; on Windows 8 and later reinstall the in-box USBXHCI driver "
+            "(Device Manager -> Update driver -> Search automatically)"
+        )
+    serial = ids in ((0x1AF4, 0x1003), (0x1AF4, 0x1043))
+    return (
+        f"install the {driver} driver for {what}: run virtio-win-guest-tools.exe from the "
+        "virtio-win ISO, or in an admin prompt\n"
+        f"  pnputil /add-driver D:\\{driver.split()[0]}\\w10\\amd64\\*.inf /install   "
+        "(D: = the virtio-win ISO; w11/2k22 ... for other versions)"
+        + (
+            "\nwithout it the guest agent's channel (org.qemu.guest_agent.0) does not exist"
+            if serial
+            else ""
+        )
+    )
