@@ -185,8 +185,30 @@ class ExportDeviceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExportRule:
+    """One ``[[export.rule]]``: devices it matches may leave this host (or,
+    with ``block = true``, may not).  The first matching rule decides."""
+
+    rule: Rule
+    block: bool = False
+    line: int | None = None
+
+
+#: ``[export] ports``: the TCP ports endpoints made by rules take
+DEFAULT_EXPORT_PORTS = (7100, 7199)
+#: ``[host.NAME] api_port``: where a device host's API listens (``[api] listen``)
+DEFAULT_DEVICE_HOST_API_PORT = 7200
+
+
+@dataclass(frozen=True, slots=True)
 class ExportConfig:
-    """``[export]``: this host is a device host (see vmplug.remote.export)."""
+    """``[export]``: this host is a device host (see vmplug.remote.export).
+
+    Which devices may leave is given by ``[[export.rule]]`` (vmplug's rule
+    language; each present device that a rule allows gets an endpoint on a
+    port of ``ports``, the same port for the same device identity) and by
+    static ``[export.device.NAME]`` tables (a port path on a pinned port).
+    """
 
     #: this host's name: its certificate is CERTS/NAME-cert.pem
     name: str
@@ -199,6 +221,17 @@ class ExportConfig:
     #: plaintext usbredir, no authentication (lab networks only)
     insecure: bool = False
     devices: tuple[ExportDeviceConfig, ...] = ()
+    rules: tuple[ExportRule, ...] = ()
+    #: first and last TCP port of the endpoints made by rules
+    ports: tuple[int, int] = DEFAULT_EXPORT_PORTS
+
+    def allows(self, device: UsbDevice) -> bool:
+        """The first ``[[export.rule]]`` that matches says; none: stays here.
+        Hubs never leave (usbredir cannot carry one)."""
+        if device.is_hub or device.is_root_hub or device.host is not None:
+            return False
+        index = first_match([r.rule for r in self.rules], device)
+        return index is not None and not self.rules[index].block
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +248,10 @@ class RemoteHostConfig:
     insecure: bool = False
     #: seconds between QEMU's reconnects
     reconnect: int = 1
-    #: remote device name -> TCP port of its endpoint
+    #: remote device name -> TCP port of its endpoint (the static, pinned form)
     devices: Mapping[str, int] = field(default_factory=dict)
+    #: the device host's API port (mutual TLS): its export list, polled
+    api_port: int = DEFAULT_DEVICE_HOST_API_PORT
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,9 +344,10 @@ _API_BOUNDS: dict[str, tuple[type, float]] = {
 }
 _API_KEYS = {"listen", "token_file", "group", *_API_BOUNDS}
 _TOP_KEYS = {"vm", "rule", "daemon", "api", "export", "host", "heal", "alert"}
-_EXPORT_KEYS = {"name", "certs", "listen", "allow", "insecure", "device"}
+_EXPORT_KEYS = {"name", "certs", "listen", "allow", "insecure", "device", "rule", "ports"}
+_EXPORT_RULE_KEYS = {"match", "block", "comment"}
 _EXPORT_DEVICE_KEYS = {"port_path", "port", "vendor", "product"}
-_HOST_KEYS = {"address", "certs", "me", "insecure", "reconnect", "devices"}
+_HOST_KEYS = {"address", "certs", "me", "insecure", "reconnect", "devices", "api_port"}
 _PORT_PATH = re.compile(r"^[0-9]+-[0-9]+(\.[0-9]+)*$")
 _LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):(?P<port>\d{1,5})$")
 
@@ -498,8 +534,15 @@ class _Loader:
                 f"(VMs: {known})",
                 where,
             )
+        rule = self.match_rule(text, what, line)
+        heal = self.typed(table, "heal", bool, what, line) is not False
+        return RuleConfig(
+            index=index, rule=rule, attach=attach, block=bool(block), line=line, heal=heal
+        )
+
+    def match_rule(self, text: str, what: str, line: int | None) -> Rule:
         try:
-            rule = parse_rule(text)
+            return parse_rule(text)
         except RuleSyntaxError as exc:
             where = self.loc.key(line, "match")
             if where is None:
@@ -510,10 +553,6 @@ class _Loader:
             if exc.line == 1 and excerpt[mcol - 1 : mcol] in ("'", '"'):
                 mcol += 1 + exc.column
             raise self.error(f"{what}: bad match rule: {exc.message}", mline, mcol) from None
-        heal = self.typed(table, "heal", bool, what, line) is not False
-        return RuleConfig(
-            index=index, rule=rule, attach=attach, block=bool(block), line=line, heal=heal
-        )
 
     def load(self, data: Mapping[str, Any]) -> Config:
         self.unknown_keys(data, _TOP_KEYS, "the top level", 0)
@@ -537,13 +576,14 @@ class _Loader:
             database=self.typed(daemon_table, "database", str, "[daemon]", line)
             or defaults.database,
         )
+        export = self.export(data)
         return Config(
             path=str(self.path),
             vms=vms,
             rules=rules,
             daemon=daemon,
-            api=self.api(data),
-            export=self.export(data),
+            api=self.api(data, export),
+            export=export,
             hosts=self.hosts(data),
             **self.remedy(data),
         )
@@ -632,6 +672,36 @@ class _Loader:
         ports = [d.port for d in devices]
         if len(ports) != len(set(ports)):
             raise self.error("[export]: two devices on the same port", line)
+        rule_tables = table.get("rule", [])
+        if not isinstance(rule_tables, list):
+            raise self.error("[export]: rule must be an array of tables: [[export.rule]]", line)
+        rules: list[ExportRule] = []
+        for i, rt in enumerate(rule_tables):
+            what = f"[[export.rule]] #{i + 1}"
+            rline = self.loc.table("export.rule", i, array=True) or line
+            if not isinstance(rt, dict):
+                raise self.error(f"{what} must be a table", rline)
+            self.unknown_keys(rt, _EXPORT_RULE_KEYS, what, rline)
+            text = self.typed(rt, "match", str, what, rline)
+            if text is None:
+                raise self.error(f"{what}: missing match = 'RULE'", rline)
+            block = self.typed(rt, "block", bool, what, rline) or False
+            rules.append(ExportRule(self.match_rule(text, what, rline), block, rline))
+        span = DEFAULT_EXPORT_PORTS
+        raw_ports = self.typed(table, "ports", str, "[export]", line)
+        if raw_ports is not None:
+            m = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", raw_ports)
+            where = self.loc.key(line, "ports") or line
+            if not m or not 0 < int(m.group(1)) <= int(m.group(2)) < 65536:
+                raise self.error(
+                    f'[export]: ports {raw_ports!r} is not "FIRST-LAST" (like "7100-7199")', where
+                )
+            span = (int(m.group(1)), int(m.group(2)))
+            if any(span[0] <= p <= span[1] for p in ports):
+                raise self.error(
+                    "[export]: a [export.device.NAME] port lies in ports (the rules' range)",
+                    where,
+                )
         return ExportConfig(
             name=name,
             certs=self._certs(table, "[export]", line),
@@ -639,6 +709,8 @@ class _Loader:
             allow=tuple(allow),
             insecure=self.typed(table, "insecure", bool, "[export]", line) or False,
             devices=tuple(devices),
+            rules=tuple(rules),
+            ports=span,
         )
 
     def hosts(self, data: Mapping[str, Any]) -> dict[str, RemoteHostConfig]:
@@ -664,6 +736,7 @@ class _Loader:
             reconnect = self.typed(table, "reconnect", int, what, line)
             if reconnect is not None and not 1 <= reconnect <= 3600:
                 raise self.error(f"{what}: reconnect must be 1..3600 s", line)
+            api_port = table.get("api_port")
             out[name] = RemoteHostConfig(
                 name=name,
                 address=address,
@@ -672,10 +745,13 @@ class _Loader:
                 insecure=self.typed(table, "insecure", bool, what, line) or False,
                 reconnect=reconnect or 1,
                 devices=ports,
+                api_port=DEFAULT_DEVICE_HOST_API_PORT
+                if api_port is None
+                else self._port(api_port, what, "api_port", line),
             )
         return out
 
-    def api(self, data: Mapping[str, Any]) -> ApiConfig:
+    def api(self, data: Mapping[str, Any], export: ExportConfig | None = None) -> ApiConfig:
         table = data.get("api", {})
         line = self.loc.table("api")
         if not isinstance(table, dict):
@@ -688,10 +764,12 @@ class _Loader:
             if not m or not 0 < int(m.group("port")) < 65536:
                 raise self.error(f"[api]: listen {listen!r} is not HOST:PORT", where)
             host = m.group("host").strip("[]")
-            if host not in ("localhost", "::1") and not host.startswith("127."):
+            if host not in ("localhost", "::1") and not host.startswith("127.") and export is None:
                 raise self.error(
                     f"[api]: listen {listen!r}: vmplug listens on loopback only "
-                    "(127.0.0.1 or [::1]); put a TLS proxy in front for anything else",
+                    "(127.0.0.1 or [::1]) unless this host is a device host ([export]: "
+                    "then the listener takes mutual TLS); put a TLS proxy in front "
+                    "for anything else",
                     where,
                 )
         token_file = self.typed(table, "token_file", str, "[api]", line)

@@ -283,11 +283,14 @@ async def listen_unix(server: Callable[[], Any], gate: Gate, path: str) -> async
     return await loop.create_unix_server(gate.protocol_factory(server), path, backlog=128)
 
 
-async def listen_tcp(server: Callable[[], Any], gate: Gate, host: str, port: int) -> asyncio.Server:
-    """Serve aiohttp's ``server`` on ``host:port`` (0: any free port), behind ``gate``."""
+async def listen_tcp(
+    server: Callable[[], Any], gate: Gate, host: str, port: int, *, tls: Any = None
+) -> asyncio.Server:
+    """Serve aiohttp's ``server`` on ``host:port`` (0: any free port), behind ``gate``
+    (``tls``: an ``ssl.SSLContext``, the device host's mutual-TLS listener)."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        gate.protocol_factory(server), host, port, reuse_address=True, backlog=128
+        gate.protocol_factory(server), host, port, reuse_address=True, backlog=128, ssl=tls
     )
 
 

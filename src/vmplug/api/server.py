@@ -9,6 +9,13 @@ One application, served in the daemon's own event loop on two kinds of site:
 * a **loopback TCP port** when ``[api] listen`` is set: the same API plus the
   web page at ``/``; every request needs the bearer token (see
   :mod:`vmplug.api.security`).
+* on a **device host** (``[export]``), ``[api] listen`` may face the network:
+  the listener then takes mutual TLS (a client certificate signed by the
+  installation's CA, named in ``[export] allow`` when that is set), and
+  ``GET /v1/export`` (the devices this host lets go, their endpoint ports and
+  who holds each; an ETag, and ``?wait=S`` with ``If-None-Match`` to wait for
+  the next change) needs nothing more: the certificate is the credential.
+  Everything else still needs the token.
 
 The routes and their schemas are in :mod:`vmplug.api.openapi`
 (``GET /v1/openapi.json``).
@@ -23,6 +30,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +47,8 @@ from vmplug.daemon.reconciler import Daemon
 from vmplug.errors import SelectorError, VmplugError
 from vmplug.host.select import describe, select_one
 from vmplug.model import UsbDevice
+from vmplug.remote.devicehost import DeviceHostExport
+from vmplug.wire.tls import peer_names
 
 log = logging.getLogger("vmplug.api")
 
@@ -49,6 +59,8 @@ DEFAULT_WINDOW_S = 7 * 86400.0
 MAX_WINDOW_S = 366 * 86400.0
 SSE_QUEUE = 1000
 SSE_KEEPALIVE_S = 15.0
+#: the longest ``GET /v1/export?wait=`` (below [api] idle_timeout's default 30 s)
+EXPORT_WAIT_MAX_S = 25.0
 STATIC = {"app.js": "application/javascript", "app.css": "text/css"}
 #: no inline script or style, nothing from elsewhere, no framing
 CSP = (
@@ -164,6 +176,10 @@ class Api:
         self._assets: dict[str, bytes] = {}
         self._memo: dict[int, tuple[UsbDevice, dict[str, Any]]] = {}
         self.metrics: Any = None
+        #: the device host's export side (``[export]``), None on a VM host
+        self.exporter: DeviceHostExport | None = None
+        #: certificate names that may read /v1/export (empty: any the CA signed)
+        self.export_allow: frozenset[str] = frozenset()
         if metrics:
             from vmplug.api.metrics import Metrics  # noqa: PLC0415
 
@@ -185,6 +201,7 @@ class Api:
         r.add_post(f"{p}/reload", self.reload)
         r.add_get(f"{p}/events", self.events)
         r.add_get(f"{p}/openapi.json", self.openapi)
+        r.add_get(f"{p}/export", self.export_list)
         r.add_get("/metrics", self.metrics_page)
         r.add_get("/", self.page)
         r.add_post("/login", self.login)
@@ -225,17 +242,23 @@ class Api:
             os.chown(path, -1, gid)
         path.chmod(mode)
 
-    async def start_tcp(self, listen: str, token: str) -> int:
-        """Listen on loopback ``HOST:PORT`` (port 0: any free one); returns the port."""
+    async def start_tcp(
+        self, listen: str, token: str, *, tls: ssl.SSLContext | None = None, anywhere: bool = False
+    ) -> int:
+        """Listen on loopback ``HOST:PORT`` (port 0: any free one); returns the port.
+
+        ``tls`` (a server context requiring client certificates): the device
+        host's listener, which may listen anywhere; ``anywhere`` without it
+        only for an ``[export]`` that says ``insecure = true``."""
         host, _, port_s = listen.rpartition(":")
         host = host.strip("[]")
-        if host not in ("127.0.0.1", "::1", "localhost"):
+        if host not in ("127.0.0.1", "::1", "localhost") and tls is None and not anywhere:
             raise VmplugError(f"[api] listen {listen!r}: vmplug listens on loopback only")
         self.token = token
         runner = await self._ensure_runner()
         gate = self.gates.setdefault("tcp", Gate(self.limits, "TCP"))
         assert runner.server is not None
-        server = await listen_tcp(runner.server, gate, host, int(port_s))
+        server = await listen_tcp(runner.server, gate, host, int(port_s), tls=tls)
         self._servers.append(server)
         sockets = server.sockets
         self.tcp_port = sockets[0].getsockname()[1] if sockets else int(port_s)
@@ -284,9 +307,23 @@ class Api:
             return _headers(resp)
 
     def _check_tcp(self, request: web.Request) -> web.StreamResponse | None:
-        if not security.host_is_loopback(request.headers.get("Host")):
-            return _error(421, "the Host header must name a loopback address")
         path = request.path
+        tls = request.transport.get_extra_info("ssl_object") if request.transport else None
+        if self.exporter is not None and path == f"{API_PREFIX}/export":
+            # the device host's export list: the client certificate (checked by
+            # the handshake against the CA) is the credential
+            if tls is None and self.exporter.tls is not None:
+                return _error(403, "the export list is served over mutual TLS only")
+            names = peer_names(tls)
+            if tls is not None and self.export_allow and not set(names) & self.export_allow:
+                return _error(
+                    403,
+                    f"client certificate for {', '.join(names) or '(no name)'} is not allowed "
+                    f"(this host exports to {', '.join(sorted(self.export_allow))})",
+                )
+            return None
+        if tls is None and not security.host_is_loopback(request.headers.get("Host")):
+            return _error(421, "the Host header must name a loopback address")
         if path.startswith("/static/"):
             return None
         if path == "/login" and request.method == "POST":
@@ -400,6 +437,7 @@ class Api:
             "serial": dev.serial,
             "speed_mbps": dev.speed_mbps,
             "is_hub": dev.is_hub,
+            "host": dev.host,
         }
         if len(self._memo) > 4 * self.view.device_count() + 64:
             self._memo.clear()  # devices replaced by rescans and replugs
@@ -427,7 +465,7 @@ class Api:
 
     async def devices(self, request: web.Request) -> web.Response:
         held = self.view.held_by()
-        devs = sorted(self.view.devices(), key=lambda d: _port_key(d.port))
+        devs = sorted(self.view.devices(), key=lambda d: (d.host or "", _port_key(d.port)))
         return web.json_response([self._device_json(d, held) for d in devs])
 
     async def device(self, request: web.Request) -> web.Response:
@@ -559,6 +597,17 @@ class Api:
         return web.json_response({"ok": ok, "message": message}, status=200 if ok else 422)
 
     # -- documents, metrics, the page ------------------------------------------
+
+    async def export_list(self, request: web.Request) -> web.Response:
+        """``GET /v1/export``: the devices this device host lets go (see the module doc)."""
+        if self.exporter is None:
+            raise ApiError(404, "this host exports no devices (no [export] section)")
+        wait = _query_number(request, "wait", 0.0, 0.0, EXPORT_WAIT_MAX_S)
+        sent = request.headers.get("If-None-Match")
+        listing, tag = await self.exporter.wait_change(sent, wait if sent else 0.0)
+        if sent == tag:
+            return web.Response(status=304, headers={"ETag": tag, "Cache-Control": "no-cache"})
+        return web.json_response(listing, headers={"ETag": tag, "Cache-Control": "no-cache"})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, content_type="application/json")

@@ -238,24 +238,32 @@ def run_cmd(
         detach_on_exit=detach_on_exit,
         config_path=path,
     )
+    exporter = _remote_sides(daemon, config, obj.sysfs_root, db)
 
     async def main() -> None:
         # READY=1 after the first pass, WATCHDOG=1, STATUS=, RELOADING=1, STOPPING=1
         service = ServiceNotifier(daemon, Notifier.from_env())
         service.install()
         api = Api(daemon, limits=Limits.from_config(config.api))
+        api.exporter = exporter
         try:
             await api.start_unix(sock, group=config.api.group)
         except OSError as exc:
             raise VmplugError(f"cannot listen on {sock}: {exc.strerror or exc}") from None
         logging.getLogger("vmplug").info("API on %s", sock)
         try:
+            if exporter is not None:
+                api.export_allow = frozenset(exporter.export.allow)
+                daemon.listeners.append(exporter.on_journal)
+                await exporter.start()
             if config.api.listen:
-                await _start_tcp(api, config)
+                await _start_tcp(api, config, exporter)
             await daemon.run_forever()
         finally:
             await service.close()
             await api.stop()
+            if exporter is not None:
+                await exporter.stop()
             sock.unlink(missing_ok=True)
 
     try:
@@ -264,20 +272,49 @@ def run_cmd(
         store.close()
 
 
-async def _start_tcp(api: Any, config: Any) -> None:
-    """The loopback TCP listener of ``[api] listen``, with its bearer token."""
+def _remote_sides(daemon: Any, config: Any, sysfs_root: Path, db: Path) -> Any:
+    """A VM host's device hosts (``[host.NAME]``: a second device source) and a
+    device host's export side (``[export]``, returned; None when there is none)."""
+    if config.hosts:
+        from vmplug.remote.inventory import RemoteInventory  # noqa: PLC0415
+
+        def journal(kind: Any, detail: dict[str, Any], identity: str | None) -> None:
+            daemon.journal.event(kind, identity=identity, detail=detail)
+
+        daemon.sources.append(
+            RemoteInventory(
+                config.hosts,
+                tls_root=db.parent / "tls",
+                on_change=daemon.devices_changed,
+                journal=journal,
+            )
+        )
+    if config.export is None:
+        return None
+    from vmplug.remote.devicehost import DeviceHostExport  # noqa: PLC0415
+
+    # a lambda: a rescan replaces daemon.inventory
+    devices = lambda: daemon.inventory.values()  # noqa: E731, PLW0108
+    return DeviceHostExport(config.export, devices, sysfs=sysfs_root)
+
+
+async def _start_tcp(api: Any, config: Any, exporter: Any = None) -> None:
+    """The TCP listener of ``[api] listen``, with its bearer token: on loopback,
+    or on a device host (``[export]``) anywhere, taking mutual TLS."""
     from vmplug.api.security import load_or_create_token  # noqa: PLC0415
 
     assert config.api.listen is not None
     token_file = Path(config.api.token_file or Path(config.daemon.database).parent / "api-token")
     token = load_or_create_token(token_file)
+    tls = None if exporter is None else exporter.tls
     try:
-        port = await api.start_tcp(config.api.listen, token)
+        port = await api.start_tcp(config.api.listen, token, tls=tls, anywhere=exporter is not None)
     except OSError as exc:
         raise VmplugError(f"cannot listen on {config.api.listen}: {exc.strerror or exc}") from None
     host = config.api.listen.rpartition(":")[0]
+    scheme = "https (mutual TLS)" if tls is not None else "http"
     logging.getLogger("vmplug").info(
-        "API and web page on http://%s:%d/ (token in %s)", host, port, token_file
+        "API and web page on %s://%s:%d/ (token in %s)", scheme, host, port, token_file
     )
 
 

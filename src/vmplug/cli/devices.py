@@ -44,14 +44,15 @@ def _classes(dev: UsbDevice) -> str:
     return " ".join(f"{i.cls:02x}:{i.subclass:02x}:{i.protocol:02x}" for i in dev.interfaces) or "-"
 
 
-def _table(devices: Sequence[UsbDevice]) -> Table:
+def _table(devices: Sequence[UsbDevice], remote: Sequence[dict[str, Any]] = ()) -> Table:
     from rich.table import Table  # noqa: PLC0415
 
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("PORT", "BUS:DEV", "ID", "SPEED", "NAME", "SERIAL", "CLASS", "DRIVER", "VM"):
+    cols = ("PORT", "BUS:DEV", "ID", "SPEED", "NAME", "SERIAL", "CLASS", "DRIVER", "VM", "HOST")
+    for col in cols if remote else cols[:-1]:
         table.add_column(col, overflow="fold")
     for d in devices:
-        table.add_row(
+        row = [
             d.port,
             f"{d.busnum or 0:03d}:{d.devnum or 0:03d}",
             d.vidpid or "?",
@@ -61,8 +62,48 @@ def _table(devices: Sequence[UsbDevice]) -> Table:
             _classes(d),
             escape(_holders(d)),
             "-",
+        ]
+        table.add_row(*row, *(["-"] if remote else []))
+    for r in remote:  # what the daemon knows of its device hosts' devices
+        vm = r.get("attached") or r.get("vm") or "-"
+        state = r.get("error") or r.get("state") or ""
+        table.add_row(
+            escape(str(r.get("port"))),
+            f"{r.get('busnum') or 0:03d}:{r.get('devnum') or 0:03d}",
+            f"{r.get('vendor_id') or '????'}:{r.get('product_id') or '????'}",
+            _speed_text(r.get("speed_mbps")),
+            escape(str(r.get("name") or "-")),
+            escape(str(r.get("serial") or "-")),
+            "-",
+            "usb-redir",
+            escape(f"{vm} ({state})" if state and state != "attached" else str(vm)),
+            escape(str(r.get("host"))),
         )
     return table
+
+
+def _remote_rows(obj: Context, host: str | None) -> list[dict[str, Any]]:
+    """The running daemon's remote devices (``[host.NAME]``), or none: only
+    asked when the config names device hosts (``vmplug list`` stays a read of
+    sysfs otherwise)."""
+    from vmplug.config import config_path  # noqa: PLC0415
+
+    try:
+        text = config_path(obj.config).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    if "[host." not in text:
+        return []
+    from vmplug.api.client import call, daemon_running  # noqa: PLC0415
+    from vmplug.cli.daemon import daemon_settings, daemon_socket  # noqa: PLC0415
+
+    sock = daemon_socket(None, daemon_settings(obj, warn=False))
+    if not daemon_running(sock):
+        if host is not None:
+            click.echo(f"vmplug: no daemon answers on {sock}: remote devices unknown", err=True)
+        return []
+    rows = call(sock, "GET", "/v1/devices")
+    return [r for r in rows if r.get("host") and (host is None or r["host"] == host)]
 
 
 def _tree(devices: Sequence[UsbDevice]) -> Tree:
@@ -98,8 +139,16 @@ def _tree(devices: Sequence[UsbDevice]) -> Tree:
     help="Print each device as a usbguard rule, as `usbguard generate-policy` does "
     "(without its leading `allow`), to paste into a rule's match.",
 )
+@click.option(
+    "--host",
+    "host",
+    metavar="NAME",
+    help="Only the remote devices of device host NAME ([host.NAME], from the running daemon).",
+)
 @pass_ctx
-def list_cmd(obj: Context, as_tree: bool, as_json: bool, show_all: bool, as_rules: bool) -> None:
+def list_cmd(
+    obj: Context, as_tree: bool, as_json: bool, show_all: bool, as_rules: bool, host: str | None
+) -> None:
     """Show the host's USB devices.
 
     Each device is named by its port path (bus-port.port…, the sysfs name),
@@ -110,8 +159,13 @@ def list_cmd(obj: Context, as_tree: bool, as_json: bool, show_all: bool, as_rule
     The tree view always shows the root hubs, since the tree hangs from
     them.  JSON objects carry every field the reader knows, including
     interfaces with endpoints and isochronous bandwidth.
+
+    When the config names device hosts ([host.NAME]) and the daemon runs,
+    their devices follow with a HOST column (JSON: ``host``; this host's
+    devices have ``host: null``); --host NAME shows only that host's.
     """
-    devices = obj.devices(include_root_hubs=show_all or as_tree)
+    remote = [] if as_rules or as_tree else _remote_rows(obj, host)
+    devices = [] if host is not None else obj.devices(include_root_hubs=show_all or as_tree)
     if as_rules:
         from vmplug.rules.device_rule import device_rule  # noqa: PLC0415
 
@@ -126,11 +180,16 @@ def list_cmd(obj: Context, as_tree: bool, as_json: bool, show_all: bool, as_rule
         if not any(r.text for r in rules):
             raise SystemExit(1)
     elif as_json:
-        emit_json([d.to_json() for d in devices])
+        emit_json([d.to_json() for d in devices] + remote)
+        if host is not None and not remote:
+            raise SystemExit(1)
     elif as_tree:
         obj.console.print(_tree(devices))
-    elif devices:
-        obj.console.print(_table(devices))
+    elif devices or remote:
+        obj.console.print(_table(devices, remote))
+    elif host is not None:
+        click.echo(f"no devices of device host {host!r}", err=True)
+        raise SystemExit(1)
     else:
         click.echo(f"no USB devices under {obj.sysfs_root}", err=True)
 

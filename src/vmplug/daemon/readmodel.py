@@ -54,7 +54,8 @@ class DeviceState:
     vm: str | None
     #: the VM holding it now, if any
     attached: str | None
-    #: "host" | "attached" | "pending" | "retrying" | "elsewhere"
+    #: "host" | "attached" | "pending" | "retrying" | "elsewhere" | "held" (a remote
+    #: device another VM host holds)
     state: str
     override: bool
     #: the last failure of the attach being retried
@@ -89,11 +90,21 @@ class ReadModel:
     # -- devices ----------------------------------------------------------------
 
     def devices(self) -> list[UsbDevice]:
-        """The devices present (no root hubs), in inventory order."""
-        return list(self._d.inventory.values())
+        """The devices present (no root hubs), in inventory order, then the
+        remote ones (``host`` set), device host by device host."""
+        return self._d.all_devices()
 
     def device_count(self) -> int:
-        return len(self._d.inventory)
+        return len(self._d.inventory) + sum(len(s.devices()) for s in self._d.sources)
+
+    def remote_hosts(self) -> list[dict[str, Any]]:
+        """Each ``[host.NAME]``'s link state (vmplug.remote.inventory), if any."""
+        out: list[dict[str, Any]] = []
+        for src in self._d.sources:
+            to_json = getattr(src, "to_json", None)
+            if to_json is not None:
+                out.extend(to_json())
+        return out
 
     def target(self, dev: UsbDevice) -> str | None:
         """The VM ``dev`` belongs in now (override, then the rules), or None."""
@@ -126,7 +137,10 @@ class ReadModel:
         want = self.target(dev)
         have = (self.held_by() if held_by is None else held_by).get(qemu_id)
         retry = self.retry(want, qemu_id) if want else None
-        if want is None:
+        held = self._d.held_elsewhere(dev) if dev.host is not None and have is None else None
+        if held is not None and want is not None:
+            state = "held"  # another VM host holds the remote device: first come wins
+        elif want is None:
             state = "host" if have is None else "elsewhere"
         elif have == want:
             state = "attached"
@@ -141,7 +155,7 @@ class ReadModel:
             attached=have,
             state=state,
             override=self.is_overridden(dev),
-            error=retry.error if retry else None,
+            error=f"held by {held}" if held is not None else retry.error if retry else None,
         )
 
     # -- VMs ----------------------------------------------------------------------
@@ -220,6 +234,8 @@ class ReadModel:
                     "hostbus": att.hostbus,
                     "hostport": att.hostport,
                     "hostaddr": att.hostaddr,
+                    # a remote device's port is "HOST:PORT" (and no bus of this host)
+                    "host": att.port.partition(":")[0] if not att.hostbus else None,
                     "state": state,
                     "attempts": retry.attempt if retry else 0,
                     "error": retry.error if retry else None,
@@ -241,4 +257,11 @@ class ReadModel:
             "vms": vms,
             "attachments": attachments,
             "overrides": dict(d.overrides),
+            "remote_hosts": self.remote_hosts(),
+            "held": [
+                {"identity": dev.identity, "host": dev.host, "vm": want, "holder": holder}
+                for dev in (x for src in d.sources for x in src.devices())
+                if (holder := d.held_elsewhere(dev)) is not None
+                and (want := self.target(dev)) is not None
+            ],
         }

@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vmplug.aio import cancel_and_wait
 from vmplug.config import Config, VmConfig, load_config
@@ -65,6 +65,7 @@ from vmplug.host.inventory import device_dir, mark_shared_serials, read_devices,
 from vmplug.model import UsbDevice
 from vmplug.vms.base import (
     ID_PREFIX,
+    AttachSpec,
     UsbHostSpec,
     VmBackend,
     VmDisconnected,
@@ -106,6 +107,23 @@ class Stats:
     event_to_attached: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=1000))
 
 
+class DeviceSource(Protocol):
+    """Devices beside this host's kernel: the device hosts' exports
+    (:class:`vmplug.remote.inventory.RemoteInventory`).  They are matched and
+    planned like the kernel's; only the attach spec differs (``usb-redir``).
+    The source calls :meth:`Daemon.devices_changed` when devices come and go."""
+
+    def devices(self) -> list[UsbDevice]: ...
+
+    def attach_spec(self, qemu_id: str) -> AttachSpec | None: ...
+
+    def held_elsewhere(self, dev: UsbDevice) -> str | None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class Daemon:
     def __init__(
         self,
@@ -134,6 +152,8 @@ class Daemon:
         #: devices come from the live kernel's /sys
         self.devnodes = Path(sysfs_root).resolve() == Path("/sys") if devnodes is None else devnodes
         self.inventory: dict[str, UsbDevice] = {}
+        #: more devices than the kernel's (remote ones: vmplug.remote.inventory)
+        self.sources: list[DeviceSource] = []
         self.vms: dict[str, VmBackend] = {}
         self.observed: dict[str, dict[str, Attachment]] = {}
         self.overrides: dict[str, str | None] = {}
@@ -196,10 +216,37 @@ class Daemon:
         return self.journal.listeners
 
     def _identity_of(self, qemu_id: str) -> str | None:
-        for dev in self.inventory.values():
+        for dev in self.all_devices():
             if dev.qemu_id == qemu_id:
                 return dev.identity
         return self._gone.get(qemu_id)
+
+    def all_devices(self) -> list[UsbDevice]:
+        """The kernel's devices, then every source's (remote devices)."""
+        out = list(self.inventory.values())
+        for src in self.sources:
+            out.extend(src.devices())
+        return out
+
+    def held_elsewhere(self, dev: UsbDevice) -> str | None:
+        """The other VM host holding remote ``dev`` (first come wins), or None."""
+        for src in self.sources if dev.host is not None else ():
+            holder = src.held_elsewhere(dev)
+            if holder is not None:
+                return holder
+        return None
+
+    def devices_changed(self, changes: list[tuple[EventKind, UsbDevice]]) -> None:
+        """A source's devices came (``device-add``) or went (``device-remove``)."""
+        for kind, dev in changes:
+            if kind is EventKind.DEVICE_REMOVE:
+                self._gone[dev.qemu_id] = dev.identity
+                self.journal.event(
+                    kind, identity=dev.identity, port=dev.port, detail={"host": dev.host}
+                )
+            else:
+                self._saw(dev, kind, {"host": dev.host})
+        self.mark_dirty()
 
     def mark_dirty(self) -> None:
         self._converged.clear()
@@ -611,7 +658,10 @@ class Daemon:
             self._wanted_key = key
         memo = self._wanted_memo
         out: list[Attachment] = []
-        for dev in self.inventory.values():
+        devices = self.all_devices() if self.sources else self.inventory.values()
+        for dev in devices:
+            if dev.host is not None and self.held_elsewhere(dev) is not None:
+                continue  # another VM host holds it: first come wins
             hit = memo.get(id(dev))
             if hit is None or hit[0] is not dev:
                 hit = (dev, next(iter(desired((dev,), self.config, self.overrides)), None))
@@ -619,7 +669,7 @@ class Daemon:
             if hit[1] is not None:
                 out.append(hit[1])
         if len(memo) > 2 * len(self.inventory) + 64:
-            live = {id(d) for d in self.inventory.values()}
+            live = {id(d) for d in devices}
             for stale in [k for k in memo if k not in live]:
                 del memo[stale]
         return frozenset(out)
@@ -768,7 +818,13 @@ class Daemon:
         :mod:`vmplug.engine.desired`).  When QEMU refuses the node (gone again
         in between, no permission, a QEMU without ``hostdevice``), the port
         form follows at once, and QEMU's own scan takes the device when it can.
+        A remote device is a ``usb-redir`` to its device host's endpoint.
         """
+        for src in self.sources:
+            remote = src.attach_spec(dev_id)
+            if remote is not None:
+                await vm.attach(dev_id, remote)
+                return att
         by_port = UsbHostSpec(hostbus=att.hostbus, hostport=att.hostport)
         node = self.devnode(att)
         if node is not None:
@@ -861,6 +917,8 @@ class Daemon:
         self._spawn(self._pump())
         self.source.start(self.on_host_event, self.on_overflow)
         self.rescan()
+        for src in self.sources:
+            await src.start()
         for vm in self.config.vms.values():
             await self._start_vm(vm)
         self._spawn(self._reconcile_loop())
@@ -886,6 +944,8 @@ class Daemon:
         self._stopping.set()
         self._dirty.set()
         self.source.stop()
+        for src in self.sources:
+            await src.stop()
         if self.remedies is not None:
             await self.remedies.stop()
             self.remedies = None

@@ -129,6 +129,15 @@ class EventKind(StrEnum):
     ALERT = "alert"
     #: The condition of a fired alert has been gone long enough: all clear.
     ALERT_CLEAR = "alert-clear"
+    #: A device host (``[host.NAME]``, ``detail.host``) answered after it had
+    #: not (or at start): its exported devices follow as ``device-add``.
+    REMOTE_HOST_UP = "remote-host-up"
+    #: A device host stopped answering (``detail``: ``host``, ``reason``): its
+    #: devices are absent (``device-remove``) until it answers again.
+    REMOTE_HOST_DOWN = "remote-host-down"
+    #: A remote device the rules send here is held by another VM host
+    #: (``detail``: ``host``, ``holder``, ``reason``); first come wins.
+    DEVICE_HELD = "device-held"
 
 
 class ActionKind(StrEnum):

@@ -1,0 +1,339 @@
+"""A remote device as a first-class device, end to end, with real processes.
+
+A device host is a real ``vmplug run`` (a captured sysfs tree, uevents
+replayed, see :class:`fakekernel.FakeKernel`) with ``[export]`` rules and its
+API on mutual TLS; two VM hosts are real ``vmplug run`` processes, each with
+a real QEMU, whose ``[host.devhost]`` names only the address, the API port
+and the certificates.  All on loopback.
+
+What QEMU really holds is read through a second QMP socket of each VM (never
+from vmplug's answers); the device host's view through its API with a VM
+host's certificate.  This machine has no USB, so usbredirect on the device
+host cannot open the device: the link stops at the device host's endpoint
+(QEMU's TLS chardev connected and holding the device, its hello read),
+which is what arbitration and the inventory need.  The stream into a real
+guest kernel is proven in the lab (tests/remote/test_lab_remote.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.fakekernel import FakeKernel
+from tests.support.qemu_proc import QemuProcess
+from vmplug.remote import certs
+from vmplug.vms.qmp import QmpVm
+from vmplug.wire.qmp import SyncQmp
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(shutil.which("usbredirect") is None, reason="usbredirect not installed"),
+]
+
+VMPLUG = [sys.executable, "-m", "vmplug"]
+PORT = "2-2.4.2"  # the captured tree's device the device host's rule lets go
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    """One ``vmplug run`` with its config, sysfs tree and API socket."""
+
+    def __init__(self, tmp: Path, name: str, capture: str, config: str) -> None:
+        self.dir = tmp / name
+        self.dir.mkdir()
+        self.kernel = FakeKernel(self.dir, capture)
+        self.sock = Path(tempfile.mkdtemp(prefix=f"vmplug-{name}", dir="/tmp")) / "api.sock"
+        self.config = self.dir / "vmplug.toml"
+        daemon = f'[daemon]\nsocket = "{self.sock}"\ndatabase = "{self.dir / "vmplug.db"}"\n\n'
+        self.config.write_text(daemon + config)
+        self.log = self.dir / "daemon.log"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def env(self) -> dict[str, str]:
+        return os.environ | {
+            "VMPLUG_SYSFS_ROOT": str(self.kernel.root),
+            "VMPLUG_CONFIG": str(self.config),
+            "COLUMNS": "200",
+        }
+
+    def start(self) -> None:
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                [*VMPLUG, "run", "--events", f"replay:{self.kernel.fifo}"],
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        wait(self.sock.exists, f"{self.dir.name}'s API socket", self)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            self.proc = None
+
+    def vmplug(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*VMPLUG, *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def json(self, *args: str) -> Any:
+        res = self.vmplug(*args, "--json")
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+        self.kernel.close()
+        shutil.rmtree(self.sock.parent, ignore_errors=True)
+
+
+def wait(check: Callable[[], Any], what: str, proc: Proc | None = None, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if proc is not None and proc.proc is not None and proc.proc.poll() is not None:
+            raise AssertionError(f"{proc.dir.name} exited: {proc.log.read_text()}")
+        if time.monotonic() > deadline:
+            logs = "" if proc is None else proc.log.read_text()[-3000:]
+            raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        time.sleep(0.1)
+
+
+class Rig:
+    """The PKI, the device host and up to two VM hosts with their QEMUs."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        ca = tmp / "pki" / "ca"
+        certs.make_ca(ca)
+        self.certs = {
+            name: certs.issue(ca, name, tmp / "pki" / name, addresses=["127.0.0.1"]).cert.parent
+            for name in ("devhost", "vmhost-a", "vmhost-b")
+        }
+        self.api_port = _free_port()
+        first = _free_port()
+        first = min(first, 65000)
+        self.ports = (first, first + 30)
+        self.devhost = Proc(
+            tmp,
+            "devhost",
+            "mixed",
+            f'[api]\nlisten = "127.0.0.1:{self.api_port}"\n\n'
+            f'[export]\nname = "devhost"\ncerts = "{self.certs["devhost"]}"\n'
+            f'listen = "127.0.0.1"\nallow = ["vmhost-a", "vmhost-b"]\n'
+            f'ports = "{self.ports[0]}-{self.ports[1]}"\n\n'
+            f"[[export.rule]]\nmatch = 'via-port \"{PORT}\"'\n",
+        )
+        self.qemus: dict[str, QemuProcess] = {}
+        self.vmhosts: dict[str, Proc] = {}
+        self.procs: list[Proc] = [self.devhost]
+
+    def vmhost(self, me: str) -> Proc:
+        qemu = QemuProcess(self.tmp, qmp_sockets=2, name=me.replace("-", ""))
+        qemu.start()
+        self.qemus[me] = qemu
+        with SyncQmp(str(qemu.qmp_paths[1])) as q:
+            q.execute("cont")  # usb-redir speaks (its hello) only while the VM runs
+        proc = Proc(
+            self.tmp,
+            me,
+            "minimal",
+            f'[vm.guest]\nqmp = "{qemu.qmp_paths[0]}"\n\n'
+            f'[[rule]]\nattach = "guest"\nmatch = \'via-host "devhost"\'\n\n'
+            f'[host.devhost]\naddress = "127.0.0.1"\napi_port = {self.api_port}\n'
+            f'certs = "{self.certs[me]}"\nme = "{me}"\n',
+        )
+        self.vmhosts[me] = proc
+        self.procs.append(proc)
+        return proc
+
+    def redirs(self, me: str) -> dict[str, bool]:
+        """vmplug's usb-redir devices QEMU ``me`` really holds: id -> chardev connected."""
+
+        async def read() -> dict[str, bool]:
+            obs = QmpVm("obs", str(self.qemus[me].qmp_paths[1]), shared=True)
+            await obs.start()
+            try:
+                return await obs.redir_links()
+            finally:
+                await obs.stop()
+
+        return asyncio.run(read())
+
+    def export_list(self, me: str, **kw: Any) -> Any:
+        """The device host's ``GET /v1/export``, with VM host ``me``'s certificate."""
+        d = self.certs[me]
+        ctx = ssl.create_default_context(cafile=str(d / "ca-cert.pem"))
+        ctx.load_cert_chain(d / f"{me}-cert.pem", d / f"{me}-key.pem")
+        url = f"https://127.0.0.1:{self.api_port}/v1/export"
+        with urllib.request.urlopen(url, context=ctx, timeout=10, **kw) as resp:
+            return json.loads(resp.read())
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.close()
+        for q in self.qemus.values():
+            q.cleanup()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _remote(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in devices if d.get("host") == "devhost"]
+
+
+def test_remote_device_is_attached_arbitrated_and_visible(rig: Rig) -> None:
+    # The VM host starts first: its device host is down, so its devices are
+    # simply absent, and that is journaled.
+    a = rig.vmhost("vmhost-a")
+    a.start()
+    wait(
+        lambda: any(e["kind"] == "remote-host-down" for e in a.json("history", "-n", "200")),
+        "remote-host-down journaled",
+        a,
+    )
+    assert rig.redirs("vmhost-a") == {}
+
+    # The device host comes: its rule lets the device go, the VM host learns
+    # of it and attaches it as a usb-redir whose TLS chardev connects.
+    rig.devhost.start()
+    connected = wait(
+        lambda: {k: v for k, v in rig.redirs("vmhost-a").items() if v}, "usb-redir connected", a
+    )
+    [dev_id] = connected
+    listing = wait(
+        lambda: (x := rig.export_list("vmhost-a"))["devices"][0]["holder"] and x,
+        "the device host's endpoint held",
+    )
+    [row] = listing["devices"]
+    assert (row["holder"], row["present"], row["device"]["port"]) == ("vmhost-a", True, PORT)
+    assert rig.ports[0] <= row["endpoint_port"] <= rig.ports[1]
+
+    # The VM host's own views name the host: the API/status, list --json, history.
+    status = a.json("status")
+    [att] = [x for x in status["attachments"] if x["host"] == "devhost"]
+    assert (att["qemu_id"], att["vm"], att["state"]) == (dev_id, "guest", "attached")
+    assert [h["state"] for h in status["remote_hosts"]] == ["up"]
+    rows = _remote(a.json("list"))
+    assert [(r["port"], r["host"], r["vm"], r["qemu_id"]) for r in rows] == [
+        (PORT, "devhost", "guest", dev_id)
+    ]
+    assert rows[0]["identity"].endswith("@devhost")
+    only = a.json("list", "--host", "devhost")
+    assert [r["qemu_id"] for r in only] == [dev_id]
+    human = a.vmplug("list")
+    assert human.returncode == 0, human.stderr
+    assert "HOST" in human.stdout
+    assert "devhost" in human.stdout
+    kinds = [e["kind"] for e in a.json("history", "-n", "200")]
+    assert "remote-host-up" in kinds
+    assert "attach" in kinds
+
+    # A second VM host wanting the same device: the first holder keeps it; the
+    # second does not attach it, journals why and shows it.
+    b = rig.vmhost("vmhost-b")
+    b.start()
+    held = wait(lambda: b.json("status")["held"], "vmhost-b sees the device held", b)
+    assert [(h["host"], h["holder"], h["vm"]) for h in held] == [("devhost", "vmhost-a", "guest")]
+    events = b.json("history", "-n", "200")
+    [told] = [e for e in events if e["kind"] == "device-held"]
+    assert told["detail"]["reason"] == "held by vmhost-a"
+    [brow] = _remote(b.json("list"))
+    assert (brow["state"], brow["error"]) == ("held", "held by vmhost-a")
+    assert rig.redirs("vmhost-b") == {}
+    assert rig.redirs("vmhost-a") == {dev_id: True}
+
+    # The device is unplugged on the device host: the VM host lets the
+    # usb-redir go; replugged (a new device number), it is attached again.
+    rig.devhost.kernel.unplug(PORT)
+    wait(lambda: rig.redirs("vmhost-a") == {}, "usb-redir detached after the unplug", a)
+    rig.devhost.kernel.plug(PORT, devnum=77)
+    wait(lambda: rig.redirs("vmhost-a") == {dev_id: True}, "usb-redir back after the replug", a)
+    # same identity, same endpoint port: the device host kept its endpoint
+    again = rig.export_list("vmhost-a")["devices"]
+    assert [r["endpoint_port"] for r in again] == [row["endpoint_port"]]
+
+
+def test_export_list_wants_a_client_certificate_of_the_ca(rig: Rig, tmp_path: Path) -> None:
+    rig.devhost.start()
+    wait(lambda: rig.export_list("vmhost-a")["devices"], "the export list")
+    url = f"https://127.0.0.1:{rig.api_port}/v1/export"
+    # no client certificate: the handshake is refused
+    bare = ssl.create_default_context(cafile=str(rig.certs["devhost"] / "ca-cert.pem"))
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+        urllib.request.urlopen(url, context=bare, timeout=10)
+    # a certificate of another CA: refused
+    other = tmp_path / "other"
+    certs.make_ca(other)
+    stranger = certs.issue(other, "vmhost-a", tmp_path / "stranger")
+    ctx = ssl.create_default_context(cafile=str(rig.certs["devhost"] / "ca-cert.pem"))
+    ctx.load_cert_chain(stranger.cert, stranger.key)
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+        urllib.request.urlopen(url, context=ctx, timeout=10)
+    # plaintext on the TLS port: no answer
+    with pytest.raises((urllib.error.URLError, ConnectionError, http_errors())):
+        urllib.request.urlopen(f"http://127.0.0.1:{rig.api_port}/v1/export", timeout=10)
+    # the long poll answers 304 when nothing changed in the wait
+    d = rig.certs["vmhost-a"]
+    good = ssl.create_default_context(cafile=str(d / "ca-cert.pem"))
+    good.load_cert_chain(d / "vmhost-a-cert.pem", d / "vmhost-a-key.pem")
+    with urllib.request.urlopen(url, context=good, timeout=10) as resp:
+        tag = resp.headers["ETag"]
+    req = urllib.request.Request(f"{url}?wait=0.5", headers={"If-None-Match": tag})
+    t0 = time.monotonic()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, context=good, timeout=10)
+    assert info.value.code == 304
+    assert time.monotonic() - t0 >= 0.4
+
+
+def http_errors() -> type[Exception]:
+    import http.client  # noqa: PLC0415
+
+    return http.client.HTTPException
