@@ -2,13 +2,15 @@
 (:mod:`vmplug_lab.pybundle`, unpacked at boot) vs over the 9p share.
 
 One guest boot (the demo's: hub, keyboard, tablet, the demo config); then,
-in turn, ``vmplug run`` started with ``PYTHONPATH`` at the bundle and without
-it (``env -u PYTHONPATH``: every import over 9p), each timed in the guest from
-the start to the daemon's first ``rescan:`` log line, and stopped (SIGTERM).
-The first start over the share is the cold one (the guest's page cache
-empty), as ``vmplug demo``'s first daemon start is; later ones are warmer.
-Prints each time, the ratio share / bundle, the bundle's unpack time at boot
-and the load average.
+in turn, ``vmplug run`` started with the bundle (which only the venv's Python
+reads, from a ``.pth`` line) and without it (``VMPLUG_LAB_BUNDLE=0``: every
+import over 9p), each timed in the guest from the start to the daemon's first
+``rescan:`` log line, and stopped (SIGTERM).  Beside them, in the same round,
+what bounds it: the same interpreter doing nothing (``python -c pass``, and
+``-I -S``), timed in the guest.  The first start over the share is the cold
+one (the guest's page cache empty), as ``vmplug demo``'s first daemon start
+is; later ones are warmer.  Prints each time, the ratios, the boot time and
+the load average.
 
 Run: .venv/bin/python -m bench.bench_lab_start [--rounds N]
 """
@@ -41,6 +43,13 @@ kill -TERM $pid; wait $pid
 echo $(( (t1 - t0) / 1000000 ))
 """
 
+_BARE = """\
+t0=$(date +%s%N)
+{python} -c pass
+t1=$(date +%s%N)
+echo $(( (t1 - t0) / 1000000 ))
+"""
+
 
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -64,27 +73,38 @@ def main() -> None:
             if g.python_path is None:
                 sys.exit("no bundle in the guest: nothing to compare")
             vmplug = Path(sys.executable).parent / "vmplug"
-            times: dict[str, list[float]] = {"share": [], "bundle": []}
+            kinds = ("share", "bundle", "python -c pass", "python -I -S -c pass")
+            times: dict[str, list[float]] = {k: [] for k in kinds}
             for i in range(args.rounds):
-                for kind in ("share", "bundle"):  # the share first: the cold case
-                    env = "env -u PYTHONPATH" if kind == "share" else ""
-                    res = g.run(
-                        _START.format(
+                for kind in kinds:  # the share first: the cold case
+                    if kind.startswith("python"):
+                        flags = " -I -S" if "-I" in kind else ""
+                        cmd = _BARE.format(python=f"{sys.executable}{flags}")
+                    else:
+                        env = "env VMPLUG_LAB_BUNDLE=0" if kind == "share" else ""
+                        cmd = _START.format(
                             d=GUEST_DIR, w=g.workdir, env=env, vmplug=vmplug, log=f"/tmp/{kind}{i}"
-                        ),
-                        timeout=900,
-                        check=True,
-                    )
+                        )
+                    res = g.run(cmd, timeout=900, check=True)
                     ms = float(res.stdout.split()[-1])
                     times[kind].append(ms / 1000)
-                    print(f"round {i + 1}: {kind:6} start -> first rescan {ms / 1000:6.2f} s"
+                    what = "start -> first rescan" if kind in ("share", "bundle") else "alone"
+                    print(f"round {i + 1}: {kind:22} {what:22} {ms / 1000:6.2f} s"
                           f"  (load {_load()})")  # fmt: skip
             share, bundle = times["share"], times["bundle"]
+            bare = times["python -c pass"]
+            med = statistics.median
             print(
                 f"cold: share {share[0]:.2f} s / bundle {bundle[0]:.2f} s = "
-                f"{share[0] / bundle[0]:.2f}x;  median share {statistics.median(share):.2f} s"
-                f" / bundle {statistics.median(bundle):.2f} s = "
-                f"{statistics.median(share) / statistics.median(bundle):.2f}x (goal bundle < 5 s)"
+                f"{share[0] / bundle[0]:.2f}x;  median share {med(share):.2f} s"
+                f" / bundle {med(bundle):.2f} s = "
+                f"{med(share) / med(bundle):.2f}x (goal bundle < 5 s: "
+                f"{'met' if med(bundle) < 5 else 'NOT met'})"
+            )
+            print(
+                f"bound: python -c pass in the guest {med(bare):.2f} s "
+                f"(-I -S {med(times['python -I -S -c pass']):.2f} s); "
+                f"bundle start / python -c pass = {med(bundle) / med(bare):.2f}x"
             )
             print(f"total {time.monotonic() - t0:.0f} s, load average {_load()} at the end")
         finally:

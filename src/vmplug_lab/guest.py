@@ -301,9 +301,9 @@ class LabGuest:
         self.boot_script = self.workdir / "lab-init.sh"
         self.boot_seconds: float | None = None
         #: Copy vmplug's Python modules into the guest's tmpfs at boot and put
-        #: them first on PYTHONPATH (vmplug_lab.pybundle; VMPLUG_LAB_BUNDLE=0: off).
+        #: them first on the venv's sys.path (vmplug_lab.pybundle; VMPLUG_LAB_BUNDLE=0: off).
         self.python_bundle = python_bundle and os.environ.get("VMPLUG_LAB_BUNDLE") != "0"
-        self.python_path: str | None = None  # the guest's PYTHONPATH once unpacked
+        self.python_path: str | None = None  # the bundle's directory once unpacked
         self._vng: subprocess.Popen[bytes] | None = None
         self._qemu_pid: int | None = None
         self._qmp: SyncQmp | None = None
@@ -395,8 +395,20 @@ class LabGuest:
         share instead of Python's thousands of lookups over it."""
         if not bundle.exists():
             return  # the build failed on the host: the guest imports over the share
+        from vmplug_lab import pybundle  # noqa: PLC0415
+
+        site = pybundle.site_pth()
+        if site is None:
+            return  # no .pth to carry it: the guest imports over the share
+        # Only the venv's Python reads its site-packages' .pth files (not PYTHONPATH:
+        # a system Python given these modules breaks); the bind mount is the guest's.
+        pth = self.workdir / "python-bundle.pth"
+        pth.write_text(pybundle.pth_text(site.read_text(), GUEST_BUNDLE_DIR))
         target = GUEST_BUNDLE_DIR
-        res = self.run(f"rm -rf {target} && mkdir -p {target} && tar -xf {bundle} -C {target}")
+        res = self.run(
+            f"rm -rf {target} && mkdir -p {target} && tar -xf {bundle} -C {target}"
+            f" && cp {pth} {target}.pth && mount --bind {target}.pth {site}"
+        )
         if res.rc == 0:
             self.python_path = target
 
@@ -509,8 +521,7 @@ class LabGuest:
             {
                 "path": "/usr/bin/setsid",
                 "arg": ["/bin/sh", "-c", cmd],
-                "env": [f"PATH={GUEST_PATH}", "HOME=/root", "LANG=C.UTF-8", "TERM=dumb"]
-                + ([f"PYTHONPATH={self.python_path}"] if self.python_path else []),
+                "env": [f"PATH={GUEST_PATH}", "HOME=/root", "LANG=C.UTF-8", "TERM=dumb"],
                 "capture-output": capture,
             },
         )

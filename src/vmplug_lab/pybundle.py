@@ -8,10 +8,18 @@ the host, one tar of those modules' files laid out as a single ``sys.path``
 directory (whole packages, so that a submodule imported later is there too;
 ``.py`` with their current ``__pycache__`` ``.pyc``, so nothing is compiled;
 extension modules and package data alike); the guest unpacks it into its
-tmpfs with one sequential read of the share and puts it first on
-``PYTHONPATH``.  The files are the host's own, byte for byte: the same code
-runs, only found faster.  A module not in the bundle is still found where it
-always was (the share), so the bundle can only make an import faster.
+tmpfs with one sequential read of the share.  The files are the host's own,
+byte for byte: the same code runs, only found faster.  A module not in the
+bundle is still found where it always was (the share), so the bundle can only
+make an import faster.
+
+Only vmplug's own Python (the venv's interpreter) is given the bundle: its
+modules are that interpreter's (its standard library among them), and a
+system Python given them (Debian's docker-compose, with ``PYTHONPATH``) broke.
+So no environment variable carries it: the guest lays :func:`pth_text` over a
+``.pth`` file of the venv's site-packages (a bind mount in the guest alone:
+the host's file is untouched), which only that interpreter's ``site`` reads.
+``VMPLUG_LAB_BUNDLE=0`` in a guest command's environment leaves it out.
 
 The bundle is a snapshot taken at boot: a source file edited on the host while
 a guest runs is seen by that guest only after its next boot.
@@ -23,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import tarfile
 from pathlib import Path
 
@@ -118,3 +127,24 @@ def build(dest: Path, python: str = sys.executable) -> int:
             tar.add(src, arcname=arcname, recursive=False)  # mtimes kept: the .pyc stay valid
     tmp.replace(dest)
     return len(files)
+
+
+def site_pth() -> Path | None:
+    """The ``.pth`` of this Python's site-packages (the venv the guest runs vmplug
+    from) to lay the bundle's line over: vmplug's own (an editable install's),
+    else the first there is; None when there is none."""
+    found = sorted(Path(sysconfig.get_paths()["purelib"]).glob("*.pth"))
+    own = [p for p in found if p.name.startswith("__editable__.vmplug-")]
+    return (own or found)[0] if found else None
+
+
+def pth_text(original: str, bundle_dir: str) -> str:
+    """``original`` (a ``.pth``'s lines, kept as they were) and one line more that
+    puts ``bundle_dir`` first on ``sys.path``, where ``PYTHONPATH`` would put it
+    (``site`` runs before the script's directory is put in front), unless the
+    process runs with ``VMPLUG_LAB_BUNDLE=0``."""
+    line = (
+        "import os, sys; os.environ.get('VMPLUG_LAB_BUNDLE') == '0' "
+        f"or sys.path.insert(0, {bundle_dir!r})"
+    )
+    return f"{original.rstrip(chr(10))}\n{line}\n" if original.strip() else f"{line}\n"
