@@ -17,7 +17,18 @@ endpoint of the device it wants.  The endpoint
    is streamed as soon as the kernel shows the device again;
 4. relays both ways (:func:`vmplug.wire.tls.relay`) until either side ends:
    usbredirect exits when its device is unplugged (it does not follow
-   hotplug), which closes the link; QEMU sees an unplug and reconnects.
+   hotplug), which closes the link; QEMU sees an unplug and reconnects;
+5. watches the link itself (see :func:`link_silence`): TCP keepalive every
+   second, and when the VM host has acknowledged nothing for
+   ``link_timeout`` seconds (the network is cut) the link is declared dead:
+   the device is let go (another VM host may take it) and the TLS socket is
+   half-closed but *kept*, so the kernel goes on retransmitting its FIN.  A
+   cut shorter than ``link_timeout`` is invisible (TCP carries on, nothing
+   re-plugged); after a longer one the FIN reaches QEMU the moment the
+   network is back, QEMU sees the stream end (an unplug in the guest) and its
+   reconnect brings the device back.  QEMU 7.2's socket chardev has no
+   keepalive interval of its own, so without that FIN QEMU would sit on a
+   dead half-open connection until it next writes.
 
 The plaintext usbredir stream never leaves loopback.
 """
@@ -28,10 +39,12 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -308,6 +321,91 @@ def _drain_stderr(stream: asyncio.StreamReader, owner: UsbredirectSource) -> Non
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
+#: TCP keepalive on every accepted link: first probe after 1 s idle, then every
+#: second; the kernel itself gives up only after 127 unanswered probes, long
+#: after ``link_timeout`` has ended the link.
+KEEPALIVE_IDLE = 1
+KEEPALIVE_INTERVAL = 1
+KEEPALIVE_COUNT = 127
+#: how long a dead link's socket is kept to retransmit its FIN (then closed)
+LINGER_MAX = 900.0
+
+_TCP_INFO_LEN = 104
+_TCP_STATE_ESTABLISHED = 1
+_TCP_STATE_CLOSE_WAIT = 8
+#: ESTABLISHED, FIN_WAIT1, CLOSE_WAIT, LAST_ACK, CLOSING: our FIN not yet acknowledged
+_FIN_PENDING = frozenset({1, 4, 8, 9, 11})
+
+
+def tune_keepalive(sock: socket.socket) -> None:
+    """Keepalive probes every second on an accepted link (best effort)."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpInfo:
+    """The few fields of the kernel's ``struct tcp_info`` a link watch needs."""
+
+    state: int
+    retransmits: int
+    probes: int
+    rtt_us: int
+    unacked: int
+    total_retrans: int
+    last_data_recv_ms: int
+    last_ack_recv_ms: int
+
+
+class _Sock(Protocol):
+    def getsockopt(self, level: int, optname: int, buflen: int) -> bytes: ...
+
+
+def tcp_info(sock: _Sock | None) -> TcpInfo | None:
+    """``TCP_INFO`` of a connected socket (Linux), or None when unreadable."""
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, AttributeError):
+        return None
+    if len(raw) < 104:
+        return None
+    state, _ca, retransmits, probes = struct.unpack_from("<4B", raw, 0)
+    (unacked,) = struct.unpack_from("<I", raw, 24)
+    last_data_recv, last_ack_recv = struct.unpack_from("<II", raw, 52)
+    (rtt,) = struct.unpack_from("<I", raw, 68)
+    (total_retrans,) = struct.unpack_from("<I", raw, 100)
+    return TcpInfo(
+        state, retransmits, probes, rtt, unacked, total_retrans, last_data_recv, last_ack_recv
+    )
+
+
+def link_silence(sock: _Sock | None) -> float:
+    """Seconds since the peer last sent anything on ``sock`` (data or an ACK).
+
+    With keepalive every second a live peer answers at least every second or
+    two, whatever the usbredir stream does; a cut network shows as a growing
+    silence.  0 when it cannot be read (never declares a link dead by guess)."""
+    info = tcp_info(sock)
+    if info is None or info.state not in (_TCP_STATE_ESTABLISHED, _TCP_STATE_CLOSE_WAIT):
+        return 0.0
+    return min(info.last_ack_recv_ms, info.last_data_recv_ms) / 1000.0
+
+
+def _raw_socket(writer: asyncio.StreamWriter) -> socket.socket | None:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        return socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A connection the endpoint turned away, and why."""
@@ -331,6 +429,10 @@ class EndpointState:
     last: RelayStats | None = None
     bytes_up: int = 0  # VM host -> device, all sessions
     bytes_down: int = 0
+    dead_links: int = 0  # links ended because the VM host went silent (network cut)
+    last_dead_at: float | None = None  # time.time() of the last one
+    rtt_ms: float | None = None  # the streaming link's smoothed RTT (kernel's TCP_INFO)
+    retransmits: int = 0  # the streaming link's retransmitted segments so far
 
 
 class ExportEndpoint:
@@ -350,6 +452,7 @@ class ExportEndpoint:
         first_byte_timeout: float = 30.0,
         device_wait: float = 300.0,
         poll: float = 0.2,
+        link_timeout: float = 10.0,
     ) -> None:
         if tls is None and not insecure:
             raise UsageError(
@@ -367,7 +470,11 @@ class ExportEndpoint:
         self.first_byte_timeout = first_byte_timeout
         self.device_wait = device_wait
         self.poll = poll
+        if not 1.0 <= link_timeout <= 3600.0:
+            raise UsageError(f"export {name}: link_timeout must be 1..3600 s")
+        self.link_timeout = link_timeout
         self.state = EndpointState()
+        self._lingering: set[asyncio.Task[None]] = set()
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._holder_task: asyncio.Task[None] | None = None
@@ -407,7 +514,7 @@ class ExportEndpoint:
         return "INSECURE plaintext" if self.tls is None else "mutual TLS"
 
     async def stop(self) -> None:
-        await cancel_and_wait([self._accept_task, *self._tasks])
+        await cancel_and_wait([self._accept_task, *self._tasks, *self._lingering])
         self._accept_task = None
         sock, self._listener = self._listener, None
         if sock is not None:
@@ -450,8 +557,8 @@ class ExportEndpoint:
     async def _serve(self, conn: socket.socket, addr: object) -> None:
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         self.state.connections += 1
+        tune_keepalive(conn)
         with contextlib.suppress(OSError):
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             reader, writer = await self._open(conn)
@@ -539,9 +646,12 @@ class ExportEndpoint:
             await self._relay_while_present(link, reader, writer, stats)
             self.state.bytes_up += stats.up
             self.state.bytes_down += stats.down
-            side = {"a": "the VM host", "b": "the device side", "device": "an unplug"}.get(
-                stats.closed_by or "", "vmplug"
-            )
+            side = {
+                "a": "the VM host",
+                "b": "the device side",
+                "device": "an unplug",
+                "timeout": f"a silent network ({self.link_timeout:g} s without a packet)",
+            }.get(stats.closed_by or "", "vmplug")
             log.info(
                 "export %s: link to %s ended by %s (%d B up, %d B down)",
                 self.name,
@@ -569,20 +679,61 @@ class ExportEndpoint:
         would never see the replugged device: so the link ends when the
         kernel shows the device gone, and QEMU's reconnect finds it again."""
         task = asyncio.create_task(relay((reader, writer), (link.reader, link.writer), stats))
+        tcp = writer.get_extra_info("socket")
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=self.poll)
-                if not task.done() and not link.present():
+                if task.done():
+                    break
+                info = tcp_info(tcp)
+                if info is not None:
+                    self.state.rtt_ms = info.rtt_us / 1000.0
+                    self.state.retransmits = info.total_retrans
+                if not link.present():
                     log.info("export %s: device left the bus; ending the link", self.name)
                     stats.closed_by = "device"
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                elif (silent := link_silence(tcp)) >= self.link_timeout:
+                    log.warning(
+                        "export %s: no packet from the VM host for %.1f s (network cut?); "
+                        "letting the device go, the link ends when the network is back",
+                        self.name,
+                        silent,
+                    )
+                    stats.closed_by = "timeout"
+                    self.state.dead_links += 1
+                    self.state.last_dead_at = time.time()
+                    keep = _raw_socket(writer)
+                    if keep is not None:
+                        lingering = asyncio.create_task(self._linger(keep))
+                        self._lingering.add(lingering)
+                        lingering.add_done_callback(self._lingering.discard)
+                else:
+                    continue
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         finally:
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def _linger(self, keep: socket.socket) -> None:
+        """Half-close a dead link's socket and keep it, so its FIN is
+        retransmitted until the network is back (then QEMU sees the stream
+        end and reconnects); closed once the FIN is acknowledged, the peer
+        answered, or after :data:`LINGER_MAX`."""
+        try:
+            with contextlib.suppress(OSError):
+                keep.shutdown(socket.SHUT_WR)
+            end = time.monotonic() + LINGER_MAX
+            while time.monotonic() < end:
+                info = tcp_info(keep)
+                if info is None or info.state not in _FIN_PENDING:
+                    return
+                await asyncio.sleep(0.2)
+        finally:
+            keep.close()
 
 
 class Exporter:
@@ -621,6 +772,10 @@ class Exporter:
                     "sessions": ep.state.sessions,
                     "bytes_up": ep.state.bytes_up,
                     "bytes_down": ep.state.bytes_down,
+                    "dead_links": ep.state.dead_links,
+                    "rtt_ms": ep.state.rtt_ms,
+                    "retransmits": ep.state.retransmits,
+                    "link_timeout": ep.link_timeout,
                     "last_refusal": None if last is None else f"{last.peer}: {last.reason}",
                 }
             )
@@ -637,6 +792,10 @@ __all__ = [
     "PlainSource",
     "Refusal",
     "SysfsLocator",
+    "TcpInfo",
     "TcpSource",
     "UsbredirectSource",
+    "link_silence",
+    "tcp_info",
+    "tune_keepalive",
 ]
