@@ -1070,3 +1070,83 @@ CHECKS = (
     CheckSpec(LAYER, "guest.agent", check_guest),
     CheckSpec(LAYER, "guest.spice-usbredir", check_spice),
 )
+
+
+# ---------------------------------------------------------------- guest-reported problems
+# The seam for the daemon (vmplug.daemon.guestwatch): what the guest itself says
+# about the devices vmplug attached to it, journaled as ``guest-problem``
+# (history.store.EventKind.GUEST_PROBLEM), a trigger of the healing ladder
+# (daemon.heal.decide reads ``detail.problem``/``detail.message``).
+
+#: ``detail.problem`` values
+NO_DRIVER = "no-driver"
+WINDOWS_CODE = "windows-code"
+NOT_SEEN = "not-seen"
+
+
+@dataclass(frozen=True)
+class GuestProblem:
+    """One attached device the guest reports trouble with."""
+
+    identity: str
+    vidpid: str
+    problem: str  # NO_DRIVER, WINDOWS_CODE or NOT_SEEN
+    message: str
+    code: int | None = None
+
+    def detail(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"problem": self.problem, "message": self.message}
+        out["ids"] = self.vidpid
+        if self.code is not None:
+            out["code"] = self.code
+        return out
+
+
+def guest_problems(
+    agent: GuestAgent, attached: Sequence[tuple[str, str]], *, os_id: str | None = None
+) -> list[GuestProblem]:
+    """Problems the guest behind ``agent`` has with ``attached`` ((identity,
+    vendor:product) pairs vmplug holds for it in QEMU): a Linux guest whose
+    kernel bound no driver to an interface, or that does not see the device at
+    all; a Windows device with a Configuration Manager problem code."""
+    if not attached:
+        return []
+    if os_id is None:
+        os_id = str(agent.osinfo().get("id", ""))
+    out: list[GuestProblem] = []
+    if os_id == "mswindows":
+        cmd = ["-NoProfile", "-NonInteractive", "-Command", PNP_COMMAND]
+        rc, text, err = agent.exec("powershell.exe", cmd, timeout=120)
+        if rc != 0:
+            raise AgentError(f"Get-PnpDevice failed in the guest (exit {rc}): {err.strip()[:200]}")
+        devices = parse_pnp_json(text)
+        for identity, ids in attached:
+            for d in devices:
+                if d.problem and usb_ids(d.instance_id) == ids:
+                    out.append(
+                        GuestProblem(
+                            identity,
+                            ids,
+                            WINDOWS_CODE,
+                            f"{d.name}: Code {d.problem} {d.problem_name}",
+                            d.problem,
+                        )
+                    )
+                    break
+        return out
+    seen = [d for d in linux_usb_devices(agent) if not d.is_root_hub]
+    for identity, ids in attached:
+        copies = [d for d in seen if d.vidpid == ids]
+        if not copies:
+            out.append(GuestProblem(identity, ids, NOT_SEEN, f"{ids} is not in the guest's sysfs"))
+            continue
+        if any(all(i.driver for i in d.interfaces) for d in copies):
+            continue
+        g = copies[0]
+        loose = ", ".join(f"{i.number} (class {i.cls:02x})" for i in g.interfaces if not i.driver)
+        out.append(
+            GuestProblem(
+                identity, ids, NO_DRIVER, f"{g.port} {ids}: no driver for interface {loose}"
+            )
+        )
+    return out
