@@ -523,6 +523,10 @@ def check_qmp(ctx: DoctorContext) -> Iterator[Finding]:
             if is_sock:
                 evidence.append(f"{host}: a socket")
             where_now = "is" if is_sock else "will be (once the container runs)"
+            if spec.running is False:
+                # a socket file a QEMU that is gone left behind answers no one
+                evidence.append(f"container not running (ExitCode {spec.exit_code})")
+                where_now = "will be (once the container runs)"
             yield _f(
                 "container.qmp",
                 Severity.OK,
