@@ -67,6 +67,9 @@ ATTACHERS = ("floor", "vmplug", "qemu")
 IDS = {"floor": "floor", "qemu": "regrab", "vmplug": "vmplug-*"}
 #: QEMU's own re-grab: matched by vendor/product, found by its scan
 REGRAB = {"driver": "usb-host", "bus": "xhci.0", "vendorid": 0x0627, "productid": 0x0001}
+#: issue 16: vmplug / floor at p50 and p90, and QEMU's re-grab / vmplug at p50
+GOAL_FLOOR = 1.2
+GOAL_REGRAB = 5.0
 
 
 class Bench:
@@ -234,12 +237,25 @@ def main() -> int:
     for other in ("qemu", "floor"):
         o = summary.get(other, {})
         if "median_ms" in v and "median_ms" in o:
-            ratios[f"vmplug/{other} median"] = round(v["median_ms"] / o["median_ms"], 3)
-            ratios[f"vmplug/{other} p99"] = round(v["p99_ms"] / o["p99_ms"], 3)
+            for q in ("median", "p90", "p99"):
+                ratios[f"vmplug/{other} {q}"] = round(v[f"{q}_ms"] / o[f"{q}_ms"], 3)
     for k, r in ratios.items():
         print(f"{k:22} {r:6.3f}")
     if "vmplug/qemu median" in ratios:
         print(f"vmplug is {1 / ratios['vmplug/qemu median']:.1f}x faster than QEMU (median)")
+    # the goals of issue 16, and the floor's own ratio to QEMU: what bounds the second
+    f, qm = summary.get("floor", {}), summary.get("qemu", {})
+    if "vmplug/floor median" in ratios:
+        worst = max(ratios["vmplug/floor median"], ratios["vmplug/floor p90"])
+        verdict = "meets" if worst <= GOAL_FLOOR else "MISSES"
+        print(f"vmplug/floor p50 and p90 <= {GOAL_FLOOR:g}: {verdict} ({worst:.3f})")
+    if "vmplug/qemu median" in ratios:
+        regrab = 1 / ratios["vmplug/qemu median"]
+        verdict = "meets" if regrab >= GOAL_REGRAB else "MISSES"
+        line = f"qemu/vmplug median >= {GOAL_REGRAB:g}: {verdict} ({regrab:.2f})"
+        if "median_ms" in f and "median_ms" in qm:
+            line += f"; qemu/floor median {qm['median_ms'] / f['median_ms']:.2f} (the bound)"
+        print(line)
     print("load average (1/5/15 min):")
     for label, load in bench.loads.items():
         print(f"  {label:16} host {load['host']:16} guest {load['guest']}")

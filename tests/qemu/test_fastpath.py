@@ -20,17 +20,21 @@ import errno
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.fakekernel import FakeKernel, until
+from tests.support.qemu_proc import QemuFactory
 from tests.support.qemurig import QemuRig
 from vmplug.config import parse_config
 from vmplug.daemon.reconciler import Daemon
 from vmplug.history.store import Store
 from vmplug.host.events import ReplayEventSource
+from vmplug.vms.base import UsbHostSpec
+from vmplug.vms.qmp import QTREE_MIN, QmpVm
 from vmplug.wire.qmp import SyncQmp
 
 pytestmark = pytest.mark.qemu
@@ -216,3 +220,59 @@ async def test_a_rule_that_needs_the_serial_waits_for_the_read(rig: Rig) -> None
     assert hold.held_before_read is False, "attached on a rule the uevent cannot answer"
     await until(lambda: _has(rig.ports("a"), {KBD}), what="attached after the read")
     assert _attaches(rig, identity) == [("attach", "ok"), ("detach", "ok"), ("attach", "ok")]
+
+
+class CountingQmpVm(QmpVm):
+    """A real QmpVm that counts the commands it sends (which, not how)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.sent: list[str] = []
+
+    async def _exec(
+        self, client: Any, cmd: str, args: Mapping[str, object] | None = None
+    ) -> object:
+        self.sent.append(cmd)
+        return await super()._exec(client, cmd, args)
+
+
+async def test_a_new_session_reads_every_binding_with_one_info_qtree(
+    qemu: QemuFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted daemon meets 25 devices a VM: one ``info qtree`` instead of
+    three qom-gets each, and the same bindings as the qom-gets give."""
+    proc = qemu(qmp_sockets=2)
+    proc.start()
+    specs = {
+        f"vmplug-{i:012x}": UsbHostSpec(hostbus=1 + i % 3, hostport=f"{1 + i % 4}.{1 + i}")
+        for i in range(25)
+    }
+    adder = QmpVm("adder", str(proc.qmp_paths[0]))
+    await adder.start()
+    try:
+        assert await adder.wait_connected(10.0)
+        for dev_id, spec in specs.items():
+            await adder.attach(dev_id, spec)
+    finally:
+        await adder.stop()
+    seen: list[dict[str, object]] = []
+    for qtree_min in (QTREE_MIN, 10**6):  # the qtree read, then qom-gets alone
+        vm = CountingQmpVm("fresh", str(proc.qmp_paths[1]))
+        monkeypatch.setattr("vmplug.vms.qmp.QTREE_MIN", qtree_min)
+        await vm.start()
+        try:
+            assert await vm.wait_connected(10.0)
+            vm.sent.clear()
+            got = await vm.observe_bindings()
+        finally:
+            await vm.stop()
+        assert {k: (b.hostbus, b.hostport) for k, b in got.items()} == {
+            k: (s.hostbus, s.hostport) for k, s in specs.items()
+        }
+        assert all(b.hostaddr is None for b in got.values())
+        seen.append(dict(got))
+        if qtree_min == QTREE_MIN:
+            assert vm.sent == ["qom-list", "human-monitor-command"], vm.sent
+        else:
+            assert vm.sent.count("qom-get") == 3 * len(specs), vm.sent
+    assert seen[0] == seen[1]
