@@ -145,6 +145,8 @@ class RuleConfig:
 class DaemonConfig:
     socket: str = "/run/vmplug/vmplug.sock"
     database: str = "/var/lib/vmplug/vmplug.db"
+    #: seconds between the guest-agent probes (daemon.guestwatch); 0: off
+    guest_check_interval: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +334,7 @@ class _Locator:
 
 _VM_KEYS = {*VM_KINDS, "shared", "usb_bus", "add_controller", "uri", "persist", "heal"}
 _RULE_KEYS = {"attach", "block", "match", "comment", "heal"}
-_DAEMON_KEYS = {"socket", "database"}
+_DAEMON_KEYS = {"socket", "database", "guest_check_interval"}
 #: the [api] bounds: key -> (type, least value)
 _API_BOUNDS: dict[str, tuple[type, float]] = {
     "max_connections": (int, 1),
@@ -571,7 +573,18 @@ class _Loader:
             raise self.error("daemon must be a table: [daemon]", self.loc.key(0, "daemon"))
         self.unknown_keys(daemon_table, _DAEMON_KEYS, "[daemon]", line)
         defaults = DaemonConfig()
+        guest_every = daemon_table.get("guest_check_interval", 0.0)
+        if (
+            isinstance(guest_every, bool)
+            or not isinstance(guest_every, int | float)
+            or guest_every < 0
+        ):
+            raise self.error(
+                "[daemon]: guest_check_interval must be seconds >= 0 (0: off)",
+                self.loc.key(line, "guest_check_interval") or line,
+            )
         daemon = DaemonConfig(
+            guest_check_interval=float(guest_every),
             socket=self.typed(daemon_table, "socket", str, "[daemon]", line) or defaults.socket,
             database=self.typed(daemon_table, "database", str, "[daemon]", line)
             or defaults.database,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from vmplug.config import VmConfig
+from vmplug.config import ConfigError, VmConfig, parse_config
 from vmplug.daemon.guestwatch import GuestTarget, GuestWatch, daemon_targets, qga_socket_of
 from vmplug.daemon.heal import Rung, decide
 from vmplug.daemon.journal import Journal
@@ -127,3 +127,13 @@ def test_daemon_targets_find_the_agent_socket_on_the_vm_command_line(
     )
     (t,) = daemon_targets(daemon)
     assert t == GuestTarget(name, str(qga), ((IDENT, "1235:821a", "1-1"),))
+
+
+def test_the_interval_comes_from_the_config_and_bad_values_are_refused() -> None:
+    cfg = parse_config("[daemon]\nguest_check_interval = 30\n")
+    watch = GuestWatch.for_daemon(SimpleNamespace(config=cfg, journal=Journal(None)))
+    assert watch.interval == 30.0
+    assert parse_config("").daemon.guest_check_interval == 0.0  # off by default
+    for bad in ("-1", '"30s"', "true"):
+        with pytest.raises(ConfigError, match="guest_check_interval must be seconds >= 0"):
+            parse_config(f"[daemon]\nguest_check_interval = {bad}\n")

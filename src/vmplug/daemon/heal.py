@@ -572,13 +572,20 @@ class Remedies:
         config = daemon.config
         self.healer = Healer(daemon, config.heal, kernel_log=kernel_log)
         self.alerter = Alerter(daemon, config.alerts) if config.alerts else None
+        # the guest-agent probe ([daemon] guest_check_interval; engineer G's
+        # daemon/guestwatch.py): it journals guest-problem, a trigger above
+        from vmplug.daemon.guestwatch import GuestWatch  # noqa: PLC0415
+
+        self.guestwatch = GuestWatch.for_daemon(daemon)
 
     def start(self) -> None:
         self.healer.start()
         if self.alerter is not None:
             self.alerter.start()
+        self.guestwatch.start()
 
     async def stop(self) -> None:
+        await self.guestwatch.stop()
         await self.healer.stop()
         if self.alerter is not None:
             await self.alerter.stop()
