@@ -95,6 +95,9 @@ class NetlinkEventSource:
     """
 
     RECEIVE_BUFFER = 16 * 1024 * 1024
+    #: environment: the socket's receive buffer in bytes instead (tests make it
+    #: tiny so that a burst of real uevents overflows it: ENOBUFS)
+    RECEIVE_BUFFER_ENV = "VMPLUG_UEVENT_RCVBUF"
 
     def __init__(self, source: str | None = None) -> None:
         self.source = source or ("udev" if udevd_running() else "kernel")
@@ -105,6 +108,16 @@ class NetlinkEventSource:
         )
         self._monitor: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: ENOBUFS the kernel reported on this socket so far
+        self.overflows = 0
+
+    def receive_buffer(self) -> int:
+        raw = os.environ.get(self.RECEIVE_BUFFER_ENV, "")
+        if raw.isdigit() and int(raw) > 0:
+            return int(raw)
+        if raw:
+            log.warning("%s=%r is no byte count: ignored", self.RECEIVE_BUFFER_ENV, raw)
+        return self.RECEIVE_BUFFER
 
     def start(self, on_event: EventCallback, on_overflow: OverflowCallback) -> None:
         import pyudev  # noqa: PLC0415 - the daemon needs it, `vmplug list` does not
@@ -113,17 +126,28 @@ class NetlinkEventSource:
         monitor = pyudev.Monitor.from_netlink(context, source=self.source)
         monitor.filter_by(subsystem="usb", device_type="usb_device")
         with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN past rmem_max
-            monitor.set_receive_buffer_size(self.RECEIVE_BUFFER)
+            monitor.set_receive_buffer_size(self.receive_buffer())
         monitor.start()
         self._monitor = monitor
         self._loop = asyncio.get_running_loop()
 
+        # Read with libudev's receive (a non-blocking recvmsg), not pyudev's
+        # poll(): after an overflow the socket polls as POLLERR, which poll()
+        # turns into an OSError without an errno (the ENOBUFS is never read
+        # and the socket stays in error: every later uevent would be missed).
+        receive: Callable[[], Any] = getattr(
+            monitor, "_receive_device", lambda: monitor.poll(timeout=0)
+        )
+
         def readable() -> None:
             while True:
                 try:
-                    device = monitor.poll(timeout=0)
+                    device = receive()
                 except OSError as exc:
                     if exc.errno == errno.ENOBUFS:
+                        # the kernel dropped uevents: what the devices are now
+                        # is in sysfs, so a rescan loses nothing of the state
+                        self.overflows += 1
                         log.warning("uevent socket overflowed: events were lost, rescanning")
                         on_overflow()
                         continue
