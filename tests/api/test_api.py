@@ -115,7 +115,8 @@ async def test_read_endpoints_on_both_listeners(rig: ApiRig) -> None:
     assert re.search(r"^vmplug_reconcile_duration_seconds_count [1-9]", text, re.M)
     assert re.search(r'^vmplug_vm_devices\{vm="a"\} 1\.0$', text, re.M)
     assert re.search(r'^vmplug_events_total\{kind="device-add"\} [1-9]', text, re.M)
-    assert f'vmplug_device_uptime_ratio{{identity="{kbd["identity"]}",port="{KBD}"}}' in text
+    ident = kbd["identity"]
+    assert f'vmplug_device_uptime_ratio{{host="",identity="{ident}",port="{KBD}"}}' in text
 
 
 async def test_attach_move_detach_reach_qemu(rig: ApiRig) -> None:
@@ -237,7 +238,8 @@ async def test_metrics_count_qmp_errors_and_time_hotplugs(rig: ApiRig) -> None:
     # the keyboard's failure (its unplug) shows in its figures and the metric
     identity = d.inventory[KBD].identity
     assert re.search(
-        rf'^vmplug_device_failures_total\{{identity="{re.escape(identity)}",port="{KBD}"\}} 1\.0$',
+        rf'^vmplug_device_failures_total\{{host="",identity="{re.escape(identity)}",'
+        rf'port="{KBD}"\}} 1\.0$',
         text,
         re.M,
     ), text

@@ -107,7 +107,8 @@ async def test_live_metrics_are_what_prometheus_and_the_readme_say(rig: ApiRig) 
     assert re.search(r"^process_resident_memory_bytes \d", text, re.M)
     identity = d.inventory[KBD].identity
     assert re.search(
-        rf'^vmplug_device_failures_total\{{identity="{re.escape(identity)}",port="{KBD}"\}} 1\.0$',
+        rf'^vmplug_device_failures_total\{{host="",identity="{re.escape(identity)}",'
+        rf'port="{KBD}"\}} 1\.0$',
         text,
         re.M,
     ), text

@@ -88,19 +88,27 @@ def _free_ports(count: int) -> int:
 
 
 class RemoteLab:
-    def __init__(self, root: Path, remotes: tuple[Remote, ...] = REMOTES) -> None:
+    def __init__(
+        self, root: Path, remotes: tuple[Remote, ...] = REMOTES, *, same_ports: bool = False
+    ) -> None:
+        """``same_ports``: the device host's ports are the host's (``vmplug run``
+        with ``[export] ports`` = :attr:`port`.. and its API on :attr:`api_port`,
+        both forwarded as they are), not 7100.. (``vmplug.remote.serve``)."""
         self.root = root
         self.remotes = remotes
-        self.port = _free_ports(len(remotes))
+        self.port = _free_ports(len(remotes) + 1)
+        #: the device host's API port (forwarded with ``same_ports``)
+        self.api_port = self.port + len(remotes)
+        guest_base = self.port if same_ports else 7100
         pki = root / "dev" / "pki"
         certs.make_ca(pki)
         certs.issue(pki, "devhost", addresses=["127.0.0.1"])
         self.vmhost = certs.issue(pki, "vmhost", root / "vmpki")
         self.tls_dir = certs.qemu_client_dir(self.vmhost, root / "qemu-tls")
-        fwd = ",".join(
-            f"hostfwd=tcp:127.0.0.1:{self.port + r.index}-{GUEST_IP}:{7100 + r.index}"
-            for r in remotes
-        )
+        forwards = [(self.port + r.index, guest_base + r.index) for r in remotes]
+        if same_ports:
+            forwards.append((self.api_port, self.api_port))
+        fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{h}-{GUEST_IP}:{g}" for h, g in forwards)
         self.dev = LabGuest(
             [r.lab for r in remotes],
             root / "dev",

@@ -19,25 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
-import socket
 import ssl
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.fakekernel import FakeKernel
 from tests.support.qemu_proc import QemuProcess
+from tests.support.vmplugproc import Proc, free_port, wait
 from vmplug.remote import certs
 from vmplug.vms.qmp import QmpVm
 from vmplug.wire.qmp import SyncQmp
@@ -48,94 +42,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("usbredirect") is None, reason="usbredirect not installed"),
 ]
 
-VMPLUG = [sys.executable, "-m", "vmplug"]
 PORT = "2-2.4.2"  # the captured tree's device the device host's rule lets go
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Proc:
-    """One ``vmplug run`` with its config, sysfs tree and API socket."""
-
-    def __init__(self, tmp: Path, name: str, capture: str, config: str) -> None:
-        self.dir = tmp / name
-        self.dir.mkdir()
-        self.kernel = FakeKernel(self.dir, capture)
-        self.sock = Path(tempfile.mkdtemp(prefix=f"vmplug-{name}", dir="/tmp")) / "api.sock"
-        self.config = self.dir / "vmplug.toml"
-        daemon = f'[daemon]\nsocket = "{self.sock}"\ndatabase = "{self.dir / "vmplug.db"}"\n\n'
-        self.config.write_text(daemon + config)
-        self.log = self.dir / "daemon.log"
-        self.proc: subprocess.Popen[str] | None = None
-
-    def env(self) -> dict[str, str]:
-        return os.environ | {
-            "VMPLUG_SYSFS_ROOT": str(self.kernel.root),
-            "VMPLUG_CONFIG": str(self.config),
-            "COLUMNS": "200",
-        }
-
-    def start(self) -> None:
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(
-                [*VMPLUG, "run", "--events", f"replay:{self.kernel.fifo}"],
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        wait(self.sock.exists, f"{self.dir.name}'s API socket", self)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-            self.proc = None
-
-    def vmplug(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*VMPLUG, *args],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-    def json(self, *args: str) -> Any:
-        res = self.vmplug(*args, "--json")
-        assert res.returncode == 0, res.stderr
-        return json.loads(res.stdout)
-
-    def close(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
-        self.kernel.close()
-        shutil.rmtree(self.sock.parent, ignore_errors=True)
-
-
-def wait(check: Callable[[], Any], what: str, proc: Proc | None = None, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if proc is not None and proc.proc is not None and proc.proc.poll() is not None:
-            raise AssertionError(f"{proc.dir.name} exited: {proc.log.read_text()}")
-        if time.monotonic() > deadline:
-            logs = "" if proc is None else proc.log.read_text()[-3000:]
-            raise AssertionError(f"timed out waiting for {what}\n{logs}")
-        time.sleep(0.1)
 
 
 class Rig:
@@ -149,8 +56,8 @@ class Rig:
             name: certs.issue(ca, name, tmp / "pki" / name, addresses=["127.0.0.1"]).cert.parent
             for name in ("devhost", "vmhost-a", "vmhost-b")
         }
-        self.api_port = _free_port()
-        first = _free_port()
+        self.api_port = free_port()
+        first = free_port()
         first = min(first, 65000)
         self.ports = (first, first + 30)
         self.devhost = Proc(

@@ -16,8 +16,9 @@ Counters
   ``vmplug_actions_total{kind,vm,result}``      attach/detach/adopt tried
   ``vmplug_attachments_total{vm}``              successful attaches (device_add answered)
   ``vmplug_qmp_errors_total{vm,error_class}``   failed actions, by QMP error class
-  ``vmplug_device_failures_total{identity,port}`` times the device left its VM by
-                                                unplug or loss, since the daemon started
+  ``vmplug_device_failures_total{identity,port,host}`` times the device left its VM
+                                                by unplug or loss, since the daemon started
+                                                (``host``: its device host, "" for this one)
 Histograms
   ``vmplug_reconcile_duration_seconds``         one reconcile pass (diff + acting)
   ``vmplug_hotplug_latency_seconds``            bind uevent -> device_add answered
@@ -25,8 +26,10 @@ Gauges
   ``vmplug_devices``                            USB devices present (no root hubs)
   ``vmplug_vm_connected{vm}``                   1 while vmplug's QMP session is up
   ``vmplug_vm_devices{vm}``                     vmplug devices the VM holds
-  ``vmplug_device_uptime_ratio{identity,port}`` share of wanted time attached, since
-                                                the daemon started (see vmplug.history.health)
+  ``vmplug_device_uptime_ratio{identity,port,host}`` share of wanted time attached,
+                                                since the daemon started (vmplug.history.health)
+  ``vmplug_remote_host_up{host}``               1 while the device host answers
+  ``vmplug_remote_host_devices{host}``          devices it exports that are present
   ``vmplug_build_info{version,python}``         1, with the running version
 and the process collector's ``process_*`` (CPU, memory, open files, start time).
 """
@@ -190,18 +193,31 @@ class _StateCollector(Collector):
             "vmplug_device_uptime_ratio",
             "Share of the time wanted in a VM that the device was attached to it "
             "(since the daemon started)",
-            labels=["identity", "port"],
+            labels=["identity", "port", "host"],
         )
         failures = CounterMetricFamily(
             "vmplug_device_failures",
             "Times the device left its VM by unplug or loss (since the daemon started)",
-            labels=["identity", "port"],
+            labels=["identity", "port", "host"],
         )
-        ports = {dev.identity: dev.port for dev in view.devices()}
+        where = {dev.identity: (dev.port, dev.host or "") for dev in view.devices()}
         for identity, h in sorted(self._health_now().items()):
-            port = ports.get(identity, "")
+            port, host = where.get(identity, ("", ""))
             if h.uptime is not None:
-                uptime.add_metric([identity, port], h.uptime)
-            failures.add_metric([identity, port], h.failures)
+                uptime.add_metric([identity, port, host], h.uptime)
+            failures.add_metric([identity, port, host], h.failures)
         yield uptime
         yield failures
+        up = GaugeMetricFamily(
+            "vmplug_remote_host_up", "1 while the device host answers", labels=["host"]
+        )
+        count = GaugeMetricFamily(
+            "vmplug_remote_host_devices",
+            "Devices the device host exports that are present",
+            labels=["host"],
+        )
+        for h in view.remote_hosts():  # none on a host without [host.NAME]
+            up.add_metric([h["name"]], 1.0 if h["state"] == "up" else 0.0)
+            count.add_metric([h["name"]], float(h["devices"]))
+        yield up
+        yield count

@@ -55,12 +55,14 @@ SCHEMAS: dict[str, Any] = {
             "serial": STR_N,
             "speed_mbps": NUM_N,
             "is_hub": {"type": "boolean"},
+            "host": {**STR_N, "description": "its device host ([host.NAME]); null: this host"},
             "vm": {**STR_N, "description": "the VM the rules (or an override) name"},
             "attached": {**STR_N, "description": "the VM that holds the device now"},
             "state": {
                 "type": "string",
-                "enum": ["attached", "pending", "retrying", "host", "elsewhere"],
-                "description": "host: no VM wanted; elsewhere: held by a VM it is not meant for",
+                "enum": ["attached", "pending", "retrying", "host", "elsewhere", "held"],
+                "description": "host: no VM wanted; elsewhere: held by a VM it is not meant "
+                "for; held: a remote device another VM host holds (error says which)",
             },
             "override": {"type": "boolean"},
             "error": STR_N,
@@ -347,6 +349,23 @@ def document() -> dict[str, Any]:
             "Server-Sent Events: every event and action as the daemon records it "
             "(event: event|action|resync, data: one JSON object)",
             {"description": "an endless stream", "content": {"text/event-stream": {}}},
+        ),
+        "/v1/export": _get(
+            "A device host's exportable devices: endpoint port, present, holder "
+            "(over mutual TLS, the client certificate is the credential)",
+            _json({"type": "object"}, "the export list; ETag over its content"),
+            [
+                _q(
+                    "wait",
+                    {"type": "number", "minimum": 0, "maximum": 25, "default": 0},
+                    "with If-None-Match: seconds to wait for a change (then 304)",
+                )
+            ],
+            **{
+                "304": {"description": "unchanged (If-None-Match)"},
+                "403": _err("not over mutual TLS, or a client certificate not allowed"),
+                "404": _err("this host exports nothing (no [export])"),
+            },
         ),
         "/v1/openapi.json": _get(
             "This document", _json({"type": "object"}, "OpenAPI 3.0 document")

@@ -119,6 +119,10 @@ class DeviceSource(Protocol):
 
     def held_elsewhere(self, dev: UsbDevice) -> str | None: ...
 
+    def settled(self) -> bool:
+        """Every device host has answered (or been found down) at least once."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -235,6 +239,10 @@ class Daemon:
             if holder is not None:
                 return holder
         return None
+
+    def _remote_detach(self, action: Action) -> bool:
+        have = self.observed.get(action.vm, {}).get(action.qemu_id)
+        return action.kind == "detach" and have is not None and not have.hostbus
 
     def devices_changed(self, changes: list[tuple[EventKind, UsbDevice]]) -> None:
         """A source's devices came (``device-add``) or went (``device-remove``)."""
@@ -692,6 +700,10 @@ class Daemon:
     async def _reconcile_pass(self) -> list[Action]:
         reachable = [n for n, vm in self.vms.items() if vm.connected and n in self.observed]
         actions = plan(self.wanted(), self.observed, reachable)
+        if any(not src.settled() for src in self.sources):
+            # a source that has not answered yet (a device host at start): its
+            # usb-redir devices in the VMs are kept until it has said what it has
+            actions = [a for a in actions if not self._remote_detach(a)]
         self._last_pass_actions = 0
         keys = {(a.vm, a.qemu_id) for a in actions}
         for stale in [k for k in self.retries if k not in keys]:

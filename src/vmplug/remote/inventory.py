@@ -274,6 +274,10 @@ class RemoteInventory:
             return None
         return None if rd.holder == link.config.me else rd.holder
 
+    def settled(self) -> bool:
+        """Every device host answered, or was found down, at least once."""
+        return all(link.state != "connecting" for link in self.links.values())
+
     def to_json(self) -> list[dict[str, Any]]:
         return [link.to_json() for link in self.links.values()]
 
