@@ -42,6 +42,7 @@ class Docker2010:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.version_check])
+        app.router.add_get("/_ping", self.ping)
         app.router.add_get("/version", self.version)
         app.router.add_get("/v{v}/containers/json", self.listing)
         app.router.add_get("/v{v}/containers/{id}/json", self.inspect)
@@ -63,6 +64,9 @@ class Docker2010:
             )
         resp: web.StreamResponse = await handler(request)
         return resp
+
+    async def ping(self, _r: web.Request) -> web.Response:
+        return web.Response(text="OK", headers={"Api-Version": "1.41"})
 
     async def version(self, _r: web.Request) -> web.Response:
         return web.json_response(
@@ -118,7 +122,7 @@ async def test_version_is_negotiated_never_assumed(docker: tuple[str, Docker2010
     assert doc is not None and doc["Name"] == DOCS[cid]["Name"]
     assert await engine.inspect("nope") is None
     assert peer.seen == [
-        "/version",
+        "/_ping",
         "/v1.41/containers/json?all=1",
         f"/v1.41/containers/{cid}/json",
         "/v1.41/containers/nope/json",

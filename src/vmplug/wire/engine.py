@@ -6,12 +6,21 @@
 * :class:`Engine`: JSON ``GET``/``POST`` and the ``/events`` stream over a
   unix socket (aiohttp's ``UnixConnector``) or TCP (``tcp://HOST:PORT``).
 
-The API version is negotiated, never assumed: the first call asks
-``GET /version`` and every later path is prefixed with the ``ApiVersion``
-the engine names (Debian's Docker 20.10 answers 1.41 and refuses newer
-prefixes with HTTP 400; Podman answers for its Docker-compatible API).  An
-engine that does not answer ``/version`` with a version is spoken to
-without a prefix, which an engine serves at its own version.
+The API version is negotiated, never assumed, and kept per engine address
+for the process's life (:func:`forget_version` drops it): the first call to
+an address asks ``GET /_ping`` and reads its ``Api-Version`` header, as the
+docker CLI does (Docker and Podman both send it); only an engine whose ping
+names no version is asked ``GET /version`` for its ``ApiVersion``.  Every
+later path is prefixed with that version (Debian's Docker 20.10 answers 1.41
+and refuses newer prefixes with HTTP 400; Podman 4.3 answers 1.41 for its
+Docker-compatible API).  ``/version`` is not the first choice because
+Podman's handler runs ``dpkg-query --search`` for conmon, crun and
+slirp4netns on every call: 2.4 s on this machine, minutes in the lab guest
+under TCG, where a client retrying it piled up dozens of ``dpkg-query``
+processes, while ``/_ping`` answered in 11 ms.  An engine that names no
+version at all is spoken to without a prefix (served at its own version).
+A cached version is forgotten when the engine cannot be reached (it may come
+back another version) or answers HTTP 400 "too new".
 
 Every failure is an :class:`~vmplug.wire.errors.EngineError` with
 ``address``, ``path`` and, when the engine answered, ``status``.
@@ -69,6 +78,24 @@ def exists(address: str) -> bool:
     return not is_unix(address) or os.path.exists(address)  # noqa: PTH110
 
 
+#: Negotiated API versions by engine address (None: the engine names none).
+_VERSIONS: dict[str, str | None] = {}
+
+
+def forget_version(address: str | None = None) -> None:
+    """Drop the cached API version of ``address`` (all of them when None)."""
+    if address is None:
+        _VERSIONS.clear()
+    else:
+        _VERSIONS.pop(address.removeprefix("unix://"), None)
+
+
+def cached_version(address: str) -> tuple[bool, str | None]:
+    """(known, version) of ``address`` in the cache."""
+    key = address.removeprefix("unix://")
+    return key in _VERSIONS, _VERSIONS.get(key)
+
+
 def _message(body: object) -> str:
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         return str(body["message"])
@@ -89,6 +116,8 @@ class Engine:
         #: (and when the engine names none: then paths go unprefixed)
         self.api_version = api_version
         self._negotiated = api_version is not None
+        #: how the version was learned: "given", "cache", "_ping", "/version" or "none"
+        self.negotiated_by: str | None = "given" if api_version is not None else None
         if is_unix(self.address):
             self._base = "http://docker"
         else:
@@ -122,6 +151,18 @@ class Engine:
         body: object = None,
     ) -> tuple[int, Any]:
         """One request; (status, decoded JSON body or text)."""
+        status, answer, _headers = await self._raw_headers(method, path, params=params, body=body)
+        return status, answer
+
+    async def _raw_headers(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: object = None,
+    ) -> tuple[int, Any, dict[str, str]]:
+        """One request; (status, decoded JSON body or text, headers lower-cased)."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
         try:
@@ -133,9 +174,11 @@ class Engine:
             ):
                 raw = await resp.read()
                 status = resp.status
+                headers = {k.lower(): v for k, v in resp.headers.items()}
         except TimeoutError:
             raise self._fail(method, path, f"timed out after {self.timeout:g} s") from None
         except aiohttp.ClientConnectorError as exc:
+            forget_version(self.address)
             why = exc.os_error.strerror or str(exc.os_error)
             raise EngineError(
                 f"cannot reach the API at {self.address}: {why}", address=self.address, path=path
@@ -143,20 +186,31 @@ class Engine:
         except (aiohttp.ClientError, OSError) as exc:
             raise self._fail(method, path, str(exc) or type(exc).__name__) from exc
         if not raw.strip():
-            return status, None
+            return status, None, headers
         try:
-            return status, json.loads(raw)
+            return status, json.loads(raw), headers
         except ValueError:
-            return status, raw.decode("utf-8", "replace")
+            return status, raw.decode("utf-8", "replace"), headers
 
     async def negotiate(self) -> str | None:
-        """Ask ``GET /version`` once; the ``ApiVersion`` every later path uses."""
-        if not self._negotiated:
-            status, body = await self._raw("GET", "/version")
-            version = body.get("ApiVersion") if isinstance(body, dict) else None
-            if status == 200 and isinstance(version, str) and version:
-                self.api_version = version.removeprefix("v")
-            self._negotiated = True
+        """The version every later path uses: the address's cached one, else
+        ``GET /_ping``'s ``Api-Version`` header, else ``GET /version``'s
+        ``ApiVersion`` (see the module's note on Podman's ``/version``)."""
+        if self._negotiated:
+            return self.api_version
+        known, version = cached_version(self.address)
+        how = "cache"
+        if not known:
+            status, _body, headers = await self._raw_headers("GET", "/_ping")
+            version, how = headers.get("api-version") if status == 200 else None, "_ping"
+            if not version:
+                status, body = await self._raw("GET", "/version")
+                named = body.get("ApiVersion") if isinstance(body, dict) else None
+                ok = status == 200 and isinstance(named, str) and named
+                version, how = (str(named) if ok else None), ("/version" if ok else "none")
+            version = version.strip().removeprefix("v") if version else None
+            _VERSIONS[self.address] = version
+        self.api_version, self.negotiated_by, self._negotiated = version, how, True
         return self.api_version
 
     async def _path(self, path: str) -> str:
@@ -183,6 +237,12 @@ class Engine:
         is None with ``missing_ok``; anything else raises :class:`EngineError`."""
         full = await self._path(path)
         status, answer = await self._raw(method, full, params=params, body=body)
+        if status == 400 and "too new" in _message(answer) and self.negotiated_by == "cache":
+            # the engine behind the address changed (downgraded): negotiate again
+            forget_version(self.address)
+            self._negotiated = False
+            full = await self._path(path)
+            status, answer = await self._raw(method, full, params=params, body=body)
         if 200 <= status < 300:
             return answer
         if status == 404 and missing_ok:
@@ -246,6 +306,7 @@ class Engine:
         except TimeoutError:
             raise self._fail("GET", full, f"timed out after {self.timeout:g} s") from None
         except aiohttp.ClientConnectorError as exc:
+            forget_version(self.address)
             raise EngineError(
                 f"cannot reach the API at {self.address}: {exc.os_error.strerror or exc}",
                 address=self.address,
@@ -277,9 +338,11 @@ def get_json_sync(address: str, path: str, timeout: float) -> Any:
 __all__ = [
     "DEFAULT_SOCKETS",
     "Engine",
+    "cached_version",
     "candidates",
     "exists",
     "find_engine",
+    "forget_version",
     "get_json_sync",
     "rootless_podman",
 ]
