@@ -15,9 +15,16 @@ from vmplug.errors import UsageError
 
 
 def all_checks() -> list[CheckSpec]:
-    from vmplug.doctor import container, guest, host, proxmox, qemu  # noqa: PLC0415
+    from vmplug.doctor import container, guest, host, network, proxmox, qemu  # noqa: PLC0415
 
-    return [*host.CHECKS, *container.CHECKS, *qemu.CHECKS, *proxmox.CHECKS, *guest.CHECKS]
+    return [
+        *host.CHECKS,
+        *network.CHECKS,
+        *container.CHECKS,
+        *qemu.CHECKS,
+        *proxmox.CHECKS,
+        *guest.CHECKS,
+    ]
 
 
 EPILOG = EPILOG_ENV.replace(
@@ -183,7 +190,7 @@ def doctor(
     --json prints one object: {"version": 1, "status": "ok"|"warning"|"error",
     "exit_status", "counts": {"ok", "info", "warning", "error"}, "findings":
     [{"layer", "check", "severity", "title", "subject", "evidence": [...],
-    "fix"}]}, findings in layer order (host, container, qemu, guest).  A
+    "fix"}]}, findings in layer order (host, network, container, qemu, guest).  A
     check that itself fails is reported as the finding CHECK.failed.
 
     \b

@@ -24,6 +24,7 @@ from vmplug.model import UsbDevice
 if TYPE_CHECKING:
     from vmplug.config import Config
     from vmplug.doctor.container_info import ContainerScan
+    from vmplug.doctor.network import NetworkScan
     from vmplug.doctor.qemu_info import QemuInstance
 
 
@@ -203,6 +204,15 @@ class DoctorContext:
             if vm.container and vm.uri and vm.uri.startswith("unix://"):
                 out.append(vm.uri[len("unix://") :])
         return out
+
+    # ------------------------------------------------------------ network
+
+    @cached_property
+    def network(self) -> NetworkScan:
+        """Remote links: certificates, each endpoint probed, QEMU's chardevs."""
+        from vmplug.doctor.network import gather  # noqa: PLC0415
+
+        return gather(self)
 
     # ------------------------------------------------------------ targets
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from vmplug.doctor.context import DoctorContext
 
 #: The layers, bottom-up: the order checks run in and the report is grouped by.
-LAYERS = ("host", "container", "qemu", "guest")
+LAYERS = ("host", "network", "container", "qemu", "guest")
 
 
 class Severity(IntEnum):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -247,6 +248,10 @@ class UsbredirectSource:
     def describe(self) -> str:
         return f"usbredirect {self.locate!r}"
 
+    def device_present(self) -> bool:
+        """The device is on this host's bus now (what the doctor is told)."""
+        return self.locate() is not None
+
     async def open(self) -> PlainLink | None:
         where = self.locate()
         if where is None:
@@ -327,6 +332,11 @@ _BACKGROUND: set[asyncio.Task[None]] = set()
 KEEPALIVE_IDLE = 1
 KEEPALIVE_INTERVAL = 1
 KEEPALIVE_COUNT = 127
+#: What ``vmplug doctor`` sends instead of a usbredir hello (whose first four
+#: bytes are the packet type 0): the endpoint answers with one JSON line of its
+#: state (:meth:`ExportEndpoint.probe_reply`) and hangs up.  Only a client that
+#: passed the mutual-TLS checks gets that far.
+PROBE = b"VMPLUG-PROBE 1\n"
 #: how long a dead link's socket is kept to retransmit its FIN (then closed)
 LINGER_MAX = 900.0
 
@@ -429,6 +439,7 @@ class EndpointState:
     last: RelayStats | None = None
     bytes_up: int = 0  # VM host -> device, all sessions
     bytes_down: int = 0
+    probes: int = 0  # doctor probes answered
     dead_links: int = 0  # links ended because the VM host went silent (network cut)
     last_dead_at: float | None = None  # time.time() of the last one
     rtt_ms: float | None = None  # the streaming link's smoothed RTT (kernel's TCP_INFO)
@@ -599,6 +610,13 @@ class ExportEndpoint:
             )
             await close_writer(writer)
             return
+        if first.startswith(PROBE):
+            self.state.probes += 1
+            with contextlib.suppress(OSError, ssl.SSLError):
+                writer.write(json.dumps(self.probe_reply(who)).encode() + b"\n")
+                await asyncio.wait_for(writer.drain(), self.handshake_timeout)
+            await close_writer(writer)
+            return
         holder = self.state.holder
         if holder is not None and holder != who:
             self._refuse(peer, f"{self.name} is held by {holder} (first come wins)")
@@ -718,6 +736,25 @@ class ExportEndpoint:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
+    def probe_reply(self, who: str) -> dict[str, object]:
+        """The endpoint's state as the doctor on a VM host reads it."""
+        st = self.state
+        present = getattr(self.source, "device_present", None)
+        return {
+            "name": self.name,
+            "you": who,
+            "holder": st.holder,
+            "streaming": st.streaming,
+            "present": present() if callable(present) else None,
+            "sessions": st.sessions,
+            "dead_links": st.dead_links,
+            "last_dead_at": st.last_dead_at,
+            "rtt_ms": st.rtt_ms,
+            "retransmits": st.retransmits,
+            "link_timeout": self.link_timeout,
+            "last_refusal": st.refusals[-1].reason if st.refusals else None,
+        }
+
     async def _linger(self, keep: socket.socket) -> None:
         """Half-close a dead link's socket and keep it, so its FIN is
         retransmitted until the network is back (then QEMU sees the stream
@@ -783,6 +820,7 @@ class Exporter:
 
 
 __all__ = [
+    "PROBE",
     "EndpointState",
     "ExportEndpoint",
     "ExportError",
