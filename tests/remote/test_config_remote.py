@@ -3,14 +3,17 @@ the line and a reason when wrong."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from pathlib import Path
 
 import pytest
 
+from tests.support.devices import DEVICES
 from vmplug.config import ConfigError, parse_config
 from vmplug.errors import UsageError
 from vmplug.remote import certs
+from vmplug.remote.devicehost import preferred_port
 from vmplug.remote.serve import exporter_from_config
 
 GOOD = """
@@ -125,3 +128,75 @@ async def test_export_section_builds_its_endpoints(tmp_path: Path) -> None:
     (pki / "devbox-key.pem").chmod(0o644)
     with pytest.raises(UsageError, match="chmod 600"):
         exporter_from_config(export, sysfs=tmp_path)
+
+
+RULES = """
+[export]
+name = "studio"
+certs = "/etc/vmplug/pki"
+ports = "7300-7310"
+
+[[export.rule]]
+match = 'id 0627:0001'
+block = true
+
+[[export.rule]]
+match = 'with-interface one-of { 01:*:* }'
+
+[host.studio]
+address = "studio.lan"
+api_port = 7400
+certs = "/etc/vmplug/pki"
+me = "server1"
+
+[api]
+listen = "0.0.0.0:7200"
+"""
+
+
+def test_export_rules_ports_and_a_host_without_devices() -> None:
+    cfg = parse_config(RULES)
+    assert cfg.export is not None
+    assert cfg.export.ports == (7300, 7310)
+    assert [r.block for r in cfg.export.rules] == [True, False]
+    host = cfg.hosts["studio"]
+    assert (host.api_port, dict(host.devices)) == (7400, {})
+    assert cfg.api.listen == "0.0.0.0:7200"  # a device host's API faces the network
+    audio, kbd = DEVICES["scarlett-4i4"], DEVICES["qemu-kbd"]
+    # the first matching rule decides; no rule: stays; hubs and remote devices never leave
+    assert cfg.export.allows(audio)
+    assert not cfg.export.allows(kbd)  # 0627:0001: blocked by the first rule
+    assert not cfg.export.allows(DEVICES["qemu-storage"])  # no rule names it
+    assert not cfg.export.allows(dataclasses.replace(audio, host="other"))
+    assert not cfg.export.allows(DEVICES["qemu-hub"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[api]\nlisten = '0.0.0.0:7200'\n", "loopback only"),  # no [export]: no
+        ("[export]\ninsecure = true\nports = '7200'\n", "FIRST-LAST"),
+        ("[export]\ninsecure = true\nports = '7300-7200'\n", "FIRST-LAST"),
+        ("[export]\ninsecure = true\n[[export.rule]]\nblock = true\n", "missing match"),
+        ("[export]\ninsecure = true\n[[export.rule]]\nmatch = 'id 12'\n", "bad match rule"),
+        ("[export]\ninsecure = true\n[[export.rule]]\nmatch = 'id 1:2'\nx = 1\n", "unknown key"),
+        (
+            "[export]\ninsecure = true\nports = '7100-7199'\n"
+            "[export.device.k]\nport_path = '2-1'\nport = 7150\n",
+            "lies in ports",
+        ),
+        ("[host.a]\naddress = 'h'\ninsecure = true\napi_port = 0\n", "TCP port"),
+    ],
+)
+def test_bad_rule_forms_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config(text)
+    assert info.value.render()
+
+
+def test_ports_are_stable_per_identity_and_in_range() -> None:
+    ids = [d.identity for d in DEVICES.values()]
+    first = [preferred_port(i, 7100, 7199) for i in ids]
+    assert first == [preferred_port(i, 7100, 7199) for i in ids]  # the same on every start
+    assert all(7100 <= p <= 7199 for p in first)
+    assert len(set(first)) > 1

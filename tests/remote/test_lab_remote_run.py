@@ -38,15 +38,17 @@ class RunLab(RemoteLab):
         d = self.root / "dev"
         rules = "".join(f"[[export.rule]]\nmatch = 'id {r.ids}'\n\n" for r in self.remotes)
         cfg = d / "devhost.toml"
+        own = f"/tmp/vmplug-devhost-{self.api_port}"  # the guest's own tmpfs: SQLite locks there
         cfg.write_text(
-            f'[daemon]\nsocket = "{d}/api.sock"\ndatabase = "{d}/vmplug.db"\n\n'
+            f'[daemon]\nsocket = "{own}/api.sock"\ndatabase = "{own}/vmplug.db"\n\n'
             f'[api]\nlisten = "{GUEST_IP}:{self.api_port}"\n\n'
             f'[export]\nname = "devhost"\ncerts = "{d}/pki"\nlisten = "{GUEST_IP}"\n'
             f'allow = ["vmhost"]\nports = "{self.port}-{self.port + len(self.remotes) - 1}"\n\n'
             + rules
         )
         self.serve = self.dev.spawn(
-            f"python3 -m vmplug --config {cfg} run --events kernel", log=str(self.serve_log)
+            f"sh -c 'mkdir -p {own} && exec python3 -m vmplug --config {cfg} run --events kernel'",
+            log=str(self.serve_log),
         )
         deadline = time.monotonic() + 400
         while True:

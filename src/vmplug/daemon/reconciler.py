@@ -245,15 +245,26 @@ class Daemon:
         return action.kind == "detach" and have is not None and not have.hostbus
 
     def devices_changed(self, changes: list[tuple[EventKind, UsbDevice]]) -> None:
-        """A source's devices came (``device-add``) or went (``device-remove``)."""
+        """A source's devices came (``device-add``), changed (``device-bind``) or
+        went (``device-remove``)."""
         for kind, dev in changes:
             if kind is EventKind.DEVICE_REMOVE:
                 self._gone[dev.qemu_id] = dev.identity
                 self.journal.event(
                     kind, identity=dev.identity, port=dev.port, detail={"host": dev.host}
                 )
-            else:
-                self._saw(dev, kind, {"host": dev.host})
+                continue
+            self._saw(dev, kind, {"host": dev.host})
+            vm = target(dev, self.config, self.overrides)
+            if kind is EventKind.DEVICE_ADD and vm and dev.qemu_id in self.observed.get(vm, {}):
+                # a device host's device already in its VM (vmplug restarted): adopted
+                self.journal.action(
+                    ActionKind.ADOPT,
+                    identity=dev.identity,
+                    qemu_id=dev.qemu_id,
+                    vm=vm,
+                    result=Result.OK,
+                )
         self.mark_dirty()
 
     def mark_dirty(self) -> None:

@@ -395,8 +395,10 @@ class RemoteInventory:
         changes: Changes = []
         for ident, rd in fresh.items():
             before = old.get(ident)
-            if before is None or before.device != rd.device:
+            if before is None:
                 changes.append((EventKind.DEVICE_ADD, rd.device))
+            elif before.device != rd.device:  # re-read there (drivers, a new number)
+                changes.append((EventKind.DEVICE_BIND, rd.device))
         changes += [(EventKind.DEVICE_REMOVE, rd.device) for i, rd in old.items() if i not in fresh]
         link.devices = fresh
         for rd in fresh.values():
