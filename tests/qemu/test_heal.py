@@ -354,3 +354,80 @@ match = 'via-port "{KBD}"'
         assert not [e for e in store.history(ident, limit=None) if e.kind == "detach"]
     finally:
         os.close(writer)
+
+
+async def test_a_guest_problem_heals_only_what_a_rule_sends_to_a_vm_that_allows_it(
+    rig: Callable[[str], Rig], tmp_path: Path
+) -> None:
+    """The guest-agent probe's ``guest-problem`` (as it journals it) drives the
+    ladder for the routed device; the same report, and kernel errors on their
+    ports, for a device no rule routes and for one whose VM says ``heal =
+    false`` touch neither (QEMU keeps holding the latter under the same id)."""
+    r = rig("mixed")
+    r.write_config(
+        f"""
+[heal]
+interval_s = 0.2
+settle_s = 30
+
+[vm.b]
+heal = false
+
+[[rule]]
+attach = "a"
+match = 'via-port "{KBD}"'
+
+[[rule]]
+attach = "b"
+match = 'via-port "{MIDI}"'
+""",
+        vms=("a",),
+    )
+    # vm.b is written by write_config only for "a": add its qmp to the table above
+    text = r.config_path.read_text().replace(
+        "[vm.b]\n", f'[vm.b]\nqmp = "{r.qemu("b").qmp_paths[0]}"\n'
+    )
+    r.config_path.write_text(text)
+    r.qemu("a").start()
+    r.qemu("b").start()
+    kmsg = tmp_path / "kmsg"
+    os.mkfifo(kmsg)
+    writer = os.open(kmsg, os.O_RDWR | os.O_NONBLOCK)
+    try:
+
+        class KmsgDaemon(Daemon):
+            def __init__(self, *a: Any, **kw: Any) -> None:
+                super().__init__(*a, **kw)
+                self.kernel_log = kmsg
+
+        d = await r.daemon(KmsgDaemon)
+        await until(lambda: _ports_eq(r, "a", {KBD}), what="keyboard in a")
+        await until(lambda: _ports_eq(r, "b", {MIDI}), what="midi in b")
+        held_b = set((await r.held("b")).keys())
+        store = r.stores[0]
+        kbd, midi = d.inventory[KBD].identity, d.inventory[MIDI].identity
+        unrouted = next(
+            p for p, dev in d.inventory.items() if p not in (KBD, MIDI) and not dev.is_hub
+        )
+        other = d.inventory[unrouted].identity
+        for ident, vm in ((midi, "b"), (other, None), (kbd, "a")):
+            d.journal.event(
+                EventKind.GUEST_PROBLEM, identity=ident, vm=vm,
+                detail={"problem": "no-driver", "message": "no driver bound in the guest"},
+            )  # fmt: skip
+        for port in (MIDI, unrouted):
+            os.write(writer, f"3,1,1,-;usb {port}: device not accepting address 9\n".encode())
+        await until(lambda: _true(bool(_heals(store.history(kbd, limit=None)))), what="heal")
+        await asyncio.sleep(1.5)  # several healer ticks
+        heals = _heals(store.history(None, limit=None))
+        assert {h.identity for h in heals} == {kbd}, heals
+        first = heals[0]
+        assert first.detail and first.detail["rung"] == "reattach"
+        assert "guest a: no driver bound in the guest" in first.detail["reason"]
+        # the heal=false VM kept its device under the same id, never detached
+        assert set((await r.held("b")).keys()) == held_b
+        for ident in (midi, other):
+            assert not [e for e in store.history(ident, limit=None) if e.kind == "detach"]
+        await until(lambda: _ports_eq(r, "a", {KBD}), what="keyboard back in a")
+    finally:
+        os.close(writer)

@@ -129,6 +129,11 @@ class EventKind(StrEnum):
     ALERT = "alert"
     #: The condition of a fired alert has been gone long enough: all clear.
     ALERT_CLEAR = "alert-clear"
+    #: The guest says a device vmplug attached is not working there (``vm``,
+    #: ``identity``; ``detail``: ``problem`` -- ``no-driver`` for a Linux guest
+    #: whose driver did not bind, ``windows-code`` with ``code`` N --, and
+    #: ``message``): written by the guest-agent probe, a healing trigger.
+    GUEST_PROBLEM = "guest-problem"
     #: A device host (``[host.NAME]``, ``detail.host``) answered after it had
     #: not (or at start): its exported devices follow as ``device-add``.
     REMOTE_HOST_UP = "remote-host-up"
