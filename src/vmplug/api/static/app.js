@@ -117,10 +117,10 @@
     const name = `${cut(label(d), 40)} (${port})`;
     try {
       if (vm) {
-        const r = await api("POST", "/v1/attach", { device: port, vm });
+        const r = await api("POST", "/v1/attach", { device: selector(d), vm });
         toast(r.state === "attached" ? `${name} → ${vm}` : `${name}: ${r.state} ${visible(r.error ?? "")}`, r.state !== "attached");
       } else {
-        await api("POST", "/v1/detach", { device: port });
+        await api("POST", "/v1/detach", { device: selector(d) });
         toast(`${name} stays on the host`);
       }
     } catch (e) {
@@ -364,6 +364,16 @@
 
   // -- rendering -----------------------------------------------------------------
 
+  // A device's key on the page: its port, "HOST:PORT" for a remote device (one
+  // tree per device host); the API is asked by port, or by identity when remote.
+  function keyOf(d) {
+    return d.host ? `${d.host}:${d.port}` : d.port;
+  }
+
+  function selector(d) {
+    return d.host ? d.identity : d.port;
+  }
+
   function parentPort(port) {
     const i = port.lastIndexOf(".");
     return i < 0 ? null : port.slice(0, i);
@@ -373,7 +383,7 @@
   // 200 rows x 21 VMs of <option> would be most of the page's nodes.
   function moveSelect(d) {
     const here = where(d);
-    return h("select", { class: "to", "aria-label": `Move ${d.port} to`, data: { port: d.port } }, h("option", { value: here, selected: true, text: here || "host" }));
+    return h("select", { class: "to", "aria-label": `Move ${d.port} to`, data: { port: keyOf(d) } }, h("option", { value: here, selected: true, text: here || "host" }));
   }
 
   function fillSelect(sel) {
@@ -396,33 +406,33 @@
   }
 
   function nameButton(d, withVidPid) {
-    return h("button", { type: "button", class: "name", data: { port: d.port }, title: label(d) },
+    return h("button", { type: "button", class: "name", data: { port: keyOf(d) }, title: label(d) },
       h("span", { class: "port", text: d.port }), " ",
       h("span", { class: "label", text: cut(label(d)) }),
       withVidPid ? [" ", h("span", { class: "vp", text: vidpid(d) })] : null);
   }
 
   function rowInner(d) {
-    const row = h("div", { class: `row${where(d) ? " away" : ""}${d.port === state.selected ? " sel" : ""}` },
+    const row = h("div", { class: `row${where(d) ? " away" : ""}${keyOf(d) === state.selected ? " sel" : ""}` },
       nameButton(d, true), badge(d), d.is_hub ? null : moveSelect(d));
     if (!d.is_hub) row.append(h("div", { class: "strip-box", data: { identity: d.identity } }));
     return row;
   }
 
   function rowSig(d) {
-    return [d.state, d.attached, d.vm, d.error, d.port === state.selected, vmKey].join("|");
+    return [d.state, d.attached, d.vm, d.error, keyOf(d) === state.selected, vmKey].join("|");
   }
 
   function buildTree() {
     const byParent = new Map();
     const buses = new Map();
     for (const d of state.devices.values()) {
-      const parent = parentPort(d.port);
+      const parent = parentPort(keyOf(d));
       if (parent && state.devices.has(parent)) {
         if (!byParent.has(parent)) byParent.set(parent, []);
         byParent.get(parent).push(d);
       } else {
-        const bus = d.port.split("-")[0];
+        const bus = `${d.host || ""}\t${d.port.split("-")[0]}`;
         if (!buses.has(bus)) buses.set(bus, []);
         buses.get(bus).push(d);
       }
@@ -431,26 +441,42 @@
     tree.textContent = "";
     rows.clear();
     const add = (ul, d) => {
-      const li = h("li", { class: d.is_hub ? "dev hub" : "dev", draggable: d.is_hub ? null : "true", data: { port: d.port, sig: rowSig(d) } }, rowInner(d));
-      rows.set(d.port, li);
+      const li = h("li", { class: d.is_hub ? "dev hub" : "dev", draggable: d.is_hub ? null : "true", data: { port: keyOf(d), sig: rowSig(d) } }, rowInner(d));
+      rows.set(keyOf(d), li);
       ul.appendChild(li);
-      const kids = byParent.get(d.port);
+      const kids = byParent.get(keyOf(d));
       if (kids) {
         const sub = document.createElement("ul");
         for (const k of kids) add(sub, k);
         li.appendChild(sub);
       }
     };
-    for (const [bus, list] of [...buses].sort((a, b) => Number(a[0]) - Number(b[0]))) {
+    const hosts = new Map(); // "" (this host) first, then each device host: a tree each
+    const order = ([a], [b]) => {
+      const [ha, ba] = a.split("\t"), [hb, bb] = b.split("\t");
+      return ha === hb ? Number(ba) - Number(bb) : ha < hb ? -1 : 1;
+    };
+    for (const [key, list] of [...buses].sort(order)) {
+      const [host, bus] = key.split("\t");
       const ul = document.createElement("ul");
       for (const d of list) add(ul, d);
-      tree.appendChild(h("li", { class: "bus" }, h("span", { class: "busname", text: `Bus ${bus}` }), ul));
+      const li = h("li", { class: "bus" }, h("span", { class: "busname", text: `Bus ${bus}` }), ul);
+      if (!host) {
+        tree.appendChild(li);
+        continue;
+      }
+      if (!hosts.has(host)) {
+        const sub = document.createElement("ul");
+        tree.appendChild(h("li", { class: "host", data: { host } }, h("span", { class: "hostname", text: `${host} (device host)` }), sub));
+        hosts.set(host, sub);
+      }
+      hosts.get(host).appendChild(li);
     }
   }
 
   function updateRows() {
     for (const d of state.devices.values()) {
-      const li = rows.get(d.port);
+      const li = rows.get(keyOf(d));
       const sig = rowSig(d);
       if (!li || li.dataset.sig === sig) continue;
       if (li.contains(document.activeElement) && document.activeElement.tagName === "SELECT") continue;
@@ -485,17 +511,17 @@
       sec.classList.toggle("down", !v.connected);
       sec.querySelector(".dot").title = v.connected ? v.state || "connected" : "not connected";
       const list = cols.get(v.name);
-      const sig = list.map((d) => [d.port, d.state, d.attached, d.port === state.selected].join(":")).join("|");
+      const sig = list.map((d) => [keyOf(d), d.state, d.attached, keyOf(d) === state.selected].join(":")).join("|");
       const ul = sec.querySelector(".cards");
       if (ul.dataset.sig === sig && ul.childElementCount) continue;
       ul.dataset.sig = sig;
       ul.replaceChildren(
         ...(list.length
           ? list.map((d) =>
-              h("li", { class: `card s-${d.state}${d.port === state.selected ? " sel" : ""}`, draggable: "true", data: { port: d.port } },
+              h("li", { class: `card s-${d.state}${keyOf(d) === state.selected ? " sel" : ""}`, draggable: "true", data: { port: keyOf(d) } },
                 nameButton(d, false),
                 d.attached === v.name ? null : h("span", { class: `badge s-${d.state}`, text: d.state }),
-                h("button", { type: "button", class: "detach", data: { port: d.port }, "aria-label": `Detach ${d.port}`, title: "Detach: back to the host", text: "⏏" })),
+                h("button", { type: "button", class: "detach", data: { port: keyOf(d) }, "aria-label": `Detach ${d.port}`, title: "Detach: back to the host", text: "⏏" })),
             )
           : [h("li", { class: "empty", text: "no devices" })]),
       );
@@ -665,7 +691,7 @@
     loadJournal();
     const [devices, vms] = await Promise.all([api("GET", "/v1/devices"), api("GET", "/v1/vms")]);
     const t1 = performance.now();
-    state.devices = new Map(devices.map((d) => [d.port, d]));
+    state.devices = new Map(devices.map((d) => [keyOf(d), d]));
     state.vms = vms;
     render();
     const st = window.vmplugStats;
@@ -805,7 +831,7 @@
             h("button", { type: "button", class: "go", data: { port, vm: "" }, disabled: !d.attached, text: "Detach" }),
           ]),
     );
-    const q = encodeURIComponent(port);
+    const q = encodeURIComponent(selector(d));
     try {
       const [full, health, history, rules] = await Promise.all([
         api("GET", `/v1/devices/${q}`).catch(() => d),
