@@ -65,8 +65,11 @@ In the guest:
 
 INSTALL_AGENT = """\
 the channel exists but no agent answers on it; install and start it in the guest:
-  Windows: virtio-win guest tools (qemu-ga-x86_64.msi), service "QEMU Guest Agent"
-  Debian/Ubuntu: apt install qemu-guest-agent && systemctl enable --now qemu-guest-agent"""
+  Windows: virtio-win guest tools (qemu-ga-x86_64.msi), service "QEMU Guest Agent";
+    installed but stopped: Set-Service QEMU-GA -StartupType Automatic; Start-Service QEMU-GA
+    (it needs the VirtIO Serial driver, vioserial: Device Manager shows no Code 28 for it)
+  Debian/Ubuntu: apt install qemu-guest-agent && systemctl enable --now qemu-guest-agent
+    (it starts only once /dev/virtio-ports/org.qemu.guest_agent.0 exists in the guest)"""
 
 
 def _targets(ctx: DoctorContext) -> list[tuple[str, str | None, QemuInstance | None]]:
