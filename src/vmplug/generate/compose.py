@@ -780,3 +780,115 @@ def vmplug_snippet(plan: ComposePlan) -> str:
             f'# [[rule]]\n# attach = "{plan.vm}"\n# match = {match}\n'
         )
     return text
+
+
+# ---------------------------------------------------------------------------
+# Podman: the same container by ``podman run`` flags
+
+#: Why a compose file is not enough under Podman (measured in the lab guest with
+#: Debian 12's podman 4.3.1: the container's OCI spec held only "deny all").
+PODMAN_NOTE = (
+    "Podman: a compose file's device_cgroup_rules is dropped there (Podman 4.3's "
+    "Docker-compatible API ignores HostConfig.DeviceCgroupRules, so docker-compose "
+    "against Podman's socket gets a device cgroup that denies every USB node, and "
+    "podman-compose 1.0.3 does not pass the key on): QEMU then holds its usb-host "
+    "devices unattached. Run the same container by podman run flags instead"
+)
+
+#: Compose keys :func:`podman_run_command` translates (others are refused by name).
+_PODMAN_KEYS = frozenset(
+    {
+        "image",
+        "container_name",
+        "environment",
+        "devices",
+        "volumes",
+        "device_cgroup_rules",
+        "cap_add",
+        "ports",
+        "restart",
+        "stop_grace_period",
+        "network_mode",
+        "privileged",
+        "group_add",
+    }
+)
+_DURATION_RE = re.compile(r"^(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def _seconds(value: object) -> int:
+    """A compose duration (``2m``, ``90s``, ``1m30s``, a number) in whole seconds."""
+    text = str(value).strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return round(float(text))
+    m = _DURATION_RE.match(text)
+    if not text or m is None:
+        raise CannotExpress(f"stop_grace_period {text!r}: not a duration like 2m or 90s")
+    return round(int(m.group(1) or 0) * 60 + float(m.group(2) or 0))
+
+
+def _env_items(env: object) -> list[str]:
+    if isinstance(env, Mapping):
+        return [f"{k}={'' if v is None else v}" for k, v in env.items()]
+    if isinstance(env, list):
+        return [str(item) for item in env]
+    if env is None:
+        return []
+    raise CannotExpress("environment: neither a mapping nor a list")
+
+
+def podman_run_command(
+    text: str, service: str = "windows", base_dir: Path | None = None
+) -> list[str]:
+    """``podman run -d ...`` for ``service`` of the compose file ``text``: the same
+    container (name, image, environment, devices, bind mounts, device cgroup
+    rules, restart policy, stop timeout) made through Podman's own CLI, which
+    keeps ``--device-cgroup-rule`` (see :data:`PODMAN_NOTE`).  Relative bind
+    sources are resolved against ``base_dir`` (default: the current folder).
+    Raises :class:`CannotExpress` for a key it has no flag for."""
+    yaml = YAML(typ="safe", pure=True)
+    try:
+        doc = yaml.load(text)
+    except Exception as exc:  # ruamel raises many error classes
+        raise CannotExpress(f"the compose file is not YAML: {exc}") from None
+    services = doc.get("services") if isinstance(doc, dict) else None
+    svc = services.get(service) if isinstance(services, dict) else None
+    if not isinstance(svc, dict):
+        raise CannotExpress(f"no service {service!r} in the compose file")
+    unknown = sorted(set(svc) - _PODMAN_KEYS)
+    if unknown:
+        raise CannotExpress(
+            f"service {service!r}: no podman run flag here for {', '.join(unknown)}"
+        )
+    if "image" not in svc:
+        raise CannotExpress(f"service {service!r} has no image")
+    base = str(base_dir if base_dir is not None else Path.cwd())
+    argv = ["podman", "run", "-d", "--name", str(svc.get("container_name") or service)]
+    for item in _env_items(svc.get("environment")):
+        argv += ["-e", item]
+    for dev in svc.get("devices") or []:
+        argv += ["--device", str(dev)]
+    for vol in svc.get("volumes") or []:
+        spec = str(vol)
+        source, sep, rest = spec.partition(":")
+        if sep and source.startswith("."):
+            spec = f"{posixpath.normpath(posixpath.join(base, source))}:{rest}"
+        argv += ["-v", spec]
+    for rule in svc.get("device_cgroup_rules") or []:
+        argv += ["--device-cgroup-rule", str(rule)]
+    for cap in svc.get("cap_add") or []:
+        argv += ["--cap-add", str(cap)]
+    for port in svc.get("ports") or []:
+        argv += ["-p", str(port)]
+    for group in svc.get("group_add") or []:
+        argv += ["--group-add", str(group)]
+    if svc.get("privileged"):
+        argv.append("--privileged")
+    if svc.get("network_mode"):
+        argv += ["--network", str(svc["network_mode"])]
+    if svc.get("restart"):
+        argv += ["--restart", str(svc["restart"])]
+    if svc.get("stop_grace_period") is not None:
+        argv += ["--stop-timeout", str(_seconds(svc["stop_grace_period"]))]
+    argv.append(str(svc["image"]))
+    return argv
