@@ -78,7 +78,7 @@ def full_matrix(lab: ContainerLab, say: Any) -> dict[str, float]:
     out["engine restart of the container"] = _held(lab, "restart", t0, conn)
     conn = lab.state().conn
     t0 = time.monotonic()
-    lab.compose("up -d --force-recreate")
+    lab.up(recreate=True)
     out["compose up --force-recreate"] = _held(lab, "force-recreate", t0, conn)
     t0 = time.monotonic()
     lab.engine.kill(signal.SIGKILL)
@@ -120,7 +120,7 @@ def main() -> int:
         lab.boot()
         say(f"setup: {lab.timings}")
         lab.generate()
-        lab.compose("up -d")
+        lab.up()
         lab.start_watcher()
         lab.start_daemon()
         if lab.expect(BOTH, 120.0)[0] is None:

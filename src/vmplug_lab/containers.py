@@ -426,6 +426,8 @@ class ContainerLab:
         self.timings: dict[str, float] = {}
         self.generated = ""
         self.snippet = ""
+        #: the ``podman run`` argv :meth:`up` last ran (Podman only)
+        self.podman_run: list[str] = []
 
     def _time(self, name: str, t0: float) -> None:
         self.timings[name] = round(time.monotonic() - t0, 1)
@@ -469,6 +471,28 @@ class ContainerLab:
         lab.write_text(lab_compose(self.generated, SERVICE, ("check.sock", "timing.sock")))
         g.run(f"cp {lab} {PROJECT}/docker-compose.yml", check=True)
         return self.generated
+
+    def up(self, recreate: bool = False, timeout: float = 900.0) -> float:
+        """Bring the service up as a user of this engine would: Docker by the real
+        ``docker-compose`` (``up -d``, ``--force-recreate``); Podman by the
+        ``podman run`` flags :func:`vmplug.generate.compose.podman_run_command`
+        makes of the same compose file (Podman drops a compose file's
+        ``device_cgroup_rules``: :data:`vmplug.generate.compose.PODMAN_NOTE`),
+        after ``podman rm -f`` when re-creating.  Seconds it took."""
+        if self.kind == "docker":
+            return self.compose("up -d --force-recreate" if recreate else "up -d", timeout)
+        from vmplug.generate.compose import podman_run_command  # noqa: PLC0415
+
+        text = (self.guest.workdir / "docker-compose.yml").read_text()
+        argv = podman_run_command(text, SERVICE, Path(PROJECT))[2:]  # after "podman run"
+        self.podman_run = [*self.engine.spec.cli().split(), "run", *argv]
+        t0 = time.monotonic()
+        cli = self.engine.spec.cli()
+        rm = f"{cli} rm -f -t 10 {SERVICE} >/dev/null 2>&1; " if recreate else ""
+        self.guest.run(
+            f"cd {PROJECT} && {rm}{shlex.join(self.podman_run)}", timeout=timeout, check=True
+        )
+        return time.monotonic() - t0
 
     def compose(self, args: str, timeout: float = 900.0) -> float:
         t0 = time.monotonic()
@@ -616,8 +640,10 @@ class ContainerLab:
             for proc in (self.daemon, self.watcher):
                 if proc is not None and self.guest.qemu_pid is not None:
                     self.guest.kill(proc, signal.SIGKILL, timeout=5)
-            if self.guest.qemu_pid is not None:
+            if self.guest.qemu_pid is not None and self.kind == "docker":
                 self.guest.run(f"cd {PROJECT} && {self.env} {COMPOSE} kill", timeout=120)
+            elif self.guest.qemu_pid is not None:
+                self.guest.run(f"{self.engine.spec.cli()} kill -a", timeout=120)
             self.engine.close()
         self.guest.stop()
 
