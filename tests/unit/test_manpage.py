@@ -75,6 +75,7 @@ KEY_SETS = {
     (config_mod, "_API_KEYS"): "[api]",
     (config_mod, "_EXPORT_KEYS"): "[export]",
     (config_mod, "_EXPORT_DEVICE_KEYS"): "[export.device.NAME]",
+    (config_mod, "_EXPORT_RULE_KEYS"): "[[export.rule]]",
     (config_mod, "_HOST_KEYS"): "[host.NAME]",
     (remedy_mod, "_POLICY_KEYS"): "[heal]",
     (remedy_mod, "_KEYS"): "[[alert]]",

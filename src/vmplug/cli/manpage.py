@@ -302,7 +302,18 @@ CONFIG_SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
             ("listen", 'The address to listen on ("0.0.0.0").'),
             ("allow", "The VM hosts (certificate names) that may connect."),
             ("insecure", "true: no TLS (lab networks only)."),
-            ("device", "The exported devices: [export.device.NAME] tables."),
+            ("device", "Pinned devices: [export.device.NAME] tables."),
+            ("rule", "Which devices may leave this host: [[export.rule]] tables."),
+            ("ports", 'The TCP ports of the endpoints rules make ("7100-7199").'),
+        ),
+    ),
+    (
+        "[[export.rule]]",
+        "Devices a rule matches may leave this host (each gets an endpoint); first match wins.",
+        (
+            ("match", "A rule in the rule language (as in [[rule]])."),
+            ("block", "true: the devices it matches stay on this host."),
+            ("comment", "Free text."),
         ),
     ),
     (
@@ -324,7 +335,8 @@ CONFIG_SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
             ("me", "This host's certificate name."),
             ("insecure", "true: no TLS (lab networks only)."),
             ("reconnect", "Seconds between QEMU's reconnects."),
-            ("devices", "Its devices: { NAME = TCPPORT, ... }."),
+            ("api_port", "Its API port (mutual TLS; default 7200): its export list."),
+            ("devices", "Pinned devices: { NAME = TCPPORT, ... } (optional)."),
         ),
     ),
 )
