@@ -53,9 +53,16 @@ class Journal:
         except Exception:  # a full disk must not stop the routing of devices
             log.exception("cannot record %s", what)
 
+    @property
+    def holding(self) -> bool:
+        """True between :meth:`hold` and :meth:`release`."""
+        return self._held is not None
+
     def hold(self) -> None:
-        """Keep store writes from now on until :meth:`release`."""
-        self._held = []
+        """Keep store writes from now on until :meth:`release` (a second hold
+        keeps what the first holds: nothing held is ever dropped)."""
+        if self._held is None:
+            self._held = []
 
     def release(self) -> None:
         """Write what was held, in order, and write at once from now on."""
