@@ -167,6 +167,10 @@ def test_remote_device_is_attached_arbitrated_and_visible(rig: Rig) -> None:
     [att] = [x for x in status["attachments"] if x["host"] == "devhost"]
     assert (att["qemu_id"], att["vm"], att["state"]) == (dev_id, "guest", "attached")
     assert [h["state"] for h in status["remote_hosts"]] == ["up"]
+    shown = a.vmplug("status")
+    assert shown.returncode == 0, shown.stderr
+    assert "DEVICE HOST" in shown.stdout
+    assert "devhost:2-2.4.2" in shown.stdout
     rows = _remote(a.json("list"))
     assert [(r["port"], r["host"], r["vm"], r["qemu_id"]) for r in rows] == [
         (PORT, "devhost", "guest", dev_id)
@@ -193,6 +197,7 @@ def test_remote_device_is_attached_arbitrated_and_visible(rig: Rig) -> None:
     assert told["detail"]["reason"] == "held by vmhost-a"
     [brow] = _remote(b.json("list"))
     assert (brow["state"], brow["error"]) == ("held", "held by vmhost-a")
+    assert "held by vmhost-a" in b.vmplug("status").stdout
     assert rig.redirs("vmhost-b") == {}
     assert rig.redirs("vmhost-a") == {dev_id: True}
 

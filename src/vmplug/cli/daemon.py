@@ -373,7 +373,32 @@ def status_cmd(obj: Context, socket_path: str | None, as_json: bool) -> None:
             escape(a["state"]),
             escape(a["error"] or "", LOG_ARG_LIMIT),
         )
+    for h in data.get("held", []):  # remote devices another VM host holds
+        atts.add_row(
+            escape(f"{h['host']}:?"),
+            escape(h["identity"], 200),
+            escape(h["vm"]),
+            "-",
+            "held",
+            escape(f"held by {h['holder']}"),
+        )
     obj.console.print(atts)
+    hosts = data.get("remote_hosts", [])
+    if hosts:
+        remote = Table(box=None, header_style="bold", pad_edge=False)
+        for col in ("DEVICE HOST", "ADDRESS", "STATE", "DEVICES", "RTT", "ERROR"):
+            remote.add_column(col, overflow="fold")
+        for h in hosts:
+            rtt = h.get("rtt_ms")
+            remote.add_row(
+                escape(h["name"]),
+                escape(f"{h['address']}:{h['api_port']}"),
+                "up" if h["state"] == "up" else f"[red]{escape(h['state'])}[/]",
+                str(h["devices"]),
+                "-" if rtt is None else f"{rtt:.1f} ms",
+                escape(h.get("error") or "", LOG_ARG_LIMIT),
+            )
+        obj.console.print(remote)
 
 
 # ---------------------------------------------------------------------------

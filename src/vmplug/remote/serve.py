@@ -1,5 +1,6 @@
-"""A device host's export side as one process, until ``vmplug run`` starts it
-from the config's ``[export]`` section::
+"""A device host's export side as one process (``vmplug run`` with an
+``[export]`` section starts the same endpoints itself, see
+:mod:`vmplug.remote.devicehost`; this stays for the pinned form alone)::
 
     python -m vmplug.remote.serve --certs DIR --name devhost --allow vmhost \\
         --listen 0.0.0.0 --device kbd=2-1:7101 --device stick=3-2:7102
