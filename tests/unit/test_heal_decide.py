@@ -163,3 +163,9 @@ def test_a_device_names_the_pci_controller_it_hangs_from() -> None:
     root = FIXTURES / "mixed"  # captured from the lab guest's kernel
     assert usbctl.controller_of(root, "2-2.4.2") == CTRL
     assert usbctl.controller_of(root, "1-3") == "0000:00:0c.0"
+
+
+def test_the_disable_attribute_of_a_root_hub_port_and_of_a_hub_port() -> None:
+    root = FIXTURES / "mixed"  # captured from the lab guest's kernel
+    assert usbctl.port_of("1-3").disable_path(root).is_file()  # usb1/1-0:1.0/usb1-port3
+    assert usbctl.port_of("2-2.4.2").disable_path(root).is_file()  # 2-2.4/2-2.4:1.0/...

@@ -82,9 +82,11 @@ class PortRef:
     number: int
 
     def disable_path(self, sysfs_root: Path) -> Path:
-        """``…/devices/HUB/HUB:1.0/HUB-portN/disable`` (a root hub's ports are ``usbB-portN``)."""
+        """``…/devices/HUB/HUB:1.0/HUB-portN/disable``; a root hub ``usbB``'s
+        interface is ``B-0:1.0`` and its ports ``usbB-portN``."""
         base = sysfs_root / "bus/usb/devices" / self.hub
-        return base / f"{self.hub}:1.0" / f"{self.hub}-port{self.number}" / "disable"
+        intf = f"{self.hub[3:]}-0:1.0" if self.hub.startswith("usb") else f"{self.hub}:1.0"
+        return base / intf / f"{self.hub}-port{self.number}" / "disable"
 
 
 def port_of(port: str) -> PortRef:
