@@ -244,3 +244,80 @@ async def test_no_certificates_no_link(tmp_path: Path, peer: UsbredirPeer) -> No
     vm = QmpVm("vm", str(tmp_path / "none.sock"))
     with pytest.raises(VmConfigError, match="needs TLS credentials"):
         await vm.attach(DEV, spec)
+
+
+@pytest.mark.timeout(180)
+async def test_libvirt_redirdev_over_tls_streams_adopts_and_detaches(
+    pki: Pki, make_endpoint: Callable[..., Any]
+) -> None:
+    """libvirt's way, with a real private libvirtd and the QEMU it starts: a
+    ``<redirdev type='tcp'>`` with ``tls='yes'`` in the domain XML, the
+    credentials from qemu.conf (``chardev_tls_x509_cert_dir``).  It streams
+    over mutual TLS; vmplug adopts it by alias and detaches it.  A hot-plug
+    of a TLS redirdev is refused (libvirt 9.0 would send it in plaintext)."""
+    import json as _json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    from tests.support.usbredir_device import UsbredirDevice  # noqa: PLC0415
+    from tests.support.vmrig import domain_xml, private_libvirtd  # noqa: PLC0415
+    from vmplug.generate.libvirt import qemu_conf_tls_lines, redirdev_element  # noqa: PLC0415
+
+    try:
+        from vmplug.vms.libvirt import LibvirtVm, usb_redirdevs  # noqa: PLC0415
+
+        LibvirtVm("probe", "probe")
+    except VmConfigError as exc:
+        pytest.skip(str(exc))
+    device = UsbredirDevice()
+    await device.start()
+    ep = await make_endpoint(pki.devhost, TcpSource("127.0.0.1", device.port))
+    dev_id = "vmplug-remote0002"
+    with private_libvirtd("vmplug-lvr-") as lv:
+        tls = lv.root / "tls"
+        shutil.copytree(pki.qemu_dir(pki.vmhost, "vmhost"), tls)
+        conf = lv.root / "config" / "libvirt" / "qemu.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(qemu_conf_tls_lines(str(tls)))
+        xml_path = lv.root / "redir.xml"
+        element = redirdev_element(dev_id, "127.0.0.1", ep.address[1])
+        xml_path.write_text(domain_xml("redir").replace("</devices>", element + "</devices>"))
+        for path in [tls, *tls.iterdir(), conf.parent, conf, xml_path]:
+            os.chown(path, lv.uid, lv.uid)
+        lv.restart()
+        lv.virsh("define", str(xml_path))
+        lv.virsh("start", "redir")
+        assert await wait_for(lambda: device.connects_sent == 1, 30), ep.state.refusals
+        assert ep.state.holder == "vmhost" and ep.state.streaming and not ep.state.refusals
+
+        def attached() -> bool:
+            cmd = {
+                "execute": "qom-get",
+                "arguments": {"path": f"/machine/peripheral/ua-{dev_id}", "property": "attached"},
+            }
+            out = lv.virsh("qemu-monitor-command", "redir", _json.dumps(cmd)).stdout
+            return bool(_json.loads(out)["return"])
+
+        assert await wait_for(lambda: asyncio.to_thread(attached), 20)
+        vm = LibvirtVm("w", "redir", uri=lv.uri)
+        await vm.start()
+        try:
+            assert await vm.wait_connected(30)
+            (red,) = usb_redirdevs(await vm.domain_xml())
+            assert (red.host, red.port, red.tls) == ("127.0.0.1", ep.address[1], True)
+            seen = await vm.observe()
+            assert set(seen) == {dev_id} and seen[dev_id].driver == "usb-redir"
+            assert device.connections == 1  # adopted, not re-plugged
+            # a hot-plug of another TLS remote device: refused, with the element to use
+            other = "vmplug-remote0003"
+            with pytest.raises(VmConfigError, match="without its TLS credentials"):
+                await vm.attach(
+                    other, UsbRedirSpec("127.0.0.1", ep.address[1], "devhost", str(tls))
+                )
+            assert set(await vm.observe()) == {dev_id}
+            await vm.detach(dev_id)
+            assert await vm.observe() == {}
+            assert await wait_for(lambda: ep.state.holder is None, 15)
+        finally:
+            await vm.stop()
+    await device.stop()

@@ -15,6 +15,22 @@ nothing here keeps ``virsh`` or virt-manager waiting.
 * observe: the live XML's ``<hostdev>`` elements whose alias is
   ``ua-vmplug-…``; the address is mapped back to the port through sysfs, so
   the daemon compares them with what it wants exactly as for a QMP VM.
+* remote devices (:class:`~vmplug.vms.base.UsbRedirSpec`): a
+  ``<redirdev bus='usb' type='tcp'>`` with ``<source mode='connect'
+  host=… service=… tls='yes'>`` and ``<reconnect enabled='yes'>``, aliased
+  like a hostdev.  libvirt takes the TLS credentials from ``qemu.conf``
+  (``chardev_tls = 1``, ``chardev_tls_x509_cert_dir``: ``ca-cert.pem``,
+  ``client-cert.pem``, ``client-key.pem``, what
+  :func:`vmplug.remote.certs.qemu_client_dir` writes;
+  ``chardev_tls_x509_verify = 1``), not per device:
+  :func:`~vmplug.generate.libvirt.qemu_conf_tls_lines`.  Measured with
+  Debian 12's libvirt 9.0: a redirdev in the domain's XML at start is TLS;
+  a *hot-plugged* one is not (libvirt makes the ``tls-creds-x509`` object
+  but its ``chardev-add`` does not name it; the endpoint refused the
+  plaintext).  So a TLS remote device is never hot-plugged here: attach
+  refuses it with that reason and the element to put in the domain XML;
+  one there is observed, adopted and detached by its alias.  Plaintext
+  (``insecure``, lab networks) hot-plugs.
 * events: libvirt's lifecycle, reboot and device-removed events, never
   polling.  libvirt accepts one event loop implementation per process, for
   good: vmplug runs libvirt's default one in a thread of its own and hands
@@ -37,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from vmplug.aio import cancel_and_wait
+from vmplug.generate.libvirt import qemu_conf_tls_lines, redirdev_element
 from vmplug.host.inventory import sysfs_root_from_env
 from vmplug.vms.base import (
     ID_PREFIX,
@@ -46,6 +63,7 @@ from vmplug.vms.base import (
     ObservedDevice,
     OnVmEvent,
     UsbHostSpec,
+    UsbRedirSpec,
     VmConfigError,
     VmDisconnected,
     VmError,
@@ -246,6 +264,49 @@ def usb_hostdevs(domain_xml: str) -> list[XmlHostdev]:
             )
         )
     return found
+
+
+def redirdev_xml(dev_id: str, spec: UsbRedirSpec) -> str:
+    """The ``<redirdev>`` element of a remote device, aliased ``ua-<dev_id>``."""
+    return redirdev_element(
+        dev_id, spec.host, spec.port, tls=spec.tls_dir is not None, reconnect=spec.reconnect
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class XmlRedirdev:
+    """A TCP ``<redirdev>`` as the domain XML has it."""
+
+    alias: str
+    host: str | None
+    port: int | None
+    tls: bool
+    xml: str
+
+    @property
+    def dev_id(self) -> str:
+        return self.alias.removeprefix(ALIAS_PREFIX)
+
+
+def usb_redirdevs(domain_xml: str) -> list[XmlRedirdev]:
+    """Every aliased USB ``<redirdev type='tcp'>`` of a domain XML."""
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own output
+    out: list[XmlRedirdev] = []
+    for red in root.iterfind("./devices/redirdev[@bus='usb']"):
+        alias = red.find("alias")
+        if alias is None or not alias.get("name", "").startswith(ALIAS_PREFIX):
+            continue
+        src = red.find("source")
+        out.append(
+            XmlRedirdev(
+                alias=alias.get("name", ""),
+                host=None if src is None else src.get("host"),
+                port=None if src is None else _int(src.get("service")),
+                tls=src is not None and src.get("tls") == "yes",
+                xml=ET.tostring(red, encoding="unicode"),
+            )
+        )
+    return out
 
 
 def usb_controllers(domain_xml: str) -> list[str]:
@@ -525,11 +586,15 @@ class LibvirtVm(Notifier):
 
     async def observe(self) -> dict[str, ObservedDevice]:
         """vmplug's hostdevs (alias ``ua-vmplug-*``) in the live XML, keyed by QEMU id."""
+        xml = await self.domain_xml()
         out = {}
-        for hd in usb_hostdevs(await self.domain_xml()):
+        for hd in usb_hostdevs(xml):
             if not hd.dev_id.startswith(ID_PREFIX):
                 continue
             out[hd.dev_id] = self._observed(hd)
+        for red in usb_redirdevs(xml):
+            if red.dev_id.startswith(ID_PREFIX):
+                out[red.dev_id] = _observed_redir(red)
         return out
 
     async def observe_bindings(self) -> dict[str, Binding]:
@@ -538,8 +603,11 @@ class LibvirtVm(Notifier):
         return {dev_id: dev.binding for dev_id, dev in (await self.observe()).items()}
 
     async def observe_all(self) -> dict[str, ObservedDevice]:
-        """Every aliased USB hostdev, vmplug's and others'."""
-        return {hd.dev_id: self._observed(hd) for hd in usb_hostdevs(await self.domain_xml())}
+        """Every aliased USB hostdev and redirdev, vmplug's and others'."""
+        xml = await self.domain_xml()
+        out = {hd.dev_id: self._observed(hd) for hd in usb_hostdevs(xml)}
+        out.update({red.dev_id: _observed_redir(red) for red in usb_redirdevs(xml)})
+        return out
 
     def _observed(self, hd: XmlHostdev) -> ObservedDevice:
         now = (
@@ -591,10 +659,9 @@ class LibvirtVm(Notifier):
         """``attachDeviceFlags`` a hostdev for the device the spec names, live
         (and into the persistent config when ``persist``)."""
         check_device_id(self.name, dev_id)
-        if not isinstance(spec, UsbHostSpec):
-            raise VmConfigError(
-                self.name, f"{dev_id}: remote (usb-redir) devices are not supported for libvirt yet"
-            )
+        if isinstance(spec, UsbRedirSpec):
+            await self._attach_redir(dev_id, spec)
+            return
         usb = self.resolve(dev_id, spec)
         dom = self._domain()
         lv = _libvirt()
@@ -605,6 +672,28 @@ class LibvirtVm(Notifier):
         )
         if self.persist:
             await self._persist_attach(dom, dev_id, usb)
+
+    async def _attach_redir(self, dev_id: str, spec: UsbRedirSpec) -> None:
+        """A plaintext ``<redirdev>``, live (see the module doc for TLS)."""
+        problem = spec.problem()
+        if problem is not None:
+            raise VmConfigError(self.name, f"{dev_id}: {problem}")
+        if spec.tls_dir is not None:
+            raise VmConfigError(
+                self.name,
+                f"{dev_id}: libvirt (9.0) hot-plugs a redirdev without its TLS credentials, "
+                "so the stream would leave in plaintext; put this element in the domain's "
+                f"XML (virsh edit {self.domain}) and restart it: "
+                f"{redirdev_xml(dev_id, spec)}, with qemu.conf: "
+                + qemu_conf_tls_lines(spec.tls_dir).replace("\n", "; "),
+            )
+        dom = self._domain()
+        lv = _libvirt()
+        live = redirdev_xml(dev_id, spec)
+        await self._call(
+            f"attach {dev_id} (usb-redir from {spec.host}:{spec.port})",
+            lambda: dom.attachDeviceFlags(live, lv.VIR_DOMAIN_AFFECT_LIVE),
+        )
 
     async def _persist_attach(self, dom: Any, dev_id: str, usb: HostUsb) -> None:
         lv = _libvirt()
@@ -641,16 +730,18 @@ class LibvirtVm(Notifier):
                             dom.detachDeviceFlags, hd.xml, lv.VIR_DOMAIN_AFFECT_CONFIG
                         ),
                     )
-        mine = [hd for hd in usb_hostdevs(await self.domain_xml()) if hd.dev_id == dev_id]
+        xml = await self.domain_xml()
+        mine = [hd.xml for hd in usb_hostdevs(xml) if hd.dev_id == dev_id]
+        mine += [red.xml for red in usb_redirdevs(xml) if red.dev_id == dev_id]
         if not mine:
             return
         await self._call(
             f"detach {dev_id}",
-            lambda: dom.detachDeviceFlags(mine[0].xml, lv.VIR_DOMAIN_AFFECT_LIVE),
+            lambda: dom.detachDeviceFlags(mine[0], lv.VIR_DOMAIN_AFFECT_LIVE),
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(hd.dev_id == dev_id for hd in usb_hostdevs(await self.domain_xml())):
+        while dev_id in await self.observe_all():
             if loop.time() > deadline:
                 raise VmTimeout(self.name, f"{dev_id}: still in the domain after {timeout:g} s")
             await asyncio.sleep(0.05)
@@ -658,6 +749,25 @@ class LibvirtVm(Notifier):
     async def status(self) -> VmState:
         await self._look_at_domain()
         return self._state
+
+
+def _observed_redir(red: XmlRedirdev) -> ObservedDevice:
+    """A redirdev as the reconciler compares it.  ``attached``: libvirt's XML
+    does not say whether the stream is up (QEMU's ``query-chardev`` does,
+    the doctor reads it), so an element present counts as held."""
+    return ObservedDevice(
+        id=red.dev_id,
+        hostbus=None,
+        hostaddr=None,
+        hostport=None,
+        vendorid=None,
+        productid=None,
+        attached=True,
+        bus=None,
+        path=red.alias,
+        driver="usb-redir",
+        chardev=f"char{red.alias}",
+    )
 
 
 def _state_of(lv: Any, state: int | None) -> VmState:
@@ -690,10 +800,13 @@ __all__ = [
     "HostUsb",
     "LibvirtMissing",
     "LibvirtVm",
+    "XmlRedirdev",
     "device_at",
     "device_by_address",
     "ensure_event_loop",
     "hostdev_xml",
+    "redirdev_xml",
     "usb_controllers",
     "usb_hostdevs",
+    "usb_redirdevs",
 ]
