@@ -8,7 +8,9 @@
 ``DIR`` holds ``ca-cert.pem``, ``NAME-cert.pem`` and ``NAME-key.pem``
 (:func:`vmplug.remote.certs.issue`).  Each ``--device NAME=PORTPATH:TCPPORT``
 exports the device in sysfs port ``PORTPATH`` on ``TCPPORT``.  ``--insecure``
-drops TLS (lab networks only).  With ``--status FILE`` the endpoints' state
+drops TLS (lab networks only).  ``--link-timeout S`` (default 10): a link
+whose VM host sends nothing (not even a keepalive answer) for S seconds is
+cut (see :mod:`vmplug.remote.export`).  With ``--status FILE`` the endpoints' state
 is written there as JSON whenever it changes.  SIGTERM/SIGINT stop it.
 """
 
@@ -67,6 +69,7 @@ def build(args: argparse.Namespace) -> Exporter:
             tls=tls,
             allow=allow,
             insecure=args.insecure,
+            link_timeout=args.link_timeout,
         )
         for name, port_path, port in args.device
     ]
@@ -143,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--sysfs", default="/sys")
     parser.add_argument("--status", type=Path)
+    parser.add_argument(
+        "--link-timeout",
+        type=float,
+        default=10.0,
+        help="seconds without a packet from the VM host before a link counts as cut (1..3600)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
