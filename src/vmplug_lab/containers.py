@@ -489,6 +489,8 @@ class ContainerLab:
         t0 = time.monotonic()
         cli = self.engine.spec.cli()
         rm = f"{cli} rm -f -t 10 {SERVICE} >/dev/null 2>&1; " if recreate else ""
+        # podman run, unlike docker-compose, makes no missing bind source folder
+        rm += f"mkdir -p {PROJECT}/qmp {PROJECT}/windows && "
         self.guest.run(
             f"cd {PROJECT} && {rm}{shlex.join(self.podman_run)}", timeout=timeout, check=True
         )

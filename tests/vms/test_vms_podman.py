@@ -181,6 +181,8 @@ def test_compat_api_drops_the_cgroup_rule_podman_run_keeps_it(
     assert argv[argv.index(compose.USB_BIND) - 1 :][:2] == ["-v", compose.USB_BIND]
     assert f"{tmp_path}/qmp:/qmp" in argv and "--stop-timeout" in argv
     assert argv[argv.index("--stop-timeout") + 1] == "120"  # stop_grace_period: 2m
+    line = compose.podman_shell(text, "windows", tmp_path)
+    assert line.startswith(f"mkdir -p {tmp_path}/windows {tmp_path}/qmp && podman run -d ")
     args = next(a for a in argv if a.startswith("ARGUMENTS="))
     assert "-qmp unix:/qmp/qmp.sock" in args
 

@@ -25,6 +25,7 @@ from vmplug.generate import qemu as qemu_mod
 from vmplug.generate import spice as spice_mod
 from vmplug.generate import systemd as systemd_mod
 from vmplug.generate import udev as udev_mod
+from vmplug.generate.common import CannotExpress
 from vmplug.host import install as host_install
 from vmplug.host.install import write_atomic
 from vmplug.host.select import select_many
@@ -219,8 +220,22 @@ def compose_cmd(
             write_atomic(merge_file, text, merge_file.stat().st_mode & 0o7777)
     else:
         text = compose_mod.render_new(plan)
+    podman_run: list[str] | None = None
+    try:
+        podman_run = compose_mod.podman_run_command(text, service, base)
+        podman_say = compose_mod.podman_shell(text, service, base)
+    except CannotExpress as exc:  # a merged service with keys podman run has no flag for
+        podman_say = f"(not made: {exc})"
     if as_json:
-        emit_json({**plan.to_json(), "compose": text, "changes": changes, "vmplug_config": snippet})
+        emit_json(
+            {
+                **plan.to_json(),
+                "compose": text,
+                "changes": changes,
+                "vmplug_config": snippet,
+                "podman_run": podman_run,
+            }
+        )
         return
     if merge_file is None or to_stdout:
         click.echo(text, nl=False)
@@ -234,6 +249,7 @@ def compose_cmd(
                 _say(f"  {change}")
     for note in plan.notes:
         _say(f"note: {note}")
+    _say(f"note: {compose_mod.PODMAN_NOTE}:\n  {podman_say}")
     _say(f"\nAdd to vmplug's config (/etc/vmplug/vmplug.toml):\n\n{snippet}")
 
 

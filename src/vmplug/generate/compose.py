@@ -42,6 +42,7 @@ from __future__ import annotations
 import io
 import posixpath
 import re
+import shlex
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -892,3 +893,18 @@ def podman_run_command(
         argv += ["--stop-timeout", str(_seconds(svc["stop_grace_period"]))]
     argv.append(str(svc["image"]))
     return argv
+
+
+def podman_shell(text: str, service: str = "windows", base_dir: Path | None = None) -> str:
+    """:func:`podman_run_command` as one shell line, after ``mkdir -p`` of the
+    compose file's relative bind sources (``podman run`` makes no missing
+    folder, docker-compose does)."""
+    argv = podman_run_command(text, service, base_dir)
+    base = posixpath.normpath(str(base_dir if base_dir is not None else Path.cwd()))
+    folders = [
+        argv[i + 1].split(":", 1)[0]
+        for i, arg in enumerate(argv[:-1])
+        if arg == "-v" and argv[i + 1].startswith(base + "/")
+    ]
+    run = shlex.join(argv)
+    return f"mkdir -p {shlex.join(folders)} && {run}" if folders else run
