@@ -52,6 +52,7 @@ def _network(ctx: DoctorContext) -> list[Finding]:
         "network.reach",
         "network.stream",
         "network.quality",
+        "network.container",
     }
     return run_checks(ctx, checks)
 
@@ -245,3 +246,20 @@ def test_doctor_json_has_the_network_layer(pki: Pki, tmp_path: Path) -> None:
     layers = {f["layer"] for f in doc["findings"]}
     assert "network" in layers, doc
     assert any(f["check"] == "network.reach" and f["severity"] == "error" for f in doc["findings"])
+
+
+def test_container_vm_and_a_loopback_device_host(pki: Pki, tmp_path: Path) -> None:
+    """A dockurr/windows QEMU cannot reach a device host on the VM host's
+    127.0.0.1 from the container's bridge network: an error with the fix."""
+    path = _config(tmp_path, pki.vmhost.cert.parent, {})
+    text = path.read_text() + '\n[vm.win]\ncontainer = "windows"\n'
+    cfg = parse_config(text)
+    (tmp_path / "noproc").mkdir()
+    ctx = DoctorContext(config=cfg, proc_root=tmp_path / "noproc", qmp_sockets=[], timeout=1)
+    found = [f for f in _network(ctx) if f.check == "network.container"]
+    assert [f.severity for f in found] == [Severity.ERROR], found
+    assert "network_mode: host" in (found[0].fix or "")
+    lan = parse_config(text.replace('address = "127.0.0.1"', 'address = "192.0.2.7"'))
+    ctx = DoctorContext(config=lan, proc_root=tmp_path / "noproc", timeout=1)
+    found = [f for f in _network(ctx) if f.check == "network.container"]
+    assert [f.severity for f in found] == [Severity.INFO] and "dials 192.0.2.7" in found[0].title

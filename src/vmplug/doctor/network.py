@@ -18,7 +18,8 @@ Checks: ``network.certs`` (valid, not expiring within 30 days, the CA too),
 ``network.reach`` (the endpoint answers over mutual TLS, with the reason when
 not), ``network.stream`` (QEMU's view against the device host's: connected
 on both, a half-open link, held by another VM host, the device not there),
-``network.quality`` (round-trip time and drops).
+``network.quality`` (round-trip time and drops), ``network.container``
+(a dockurr/windows QEMU dials the device host from the container's network).
 """
 
 from __future__ import annotations
@@ -533,6 +534,61 @@ def check_quality(ctx: DoctorContext) -> Iterator[Finding]:
             )
 
 
+def _loopback(address: str) -> bool:
+    import ipaddress  # noqa: PLC0415
+
+    if address in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def check_container_network(ctx: DoctorContext) -> Iterator[Finding]:
+    """A container VM's QEMU (dockurr/windows) dials the device host itself.
+
+    In connect mode nothing needs publishing (``ports:``): Docker's and
+    Podman's default bridge network NATs the container's outbound TCP to the
+    LAN.  But the container's 127.0.0.1 is its own: a device host reached on
+    the VM host's loopback (an SSH tunnel, a device host on the same
+    machine) needs ``network_mode: host``.  QEMU opens the TLS folder
+    itself, so it must be bind-mounted (read-only) at the path QEMU is given."""
+    cfg = ctx.config
+    if cfg is None or not cfg.hosts:
+        return
+    containers = [vm for vm in cfg.vms.values() if vm.container]
+    for vm in containers:
+        for host in cfg.hosts.values():
+            subject = f"{vm.name} -> {host.name}"
+            if _loopback(host.address):
+                yield Finding(
+                    LAYER,
+                    "network.container",
+                    Severity.ERROR,
+                    f"{subject}: QEMU runs in container {vm.container}, whose "
+                    f"{host.address} is the container's own loopback, not this host's",
+                    evidence=(f"[host.{host.name}] address = {host.address!r}",),
+                    fix=f"network_mode: host for {vm.container} (compose), or give "
+                    f"[host.{host.name}] the device host's LAN address",
+                    subject=subject,
+                )
+            else:
+                yield Finding(
+                    LAYER,
+                    "network.container",
+                    Severity.INFO,
+                    f"{subject}: QEMU in container {vm.container} dials "
+                    f"{host.address} itself (outbound TCP; the default bridge network "
+                    "does, nothing to publish)",
+                    evidence=(f"[host.{host.name}] address = {host.address!r}",),
+                    fix=f"bind-mount the TLS folder into {vm.container} read-only at the "
+                    "path vmplug gives QEMU, e.g. volumes: - /etc/vmplug/qemu-tls:"
+                    "/etc/vmplug/qemu-tls:ro",
+                    subject=subject,
+                )
+
+
 CHECKS = [
     CheckSpec(
         LAYER, "network.certs", check_certs, "remote-link certificates valid and not expiring"
@@ -540,6 +596,7 @@ CHECKS = [
     CheckSpec(LAYER, "network.reach", check_reach, "device hosts answer over mutual TLS"),
     CheckSpec(LAYER, "network.stream", check_stream, "QEMU's and the device host's view agree"),
     CheckSpec(LAYER, "network.quality", check_quality, "round-trip time and drops"),
+    CheckSpec(LAYER, "network.container", check_container_network, "container QEMU's network"),
 ]
 
 __all__ = [
