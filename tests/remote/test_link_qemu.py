@@ -150,64 +150,46 @@ async def test_expired_client_certificate_is_refused(
     assert "certificate has expired" in ep.state.refusals[0].reason, ep.state.refusals
 
 
-async def test_expired_endpoint_certificate_is_refused_by_qemu(
+#: Refusals of one shape: (the endpoint's certificate, allowed client names,
+#: the VM host's QEMU credentials or None for plaintext, what the refusal says)
+REFUSALS = {
+    # QEMU checks the endpoint's certificate after the handshake and hangs up
+    "expired endpoint certificate": ("expired", {"vmhost"}, "vmhost", "hung up right after"),
+    # the endpoint shows a certificate for another host (no 127.0.0.1 in it)
+    "endpoint for another host name": ("otherhost", {"vmhost"}, "vmhost", "hung up right after"),
+    "client name not allowed": (
+        "devhost",
+        {"vmhost-b"},
+        "vmhost",
+        "client certificate for vmhost is not allowed",
+    ),
+    "plaintext client": ("devhost", {"vmhost"}, None, "does not speak TLS"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+async def test_refused_with_its_reason_and_nothing_attached(
+    case: str,
     pki: Pki,
     peer: UsbredirPeer,
     qemu: QemuFactory,
     make_vm: Callable[..., QmpVm],
     make_endpoint: Callable[..., Any],
 ) -> None:
-    old = expired(pki, "devhost-old")
-    ep = await make_endpoint(old, TcpSource("127.0.0.1", peer.port))
+    endpoint_cert, allow, client, reason = REFUSALS[case]
+    files = {
+        "devhost": lambda: pki.devhost,
+        "expired": lambda: expired(pki, "devhost-old"),
+        "otherhost": lambda: pki.issue("otherhost", addresses=["10.9.8.7"]),
+    }[endpoint_cert]()
+    ep = await make_endpoint(files, TcpSource("127.0.0.1", peer.port), allow=frozenset(allow))
     vm, _ = await _running_vm(qemu, make_vm)
-    await _refused(ep, peer, vm, _spec(ep, pki.qemu_dir(pki.vmhost, "vmhost")))
-    assert "hung up right after the handshake" in ep.state.refusals[0].reason, ep.state.refusals
-
-
-async def test_endpoint_with_the_wrong_host_name_is_refused_by_qemu(
-    pki: Pki,
-    peer: UsbredirPeer,
-    qemu: QemuFactory,
-    make_vm: Callable[..., QmpVm],
-    make_endpoint: Callable[..., Any],
-) -> None:
-    """The endpoint shows a certificate for another host (no 127.0.0.1 in it):
-    QEMU checks the address it dialled and hangs up."""
-    elsewhere = pki.issue("otherhost", addresses=["10.9.8.7"])
-    ep = await make_endpoint(elsewhere, TcpSource("127.0.0.1", peer.port))
-    vm, _ = await _running_vm(qemu, make_vm)
-    await _refused(ep, peer, vm, _spec(ep, pki.qemu_dir(pki.vmhost, "vmhost")))
-    assert "hung up right after the handshake" in ep.state.refusals[0].reason, ep.state.refusals
-
-
-async def test_client_name_not_allowed_is_refused(
-    pki: Pki,
-    peer: UsbredirPeer,
-    qemu: QemuFactory,
-    make_vm: Callable[..., QmpVm],
-    make_endpoint: Callable[..., Any],
-) -> None:
-    ep = await make_endpoint(
-        pki.devhost, TcpSource("127.0.0.1", peer.port), allow=frozenset({"vmhost-b"})
-    )
-    vm, _ = await _running_vm(qemu, make_vm)
-    await _refused(ep, peer, vm, _spec(ep, pki.qemu_dir(pki.vmhost, "vmhost")))
-    reason = ep.state.refusals[0].reason
-    assert "client certificate for vmhost is not allowed" in reason, reason
-
-
-async def test_plaintext_client_is_refused(
-    pki: Pki,
-    peer: UsbredirPeer,
-    qemu: QemuFactory,
-    make_vm: Callable[..., QmpVm],
-    make_endpoint: Callable[..., Any],
-) -> None:
-    ep = await make_endpoint(pki.devhost, TcpSource("127.0.0.1", peer.port))
-    vm, _ = await _running_vm(qemu, make_vm)
-    await _refused(ep, peer, vm, _spec(ep, None, insecure=True))
-    reason = ep.state.refusals[0].reason
-    assert "does not speak TLS" in reason, reason
+    if client is None:
+        spec = _spec(ep, None, insecure=True)
+    else:
+        spec = _spec(ep, pki.qemu_dir(pki.vmhost, client))
+    await _refused(ep, peer, vm, spec)
+    assert reason in ep.state.refusals[0].reason, ep.state.refusals
 
 
 async def test_second_vm_host_is_refused_while_the_first_holds(
