@@ -19,6 +19,21 @@ read inside the VM (remote) against the same read in the device host
 (local: the device's own kernel), CPU of the export side per MB relayed,
 and the recovery time after a network cut.
 
+**Live audio over usbredir.** QEMU's usb-redir buffers isochronous
+transfers, about 60 ms per iso endpoint (hw/usb/redirect.c fills a buffer of
+packets before it starts an iso stream).  Monitoring *through the VM*
+(input -> DAW in the VM -> output) crosses two iso endpoints, so it adds at
+least 2 x 60 ms = 120 ms on top of the DAW's own buffers and the network's
+round trip: unusable for live monitoring.  Playback and recording are fine
+(the delay is constant and the DAW compensates it); monitor with the audio
+interface's own direct monitoring, or keep the interface on the VM's host.
+
+**Network cut** (not in this script: tests/remote/test_netns_faults.py
+measures it on the real stack, QEMU and the endpoint in two network
+namespaces): the device host notices after its ``link_timeout`` (10 s by
+default, 2 s in the test), the VM host ~0.1-0.8 s after the network is back
+(the endpoint's kept FIN), the device is back ~1 s later (QEMU's reconnect).
+
 Prints one JSON object (``--json``) or a readable summary.  Run from the
 repository root: ``.venv/bin/python -m bench.bench_remote [--part relay]``.
 """
