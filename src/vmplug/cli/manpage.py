@@ -272,6 +272,13 @@ CONFIG_SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
         (
             ("socket", "The daemon's unix API socket (default /run/vmplug/vmplug.sock)."),
             ("database", "The SQLite history database (default /var/lib/vmplug/vmplug.db)."),
+            (
+                "guest_check_interval",
+                "Seconds between asks of each VM's guest agent whether the devices vmplug"
+                " passed in have a driver (Linux) or a problem code (Windows); a problem"
+                " is journaled as guest-problem and starts the healing ladder"
+                " (default 0: off).",
+            ),
         ),
     ),
     (
