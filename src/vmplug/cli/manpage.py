@@ -242,6 +242,12 @@ CONFIG_SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
                 "rungs",
                 'The rungs, in order (default ["reattach", "reset", "port-cycle", "reauthorize"]).',
             ),
+            (
+                "controllers",
+                "PCI addresses of the host controllers the last rung may unbind from"
+                ' their driver and bind again (e.g. ["0000:00:14.0"]); a controller not'
+                " named here is never touched (default []).",
+            ),
         ),
     ),
     (
