@@ -72,6 +72,10 @@ def main() -> None:
             print(f"boot {boot:.1f} s (bundle built and unpacked: {g.python_path is not None})")
             if g.python_path is None:
                 sys.exit("no bundle in the guest: nothing to compare")
+            where = "import vmplug, sys; print(vmplug.__file__)"
+            for env in ("", "VMPLUG_LAB_BUNDLE=0 "):  # that each kind imports where it says
+                got = g.run(f"{env}{sys.executable} -c {where!r}", timeout=300, check=True)
+                print(f"{env or 'bundle: '}vmplug from {got.stdout.strip()}")
             vmplug = Path(sys.executable).parent / "vmplug"
             kinds = ("share", "bundle", "python -c pass", "python -I -S -c pass")
             times: dict[str, list[float]] = {k: [] for k in kinds}

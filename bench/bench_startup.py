@@ -11,7 +11,11 @@ time is printed beside it, and the load average with them.
 * ``vmplug run`` on that tree (one VM, the demo's config, no VM running):
   peak RSS and cpu from start to its first ``rescan:`` line, stopped with
   SIGINT there, vs the same with Rich imported first, as ``vmplug run`` did
-  before issue 16 (goal: peak RSS < 40 MB).
+  before issue 16 (goal: peak RSS < 40 MB); the same on the 11-device capture,
+  without and with ``[api] listen``; and beside them what bounds it, each a
+  whole interpreter's peak RSS: bare asyncio, and asyncio with aiohttp's
+  server (which the daemon's unix-socket API is built on, with or without
+  ``[api]``).
 
 Run: .venv/bin/python -m bench.bench_startup [--runs N]
 """
@@ -22,6 +26,7 @@ import argparse
 import os
 import resource
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -88,11 +93,18 @@ main(sys.argv[2:])
 """
 
 
-def _daemon(tree: Path, tmp: Path, rich: bool) -> tuple[float, float]:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _daemon(tree: Path, tmp: Path, rich: bool, api: bool = False) -> tuple[float, float]:
     """(peak RSS MiB, cpu s) of one ``vmplug run``, stopped at its first rescan."""
     conf = tmp / "vmplug.toml"
+    listen = f'\n[api]\nlisten = "127.0.0.1:{_free_port()}"\n' if api else ""
     conf.write_text(f'[vm.demo]\nqmp = "{tmp}/vm.sock"\n\n[[rule]]\nattach = "demo"\n'
-                    "match = 'id 0627:0001'\n")  # fmt: skip
+                    f"match = 'id 0627:0001'\n{listen}")  # fmt: skip
     for stale in tmp.glob("db*"):
         stale.unlink()
     args = ["--config", str(conf), "--sysfs-root", str(tree), "run", "--socket",
@@ -112,6 +124,14 @@ def _daemon(tree: Path, tmp: Path, rich: bool) -> tuple[float, float]:
     _pid, _status, usage = os.wait4(proc.pid, 0)
     proc.returncode = 0
     return usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+
+
+def _peak_rss(code: str) -> float:
+    """Peak RSS (MiB) of a whole ``python -c code``."""
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    _pid, _status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = 0
+    return usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -140,6 +160,18 @@ def main() -> None:
             f" cpu {med(cpu[False]) / med(cpu[True]):.3f}x; goal < 40 MB: "
             f"{'met' if med(rss[False]) * 1.048576 < 40 else 'NOT met'}"
         )
+        small = ROOT / "tests" / "fixtures" / "sysfs" / "mixed"
+        runs = max(3, args.runs // 3)
+        plain = med(_daemon(small, Path(tmp), False)[0] for _ in range(runs))
+        with_api = med(_daemon(small, Path(tmp), False, api=True)[0] for _ in range(runs))
+    bare = med(_peak_rss("import asyncio") for _ in range(runs))
+    web = med(_peak_rss("import asyncio, aiohttp.web") for _ in range(runs))
+    print(
+        f"vmplug run to first rescan (capture, 11 devs): peak RSS {plain:.1f} MiB without [api],"
+        f" {with_api:.1f} MiB with [api] listen; bound: bare asyncio {bare:.1f} MiB,"
+        f" asyncio + aiohttp.web alone {web:.1f} MiB (the unix-socket API's server);"
+        f" run / aiohttp.web alone {plain / web:.2f}x"
+    )
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
 
 
