@@ -242,6 +242,9 @@ class QmpVm(Notifier):
         self._generation = 0
         self._bus: str | None = None
         self._bus_lock = asyncio.Lock()
+        # attaches of several devices of one device host run at once: one makes
+        # the host's TLS credentials object, the others wait for it
+        self._tls_lock = asyncio.Lock()
         self._in_flight = asyncio.Semaphore(IN_FLIGHT)
         #: QEMU's version from the last greeting, and whether it has qom-list-get (10.1+).
         self.qemu_version: tuple[int, int, int] | None = None
@@ -513,8 +516,15 @@ class QmpVm(Notifier):
             self._redir.add(dev_id)
 
     async def _ensure_tls_creds(self, client: _Client, spec: UsbRedirSpec) -> None:
+        async with self._tls_lock:
+            await self._ensure_tls_creds_locked(client, spec)
+
+    async def _has_object(self, client: _Client, object_id: str) -> bool:
         objects = await self._qom_list(client, "/objects")
-        if any(isinstance(o, dict) and o.get("name") == spec.tls_id for o in objects):
+        return any(isinstance(o, dict) and o.get("name") == object_id for o in objects)
+
+    async def _ensure_tls_creds_locked(self, client: _Client, spec: UsbRedirSpec) -> None:
+        if await self._has_object(client, spec.tls_id):
             return
         try:
             await self._exec(
@@ -529,6 +539,9 @@ class QmpVm(Notifier):
                 },
             )
         except VmError as exc:
+            # another session of this VM (a second daemon's, the doctor's) made it first
+            if await self._has_object(client, spec.tls_id):
+                return
             raise VmConfigError(
                 self.name,
                 f"QEMU cannot load the TLS credentials for {spec.remote} from {spec.tls_dir} "
