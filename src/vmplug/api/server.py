@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -47,8 +47,10 @@ from vmplug.daemon.reconciler import Daemon
 from vmplug.errors import SelectorError, VmplugError
 from vmplug.host.select import describe, select_one
 from vmplug.model import UsbDevice
-from vmplug.remote.devicehost import DeviceHostExport
 from vmplug.wire.tls import peer_names
+
+if TYPE_CHECKING:  # made by cli/daemon.py only for [export]: cryptography stays out otherwise
+    from vmplug.remote.devicehost import DeviceHostExport
 
 log = logging.getLogger("vmplug.api")
 
