@@ -12,13 +12,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from vmplug.config import parse_config
 from vmplug.doctor import container
-from vmplug.doctor.container_info import load_compose_file
+from vmplug.doctor.container_info import load_compose_file, load_inspect_file
 from vmplug.doctor.context import DoctorContext
 from vmplug.doctor.findings import Finding, Severity, run_checks
 from vmplug.generate.compose import plan_compose, render_new
 from vmplug.host.inventory import read_devices
 from vmplug.wire.engine import get_json_sync as api_get
+from vmplug_lab import capture_inspect
 
 from .conftest import DOCTOR, SYSFS
 
@@ -231,3 +233,60 @@ def test_a_socket_that_is_not_an_engine(tmp_path: Path) -> None:
     (f,) = found["container.engine"]
     assert f.severity is Severity.INFO
     assert f.evidence[0].startswith(f"{path}: ") and "timed out" in f.evidence[0]
+
+
+# ------------------------------------------------ real inspect documents (lab engines)
+
+#: ``GET /containers/NAME/json`` of each setup on Docker 20.10 and Podman 4.3 in the
+#: lab guest, written by vmplug_lab.capture_inspect (see its README).
+REAL = Path(__file__).resolve().parents[1] / "fixtures" / "docker" / "real"
+REAL_DOCS = sorted(REAL.glob("*/*.json"))
+SETUPS = {s.name: s for s in capture_inspect.SETUPS}
+
+
+def _real_dev(tmp_path: Path, doc: Path) -> Path:
+    """A /dev as the lab guest's was: the setup's node and the udev-style symlink to it."""
+    (spec,) = load_inspect_file(doc)
+    nodes = [d for d in spec.devices if d.startswith("/dev/bus/usb/")] or ["/dev/bus/usb/002/003"]
+    dev = tmp_path / "dev"
+    node = dev / nodes[0].removeprefix("/dev/")
+    node.parent.mkdir(parents=True)
+    node.touch()
+    (dev / capture_inspect.SYMLINK.removeprefix("/dev/")).symlink_to(node.relative_to(dev))
+    return dev
+
+
+def test_real_documents_cover_every_setup_on_both_engines() -> None:
+    engines = sorted({p.parent.name.split("-")[0] for p in REAL_DOCS})
+    assert engines == ["docker"], REAL_DOCS  # Podman's: not captured yet (see README)
+    for engine in {p.parent for p in REAL_DOCS}:
+        assert sorted(p.stem for p in engine.glob("*.json")) == sorted(SETUPS), engine
+
+
+@pytest.mark.parametrize("doc", REAL_DOCS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_doctor_on_real_inspect_documents(doc: Path, tmp_path: Path) -> None:
+    setup = SETUPS[doc.stem]
+    found = check(ctx_for(inspect_files=[doc], dev_root=_real_dev(tmp_path, doc)))
+    bad = {f.check: f for fs in found.values() for f in fs if f.severity is not Severity.OK}
+    # off the lab guest, the QMP socket of a running container is not on this machine
+    qmp = bad.pop("container.qmp", None)
+    if qmp is not None and setup.check != "container.qmp":
+        assert "but is not there" in qmp.title, qmp
+    if not setup.check:
+        assert not bad, bad
+        return
+    f = bad.get(setup.check) or (qmp if setup.check == "container.qmp" else None)
+    assert f is not None, (setup.name, sorted(bad))
+    assert f.severity.label in setup.severities, f
+    assert setup.fix_has in (f.fix or ""), f.fix
+
+
+def test_two_controllers_with_usb_bus_in_the_config_is_fine() -> None:
+    docs = sorted(REAL.glob("*/ct-xhci2.json"))
+    assert docs
+    config = parse_config('[vm.ct-xhci2]\ncontainer = "ct-xhci2"\nusb_bus = "xhci.0"\n')
+    for doc in docs:
+        (f,) = check(ctx_for(inspect_files=[doc]))["container.controllers"]
+        assert f.severity is Severity.WARNING and "xhci2.0" in f.title
+        (f,) = check(ctx_for(inspect_files=[doc], config=config))["container.controllers"]
+        assert f.severity is Severity.OK and "usb_bus = 'xhci.0'" in f.title
