@@ -171,12 +171,12 @@ class RemoteLab:
         )
         self.status_path.unlink(missing_ok=True)
         self.serve = self.dev.spawn(cmd, log=str(self.serve_log))
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # python in a TCG guest at load 15 takes minutes
         while not self.status_path.exists():
             if self.dev.poll(self.serve) is not None:
                 raise LabError(f"export side exited: {self.serve_log.read_text()}")
             if time.monotonic() > deadline:
-                raise LabError(f"export side not up in 60 s: {self.serve_log.read_text()}")
+                raise LabError(f"export side not up in 180 s: {self.serve_log.read_text()}")
             time.sleep(0.2)
         return self.serve
 
