@@ -539,7 +539,7 @@ class ContainerLab:
             log=f"{self.guest.workdir}/watcher.log",
         )
 
-    def start_daemon(self, timeout: float = 300.0) -> None:
+    def start_daemon(self, timeout: float = 600.0) -> None:
         self.daemon_starts += 1
         cfg = self.guest.workdir / "vmplug.toml"
         cfg.write_text(self.config())
