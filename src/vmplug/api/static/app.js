@@ -401,7 +401,8 @@
     if (d.is_hub) return null;
     const here = where(d);
     const st = d.state;
-    const text = here ? "in " + here : st === "pending" || st === "retrying" ? `${st} → ${d.vm}` : "host";
+    // held: a remote device another VM host holds (its error says which), not "host"
+    const text = here ? "in " + here : st === "pending" || st === "retrying" ? `${st} → ${d.vm}` : st === "held" ? d.error || "held" : "host";
     return h("span", { class: `badge s-${st}`, title: visible(d.error ?? st), text: cut(visible(text), 40) });
   }
 

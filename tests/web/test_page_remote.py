@@ -1,0 +1,187 @@
+"""The page shows remote devices in their device host's own tree, with real parts.
+
+A device host is a real ``vmplug run`` with ``[export]`` rules and its API on
+mutual TLS; two VM hosts are real ``vmplug run`` processes, each with a real
+QEMU and its API on loopback TCP with a bearer token (the page's listener);
+all on loopback, as in tests/remote/test_remote_inventory.py.  VM host A holds
+the device host's keyboard; on VM host B's page the same device is *held*.
+Each page is read in Debian's Chromium: the remote device sits in a tree of
+its own, named after its device host, and this host's devices in the top-level
+bus tree; without the per-host tree the remote device would land in this
+host's "Bus 2" beside the local tablet, and the test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page
+
+from tests.support.qemu_proc import QemuProcess
+from tests.support.vmplugproc import Proc, free_port, wait
+from tests.web.conftest import card
+from vmplug.remote import certs
+from vmplug.vms.qmp import QmpVm
+from vmplug.wire.qmp import SyncQmp
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.timeout(150),
+    pytest.mark.skipif(shutil.which("usbredirect") is None, reason="usbredirect not installed"),
+]
+
+PORT = "2-2.4.2"  # the device host's keyboard its rule lets go (capture "mixed")
+LOCAL = "2-1"  # each VM host's own tablet (capture "minimal")
+TOKEN = "page-remote-token-0123456789abcdef"
+REMOTE = f"devhost:{PORT}"  # the page's key of a remote device: HOST:PORT
+
+
+class Rig:
+    """The PKI, the device host, and VM hosts with their QEMUs and web APIs."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        ca = tmp / "pki" / "ca"
+        certs.make_ca(ca)
+        self.certs = {
+            name: certs.issue(ca, name, tmp / "pki" / name, addresses=["127.0.0.1"]).cert.parent
+            for name in ("devhost", "vmhost-a", "vmhost-b")
+        }
+        self.api_port = free_port()
+        first = min(free_port(), 65000)
+        self.devhost = Proc(
+            tmp,
+            "devhost",
+            "mixed",
+            f'[api]\nlisten = "127.0.0.1:{self.api_port}"\n\n'
+            f'[export]\nname = "devhost"\ncerts = "{self.certs["devhost"]}"\n'
+            f'listen = "127.0.0.1"\nallow = ["vmhost-a", "vmhost-b"]\n'
+            f'ports = "{first}-{first + 30}"\n\n'
+            f"[[export.rule]]\nmatch = 'via-port \"{PORT}\"'\n",
+        )
+        self.procs: list[Proc] = [self.devhost]
+        self.qemus: dict[str, QemuProcess] = {}
+        self.web: dict[str, str] = {}
+
+    def vmhost(self, me: str) -> Proc:
+        qemu = QemuProcess(self.tmp, qmp_sockets=2, name=me.replace("-", ""))
+        qemu.start()
+        self.qemus[me] = qemu
+        with SyncQmp(str(qemu.qmp_paths[1])) as q:
+            q.execute("cont")  # usb-redir speaks (its hello) only while the VM runs
+        token = self.tmp / f"{me}.token"
+        token.write_text(TOKEN + "\n")
+        token.chmod(0o600)
+        web = free_port()
+        self.web[me] = f"http://127.0.0.1:{web}"
+        proc = Proc(
+            self.tmp,
+            me,
+            "minimal",
+            f'[api]\nlisten = "127.0.0.1:{web}"\ntoken_file = "{token}"\n\n'
+            f'[vm.guest]\nqmp = "{qemu.qmp_paths[0]}"\n\n'
+            f'[[rule]]\nattach = "guest"\nmatch = \'via-host "devhost"\'\n\n'
+            f'[host.devhost]\naddress = "127.0.0.1"\napi_port = {self.api_port}\n'
+            f'certs = "{self.certs[me]}"\nme = "{me}"\n',
+        )
+        self.procs.append(proc)
+        return proc
+
+    def redirs(self, me: str) -> dict[str, bool]:
+        """The usb-redir devices QEMU ``me`` really holds: id -> chardev connected."""
+
+        async def read() -> dict[str, bool]:
+            obs = QmpVm("obs", str(self.qemus[me].qmp_paths[1]), shared=True)
+            await obs.start()
+            try:
+                return await obs.redir_links()
+            finally:
+                await obs.stop()
+
+        # the test's own loop is running (the browser's): a loop of its own, in a thread
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, read()).result()
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.close()
+        for q in self.qemus.values():
+            q.cleanup()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+async def page_of(browser: Browser, base: str) -> tuple[Page, list[str]]:
+    """VM host ``base``'s page, live; its errors collect in the list."""
+    ctx = await browser.new_context()
+    page = await ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    await page.goto(f"{base}/?token={TOKEN}")
+    await page.wait_for_selector("#live[data-state=live]", timeout=15000)
+    return page, errors
+
+
+async def trees(page: Page) -> dict[str, list[str]]:
+    """The rows' keys per tree: "" for this host's buses, else the device host's name."""
+    found: dict[str, list[str]] = await page.evaluate(
+        """() => {
+          const out = {};
+          for (const top of document.querySelectorAll("#tree > li")) {
+            const host = top.classList.contains("host") ? top.dataset.host : "";
+            out[host] = (out[host] || []).concat(
+              [...top.querySelectorAll("li.dev")].map((li) => li.dataset.port));
+          }
+          return out;
+        }"""
+    )
+    return found
+
+
+async def badge(page: Page, key: str) -> str:
+    return str(await page.locator(f'#tree li.dev[data-port="{key}"] > .row .badge').inner_text())
+
+
+async def test_page_shows_remote_devices_per_device_host(browser: Browser, rig: Rig) -> None:
+    rig.devhost.start()
+    a = rig.vmhost("vmhost-a")
+    a.start()
+    wait(lambda: any(rig.redirs("vmhost-a").values()), "vmhost-a's usb-redir connected", a)
+    b = rig.vmhost("vmhost-b")
+    b.start()
+    wait(lambda: b.json("status")["held"], "vmhost-b sees the device held", b)
+
+    # VM host A: the keyboard in devhost's own tree, in VM guest, its card there
+    page, errors = await page_of(browser, rig.web["vmhost-a"])
+    await page.wait_for_selector(card("guest", REMOTE), timeout=15000)
+    assert await trees(page) == {"": [LOCAL], "devhost": [REMOTE]}
+    host = page.locator('#tree > li.host[data-host="devhost"]')
+    assert await host.locator(":scope > .hostname").inner_text() == "devhost (device host)"
+    assert await host.locator("li.bus > .busname").all_text_contents() == ["Bus 2"]
+    assert await badge(page, REMOTE) == "in guest"
+    assert await badge(page, LOCAL) == "host"
+    assert await page.locator(card("guest", REMOTE)).locator(".port").inner_text() == PORT
+    assert errors == []
+
+    # VM host B: the same device, held by A: shown as held, in no VM's column
+    page, errors = await page_of(browser, rig.web["vmhost-b"])
+    await page.wait_for_selector(f'#tree li.dev[data-port="{REMOTE}"]', timeout=15000)
+    assert await trees(page) == {"": [LOCAL], "devhost": [REMOTE]}
+    row = page.locator(f'#tree li.dev[data-port="{REMOTE}"] > .row')
+    assert await badge(page, REMOTE) == "held by vmhost-a"
+    assert await row.locator(".badge.s-held").count() == 1
+    assert await page.locator(card("guest", REMOTE)).count() == 0
+    assert errors == []
