@@ -140,11 +140,14 @@ def site_pth() -> Path | None:
 
 def pth_text(original: str, bundle_dir: str) -> str:
     """``original`` (a ``.pth``'s lines, kept as they were) and one line more that
-    puts ``bundle_dir`` first on ``sys.path``, where ``PYTHONPATH`` would put it
-    (``site`` runs before the script's directory is put in front), unless the
-    process runs with ``VMPLUG_LAB_BUNDLE=0``."""
+    puts ``bundle_dir`` on ``sys.path`` where ``PYTHONPATH`` would have put it:
+    after the entries ``PYTHONPATH`` itself gives (a checkout named there still
+    wins, as tests/lab/test_lab_remove_race.py asks), before the standard library;
+    unless the process runs with ``VMPLUG_LAB_BUNDLE=0``."""
     line = (
-        "import os, sys; os.environ.get('VMPLUG_LAB_BUNDLE') == '0' "
-        f"or sys.path.insert(0, {bundle_dir!r})"
+        "import os, sys; os.environ.get('VMPLUG_LAB_BUNDLE') == '0' or sys.path.insert("
+        "0 if sys.flags.ignore_environment else "
+        "len([p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]), "
+        f"{bundle_dir!r})"
     )
     return f"{original.rstrip(chr(10))}\n{line}\n" if original.strip() else f"{line}\n"

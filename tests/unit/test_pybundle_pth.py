@@ -10,8 +10,11 @@ from pathlib import Path
 
 from vmplug_lab import pybundle
 
+#: as at start-up: ``site`` reads the .pth files before the script's directory
+#: (here ``-c``'s '') is put in front of sys.path
 _SHOW = (
-    "import json, site, sys; site.addsitedir(sys.argv[1]); import bundled_probe; "
+    "import json, site, sys; first = sys.path.pop(0); site.addsitedir(sys.argv[1]); "
+    "sys.path.insert(0, first); import bundled_probe; "
     "print(json.dumps({'path': sys.path, 'probe': bundled_probe.__file__}))"
 )
 
@@ -41,7 +44,13 @@ def test_the_pth_line_puts_the_bundle_first_and_keeps_the_original_lines(tmp_pat
     path = got["path"]
     assert isinstance(path, list)
     assert got["probe"] == str(bundle / "bundled_probe.py")
-    assert path[0] == str(bundle) and str(share) in path  # the original line still counts
+    assert path[1] == str(bundle) and str(share) in path  # the original line still counts
+    checkout = tmp_path / "checkout"  # PYTHONPATH still wins, as it did before the bundle
+    checkout.mkdir()
+    (checkout / "bundled_probe.py").write_text("")
+    named = _run(site, PYTHONPATH=str(checkout))
+    assert named["probe"] == str(checkout / "bundled_probe.py")
+    assert named["path"][1:3] == [str(checkout), str(bundle)]  # type: ignore[index]
     off = _run(site, VMPLUG_LAB_BUNDLE="0")
     assert off["probe"] == str(share / "bundled_probe.py")
     assert str(bundle) not in off["path"]  # type: ignore[operator]
