@@ -222,6 +222,12 @@ class Daemon:
         return self.journal.listeners
 
     def _identity_of(self, qemu_id: str) -> str | None:
+        # A QEMU id is a digest of one identity: a device that left names it
+        # as well as a present one, without hashing the whole inventory again
+        # (a detach after a remove, 500 devices: ~2-3 ms a time).
+        gone = self._gone.get(qemu_id)
+        if gone is not None:
+            return gone
         for dev in self.all_devices():
             if dev.qemu_id == qemu_id:
                 return dev.identity
