@@ -67,6 +67,7 @@ class Rig:
         self.procs: list[Proc] = [self.devhost]
         self.qemus: dict[str, QemuProcess] = {}
         self.web: dict[str, str] = {}
+        self.vmhosts: dict[str, Proc] = {}
 
     def vmhost(self, me: str) -> Proc:
         qemu = QemuProcess(self.tmp, qmp_sockets=2, name=me.replace("-", ""))
@@ -90,6 +91,7 @@ class Rig:
             f'certs = "{self.certs[me]}"\nme = "{me}"\n',
         )
         self.procs.append(proc)
+        self.vmhosts[me] = proc
         return proc
 
     def redirs(self, me: str) -> dict[str, bool]:
@@ -114,10 +116,18 @@ class Rig:
             q.cleanup()
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    """Up once for the module: A holds the device host's keyboard, B sees it held."""
+    r = Rig(tmp_path_factory.mktemp("page-remote"))
     try:
+        r.devhost.start()
+        a = r.vmhost("vmhost-a")
+        a.start()
+        wait(lambda: any(r.redirs("vmhost-a").values()), "vmhost-a's usb-redir connected", a)
+        b = r.vmhost("vmhost-b")
+        b.start()
+        wait(lambda: b.json("status")["held"], "vmhost-b sees the device held", b)
         yield r
     finally:
         r.close()
@@ -156,14 +166,6 @@ async def badge(page: Page, key: str) -> str:
 
 
 async def test_page_shows_remote_devices_per_device_host(browser: Browser, rig: Rig) -> None:
-    rig.devhost.start()
-    a = rig.vmhost("vmhost-a")
-    a.start()
-    wait(lambda: any(rig.redirs("vmhost-a").values()), "vmhost-a's usb-redir connected", a)
-    b = rig.vmhost("vmhost-b")
-    b.start()
-    wait(lambda: b.json("status")["held"], "vmhost-b sees the device held", b)
-
     # VM host A: the keyboard in devhost's own tree, in VM guest, its card there
     page, errors = await page_of(browser, rig.web["vmhost-a"])
     await page.wait_for_selector(card("guest", REMOTE), timeout=15000)
@@ -185,3 +187,26 @@ async def test_page_shows_remote_devices_per_device_host(browser: Browser, rig: 
     assert await row.locator(".badge.s-held").count() == 1
     assert await page.locator(card("guest", REMOTE)).count() == 0
     assert errors == []
+
+
+def test_list_tree_shows_remote_devices_under_their_host(rig: Rig) -> None:
+    """``vmplug list --tree`` against the real daemons: the remote keyboard under
+    a heading of its device host, after this host's buses, with its VM or holder."""
+    a, b = rig.vmhosts["vmhost-a"], rig.vmhosts["vmhost-b"]
+    shown = a.vmplug("list", "--tree")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    [head] = [i for i, line in enumerate(lines) if "(device host, usb-redir)" in line]
+    assert "devhost" in lines[head]
+    assert any(LOCAL in line for line in lines[:head])  # this host's tablet first
+    assert PORT not in "".join(lines[:head])
+    [row] = [line for line in lines[head + 1 :] if PORT in line]
+    assert "vm guest" in row and "0627:0001" in row
+    assert row.index(PORT) > lines[head].index("devhost")  # nested under the heading
+    held = b.vmplug("list", "--tree", "--host", "devhost")
+    assert held.returncode == 0, held.stderr
+    assert LOCAL not in held.stdout  # --host: only that device host's
+    assert "vm guest (held by vmhost-a)" in held.stdout
+    none = b.vmplug("list", "--tree", "--host", "nosuch")
+    assert none.returncode == 1
+    assert "no devices of device host 'nosuch'" in none.stderr

@@ -112,8 +112,10 @@ def _remote_rows(obj: Context, host: str | None) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("host") and (host is None or r["host"] == host)]
 
 
-def _tree(devices: Sequence[UsbDevice]) -> Tree:
-    """Hubs and nested ports, like ``lsusb -t``, one tree per bus."""
+def _tree(devices: Sequence[UsbDevice], remote: Sequence[dict[str, Any]] = ()) -> Tree:
+    """Hubs and nested ports, like ``lsusb -t``, one tree per bus; then each
+    device host's devices under a heading of their own (``remote``: the
+    daemon's rows with a ``host``)."""
     from rich.tree import Tree  # noqa: PLC0415
 
     root = Tree("USB", guide_style="dim")
@@ -131,6 +133,19 @@ def _tree(devices: Sequence[UsbDevice]) -> Tree:
         label += "[/]"
         parent = nodes.get(d.parent_port or "", root)
         nodes[d.port] = parent.add(label)
+    hosts: dict[str, Tree] = {}
+    for r in sorted(remote, key=lambda r: (str(r.get("host")), str(r.get("port")))):
+        host = str(r.get("host"))
+        if host not in hosts:
+            hosts[host] = root.add(f"[bold]{escape(host)}[/]  (device host, usb-redir)")
+        vm = r.get("attached") or r.get("vm") or "-"
+        state = r.get("error") or r.get("state") or ""
+        hosts[host].add(
+            f"[bold]{escape(str(r.get('port')))}[/]  "
+            f"{r.get('vendor_id') or '????'}:{r.get('product_id') or '????'}"
+            f"  {escape(str(r.get('name') or '-'))}  [dim]{_speed_text(r.get('speed_mbps'))}"
+            f"  vm {escape(f'{vm} ({state})' if state and state != 'attached' else str(vm))}[/]"
+        )
     return root
 
 
@@ -168,9 +183,10 @@ def list_cmd(
 
     When the config names device hosts ([host.NAME]) and the daemon runs,
     their devices follow with a HOST column (JSON: ``host``; this host's
-    devices have ``host: null``); --host NAME shows only that host's.
+    devices have ``host: null``; --tree: under a heading per device host);
+    --host NAME shows only that host's.
     """
-    remote = [] if as_rules or as_tree else _remote_rows(obj, host)
+    remote = [] if as_rules else _remote_rows(obj, host)
     devices = [] if host is not None else obj.devices(include_root_hubs=show_all or as_tree)
     if as_rules:
         from vmplug.rules.device_rule import device_rule  # noqa: PLC0415
@@ -190,7 +206,10 @@ def list_cmd(
         if host is not None and not remote:
             raise SystemExit(1)
     elif as_tree:
-        obj.console.print(_tree(devices))
+        obj.console.print(_tree(devices, remote))
+        if host is not None and not remote:
+            click.echo(f"no devices of device host {host!r}", err=True)
+            raise SystemExit(1)
     elif devices or remote:
         obj.console.print(_table(devices, remote))
     elif host is not None:
