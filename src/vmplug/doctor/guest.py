@@ -1058,6 +1058,9 @@ def check_spice(ctx: DoctorContext) -> Iterator[Finding]:
         path = inst.qmp_used or next(iter(inst.qmp_paths), None)
         if path is None or inst.qmp_error:
             continue
+        if inst.argv and not any("spice" in a for a in inst.argv):
+            # no SPICE server (-spice, -display spice-app): no spicevmc channel can exist
+            continue
         try:
             client = SyncQmp(path, ctx.timeout, name="doctor-spice")
         except WireError:
