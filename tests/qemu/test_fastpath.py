@@ -276,3 +276,42 @@ async def test_a_new_session_reads_every_binding_with_one_info_qtree(
         else:
             assert vm.sent.count("qom-get") == 3 * len(specs), vm.sent
     assert seen[0] == seen[1]
+
+
+async def test_a_replug_read_in_flux_gets_no_second_identity(rig: Rig) -> None:
+    """Issue 19's guarantee with the fast path: the replug is added early under the
+    id of the device that left; its read then meets the device still being set up
+    (in flux: no identity from a half-read device), so the early attachment is
+    taken back until the device reads whole, and then attached under its own id.
+    No other id is ever added, the journal names only real identities, and the
+    ``add`` is journaled once."""
+    d = await rig.up(BY_ID)
+    identity, qemu_id = d.inventory[KBD].identity, d.inventory[KBD].qemu_id
+    rig.kernel.unplug(KBD)
+    await until(lambda: _has(rig.ports("a"), set()), what="detached")
+    assert await d.wait_converged(10.0)
+    assert rig.store is not None
+    store = rig.store
+    before = len(_attaches(rig, identity))
+    assert before == 2  # attach at start, detach on unplug
+    seq = rig.kernel.plug_setting_up(KBD, devnum=43)  # add sent; its read is in flux
+
+    async def taken_back() -> bool:
+        return len(_attaches(rig, identity)) >= before + 2 and KBD not in d.inventory
+
+    await until(taken_back, what="the early attach taken back while the device is unread")
+    rig.kernel.finish_setup(KBD)
+    await until(lambda: _has_ids(rig, {qemu_id}), what="attached once read whole")
+    assert d.inventory[KBD].identity == identity and d.inventory[KBD].devnum == 43
+    assert await d.wait_converged(10.0)
+    rows = store.history(None, limit=None)
+    real = {dev.identity for dev in d.inventory.values()}
+    assert {r.identity for r in rows if r.identity} <= real, rows
+    assert {r.qemu_id for r in rows if r.is_action} == {qemu_id}, rows
+    adds = [r for r in rows if r.kind == "device-add" and r.port == KBD]
+    assert len([r for r in adds if (r.detail or {}).get("seqnum") == seq]) == 1
+    assert _attaches(rig, identity)[before:] == [
+        ("attach", "ok"),
+        ("detach", "ok"),
+        ("attach", "ok"),
+    ]
