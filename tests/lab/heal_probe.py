@@ -156,11 +156,8 @@ match = 'via-port "{refused_port}"'
     healer = d.remedies.healer if d.remedies else None
     assert healer is not None
     out: dict[str, Any] = {}
-    for name, port, rung in (
-        ("port_cycle", ok_port, Rung.PORT_CYCLE),
-        ("controller", ok_port, Rung.CONTROLLER),
-        ("refused", refused_port, Rung.CONTROLLER),
-    ):
+
+    async def step(name: str, port: str, rung: Rung) -> None:
         wait_present(port)
         for _ in range(120):  # the daemon has read it again (slow under TCG and load)
             await asyncio.sleep(0.25)
@@ -168,39 +165,47 @@ match = 'via-port "{refused_port}"'
                 break
         dev = d.inventory[port]
         before = devnum(port)
+        # the rung runs in a thread: the daemon journals the kernel's uevents meanwhile
+        since = max(e.id for e in store.history(None, limit=None))
         ok = await healer.carry_out(Decision(dev.identity, rung, f"lab: {name}", 5))
         after = wait_present(port)
         await asyncio.sleep(2.0)  # the daemon follows the kernel's uevents again
         rows = store.history(None, limit=None)
         entry = [e for e in rows if e.identity == dev.identity and e.kind.startswith("heal")]
-        since = entry[-1].id if entry else 0
         removed = [e for e in rows if e.id > since and e.port == port and e.kind == "device-remove"]
         out[name] = {
             "port": port, "controller": dev.controller, "ok": ok, "before": before,
             "after": after, "journal": entry[-1].kind if entry else None,
             "detail": entry[-1].detail if entry else None, "removed": len(removed),
         }  # fmt: skip
+
+    await step("controller", ok_port, Rung.CONTROLLER)
+    await step("refused", refused_port, Rung.CONTROLLER)
     for _ in range(40):  # the alerter's tick is 1 s
         if got:
             break
         await asyncio.sleep(0.25)
-    out["webhook"] = got
+    out["webhook"] = list(got)
     # a port error in the real kernel log, read back from /dev/kmsg by the healer
-    healer.policy = replace(healer.policy, enabled=True, interval_s=0.2)
+    policy = healer.policy
+    healer.policy = replace(policy, enabled=True, interval_s=0.2)
     ident = d.inventory[ok_port].identity
     n = len([e for e in store.history(ident, limit=None) if e.kind.startswith("heal")])
     Path("/dev/kmsg").write_text(f"<3>usb {ok_port}: device descriptor read/64, error -110\n")
     heals: list[Any] = []
-    for _ in range(60):
+    for _ in range(120):
         await asyncio.sleep(0.25)
         heals = [e for e in store.history(ident, limit=None) if e.kind.startswith("heal")][n:]
         if heals:
             break
+    healer.policy = policy
     errors = [e for e in store.history(None, limit=None) if e.kind == "kernel-error"]
     out["kmsg"] = {
         "kernel_errors": [(e.port, e.identity == ident, e.detail) for e in errors],
         "heal": (heals[0].kind, heals[0].detail) if heals else None,
     }
+    # last: on a hub that cannot cut power the device may not come back
+    await step("port_cycle", ok_port, Rung.PORT_CYCLE)
     await d.stop()
     store.close()
     await runner.cleanup()
