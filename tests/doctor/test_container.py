@@ -258,7 +258,7 @@ def _real_dev(tmp_path: Path, doc: Path) -> Path:
 
 def test_real_documents_cover_every_setup_on_both_engines() -> None:
     engines = sorted({p.parent.name.split("-")[0] for p in REAL_DOCS})
-    assert engines == ["docker"], REAL_DOCS  # Podman's: not captured yet (see README)
+    assert engines == ["docker", "podman"], REAL_DOCS
     for engine in {p.parent for p in REAL_DOCS}:
         assert sorted(p.stem for p in engine.glob("*.json")) == sorted(SETUPS), engine
 
@@ -268,6 +268,8 @@ def test_doctor_on_real_inspect_documents(doc: Path, tmp_path: Path) -> None:
     setup = SETUPS[doc.stem]
     found = check(ctx_for(inspect_files=[doc], dev_root=_real_dev(tmp_path, doc)))
     bad = {f.check: f for fs in found.values() for f in fs if f.severity is not Severity.OK}
+    if setup.check != "container.cgroup":  # Podman: "cannot tell", an INFO, not a fault
+        bad = {c: f for c, f in bad.items() if f.severity >= Severity.WARNING}
     # off the lab guest, the QMP socket of a running container is not on this machine
     qmp = bad.pop("container.qmp", None)
     if qmp is not None and setup.check != "container.qmp":
@@ -277,7 +279,7 @@ def test_doctor_on_real_inspect_documents(doc: Path, tmp_path: Path) -> None:
         return
     f = bad.get(setup.check) or (qmp if setup.check == "container.qmp" else None)
     assert f is not None, (setup.name, sorted(bad))
-    assert f.severity.label in setup.severities, f
+    assert f.severity.label in setup.severities_on(doc.parent.name), f
     assert setup.fix_has in (f.fix or ""), f.fix
 
 

@@ -200,6 +200,21 @@ def check_cgroup(ctx: DoctorContext) -> Iterator[Finding]:
                 spec,
             )
             continue
+        if spec.podman and spec.cgroup_rules_unknown:
+            yield _f(
+                "container.cgroup",
+                Severity.INFO,
+                "Podman does not say whether the container has a device cgroup rule "
+                "(its Docker-compatible inspect gives DeviceCgroupRules: null, also for a "
+                "container made with --device-cgroup-rule): without one, opening "
+                "/dev/bus/usb nodes fails with EPERM",
+                spec,
+                evidence=("HostConfig.DeviceCgroupRules: null", "HostConfig.Runtime: oci"),
+                fix=f"make sure the service has:\n    device_cgroup_rules:\n      - "
+                f"'{_gc().USB_CGROUP_RULE}'\n(podman run: --device-cgroup-rule="
+                f"'{_gc().USB_CGROUP_RULE}'; vmplug doctor --compose FILE checks the file)",
+            )
+            continue
         sev = Severity.ERROR if _usb_bind(spec) else Severity.WARNING
         yield _f(
             "container.cgroup",

@@ -48,6 +48,11 @@ class ContainerSpec:
     exit_code: int | None = None
     #: run by a rootless Podman (its device_cgroup_rules do nothing)
     rootless_podman: bool = False
+    #: run by Podman (its Docker-compatible inspect says DeviceCgroupRules: null
+    #: even for a container made with --device-cgroup-rule: Podman 4.3.1)
+    podman: bool = False
+    #: the document said nothing of the cgroup rules (null, not [])
+    cgroup_rules_unknown: bool = False
 
     def uses_usb(self) -> bool:
         return (
@@ -125,6 +130,11 @@ def from_inspect(doc: dict[str, Any], source: str) -> ContainerSpec:
         cgroup_rules=list(host.get("DeviceCgroupRules") or []),
         security_opt=list(host.get("SecurityOpt") or []),
     )
+    # Podman's compat documents: runtime "oci" (Docker's: "runc"), images "localhost/..."
+    spec.podman = host.get("Runtime") == "oci" or str(config.get("Image", "")).startswith(
+        "localhost/"
+    )
+    spec.cgroup_rules_unknown = host.get("DeviceCgroupRules") is None
     for dev in host.get("Devices") or []:
         spec.devices.append(str(dev.get("PathOnHost", "")))
     seen: set[tuple[str, str]] = set()
