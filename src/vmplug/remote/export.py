@@ -700,13 +700,14 @@ class ExportEndpoint:
         tcp = writer.get_extra_info("socket")
         try:
             while not task.done():
-                await asyncio.wait({task}, timeout=self.poll)
-                if task.done():
-                    break
+                # sampled before the wait too: a link is measured from its first moment
                 info = tcp_info(tcp)
                 if info is not None:
                     self.state.rtt_ms = info.rtt_us / 1000.0
                     self.state.retransmits = info.total_retrans
+                await asyncio.wait({task}, timeout=self.poll)
+                if task.done():
+                    break
                 if not link.present():
                     log.info("export %s: device left the bus; ending the link", self.name)
                     stats.closed_by = "device"
