@@ -28,6 +28,7 @@ from pathlib import Path
 from vmplug.config import ExportConfig
 from vmplug.errors import UsageError, VmplugError
 from vmplug.remote.certs import CA_CERT, HostFiles, check
+from vmplug.remote.devicehost import export_tls
 from vmplug.remote.export import ExportEndpoint, Exporter, SysfsLocator, UsbredirectSource
 from vmplug.wire.tls import server_context
 
@@ -78,18 +79,7 @@ def build(args: argparse.Namespace) -> Exporter:
 
 def exporter_from_config(export: ExportConfig, *, sysfs: Path = Path("/sys")) -> Exporter:
     """The endpoints of a config's ``[export]`` section (what ``vmplug run`` starts)."""
-    tls = None
-    if not export.insecure:
-        if export.certs is None:
-            raise UsageError("[export]: certs is needed (or insecure = true)")
-        d = Path(export.certs)
-        files = HostFiles(d / CA_CERT, d / f"{export.name}-cert.pem", d / f"{export.name}-key.pem")
-        info = check(files)
-        if info.problems:
-            raise UsageError("[export]: " + "; ".join(info.problems))
-        for warning in info.warnings:
-            log.warning("[export]: %s", warning)
-        tls = server_context(files.ca, files.cert, files.key)
+    tls = export_tls(export)
     return Exporter(
         [
             ExportEndpoint(
