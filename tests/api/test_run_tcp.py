@@ -67,10 +67,16 @@ async def test_vmplug_run_serves_the_token_guarded_tcp_listener(
         token = token_file.read_text().strip()
         assert len(token) >= 32
         auth = {"Authorization": f"Bearer {token}"}
-        async with aiohttp.ClientSession() as s:
-            async with s.get(base + "/v1/devices", headers=auth) as r:
+
+        async def listed() -> bool:
+            async with aiohttp.ClientSession() as s, s.get(base + "/v1/devices", headers=auth) as r:
                 assert r.status == 200
-                assert any(d["port"] == "2-2.4.2" for d in await r.json())
+                return any(d["port"] == "2-2.4.2" for d in await r.json())
+
+        # the listener is up before the first read of the tree has ended (the
+        # daemon connects its VMs while it reads): the device comes with that read
+        await until(listed, 30, "2-2.4.2 listed")
+        async with aiohttp.ClientSession() as s:
             async with s.get(base + "/metrics", headers=auth) as r:
                 assert r.status == 200 and "vmplug_reconcile_duration_seconds" in await r.text()
             async with s.get(base + "/", headers=auth) as r:
