@@ -47,9 +47,10 @@ class SysfsError(UsageError):
     """The sysfs root itself is unusable (not one device's attribute)."""
 
 
-def _read_bytes(path: str) -> bytes | None:
+def _read_bytes(path: str, dir_fd: int | None = None) -> bytes | None:
+    """All of a file (relative to ``dir_fd`` when given), or None when unreadable."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
     try:
@@ -403,19 +404,7 @@ def _at_all(dirfd: int, name: str) -> bytes | None:
     data = _at(dirfd, name)
     if data is None or len(data) < 65536:
         return data
-    try:
-        fd = os.open(name, _O_FILE, dir_fd=dirfd)
-    except OSError:
-        return None
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    return _read_bytes(name, dirfd)
 
 
 def _at_text(dirfd: int, name: str) -> str | None:
