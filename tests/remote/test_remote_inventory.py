@@ -17,8 +17,6 @@ guest kernel is proven in the lab (tests/remote/test_lab_remote.py).
 
 from __future__ import annotations
 
-import asyncio
-import json
 import shutil
 import ssl
 import time
@@ -30,11 +28,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.qemu_proc import QemuProcess
-from tests.support.vmplugproc import Proc, free_port, wait
+from tests.support.remoterig import PORT, RemoteRig
+from tests.support.vmplugproc import wait
 from vmplug.remote import certs
-from vmplug.vms.qmp import QmpVm
-from vmplug.wire.qmp import SyncQmp
 
 pytestmark = [
     pytest.mark.qemu,
@@ -42,89 +38,10 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("usbredirect") is None, reason="usbredirect not installed"),
 ]
 
-PORT = "2-2.4.2"  # the captured tree's device the device host's rule lets go
-
-
-class Rig:
-    """The PKI, the device host and up to two VM hosts with their QEMUs."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        ca = tmp / "pki" / "ca"
-        certs.make_ca(ca)
-        self.certs = {
-            name: certs.issue(ca, name, tmp / "pki" / name, addresses=["127.0.0.1"]).cert.parent
-            for name in ("devhost", "vmhost-a", "vmhost-b")
-        }
-        self.api_port = free_port()
-        first = free_port()
-        first = min(first, 65000)
-        self.ports = (first, first + 30)
-        self.devhost = Proc(
-            tmp,
-            "devhost",
-            "mixed",
-            f'[api]\nlisten = "127.0.0.1:{self.api_port}"\n\n'
-            f'[export]\nname = "devhost"\ncerts = "{self.certs["devhost"]}"\n'
-            f'listen = "127.0.0.1"\nallow = ["vmhost-a", "vmhost-b"]\n'
-            f'ports = "{self.ports[0]}-{self.ports[1]}"\n\n'
-            f"[[export.rule]]\nmatch = 'via-port \"{PORT}\"'\n",
-        )
-        self.qemus: dict[str, QemuProcess] = {}
-        self.vmhosts: dict[str, Proc] = {}
-        self.procs: list[Proc] = [self.devhost]
-
-    def vmhost(self, me: str) -> Proc:
-        qemu = QemuProcess(self.tmp, qmp_sockets=2, name=me.replace("-", ""))
-        qemu.start()
-        self.qemus[me] = qemu
-        with SyncQmp(str(qemu.qmp_paths[1])) as q:
-            q.execute("cont")  # usb-redir speaks (its hello) only while the VM runs
-        proc = Proc(
-            self.tmp,
-            me,
-            "minimal",
-            f'[vm.guest]\nqmp = "{qemu.qmp_paths[0]}"\n\n'
-            f'[[rule]]\nattach = "guest"\nmatch = \'via-host "devhost"\'\n\n'
-            f'[host.devhost]\naddress = "127.0.0.1"\napi_port = {self.api_port}\n'
-            f'certs = "{self.certs[me]}"\nme = "{me}"\n',
-        )
-        self.vmhosts[me] = proc
-        self.procs.append(proc)
-        return proc
-
-    def redirs(self, me: str) -> dict[str, bool]:
-        """vmplug's usb-redir devices QEMU ``me`` really holds: id -> chardev connected."""
-
-        async def read() -> dict[str, bool]:
-            obs = QmpVm("obs", str(self.qemus[me].qmp_paths[1]), shared=True)
-            await obs.start()
-            try:
-                return await obs.redir_links()
-            finally:
-                await obs.stop()
-
-        return asyncio.run(read())
-
-    def export_list(self, me: str, **kw: Any) -> Any:
-        """The device host's ``GET /v1/export``, with VM host ``me``'s certificate."""
-        d = self.certs[me]
-        ctx = ssl.create_default_context(cafile=str(d / "ca-cert.pem"))
-        ctx.load_cert_chain(d / f"{me}-cert.pem", d / f"{me}-key.pem")
-        url = f"https://127.0.0.1:{self.api_port}/v1/export"
-        with urllib.request.urlopen(url, context=ctx, timeout=10, **kw) as resp:
-            return json.loads(resp.read())
-
-    def close(self) -> None:
-        for p in self.procs:
-            p.close()
-        for q in self.qemus.values():
-            q.cleanup()
-
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
+def rig(tmp_path: Path) -> Iterator[RemoteRig]:
+    r = RemoteRig(tmp_path)
     try:
         yield r
     finally:
@@ -135,7 +52,7 @@ def _remote(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [d for d in devices if d.get("host") == "devhost"]
 
 
-def test_remote_device_is_attached_arbitrated_and_visible(rig: Rig) -> None:
+def test_remote_device_is_attached_arbitrated_and_visible(rig: RemoteRig) -> None:
     # The VM host starts first: its device host is down, so its devices are
     # simply absent, and that is journaled.
     a = rig.vmhost("vmhost-a")
@@ -212,7 +129,7 @@ def test_remote_device_is_attached_arbitrated_and_visible(rig: Rig) -> None:
     assert [r["endpoint_port"] for r in again] == [row["endpoint_port"]]
 
 
-def test_export_list_wants_a_client_certificate_of_the_ca(rig: Rig, tmp_path: Path) -> None:
+def test_export_list_wants_a_client_certificate_of_the_ca(rig: RemoteRig, tmp_path: Path) -> None:
     rig.devhost.start()
     wait(lambda: rig.export_list("vmhost-a")["devices"], "the export list")
     url = f"https://127.0.0.1:{rig.api_port}/v1/export"
@@ -232,9 +149,7 @@ def test_export_list_wants_a_client_certificate_of_the_ca(rig: Rig, tmp_path: Pa
     with pytest.raises((urllib.error.URLError, ConnectionError, http_errors())):
         urllib.request.urlopen(f"http://127.0.0.1:{rig.api_port}/v1/export", timeout=10)
     # the long poll answers 304 when nothing changed in the wait
-    d = rig.certs["vmhost-a"]
-    good = ssl.create_default_context(cafile=str(d / "ca-cert.pem"))
-    good.load_cert_chain(d / "vmhost-a-cert.pem", d / "vmhost-a-key.pem")
+    good = rig.client_context("vmhost-a")
     with urllib.request.urlopen(url, context=good, timeout=10) as resp:
         tag = resp.headers["ETag"]
     req = urllib.request.Request(f"{url}?wait=0.5", headers={"If-None-Match": tag})

@@ -13,21 +13,16 @@ host's "Bus 2" beside the local tablet, and the test fails.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from playwright.async_api import Browser, Page
 
-from tests.support.qemu_proc import QemuProcess
+from tests.support.remoterig import PORT, RemoteRig
 from tests.support.vmplugproc import Proc, free_port, wait
 from tests.web.conftest import card
-from vmplug.remote import certs
-from vmplug.vms.qmp import QmpVm
-from vmplug.wire.qmp import SyncQmp
 
 pytestmark = [
     pytest.mark.qemu,
@@ -35,85 +30,27 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("usbredirect") is None, reason="usbredirect not installed"),
 ]
 
-PORT = "2-2.4.2"  # the device host's keyboard its rule lets go (capture "mixed")
 LOCAL = "2-1"  # each VM host's own tablet (capture "minimal")
 TOKEN = "page-remote-token-0123456789abcdef"
 REMOTE = f"devhost:{PORT}"  # the page's key of a remote device: HOST:PORT
 
 
-class Rig:
-    """The PKI, the device host, and VM hosts with their QEMUs and web APIs."""
+class Rig(RemoteRig):
+    """The remote rig, each VM host with its web API (a bearer token) on loopback TCP."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        ca = tmp / "pki" / "ca"
-        certs.make_ca(ca)
-        self.certs = {
-            name: certs.issue(ca, name, tmp / "pki" / name, addresses=["127.0.0.1"]).cert.parent
-            for name in ("devhost", "vmhost-a", "vmhost-b")
-        }
-        self.api_port = free_port()
-        first = min(free_port(), 65000)
-        self.devhost = Proc(
-            tmp,
-            "devhost",
-            "mixed",
-            f'[api]\nlisten = "127.0.0.1:{self.api_port}"\n\n'
-            f'[export]\nname = "devhost"\ncerts = "{self.certs["devhost"]}"\n'
-            f'listen = "127.0.0.1"\nallow = ["vmhost-a", "vmhost-b"]\n'
-            f'ports = "{first}-{first + 30}"\n\n'
-            f"[[export.rule]]\nmatch = 'via-port \"{PORT}\"'\n",
-        )
-        self.procs: list[Proc] = [self.devhost]
-        self.qemus: dict[str, QemuProcess] = {}
+        super().__init__(tmp)
         self.web: dict[str, str] = {}
-        self.vmhosts: dict[str, Proc] = {}
 
-    def vmhost(self, me: str) -> Proc:
-        qemu = QemuProcess(self.tmp, qmp_sockets=2, name=me.replace("-", ""))
-        qemu.start()
-        self.qemus[me] = qemu
-        with SyncQmp(str(qemu.qmp_paths[1])) as q:
-            q.execute("cont")  # usb-redir speaks (its hello) only while the VM runs
+    def vmhost(self, me: str, extra: str = "") -> Proc:
         token = self.tmp / f"{me}.token"
         token.write_text(TOKEN + "\n")
         token.chmod(0o600)
         web = free_port()
         self.web[me] = f"http://127.0.0.1:{web}"
-        proc = Proc(
-            self.tmp,
-            me,
-            "minimal",
-            f'[api]\nlisten = "127.0.0.1:{web}"\ntoken_file = "{token}"\n\n'
-            f'[vm.guest]\nqmp = "{qemu.qmp_paths[0]}"\n\n'
-            f'[[rule]]\nattach = "guest"\nmatch = \'via-host "devhost"\'\n\n'
-            f'[host.devhost]\naddress = "127.0.0.1"\napi_port = {self.api_port}\n'
-            f'certs = "{self.certs[me]}"\nme = "{me}"\n',
+        return super().vmhost(
+            me, extra + f'[api]\nlisten = "127.0.0.1:{web}"\ntoken_file = "{token}"\n\n'
         )
-        self.procs.append(proc)
-        self.vmhosts[me] = proc
-        return proc
-
-    def redirs(self, me: str) -> dict[str, bool]:
-        """The usb-redir devices QEMU ``me`` really holds: id -> chardev connected."""
-
-        async def read() -> dict[str, bool]:
-            obs = QmpVm("obs", str(self.qemus[me].qmp_paths[1]), shared=True)
-            await obs.start()
-            try:
-                return await obs.redir_links()
-            finally:
-                await obs.stop()
-
-        # the test's own loop is running (the browser's): a loop of its own, in a thread
-        with ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, read()).result()
-
-    def close(self) -> None:
-        for p in self.procs:
-            p.close()
-        for q in self.qemus.values():
-            q.cleanup()
 
 
 @pytest.fixture(scope="module")
