@@ -1,6 +1,8 @@
 """The soak (bench/soak.py), short: ~40 s of plug/unplug cycles with every fault
 kind at least once (VM kill -9, vmplug kill -9 incl. mid-attach, QEMU SIGSTOP,
-a uevent overflow burst, the journal's disk full), the invariants after each.
+a real ENOBUFS on the daemon's netlink socket -- a veth burst in its network
+namespace while it is stopped, device changes dropped behind it -- the
+journal's disk full), the invariants after each.
 
 And the soak's one finding, made on purpose: a device whose ``add`` is read
 while the kernel is still setting it up is read again later; that re-read is
@@ -75,3 +77,6 @@ async def test_short_soak_has_no_violation() -> None:
     assert set(out["faults_survived"]) >= set(FAULTS), out
     assert out["cycles"] >= 100, out
     assert out["uevents_checked_in_journal"] >= 100, out
+    # each burst a real ENOBUFS, journaled once, and nothing else overflowed
+    assert out["overflow_bursts"] >= 1, out
+    assert out["journal_kinds"].get("overflow") == out["overflow_bursts"], out

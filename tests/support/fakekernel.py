@@ -59,7 +59,8 @@ class FakeKernel:
         }
         os.write(self._fd, (json.dumps(props) + "\n").encode())
 
-    def unplug(self, port: str) -> None:
+    def unplug(self, port: str, *, announce: bool = True) -> None:
+        """Take the device away; ``announce=False``: its uevents are lost."""
         real = self.devdir(port)
         uevent = (real / "uevent").read_text()
         for link in self._links().iterdir():
@@ -67,8 +68,9 @@ class FakeKernel:
                 link.unlink()
         self.where[port] = real
         shutil.move(real, self.stash / port)
-        self._send("unbind", real, uevent)
-        self._send("remove", real, uevent)
+        if announce:
+            self._send("unbind", real, uevent)
+            self._send("remove", real, uevent)
 
     def plug(self, port: str, devnum: int | None = None, *, announce: bool = True) -> None:
         real = self.where.pop(port)
@@ -103,6 +105,7 @@ class FakeKernel:
         self._send("bind", real, (real / "uevent").read_text())
 
     def overflow(self) -> None:
+        """The replay source's stand-in for an ENOBUFS (real: tests/support/netns_overflow.py)."""
         os.write(self._fd, b'{"OVERFLOW": "1"}\n')
 
 
