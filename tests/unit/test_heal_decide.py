@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmplug.daemon.heal import GUEST_PROBLEM, LADDER, Rung, decide
+from vmplug.daemon.heal import GUEST_PROBLEM, LADDER, HubPower, Rung, decide
 from vmplug.engine.remedy import HealPolicy, parse_policy
 from vmplug.history.store import EventKind, HistoryEntry, Store
 from vmplug.host import usbctl
@@ -86,6 +86,80 @@ def test_the_controller_is_never_the_next_rung_unless_the_config_names_it(log: L
     log.refused(t + 0.5)
     log.refused(t + 0.6)
     assert decide(log.entries(), ID, PORT, allowed, t + 100, CTRL).why == "exhausted"
+
+
+def _ladder(log: Log, policy: HealPolicy, hub: HubPower | None, t: float = 100.0) -> list[Rung]:
+    """The rungs decide() climbs for a device whose every rung is followed by
+    two more refusals, until it says no more."""
+    log.refused(t)
+    log.refused(t + 0.1)
+    climbed: list[Rung] = []
+    while True:
+        t += 100.0
+        status = decide(log.entries(), ID, PORT, policy, t, None, hub)
+        if status.decision is None:
+            assert status.why == "exhausted", status
+            return climbed
+        d = status.decision
+        assert d.step == len(climbed) + 1, d
+        climbed.append(d.rung)
+        log.heal(t, d.rung, d.step)
+        log.refused(t + 0.5)
+        log.refused(t + 0.6)
+
+
+def test_a_hub_that_cannot_cut_a_ports_power_gets_no_port_cycle(log: Log) -> None:
+    # EHCI's root hub in the lab guest claims no power switching; a port cycle
+    # there left the device disconnected for good (tests/lab/test_lab_heal_ladder.py)
+    usb1 = HubPower("usb1", "none")
+    assert _ladder(log, POLICY, usb1) == [Rung.REATTACH, Rung.RESET, Rung.REAUTHORIZE]
+    # the skip rides on the rung that follows it, with why, and only there
+    entries = log.entries()
+    first_two = [e for e in entries if e.kind == EventKind.HEAL][:2]
+    upto = [e for e in entries if e.id <= first_two[-1].id + 2]
+    nxt = decide(upto, ID, PORT, POLICY, first_two[-1].ts + 100, None, usb1).decision
+    assert nxt is not None and nxt.rung is Rung.REAUTHORIZE and nxt.step == 3
+    assert nxt.skipped == (
+        (
+            Rung.PORT_CYCLE,
+            "hub usb1 has no per-port power switching (none): port-cycle cuts no power "
+            "there and may strand the device",
+        ),
+    )
+    upto1 = [e for e in entries if e.id <= first_two[0].id + 2]
+    second = decide(upto1, ID, PORT, POLICY, first_two[0].ts + 100, None, usb1).decision
+    assert second is not None and second.rung is Rung.RESET and second.skipped == ()
+
+
+@pytest.mark.parametrize("switching", ["ganged", "none"])
+def test_ganged_or_no_switching_both_leave_the_power_on(log: Log, switching: str) -> None:
+    hub = HubPower("2-2.4", switching)
+    assert Rung.PORT_CYCLE not in _ladder(log, POLICY, hub)
+
+
+@pytest.mark.parametrize("hub", [HubPower("2-3", "per-port"), None])
+def test_per_port_switching_or_an_unknown_hub_keeps_the_port_cycle(
+    log: Log, hub: HubPower | None
+) -> None:
+    # per-port: the lab's usb-hub with port-power=on (its port read unpowered
+    # while disabled); unknown: the lever itself measures and journals the power
+    assert _ladder(log, POLICY, hub) == list(LADDER)
+
+
+def test_with_the_port_cycle_skipped_the_controller_still_follows_the_ladder(log: Log) -> None:
+    allowed = replace(POLICY, controllers=(CTRL,))
+    log.refused(0.0)
+    log.refused(0.1)
+    rungs: list[Rung] = []
+    t = 0.0
+    hub = HubPower("usb2", "none")
+    while (d := decide(log.entries(), ID, PORT, allowed, t + 100, CTRL, hub).decision) is not None:
+        t += 100
+        rungs.append(d.rung)
+        log.heal(t, d.rung, d.step)
+        log.refused(t + 0.5)
+        log.refused(t + 0.6)
+    assert rungs == [Rung.REATTACH, Rung.RESET, Rung.REAUTHORIZE, Rung.CONTROLLER]
 
 
 def test_controllers_in_the_config_are_pci_addresses_and_not_a_rung() -> None:

@@ -20,7 +20,16 @@ The ladder (one rung at a time, the next only when the last did not help):
    the reconciler after the reset;
 3. ``port-cycle`` -- its hub port's ``disable`` set and cleared (a real
    power cut only on hubs with per-port power switching, see
-   :mod:`vmplug.host.usbctl`);
+   :mod:`vmplug.host.usbctl`).  Skipped, and the skip journaled with the
+   next rung, when the hub's descriptor says it has no per-port power
+   switching (:class:`HubPower`): there the port keeps its power, and on
+   some hubs the device never comes back (measured in the lab guest, Linux
+   6.1 under QEMU 7.2: on EHCI's root hub the kernel disconnects the device,
+   clears the connect change, and nothing enumerates it again until the hub
+   is rebound -- which takes every device on it; on QEMU's usb-hub, which
+   claims no switching too, it came back with a new address; on a usb-hub
+   with ``port-power=on``, which claims per-port switching, the port's
+   power was read off and the device came back);
 4. ``reauthorize`` -- its ``authorized`` set to 0 and back to 1.
 
 5. ``controller`` -- the host controller unbound from its driver and bound
@@ -72,6 +81,19 @@ class Decision:
     reason: str
     #: which attempt of the ladder this is in the episode (1 = first rung)
     step: int
+    #: rungs of the ladder passed over to reach this one: (rung, why)
+    skipped: tuple[tuple[Rung, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HubPower:
+    """What the hub a device hangs from says of its ports' power: its kernel
+    name (``usb1``, ``2-2.4``) and ``wHubCharacteristics``' claim
+    (:func:`vmplug.host.usbctl.power_switching`: ``per-port``, ``ganged``,
+    ``none``).  Read by the edge, given to :func:`decide` as data."""
+
+    hub: str
+    switching: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +122,17 @@ def controller_rung(policy: HealPolicy, controller: str | None) -> str | None:
     return None
 
 
+def port_cycle_rung(hub: HubPower | None) -> str | None:
+    """None when the port-cycle rung may be used on a port of ``hub`` (its
+    power is switched per port, or it is not known); else why not."""
+    if hub is None or hub.switching == "per-port":
+        return None
+    return (
+        f"hub {hub.hub} has no per-port power switching ({hub.switching}): port-cycle cuts "
+        "no power there and may strand the device"
+    )
+
+
 def _is_heal(e: HistoryEntry) -> bool:
     return not e.is_action and e.kind in (EventKind.HEAL, EventKind.HEAL_FAILED)
 
@@ -111,9 +144,11 @@ def decide(
     policy: HealPolicy,
     now: float,
     controller: str | None = None,
+    hub: HubPower | None = None,
 ) -> Status:
     """The next rung for ``identity`` (on ``port``, its host controller at PCI
-    address ``controller``), from the journal up to ``now``."""
+    address ``controller``, its hub's power switching ``hub``), from the
+    journal up to ``now``."""
     mine: list[HistoryEntry] = []
     for e in entries:
         if e.ts > now:  # held writes: the id order may differ a little from ts order
@@ -137,10 +172,12 @@ def decide(
     if trigger is None:
         return Status(None, "healthy" if not episode else "no-trigger")
     step = len(episode)
-    rungs = policy.rungs
+    ladder = policy.rungs
     refused = controller_rung(policy, controller)
     if refused is None:
-        rungs = (*rungs, Rung.CONTROLLER)
+        ladder = (*ladder, Rung.CONTROLLER)
+    left_out = {Rung.PORT_CYCLE: why} if (why := port_cycle_rung(hub)) else {}
+    rungs = tuple(r for r in ladder if r not in left_out)
     if step >= len(rungs):
         return Status(None, "exhausted", trigger, refused)
     if episode:
@@ -149,7 +186,11 @@ def decide(
             return Status(None, "waiting", trigger)
     if sum(1 for h in heals if now - h.ts < 3600.0) >= policy.max_per_hour:
         return Status(None, "rate-limited", trigger)
-    return Status(Decision(identity, rungs[step], trigger, step + 1), "act", trigger)
+    rung = rungs[step]
+    # the rungs left out between the last one climbed and this one
+    lo = ladder.index(rungs[step - 1]) + 1 if step else 0
+    skipped = tuple((r, left_out[r]) for r in ladder[lo : ladder.index(rung)] if r in left_out)
+    return Status(Decision(identity, rung, trigger, step + 1, skipped), "act", trigger)
 
 
 def _recovered_after(
@@ -350,6 +391,11 @@ class Healer:
         self.kernel = KernelLog(kernel_log, self._kernel_line) if kernel_log else None
         #: rungs carried out (or said, in dry-run), for tests and status
         self.done: list[tuple[Decision, bool, str | None]] = []
+        #: hub kernel name -> its power switching (None: not readable), read once
+        self._hubs: dict[str, HubPower | None] = {}
+        #: port -> the identity of the device last journaled there (a kernel error
+        #: on a port whose device has left, or is not read yet, is its)
+        self._last_at: dict[str, str] = {}
 
     # -- journal in ---------------------------------------------------------
 
@@ -366,6 +412,10 @@ class Healer:
             rows = self.recent[identity] = deque(maxlen=2000)
         entry = _entry(next(self._ids), item)
         rows.append(entry)
+        if entry.port:
+            self._last_at[entry.port] = identity
+        if entry.kind == EventKind.DEVICE_REMOVE and entry.port in self._hubs:
+            del self._hubs[entry.port]  # a hub that left: the next one there is read anew
         if entry.kind in _WATCH or entry.result == Result.ERROR:
             self.watch.add(identity)
 
@@ -375,11 +425,15 @@ class Healer:
             return
         port, pattern, message = hit
         dev = self.daemon.inventory.get(port)
+        # the kernel logs most of these while the device is being (re-)enumerated:
+        # it is not in the inventory then, the device last seen on the port is meant
+        identity = dev.identity if dev else self._last_at.get(port)
+        log.warning("heal: kernel error on %s (%s): %s", port, identity or "no device", message)
         self.daemon.journal.event(
             EventKind.KERNEL_ERROR,
-            identity=dev.identity if dev else None,
+            identity=identity,
             port=port,
-            detail={"pattern": pattern, "message": message},
+            detail={"pattern": pattern, "message": message, "present": dev is not None},
         )
 
     # -- life cycle ---------------------------------------------------------
@@ -442,7 +496,8 @@ class Healer:
             if not ok:
                 continue
             rows = self.recent.get(identity, ())
-            status = decide(rows, dev.identity, dev.port, self.policy, now, dev.controller)
+            hub = await self.hub_power(dev.port)
+            status = decide(rows, dev.identity, dev.port, self.policy, now, dev.controller, hub)
             if status.why == "healthy":
                 self.watch.discard(identity)
             if status.decision is not None:
@@ -453,6 +508,29 @@ class Healer:
                 finally:
                     self._busy.discard(dev.identity)
         return made
+
+    async def hub_power(self, port: str) -> HubPower | None:
+        """What the hub of ``port`` claims of its power switching (its class
+        descriptor, read over usbfs once per hub), or None: not known (no live
+        /dev, the hub not readable, the ladder has no port-cycle)."""
+        d = self.daemon
+        if not d.devnodes or Rung.PORT_CYCLE not in self.policy.rungs:
+            return None
+        try:
+            hub = usbctl.port_of(port).hub
+        except usbctl.UsbCtlError:
+            return None
+        if hub not in self._hubs:
+            try:
+                claim = await asyncio.to_thread(
+                    usbctl.hub_power, Path(d.sysfs_root), hub, self.dev_root
+                )
+            except usbctl.UsbCtlError as exc:
+                log.info("heal: hub %s: its power switching not known: %s", hub, exc)
+                self._hubs[hub] = None
+            else:
+                self._hubs[hub] = HubPower(hub, claim)
+        return self._hubs[hub]
 
     # -- acting -------------------------------------------------------------
 
@@ -468,6 +546,10 @@ class Healer:
         }
         if dev is None or not allowed:
             return False
+        if decision.skipped:
+            detail["skipped"] = [{"rung": r.value, "why": why} for r, why in decision.skipped]
+        for r, why in decision.skipped:
+            log.warning("heal %s (%s): %s skipped: %s", dev.port, decision.identity, r.value, why)
         log.warning(
             "heal %s (%s): %s%s because %s",
             dev.port, decision.identity, decision.rung.value,
@@ -554,12 +636,13 @@ class Healer:
             await asyncio.to_thread(
                 usbctl.rebind_controller, Path(d.sysfs_root), controller, self.policy.controllers
             )
+            self._hubs.clear()  # its root hubs are new
         return {}
 
 
 __all__ = [
-    "GUEST_PROBLEM", "LADDER", "Decision", "HealPolicy", "Healer", "Rung", "Status",
-    "controller_rung", "decide", "parse_policy",
+    "GUEST_PROBLEM", "LADDER", "Decision", "HealPolicy", "Healer", "HubPower", "Rung", "Status",
+    "controller_rung", "decide", "parse_policy", "port_cycle_rung",
 ]  # fmt: skip
 
 
