@@ -24,6 +24,7 @@ isochronous audio device in the fixtures is QEMU's ``usb-audio``.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -101,8 +102,12 @@ GADGETS: tuple[Gadget, ...] = (
 CONFIGFS = "/sys/kernel/config/usb_gadget"
 
 
-def setup_script(gadgets: tuple[Gadget, ...] = GADGETS) -> str:
-    """A POSIX shell script that loads dummy_hcd and binds one gadget per UDC."""
+def setup_script(
+    gadgets: tuple[Gadget, ...] = GADGETS,
+    after_bind: Callable[[Gadget], list[str]] | None = None,
+) -> str:
+    """A POSIX shell script that loads dummy_hcd and binds one gadget per UDC;
+    ``after_bind`` gives shell lines run right after each gadget is bound."""
     q = shlex.quote
     lines = [
         "set -e",
@@ -134,4 +139,6 @@ def setup_script(gadgets: tuple[Gadget, ...] = GADGETS) -> str:
             lines += [f"echo {q(v)} > {d}/functions/{func}/{k}" for k, v in attrs.items()]
             lines.append(f"ln -s {d}/functions/{func} {d}/configs/c.1/")
         lines.append(f"echo dummy_udc.{n} > {d}/UDC")
+        if after_bind is not None:
+            lines += after_bind(g)
     return "\n".join(lines) + "\n"
