@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmplug.doctor.guest import NOT_SEEN, GuestProblem, guest_problems
 from vmplug.history.store import EventKind
 from vmplug.wire.errors import AgentError
 from vmplug.wire.proc import scan_qemu
@@ -39,6 +38,7 @@ from vmplug.wire.qga import GuestAgent
 
 if TYPE_CHECKING:
     from vmplug.daemon.journal import Journal
+    from vmplug.doctor.guest import GuestProblem
 
 log = logging.getLogger("vmplug.guestwatch")
 
@@ -55,6 +55,10 @@ class GuestTarget:
 
 def probe(target: GuestTarget, timeout: float = 5.0) -> list[GuestProblem]:
     """Ask the guest (blocking): the problems it has with ``target.attached``."""
+    # the doctor's guest layer is loaded by the first check, not by every
+    # daemon start (most configs never turn guest checks on)
+    from vmplug.doctor.guest import guest_problems  # noqa: PLC0415
+
     with GuestAgent(target.qga_path, timeout=timeout) as agent:
         return guest_problems(agent, [(ident, ids) for ident, ids, _ in target.attached])
 
@@ -140,6 +144,8 @@ class GuestWatch:
 
     async def check_once(self) -> list[tuple[str, GuestProblem]]:
         """Probe every target once; journal and return what is reported."""
+        from vmplug.doctor.guest import NOT_SEEN  # noqa: PLC0415 (see probe)
+
         reported: list[tuple[str, GuestProblem]] = []
         missing: set[tuple[str, str]] = set()
         for target in self.targets():
