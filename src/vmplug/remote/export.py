@@ -339,6 +339,16 @@ KEEPALIVE_COUNT = 127
 PROBE = b"VMPLUG-PROBE 1\n"
 #: how long a dead link's socket is kept to retransmit its FIN (then closed)
 LINGER_MAX = 900.0
+#: The most plaintext one TLS record to QEMU carries.  QEMU's socket chardev
+#: reads at most 4096 bytes per wake-up (char-socket.c's CHR_READ_BUF_LEN)
+#: and, over TLS, wakes only when its *socket* is readable: what GnuTLS has
+#: already decrypted from a bigger record waits inside GnuTLS until the peer
+#: sends again.  usbredir is request/reply, so the rest of a bulk IN reply
+#: (a usb-storage read: 4 KiB-240 KiB) waited for good and the guest's
+#: usb-storage reset the device after 30 s.  QEMU 8.0 fixed it
+#: (io/channel-tls.c checks gnutls_record_check_pending); Debian 12's 7.2
+#: does not.  Records of at most 4096 bytes are consumed whole by one read.
+QEMU_TLS_RECORD = 4096
 
 _TCP_INFO_LEN = 104
 _TCP_STATE_ESTABLISHED = 1
@@ -444,6 +454,20 @@ class EndpointState:
     last_dead_at: float | None = None  # time.time() of the last one
     rtt_ms: float | None = None  # the streaming link's smoothed RTT (kernel's TCP_INFO)
     retransmits: int = 0  # the streaming link's retransmitted segments so far
+
+
+class _RecordWriter(asyncio.StreamWriter):
+    """A TLS stream to QEMU that writes records of at most
+    :data:`QEMU_TLS_RECORD` bytes (asyncio's SSL transport turns each
+    ``write`` into records of its own, up to 16 KiB each)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) <= QEMU_TLS_RECORD:
+            super().write(data)
+            return
+        view = memoryview(data)
+        for at in range(0, len(view), QEMU_TLS_RECORD):
+            super().write(bytes(view[at : at + QEMU_TLS_RECORD]))
 
 
 class ExportEndpoint:
@@ -563,7 +587,8 @@ class ExportEndpoint:
             ssl=self.tls,
             ssl_handshake_timeout=self.handshake_timeout if self.tls is not None else None,
         )
-        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+        kind = asyncio.StreamWriter if self.tls is None else _RecordWriter
+        return reader, kind(transport, protocol, reader, loop)
 
     async def _serve(self, conn: socket.socket, addr: object) -> None:
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
