@@ -19,10 +19,7 @@ A cut shorter than ``link_timeout`` is carried by TCP: no unplug at all.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import os
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.remote.conftest import Pki
-from tests.support.qemu_proc import QemuProcess
+from tests.remote.faultrig import ORPHAN_RETRIES, NetnsQemu, Pair, netns_possible, veth_pair
 from tests.support.usbredir_device import UsbredirDevice
 from vmplug.remote.export import ExportEndpoint, TcpSource
 from vmplug.vms.base import UsbRedirSpec
@@ -42,87 +39,22 @@ from vmplug.wire.tls import server_context
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
 
 DEV = "vmplug-remote0001"
-CLONE_NEWNET = 0x40000000
 LINK_TIMEOUT = 2.0
 VM_IP, DEV_IP = "10.213.0.1", "10.213.0.2"
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
-
-def _netns_possible() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    probe = f"vmpr{os.getpid()}"
-    try:
-        _ip("netns", "add", probe)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        return f"ip netns add failed: {exc}"
-    _ip("netns", "del", probe)
-    return None
-
-
-@dataclass
-class Pair:
-    """Two namespaces, ``vm`` and ``dev``, joined by a veth pair."""
-
-    vm: str
-    dev: str
-    vm_if: str
-    dev_if: str
-
-    def exec(self, ns: str, *argv: str) -> None:
-        subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, timeout=20)
-
-    @contextlib.contextmanager
-    def inside(self, ns: str) -> Iterator[None]:
-        """This thread in namespace ``ns`` (sockets made now stay in it)."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open("/proc/thread-self/ns/net") as home, open(f"/run/netns/{ns}") as there:
-            if libc.setns(there.fileno(), CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-            try:
-                yield
-            finally:
-                if libc.setns(home.fileno(), CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns back")
-
-
 @pytest.fixture
 def pair() -> Iterator[Pair]:
-    reason = _netns_possible()
+    reason = netns_possible()
     if reason:
         pytest.skip(reason)
     tag = f"{os.getpid() % 100000}"
-    p = Pair(f"vmpv{tag}", f"vmpd{tag}", f"vmpv{tag}", f"vmpd{tag}")
-    _ip("netns", "add", p.vm)
-    try:
-        _ip("netns", "add", p.dev)
-        _ip("link", "add", p.vm_if, "netns", p.vm, "type", "veth", "peer", p.dev_if, "netns", p.dev)
-        for ns, ifname, addr in ((p.vm, p.vm_if, VM_IP), (p.dev, p.dev_if, DEV_IP)):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ifname)
-            _ip("-n", ns, "link", "set", ifname, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+    with veth_pair(f"vmpv{tag}", f"vmpd{tag}", VM_IP, DEV_IP) as p:
         # An orphaned socket (closed by its process) retransmits its FIN only
         # tcp_orphan_retries times; at 1 it is gone within a second, so only
         # the endpoint's kept, half-closed socket can tell QEMU after a cut.
-        p.exec(p.dev, "sysctl", "-q", "-w", "net.ipv4.tcp_orphan_retries=1")
+        p.exec(p.dev, "sysctl", "-q", "-w", ORPHAN_RETRIES)
         yield p
-    finally:
-        for ns in (p.vm, p.dev):
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=20)
-
-
-class NetnsQemu(QemuProcess):
-    """A QEMU started in a network namespace (``ip netns exec`` execs it: same PID)."""
-
-    def __init__(self, tmp_path: Path, netns: str) -> None:
-        super().__init__(tmp_path, qmp_sockets=2)
-        self.netns = netns
-
-    def argv(self) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, *super().argv()]
 
 
 @dataclass

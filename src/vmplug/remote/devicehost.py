@@ -259,6 +259,10 @@ class DeviceHostExport:
             "holder": ep.state.holder,
             "streaming": ep.state.streaming,
             "sessions": ep.state.sessions,
+            # links ended because their VM host went silent (a network cut):
+            # the holder learns from it that its guest lost the device
+            "dead_links": ep.state.dead_links,
+            "last_dead_at": ep.state.last_dead_at,
             "refusals": [{"at": r.at, "peer": r.peer, "reason": r.reason} for r in refusals],
             "device": None if dev is None else dev.to_json(),
         }

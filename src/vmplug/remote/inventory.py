@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ from vmplug.errors import UsageError
 from vmplug.history.store import EventKind
 from vmplug.model import AltSetting, Endpoint, Interface, TransferType, UsbDevice
 from vmplug.remote.certs import CA_CERT, HostFiles, check, qemu_client_dir
+from vmplug.remote.export import tune_keepalive
 from vmplug.vms.base import UsbRedirSpec
 from vmplug.wire.tls import client_context, describe_tls_error
 
@@ -43,6 +45,12 @@ log = logging.getLogger("vmplug.remote.inventory")
 POLL_WAIT_S = 20.0
 #: seconds between tries while a device host does not answer
 RETRY_S = 2.0
+#: seconds the poll's connection may go without an ACK from the device host
+#: (keepalive probes every second while a poll waits) before it is given up:
+#: a network cut shows as the device host down after this long, not after the
+#: poll's own timeout (``poll_wait`` + 15 s); the device host's endpoints let
+#: a silent VM host go after the same 10 s (``ExportEndpoint.link_timeout``)
+POLL_SILENCE_S = 10.0
 #: seconds another VM host keeps its claim here after its link ended (its
 #: device replugged on the device host, a short cut): this VM host does not
 #: race it for the device meanwhile (the device host still arbitrates)
@@ -139,6 +147,27 @@ class RemoteDevice:
     streaming: bool
     #: the device host's latest refusals of this endpoint ("peer: reason")
     refusals: tuple[str, ...] = ()
+    #: streams its endpoint began, and links it ended for a silent VM host (a cut)
+    sessions: int = 0
+    dead_links: int = 0
+
+
+@dataclass(slots=True)
+class _Stream:
+    """What this VM host last knew of its own stream of one remote device.
+
+    The guest loses the device whenever its stream ends without vmplug asking
+    (the device host ended a link gone silent, usbredirect died) and QEMU's
+    reconnect brings it back: vmplug sends nothing, so only the device host's
+    counters tell.  ``sessions``/``dead_links``: the endpoint's counters when
+    this VM host last saw it streaming here."""
+
+    sessions: int
+    dead_links: int
+    #: a loss journaled, the stream not back yet
+    lost: bool = False
+    #: usb-redir attaches vmplug made since: the sessions they begin are no loss
+    ours: int = 0
 
 
 @dataclass(slots=True)
@@ -204,6 +233,8 @@ class RemoteInventory:
         #: identity -> (another VM host that holds it, when it let go: None while it holds)
         self._claims: dict[str, tuple[str, float | None]] = {}
         self.claim_grace = CLAIM_GRACE_S
+        #: identity -> this VM host's own stream of it (see _Stream)
+        self._streams: dict[str, _Stream] = {}
         for name, link in self.links.items():
             self._tls[name] = self._prepare_tls(link.config)
 
@@ -244,6 +275,9 @@ class RemoteInventory:
             return None
         link, rd = hit
         cfg = link.config
+        stream = self._streams.get(rd.device.identity)
+        if stream is not None:
+            stream.ours += 1  # the session this attach begins is vmplug's own
         tls = self._tls.get(cfg.name)
         return UsbRedirSpec(
             cfg.address,
@@ -299,7 +333,9 @@ class RemoteInventory:
     async def _follow(self, name: str) -> None:
         link = self.links[name]
         tls = self._tls.get(name)
-        connector = aiohttp.TCPConnector(ssl=tls[0] if tls is not None else False, limit=1)
+        connector = aiohttp.TCPConnector(
+            ssl=tls[0] if tls is not None else False, limit=1, socket_factory=_poll_socket
+        )
         async with aiohttp.ClientSession(connector=connector) as session:
             while True:
                 try:
@@ -347,7 +383,9 @@ class RemoteInventory:
 
     def _down(self, link: HostLink, reason: str) -> None:
         link.etag = None
-        if link.state != "down" or link.error != reason:
+        if link.state != "down":
+            # journaled once an outage; a reason that changes meanwhile
+            # (refused, then unreachable) is logged and shown, not journaled
             link.state, link.error, link.since = "down", reason, time.time()
             log.warning("device host %s: not answering: %s", link.config.name, reason)
             self.journal(
@@ -355,6 +393,9 @@ class RemoteInventory:
                 {"host": link.config.name, "reason": reason},
                 None,
             )
+        elif link.error != reason:
+            link.error = reason
+            log.warning("device host %s: still not answering: %s", link.config.name, reason)
         if link.devices:
             gone = [(EventKind.DEVICE_REMOVE, rd.device) for rd in link.devices.values()]
             link.devices = {}
@@ -377,6 +418,8 @@ class RemoteInventory:
                 _str(row.get("holder")),
                 bool(row.get("streaming")),
                 tuple(f"{r.get('peer')}: {r.get('reason')}" for r in row.get("refusals") or []),
+                _int(row.get("sessions")) or 0,
+                _int(row.get("dead_links")) or 0,
             )
         now = time.monotonic()
         for row in data.get("devices") or []:
@@ -401,6 +444,15 @@ class RemoteInventory:
                 changes.append((EventKind.DEVICE_BIND, rd.device))
         changes += [(EventKind.DEVICE_REMOVE, rd.device) for i, rd in old.items() if i not in fresh]
         link.devices = fresh
+        for ident in old.keys() - fresh.keys():
+            self._streams.pop(ident, None)
+        for ident, rd in fresh.items():
+            if ident not in old:
+                self._streams.pop(ident, None)  # new here: its counters start anew
+            if self._follow_stream(link, rd):
+                # back in the guest by QEMU's reconnect: the reconciler, which
+                # finds its usb-redir in the VM, journals it adopted
+                changes.append((EventKind.DEVICE_ADD, rd.device))
         for rd in fresh.values():
             holder = self.held_elsewhere(rd.device)
             if holder is not None and (rd.device.identity, holder) not in self._held_told:
@@ -418,6 +470,63 @@ class RemoteInventory:
             (old.get(i) is not None and old[i].holder != rd.holder) for i, rd in fresh.items()
         ):
             self.on_change(changes)
+
+    def _follow_stream(self, link: HostLink, rd: RemoteDevice) -> bool:
+        """Journal each time this VM host's guest lost remote ``rd`` without
+        vmplug asking; True when it is streamed here again after a loss."""
+        ident, me = rd.device.identity, link.config.me
+        stream = self._streams.get(ident)
+        if rd.holder == me and rd.streaming:
+            if stream is None:
+                self._streams[ident] = _Stream(rd.sessions, rd.dead_links)
+                return False
+            renewed = rd.sessions - stream.sessions
+            renewed -= min(stream.ours, max(renewed, 0))
+            back = stream.lost
+            if back:
+                renewed -= 1  # the session that brought it back
+            # sessions that began and ended unseen (between two answers): each
+            # one an end of the guest's device and a return
+            unseen = max(renewed, 0)
+            for _ in range(unseen):
+                self._lost(link, rd, "its stream ended and QEMU reconnected")
+            stream.sessions, stream.dead_links = rd.sessions, rd.dead_links
+            stream.lost, stream.ours = False, 0
+            return back or unseen > 0
+        if stream is None or rd.holder == me:
+            return False  # ours, the device not streamed yet: no news
+        if rd.holder is not None:
+            del self._streams[ident]  # another VM host's now: its links are not ours
+        elif not stream.lost and rd.dead_links > stream.dead_links:
+            stream.lost, stream.dead_links = True, rd.dead_links
+            self._lost(
+                link,
+                rd,
+                "the device host heard nothing from this VM host for its link "
+                "timeout (network cut?) and let the device go",
+            )
+        return False
+
+    def _lost(self, link: HostLink, rd: RemoteDevice, reason: str) -> None:
+        name = link.config.name
+        log.warning("%s on %s: the guest lost it: %s", rd.device.identity, name, reason)
+        self.journal(
+            EventKind.ATTACHMENT_LOST,
+            {"host": name, "reason": reason, "sessions": rd.sessions, "dead_links": rd.dead_links},
+            rd.device.identity,
+        )
+
+
+def _poll_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """The poll's TCP socket: keepalive every second, given up after
+    :data:`POLL_SILENCE_S` without an ACK (``TCP_USER_TIMEOUT`` bounds the
+    keepalive probes as well as unacknowledged data)."""
+    family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    tune_keepalive(sock)
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(POLL_SILENCE_S * 1000))
+    return sock
 
 
 class _Refused(Exception):
