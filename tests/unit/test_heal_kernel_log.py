@@ -3,9 +3,17 @@ errors in the kernel's own format strings; a real guest's replug log has none)."
 
 from __future__ import annotations
 
+import os
+from collections.abc import Awaitable
+from functools import partial
 from pathlib import Path
 
+from tests.support.fakekernel import FakeKernel, until
+from vmplug.config import parse_config
 from vmplug.daemon.heal import parse_kernel_line
+from vmplug.daemon.reconciler import Daemon
+from vmplug.history.store import HistoryEntry, Store
+from vmplug.host.events import ReplayEventSource
 from vmplug.host.usbctl import port_of
 
 KERNEL = Path(__file__).parents[1] / "fixtures" / "doctor" / "kernel"
@@ -37,3 +45,81 @@ def test_kmsg_records_are_read_like_dmesg_lines() -> None:
 def test_port_paths_name_their_hub_port() -> None:
     assert (port_of("2-2.4.2").hub, port_of("2-2.4.2").number) == ("2-2.4", 2)
     assert (port_of("3-1").hub, port_of("3-1").number) == ("usb3", 1)
+
+
+KBD, TABLET = "2-2.4.2", "2-2.4.1"  # in the captured "mixed" tree
+
+
+async def test_a_line_while_the_device_is_set_up_again_is_that_devices(tmp_path: Path) -> None:
+    """The kernel logs an enumeration error while the device it re-enumerates
+    is not read yet (its ``port`` link comes after the probe): the line is the
+    device's last seen on that port, and the ladder answers it once the device
+    reads whole.  The same line for a device no rule routes: journaled, no rung.
+    A real daemon and journal on a captured tree, the kernel log a FIFO."""
+    kernel = FakeKernel(tmp_path, "mixed")
+    config = tmp_path / "vmplug.toml"
+    config.write_text(
+        f"""[vm.a]
+qmp = "{tmp_path}/no-vm.sock"
+
+[heal]
+attach_refusals = 1000
+drops = 1000
+interval_s = 0.2
+
+[[rule]]
+attach = "a"
+match = 'via-port "{KBD}"'
+"""
+    )
+    kmsg = tmp_path / "kmsg"
+    os.mkfifo(kmsg)
+    writer = os.open(kmsg, os.O_RDWR | os.O_NONBLOCK)
+    store = Store(tmp_path / "vmplug.db")
+    d = Daemon(
+        parse_config(config.read_text(), config), sysfs_root=kernel.root,
+        source=ReplayEventSource(kernel.fifo), store=store, config_path=config,
+    )  # fmt: skip
+    d.kernel_log = kmsg
+    try:
+        await d.start()
+
+        async def present(port: str, want: bool = True) -> bool:
+            return (port in d.inventory) is want
+
+        await until(partial(present, KBD), what="keyboard read")
+        ident, tablet = d.inventory[KBD].identity, d.inventory[TABLET].identity
+        kernel.unplug(KBD)
+        await until(partial(present, KBD, False), what="keyboard gone")
+        kernel.plug_setting_up(KBD, devnum=99)
+        for port in (TABLET, KBD):
+            line = f"3,900,1,-;usb {port}: can't set config #1, error -110\n"
+            os.write(writer, line.encode())
+
+        async def kernel_errors() -> list[HistoryEntry]:
+            return [e for e in store.history(None, limit=None) if e.kind == "kernel-error"]
+
+        await until(lambda: _longer(kernel_errors(), 1), what="both lines journaled")
+        errors = {e.port: e for e in await kernel_errors()}
+        seen = {p: (e.identity, dict(e.detail or {}).get("present")) for p, e in errors.items()}
+        # the keyboard's journaled while it was in flux (not read), as the keyboard's
+        assert seen == {KBD: (ident, False), TABLET: (tablet, True)}, seen
+        kernel.finish_setup(KBD)
+
+        async def heals(who: str) -> list[HistoryEntry]:
+            return [e for e in store.history(who, limit=None) if e.kind.startswith("heal")]
+
+        await until(lambda: _longer(heals(ident), 0), what="the keyboard's first rung")
+        first = (await heals(ident))[0]
+        assert first.detail is not None and first.detail["rung"] == "reattach"
+        assert first.detail["reason"] == f"kernel: usb {KBD}: can't set config #1, error -110"
+        assert await heals(tablet) == []  # no rule sends it to a VM
+    finally:
+        await d.stop()
+        store.close()
+        os.close(writer)
+        kernel.close()
+
+
+async def _longer(rows: Awaitable[list[HistoryEntry]], n: int) -> bool:
+    return len(await rows) > n
