@@ -17,7 +17,16 @@ kernel refuses (a missing node, no permission, a port with no ``disable``):
   off only when its ``disable`` is set *and* nothing keeps it on.  Hubs with
   ganged power (``00``) or no power switching (``1x``, most cheap hubs and many
   root hubs) only disable the port's data link: a device that hung in a way
-  only power-off clears stays hung.  :func:`power_switching` reads the bits;
+  only power-off clears stays hung.  :func:`power_switching` reads the bits.
+  Worse, on some of them the device does not come back at all (measured in
+  the lab guest, Linux 6.1 on EHCI's root hub under QEMU 7.2: the kernel
+  disconnects it and clears the connect change; the port then reads
+  connected and enabled, a ``PORT_RESET`` sent to it through the hub's usbfs
+  node is refused while it is suspended and, after the suspend is cleared,
+  goes through without anything enumerating the device; only rebinding the
+  hub driver, which takes every device on the hub, brought it back), so the
+  ladder skips this lever on such hubs
+  (:func:`vmplug.daemon.heal.port_cycle_rung`);
 * :func:`reauthorize` -- ``0`` then ``1`` written to the device's
   ``authorized``: the kernel unconfigures it (drivers unbound, interfaces
   gone) and configures it again, without touching the port;
