@@ -5,18 +5,25 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from pathlib import Path
 
 from vmplug.host import sysfs
 from vmplug.host.names import UsbIds, find_usb_ids
 from vmplug.model import UsbDevice
 
+TYPE_CHECKING = False  # `vmplug list --json` imports this module: no typing, no pathlib
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def _root(explicit: str | Path | None) -> str | Path:
+    return explicit or os.environ.get("VMPLUG_SYSFS_ROOT") or sysfs.DEFAULT_ROOT
+
 
 def sysfs_root_from_env(explicit: str | Path | None = None) -> Path:
     """``explicit``, else ``VMPLUG_SYSFS_ROOT``, else ``/sys``."""
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("VMPLUG_SYSFS_ROOT") or sysfs.DEFAULT_ROOT)
+    from pathlib import Path  # noqa: PLC0415
+
+    return Path(_root(explicit))
 
 
 def name_devices(devices: list[UsbDevice], ids: UsbIds | None = None) -> list[UsbDevice]:
@@ -52,7 +59,7 @@ def mark_shared_serials(devices: list[UsbDevice]) -> list[UsbDevice]:
 
 def read_devices(root: str | Path | None = None) -> list[UsbDevice]:
     """Every USB device under the sysfs root (root hubs included), named."""
-    return mark_shared_serials(name_devices(sysfs.scan(sysfs_root_from_env(root))))
+    return mark_shared_serials(name_devices(sysfs.scan(_root(root))))
 
 
 def device_dir(root: str | Path, devpath: str) -> str:

@@ -10,24 +10,29 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+
+TYPE_CHECKING = False  # `vmplug list --json` imports this module: no typing, no pathlib
+if TYPE_CHECKING:
+    from pathlib import Path
 
 #: Where Debian (usb.ids, usbutils), Fedora/Arch (hwdata) and others put it.
 SEARCH_PATHS = (
-    Path("/usr/share/misc/usb.ids"),
-    Path("/var/lib/usbutils/usb.ids"),
-    Path("/usr/share/hwdata/usb.ids"),
-    Path("/usr/share/usb.ids"),
-    Path("/usr/share/libosinfo/usb.ids"),
+    "/usr/share/misc/usb.ids",
+    "/var/lib/usbutils/usb.ids",
+    "/usr/share/hwdata/usb.ids",
+    "/usr/share/usb.ids",
+    "/usr/share/libosinfo/usb.ids",
 )
 
 
 def find_usb_ids() -> Path | None:
     """The first usb.ids present; ``VMPLUG_USB_IDS`` overrides (empty: none)."""
+    from pathlib import Path  # noqa: PLC0415 - only for a device that names itself not
+
     override = os.environ.get("VMPLUG_USB_IDS")
     if override is not None:
-        return Path(override) if override and Path(override).is_file() else None
-    return next((p for p in SEARCH_PATHS if p.is_file()), None)
+        return Path(override) if override and os.path.isfile(override) else None  # noqa: PTH113
+    return next((Path(p) for p in SEARCH_PATHS if os.path.isfile(p)), None)  # noqa: PTH113
 
 
 @dataclass

@@ -25,12 +25,15 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from vmplug.errors import UsageError
 from vmplug.model import AltSetting, Endpoint, Interface, UsbDevice
 
-DEFAULT_ROOT = Path("/sys")
+TYPE_CHECKING = False  # `vmplug list --json` imports this module: no typing, no pathlib
+if TYPE_CHECKING:
+    from pathlib import Path
+
+DEFAULT_ROOT = "/sys"
 
 _PCI_ADDR = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _DEVICE_NAME = re.compile(r"^(usb\d+|\d+-\d+(\.\d+)*)$")
@@ -224,10 +227,6 @@ def usbguard_hash(
         return None
     vendor = int.from_bytes(descriptors[8:10], "little")
     product = int.from_bytes(descriptors[10:12], "little")
-    digest = hashlib.sha256()
-    digest.update(name or b"")
-    digest.update(f"{vendor:04x}{product:04x}".encode())
-    digest.update(serial or b"")
     interfaces: list[tuple[int, int, int]] = []
     seen: set[int] = set()  # the parser's "have a descriptor of this type"
     pos, end = 0, len(descriptors)
@@ -239,12 +238,9 @@ def usbguard_hash(
             return None
         if dtype in _USBGUARD_SIZES and length not in _USBGUARD_SIZES[dtype]:
             return None
-        body = descriptors[pos : pos + length]
         if dtype == _DT_DEVICE:
             if _DT_DEVICE in seen:
                 return None  # two device descriptors
-            if (vendor, product) in _LINUX_ROOT_HUBS:
-                body = body[:12] + b"\0\0" + body[14:]
         elif dtype == _DT_CONFIG:
             if _DT_DEVICE not in seen:
                 return None
@@ -252,12 +248,20 @@ def usbguard_hash(
         elif dtype == _DT_INTERFACE:
             if _DT_CONFIG not in seen:
                 return None
-            interfaces.append((body[5], body[6], body[7]))
+            interfaces.append((descriptors[pos + 5], descriptors[pos + 6], descriptors[pos + 7]))
         elif dtype == _DT_ENDPOINT and _DT_INTERFACE not in seen:
             return None
         seen.add(dtype)
-        digest.update(body)
         pos += length
+    # Every descriptor's bLength bytes, in order, are the whole blob (the device
+    # descriptor first, 18 bytes): one update, not one per descriptor.
+    if (vendor, product) in _LINUX_ROOT_HUBS:
+        descriptors = descriptors[:12] + b"\0\0" + descriptors[14:]
+    digest = hashlib.sha256()
+    digest.update(name or b"")
+    digest.update(f"{vendor:04x}{product:04x}".encode())
+    digest.update(serial or b"")
+    digest.update(descriptors)
     return base64.b64encode(digest.digest()).decode(), tuple(interfaces)
 
 
@@ -408,9 +412,18 @@ def _at_all(dirfd: int, name: str) -> bytes | None:
 
 
 def _at_text(dirfd: int, name: str) -> str | None:
-    """An attribute as text without its trailing newline, or None (as :func:`_read`)."""
-    data = _at(dirfd, name)
-    return None if data is None else data.decode("utf-8", "replace").rstrip("\n")
+    """An attribute as text without its trailing newline, or None (as :func:`_at`,
+    inlined: a scan makes ten of these per device)."""
+    try:
+        fd = os.open(name, _O_FILE, dir_fd=dirfd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 65536).decode("utf-8", "replace").rstrip("\n")
+    except OSError:
+        return None  # ENODEV: removed between open and read
+    finally:
+        os.close(fd)
 
 
 def _at_string(dirfd: int, name: str) -> bytes | None:
@@ -480,18 +493,6 @@ def _read_at(
     known_hashes: dict[str, str | None] | None,
 ) -> UsbDevice | None:
     warnings: list[str] = []
-    try:
-        fd = os.open("uevent", _O_FILE, dir_fd=dirfd)
-    except OSError:
-        return None  # no device here (any more)
-    try:
-        node = os.fstat(fd).st_ino
-        data = os.read(fd, 65536)
-    except OSError:
-        return None  # ENODEV: removed between open and read
-    finally:
-        os.close(fd)
-    ev = _uevent(data.decode("utf-8", "replace"))
     raw = _at_all(dirfd, "descriptors")
     if raw is None:
         warnings.append("descriptors: missing")
@@ -513,9 +514,8 @@ def _read_at(
     else:  # iManufacturer, iProduct, iSerialNumber: 0 means no string, and no file
         assert raw is not None
         has_strings = (raw[14] != 0, raw[15] != 0, raw[16] != 0)
+    numbers_at = len(warnings)  # where the bus and device numbers' warnings go
 
-    busnum = _int(ev.get("BUSNUM") or _at_text(dirfd, "busnum"), 10, "busnum", warnings)
-    devnum = _int(ev.get("DEVNUM") or _at_text(dirfd, "devnum"), 10, "devnum", warnings)
     config_text = _at_text(dirfd, "bConfigurationValue")
     configuration = _int(config_text, 10, "bConfigurationValue", warnings) if config_text else None
     authorized_text = _at_text(dirfd, "authorized")
@@ -531,32 +531,47 @@ def _read_at(
         warnings.append("descriptors: usbguard would refuse them (no hash)")
 
     power_control = _at_text(dirfd, "power/control")
-    # a root hub "usbN" names its interfaces "N-0:C.I"
-    intf_name = f"{busnum}-0" if name.startswith("usb") and busnum is not None else name
+    # a root hub "usbN" names its interfaces "N-0:C.I" (N: its name's, as busnum's)
+    intf_name = f"{name[3:]}-0" if name.startswith("usb") else name
     interfaces = _interfaces(dirfd, intf_name, configuration, parsed, warnings)
     # Read after everything usb_disconnect/device_del remove before the port link
     # goes (interfaces, the configuration, power/, descriptors): see _in_flux.
     connect_type = _at_text(dirfd, "port/connect_type")
     if connect_type is None and _in_flux(path, name):
         return None
-
-    device = UsbDevice(
+    manufacturer = _at_text(dirfd, "manufacturer") if has_strings[0] else None
+    speed = _at_text(dirfd, "speed")
+    removable = _at_text(dirfd, "removable")
+    # uevent last: device_del removes it before every attribute and string, and
+    # the directory open as ``dirfd`` never gets it back (a device plugged in
+    # again is a new directory), so a uevent still there now means all of the
+    # above came from one live device.  It gives the bus and device numbers and
+    # the driver.
+    data = _at(dirfd, "uevent")
+    if data is None:
+        return None  # no device here (any more)
+    ev = _uevent(data.decode("utf-8", "replace"))
+    numbers: list[str] = []
+    busnum = _int(ev.get("BUSNUM") or _at_text(dirfd, "busnum"), 10, "busnum", numbers)
+    devnum = _int(ev.get("DEVNUM") or _at_text(dirfd, "devnum"), 10, "devnum", numbers)
+    warnings[numbers_at:numbers_at] = numbers
+    return UsbDevice(
         port=name,
         busnum=busnum,
         devnum=devnum,
         vendor_id=vendor_id,
         product_id=product_id,
         bcd_device=bcd,
-        manufacturer=_at_text(dirfd, "manufacturer") if has_strings[0] else None,
+        manufacturer=manufacturer,
         product=_text(product_raw),
         serial=_text(serial_raw),
-        speed_mbps=_speed(_at_text(dirfd, "speed"), warnings),
+        speed_mbps=_speed(speed, warnings),
         usb_version=version.strip() if version else None,
         device_class=dclass,
         device_subclass=dsub,
         device_protocol=dproto,
         num_ports=num_ports if num_ports else None,
-        removable=_at_text(dirfd, "removable"),
+        removable=removable,
         authorized=authorized,
         power_control=power_control,
         autosuspend_delay_ms=_int(delay, 10, "autosuspend_delay_ms", warnings),
@@ -571,14 +586,6 @@ def _read_at(
         sysfs_path=path,
         warnings=tuple(warnings),
     )
-    # device_del removes uevent before every attribute and string: the same
-    # uevent still there now means all of them came from one live device.
-    try:
-        if os.stat("uevent", dir_fd=dirfd).st_ino == node:
-            return device
-    except OSError:
-        pass
-    return None
 
 
 def _sort_key(name: str) -> tuple[int, tuple[int, ...]]:
@@ -606,16 +613,42 @@ def scan(root: Path | str = DEFAULT_ROOT) -> list[UsbDevice]:
         raise SysfsError(f"cannot list {base}: {exc.strerror}") from exc
     devices: list[UsbDevice] = []
     hashes: dict[str, str | None] = {}  # by path: a hub comes before what hangs from it
+    dirs: dict[str, str] = {}  # port -> directory of the devices read so far
     for name in sorted((n for n in names if _DEVICE_NAME.match(n)), key=_sort_key):
-        link = os.path.join(base, name)
-        try:  # the kernel's links are relative and point straight at the device
-            real = os.path.normpath(os.path.join(base, os.readlink(link)))
-        except OSError:
-            real = os.path.realpath(link)  # not a link (a copied tree): resolve fully
-        # vanished between listdir and now (unplugged): read_device says None
-        device = read_device(real, name, root=os.fspath(root), known_hashes=hashes)
+        # A USB device's directory is its hub's sub-directory of its own name
+        # (drivers/usb/core/usb.c usb_alloc_dev: its parent is the hub), so
+        # only a root hub's link needs reading: its parent is the controller.
+        hub = dirs.get(_hub_port(name))
+        device = None
+        if hub is not None:
+            device = read_device(f"{hub}/{name}", name, root=os.fspath(root), known_hashes=hashes)
+        if device is None:  # a root hub, or the layout of a tree copied some other way
+            real = _resolve(base, name)
+            # vanished between listdir and now (unplugged): read_device says None
+            device = read_device(real, name, root=os.fspath(root), known_hashes=hashes)
         if device is None:
             continue  # being removed (or not yet set up): not there
-        hashes[real] = device.descriptors_sha256
+        assert device.sysfs_path is not None
+        dirs[name] = device.sysfs_path
+        hashes[device.sysfs_path] = device.descriptors_sha256
         devices.append(device)
     return devices
+
+
+def _hub_port(name: str) -> str:
+    """The port path of the hub device ``name`` hangs from ("usbN" for the root
+    hub), or "" for a root hub itself (it hangs from its controller)."""
+    if name.startswith("usb"):
+        return ""
+    bus, _, chain = name.partition("-")
+    head, dot, _last = chain.rpartition(".")
+    return f"{bus}-{head}" if dot else f"usb{bus}"
+
+
+def _resolve(base: str, name: str) -> str:
+    """The directory ``base/name`` links to."""
+    link = os.path.join(base, name)
+    try:  # the kernel's links are relative and point straight at the device
+        return os.path.normpath(os.path.join(base, os.readlink(link)))
+    except OSError:
+        return os.path.realpath(link)  # not a link (a copied tree): resolve fully
