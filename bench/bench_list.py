@@ -9,6 +9,8 @@ from getrusage: the figure to quote on a shared machine) with wall time beside
 it, and the load average:
 * interpreter start alone (`python -c pass`) and `vmplug --version`;
 * `vmplug list --json` end to end, and the work on top of interpreter start;
+  the same through the click command (what `list` answered with before it
+  answered `--json` without click), and the ratio;
 * what bounds that work: the imports `list` needs alone, and the reader's own
   system calls alone (the very opens, reads, readlinks and stats one scan
   makes, replayed with nothing parsed), against the goal;
@@ -239,7 +241,9 @@ def main() -> None:
         print(
             f"trees: capture 'mixed' = {real} devices, synthetic = {n} devices (+{BUSES} root hubs)"
         )
-        imports = "import vmplug.cli.app, vmplug.cli.devices, vmplug.host.inventory, json"
+        # what `list --json` loads (vmplug.cli._list_json): the reader, the model, json
+        imports = "import vmplug.cli, vmplug.host.inventory, vmplug.textsafe, json"
+        via_click = [sys.executable, "-c", "from vmplug.cli.app import main; main()"]
         cmds = {
             "python -c pass": [sys.executable, "-c", "pass"],
             "vmplug --version": [*VMPLUG, "--version"],
@@ -250,6 +254,7 @@ def main() -> None:
             "vmplug list --json (1,000 devices)": [
                 *VMPLUG, "--sysfs-root", str(synth), "list", "--json"
             ],
+            "  the same through click": [*via_click, "--sysfs-root", str(synth), "list", "--json"],
         }  # fmt: skip
         cpu: dict[str, list[float]] = {k: [] for k in cmds}
         wall: dict[str, list[float]] = {k: [] for k in cmds}
@@ -266,11 +271,16 @@ def main() -> None:
         extra = med(cpu["vmplug list --json (1,000 devices)"]) - base
         extra_wall = med(wall["vmplug list --json (1,000 devices)"]) - med(wall["python -c pass"])
         imp = med(cpu["imports `list` needs, alone"]) - base
+        click = med(cpu["  the same through click"]) - base
         print(
             "  work on top of interpreter start, 1,000 devices: "
             f"{extra * 1000:.1f} ms cpu ({extra_wall * 1000:.1f} ms wall), "
             f"{extra / base:.1f}x interpreter start; goal < 100 ms: "
             f"{'met' if extra < 0.1 else 'NOT met'}"
+        )
+        print(
+            f"  through click (the group, the command, its options): {click * 1000:.1f} ms cpu "
+            f"on top of interpreter start; click / without: {click / extra:.2f}x"
         )
         ncalls, floor = _floor(synth, args.runs)
         print(

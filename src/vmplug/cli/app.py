@@ -15,7 +15,6 @@ message on stderr and exit with the status :mod:`vmplug.cli.errors` gives them
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import click
 from click.core import ParameterSource
 
 from vmplug import __version__
+from vmplug.cli import json_text, warning_lines
 from vmplug.errors import VmplugError
 from vmplug.textsafe import DEFAULT_LIMIT, printable
 
@@ -98,9 +98,8 @@ class Context:
         from vmplug.host.inventory import read_devices  # noqa: PLC0415
 
         devices = read_devices(self.sysfs_root)
-        for dev in devices:
-            for warning in dev.warnings:
-                click.echo(f"warning: {dev.port}: {printable(warning, 500)}", err=True)
+        for line in warning_lines(devices):
+            click.echo(line, err=True)
         if include_root_hubs:
             return devices
         return [d for d in devices if not d.is_root_hub]
@@ -117,8 +116,7 @@ def context(ctx: click.Context) -> Context:
 
 def emit_json(data: Any) -> None:
     """Indented for a person at a terminal; compact (C encoder, ~10x faster) for scripts."""
-    indent = 2 if sys.stdout.isatty() else None
-    click.echo(json.dumps(data, indent=indent, ensure_ascii=False))
+    click.echo(json_text(data))
 
 
 #: Every subcommand: its name -> ``module:attribute`` of its click command.

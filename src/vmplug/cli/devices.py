@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from vmplug.cli import DEFAULT_CONFIG
 from vmplug.cli.app import EPILOG_ENV, Context, emit_json, escape, pass_ctx
 from vmplug.model import UsbDevice
 from vmplug.textsafe import printable
@@ -17,8 +18,7 @@ if TYPE_CHECKING:
     from rich.table import Table
     from rich.tree import Tree
 
-#: vmplug.config.DEFAULT_PATH (tests/unit/test_startup_imports.py checks they agree)
-DEFAULT_CONFIG = "/etc/vmplug/vmplug.toml"
+__all__ = ["DEFAULT_CONFIG", "check_config_cmd", "list_cmd", "match_cmd"]
 
 
 # ---------------------------------------------------------------------------
