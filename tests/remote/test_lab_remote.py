@@ -108,16 +108,6 @@ async def test_detach_removes_everything(lab: RemoteLab) -> None:
     assert not any(e["holder"] for e in lab.export_status()), lab.export_status()
 
 
-@pytest.mark.xfail(
-    reason="bulk reads of the remote stick hang in the VM's kernel: it enumerates, binds "
-    "usb-storage, and INQUIRY / READ CAPACITY / MODE SENSE pass (sda, 16 MiB, appears), but "
-    "the first data read (the partition table) never completes and usb-storage resets the "
-    "device after 30 s; the same with the usb-redir on the VM's EHCI as on its xHCI (lab, "
-    "load 13-15), so the guest's controller is not the cause: the device side (usbredirect "
-    "0.13 on the device host's emulated EHCI) is the suspect, not yet isolated. The network "
-    "cut itself is proven in tests/remote/test_netns_faults.py",
-    strict=False,
-)
 async def test_network_cut_and_restored(lab: RemoteLab) -> None:
     vm = await _vm(lab)
     try:
