@@ -166,10 +166,18 @@ async def close_writer(writer: asyncio.StreamWriter, timeout: float = 2.0) -> No
     try:
         await asyncio.wait_for(writer.wait_closed(), timeout)
     except (TimeoutError, OSError, ssl.SSLError):
-        writer.transport.abort()
+        _abort(writer)
     except asyncio.CancelledError:
-        writer.transport.abort()
+        _abort(writer)
         raise
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    # asyncio's SSL transport whose protocol is already torn down (the peer's
+    # reset seen while closing) raises AttributeError from abort(): the link is
+    # gone either way, and a traceback in the daemon's log would say otherwise
+    with contextlib.suppress(Exception):
+        writer.transport.abort()
 
 
 __all__ = [
