@@ -137,12 +137,22 @@ async def test_connections_are_capped_per_client_and_in_total(small_rig: ApiRig)
     assert rig.api.gates["tcp"].total == 0
 
 
-async def test_unfinished_headers_and_idle_keep_alives_time_out(small_rig: ApiRig) -> None:
+@pytest.mark.parametrize("listener", ["tcp", "unix"])
+async def test_unfinished_headers_and_idle_keep_alives_time_out(
+    small_rig: ApiRig, listener: str
+) -> None:
+    """On TCP (aiohttp) and on the unix socket (vmplug.api.http) alike."""
     rig = small_rig
     await rig.up()
     assert rig.api is not None
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if listener == "unix":
+            return await asyncio.open_unix_connection(str(rig.socket))
+        return await asyncio.open_connection("127.0.0.1", rig.port)
+
     # half-open: a request line and a header, never the blank line; a byte now and then
-    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+    reader, writer = await connect()
     writer.write(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
 
     async def trickle() -> None:
@@ -162,9 +172,9 @@ async def test_unfinished_headers_and_idle_keep_alives_time_out(small_rig: ApiRi
         writer.close()
     closed_after = time.monotonic() - t0
     assert 0.3 < closed_after < 2.0, closed_after
-    assert rig.api.gates["tcp"].timed_out == 1
+    assert rig.api.gates[listener].timed_out == 1
     # idle keep-alive: one whole request, then silence
-    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+    reader, writer = await connect()
     writer.write(request("/v1/status", close=False))
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 200")

@@ -7,18 +7,19 @@ event loop also routes the devices.  Each listening site gets a :class:`Gate`:
 * at most ``max_connections`` open connections, and ``per_client`` of them
   from one client (an IP address on TCP, a uid on the unix socket, read with
   ``SO_PEERCRED``); one more is answered ``503`` with ``Retry-After`` and
-  closed at once, before aiohttp allocates anything for it;
+  closed at once, before the HTTP server allocates anything for it;
 * a connection must finish its first request's headers within
-  ``header_timeout`` seconds (half-open requests, slowloris); aiohttp's own
+  ``header_timeout`` seconds (half-open requests, slowloris); the HTTP server's own
   keep-alive timer (``idle_timeout``) closes one idle between requests;
 * at most ``max_streams`` ``/v1/events`` subscribers, ``streams_per_client``
   from one client (:meth:`Gate.stream`);
 * when a flood is over (the open connections fall back from a high-water
   mark), freed memory is handed back to the system (``malloc_trim``).
 
-Bad requests (a request line or header over aiohttp's 8 KiB, a broken
-request) are logged as one WARNING line (:func:`http_logger`), not as
-``Error handling request`` with a traceback at ERROR.
+Bad requests (a request line or header over 8 KiB, a broken request) are
+logged as one WARNING line (:class:`BadRequests` for the unix socket's server,
+:func:`http_logger` for aiohttp's on TCP), not as ``Error handling request``
+with a traceback at ERROR.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class Gate:
 
     def protocol_factory(self, inner: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for ``loop.create_server`` that guards ``inner``'s protocols
-        (aiohttp's request handlers)."""
+        (:class:`vmplug.api.http.Connection`, or aiohttp's request handlers)."""
         return lambda: _Guarded(self, inner)
 
     # -- connections ----------------------------------------------------------------
@@ -277,8 +278,8 @@ def _malloc_trim() -> Any:
 
 
 async def listen_unix(server: Callable[[], Any], gate: Gate, path: str) -> asyncio.Server:
-    """Serve aiohttp's ``server`` (``AppRunner.server``) on the unix socket ``path``,
-    behind ``gate``.  Close it before ``runner.cleanup()``."""
+    """Serve the protocols ``server`` makes (:class:`vmplug.api.http.Connection`)
+    on the unix socket ``path``, behind ``gate``."""
     loop = asyncio.get_running_loop()
     return await loop.create_unix_server(gate.protocol_factory(server), path, backlog=128)
 
@@ -296,7 +297,7 @@ async def listen_tcp(
 
 class _Guarded(asyncio.Protocol):
     """One connection: admitted by its :class:`Gate` or answered 503; its first
-    request's headers on a deadline; everything else is aiohttp's handler's."""
+    request's headers on a deadline; everything else is the inner protocol's."""
 
     def __init__(self, gate: Gate, make_inner: Callable[[], Any]) -> None:
         self.gate = gate
@@ -323,7 +324,7 @@ class _Guarded(asyncio.Protocol):
             self.deadline = loop.call_later(self.gate.limits.header_timeout, self._expire)
 
     def _started(self) -> bool:
-        """Has aiohttp parsed a whole request (its headers) on this connection yet?"""
+        """Has the inner protocol parsed a whole request head on this connection yet?"""
         return bool(getattr(self.inner, "_request_count", 1))
 
     def _expire(self) -> None:
@@ -377,38 +378,66 @@ class _Guarded(asyncio.Protocol):
 BAD_REQUESTS_LOGGED = 10
 
 
-class _BadRequestFilter(logging.Filter):
-    """aiohttp's ``Error handling request`` for a request it could not parse: one
-    WARNING line with the reason, no traceback (anyone can send one); during a
-    flood of them, :data:`BAD_REQUESTS_LOGGED` lines per :data:`LOG_EVERY_S`,
-    the next one saying how many were left out."""
+class BadRequests:
+    """One WARNING line per bad request, :data:`BAD_REQUESTS_LOGGED` per
+    :data:`LOG_EVERY_S` at most, the next one saying how many were left out
+    (anyone can send one).  One per listener: a flood on one does not
+    silence the other's."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.window = 0.0
         self.logged = 0
         self.dropped = 0
+
+    def line(
+        self, peer: str, code: int, kind: str, reason: str
+    ) -> tuple[str, tuple[Any, ...]] | None:
+        """The message and its arguments, None when this one is left out."""
+        now = time.monotonic()
+        if now - self.window >= LOG_EVERY_S:
+            self.window, self.logged = now, 0
+        if self.logged >= BAD_REQUESTS_LOGGED:
+            self.dropped += 1
+            return None
+        self.logged += 1
+        if len(reason) > 160:
+            reason = reason[:159] + "…"
+        left_out = f" ({self.dropped} more left out of the log)" if self.dropped else ""
+        self.dropped = 0
+        return "API: bad request from %s, answered %s: %s: %s%s", (
+            peer,
+            code,
+            kind,
+            reason,
+            left_out,
+        )
+
+    def warn(self, peer: str, code: int, kind: str, reason: str) -> None:
+        """Log a request the unix socket's server (:mod:`vmplug.api.http`) refused."""
+        said = self.line(peer, code, kind, reason)
+        if said is not None:
+            log.warning(said[0], *said[1])
+
+
+class _BadRequestFilter(logging.Filter):
+    """aiohttp's ``Error handling request`` for a request it could not parse: one
+    WARNING line with the reason, no traceback, throttled by :class:`BadRequests`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad = BadRequests()
 
     def filter(self, record: logging.LogRecord) -> bool:
         from aiohttp.http_exceptions import HttpProcessingError  # noqa: PLC0415
 
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            now = time.monotonic()
-            if now - self.window >= LOG_EVERY_S:
-                self.window, self.logged = now, 0
-            if self.logged >= BAD_REQUESTS_LOGGED:
-                self.dropped += 1
-                return False
-            self.logged += 1
             peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
             reason = str(getattr(exc, "message", "") or "")
-            if len(reason) > 160:
-                reason = reason[:159] + "…"
-            left_out = f" ({self.dropped} more left out of the log)" if self.dropped else ""
-            self.dropped = 0
-            record.msg = "API: bad request from %s, answered %s: %s: %s%s"
-            record.args = (str(peer), exc.code, type(exc).__name__, reason, left_out)
+            said = self.bad.line(str(peer), exc.code, type(exc).__name__, reason)
+            if said is None:
+                return False
+            record.msg, record.args = said
             if record.levelno > logging.WARNING:  # aiohttp's ERROR; its DEBUG stays DEBUG
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info, record.exc_text, record.stack_info = None, None, None
@@ -426,6 +455,7 @@ def http_logger() -> logging.Logger:
 
 __all__ = [
     "REFUSED",
+    "BadRequests",
     "Gate",
     "Limits",
     "client_key",

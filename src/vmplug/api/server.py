@@ -1,14 +1,18 @@
-"""The daemon's HTTP API, its live event stream, metrics and web page (aiohttp).
+"""The daemon's HTTP API, its live event stream, metrics and web page.
 
-One application, served in the daemon's own event loop on two kinds of site:
+One set of routes and handlers (:class:`Api`, on :mod:`vmplug.api.http`'s
+request and response), served in the daemon's own event loop on two kinds of
+site:
 
 * the **unix socket** (``[daemon] socket``): root, or the ``[api] group`` with
   mode 0660.  The CLI's one-shot commands (``status``, ``attach``, ``detach``,
   ``reload``, ``history``, ``health``) use it, so there is one owner of every
   QMP connection and one reconciler deciding.  No token: the file mode decides.
+  Served by :class:`vmplug.api.http.Connection` (the standard library only).
 * a **loopback TCP port** when ``[api] listen`` is set: the same API plus the
   web page at ``/``; every request needs the bearer token (see
-  :mod:`vmplug.api.security`).
+  :mod:`vmplug.api.security`).  Served by aiohttp (:mod:`vmplug.api.aioweb`,
+  imported only then).
 * on a **device host** (``[export]``), ``[api] listen`` may face the network:
   the listener then takes mutual TLS (a client certificate signed by the
   installation's CA, named in ``[export] allow`` when that is set), and
@@ -38,10 +42,18 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from vmplug.api import security
-from vmplug.api.limits import Gate, Limits, client_key, listen_tcp, listen_unix
+from vmplug.api.http import (
+    MAX_BODY,
+    Connection,
+    HttpError,
+    Request,
+    Response,
+    Router,
+    StreamResponse,
+    json_response,
+)
+from vmplug.api.limits import BadRequests, Gate, Limits, client_key, listen_tcp, listen_unix
 from vmplug.api.openapi import document
 from vmplug.daemon.reconciler import Daemon
 from vmplug.errors import SelectorError, VmplugError
@@ -50,13 +62,14 @@ from vmplug.model import UsbDevice
 from vmplug.wire.tls import peer_names
 
 if TYPE_CHECKING:  # made by cli/daemon.py only for [export]: cryptography stays out otherwise
+    from aiohttp import web
+
     from vmplug.remote.devicehost import DeviceHostExport
 
 log = logging.getLogger("vmplug.api")
 
 API_PREFIX = "/v1"
 MAX_SELECTOR = 256
-MAX_BODY = 64 * 1024
 DEFAULT_WINDOW_S = 7 * 86400.0
 MAX_WINDOW_S = 366 * 86400.0
 SSE_QUEUE = 1000
@@ -71,8 +84,8 @@ CSP = (
 )
 
 #: how a TCP request authenticated: ("bearer", "") or ("session", its CSRF token)
-AUTH = web.RequestKey("auth", tuple)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+AUTH = "auth"
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 class ApiError(Exception):
@@ -83,15 +96,15 @@ class ApiError(Exception):
         self.status = status
         self.data = {"error": message, **extra}
 
-    def response(self) -> web.Response:
-        return web.json_response(self.data, status=self.status)
+    def response(self) -> Response:
+        return json_response(self.data, status=self.status)
 
 
-def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+def _error(status: int, message: str, **extra: Any) -> Response:
+    return json_response({"error": message, **extra}, status=status)
 
 
-async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+async def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError(413, f"body larger than {MAX_BODY} bytes")
     raw = await request.read()
@@ -118,7 +131,7 @@ def _field(data: dict[str, Any], key: str, limit: int = MAX_SELECTOR) -> str:
     return value
 
 
-def _query_selector(request: web.Request, key: str) -> str | None:
+def _query_selector(request: Request, key: str) -> str | None:
     value = request.query.get(key)
     if value is None:
         return None
@@ -127,7 +140,7 @@ def _query_selector(request: web.Request, key: str) -> str | None:
     return value
 
 
-def _query_number(request: web.Request, key: str, default: float, lo: float, hi: float) -> float:
+def _query_number(request: Request, key: str, default: float, lo: float, hi: float) -> float:
     raw = request.query.get(key)
     if raw is None:
         return default
@@ -140,7 +153,7 @@ def _query_number(request: web.Request, key: str, default: float, lo: float, hi:
     return value
 
 
-def _query_int(request: web.Request, key: str, default: int, lo: int, hi: int) -> int:
+def _query_int(request: Request, key: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(key)
     if raw is None:
         return default
@@ -173,7 +186,10 @@ class Api:
         self.sessions = security.Sessions()
         self.tcp_port: int | None = None
         self._streams: set[asyncio.Queue[dict[str, Any] | None]] = set()
-        self._runner: web.AppRunner | None = None
+        self._runner: web.AppRunner | None = None  # TCP only
+        #: the unix socket's open connections (closed by :meth:`stop`)
+        self._conns: set[Connection] = set()
+        self._bad = BadRequests()
         self._openapi = json.dumps(document()).encode()
         self._assets: dict[str, bytes] = {}
         self._memo: dict[int, tuple[UsbDevice, dict[str, Any]]] = {}
@@ -187,8 +203,8 @@ class Api:
 
             self.metrics = Metrics(self.view)
         self.view.subscribe(self._on_item)
-        self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
-        r = self.app.router
+        self.router = Router()
+        r = self.router
         p = API_PREFIX
         r.add_get(f"{p}/status", self.status)
         r.add_get(f"{p}/devices", self.devices)
@@ -211,13 +227,13 @@ class Api:
 
     # -- sites ----------------------------------------------------------------
 
-    async def _ensure_runner(self) -> web.AppRunner:
-        if self._runner is None:
-            self._runner = web.AppRunner(
-                self.app, access_log=None, shutdown_timeout=2.0, **self.limits.runner_kwargs()
-            )
-            await self._runner.setup()
-        return self._runner
+    def _connection(self) -> Connection:
+        return Connection(
+            self.dispatch,
+            idle_timeout=self.limits.idle_timeout,
+            on_bad=self._bad.warn,
+            live=self._conns,
+        )
 
     async def start_unix(self, path: Path, mode: int = 0o600, group: str | None = None) -> None:
         """Listen on ``path``; ``group``: that group may connect too (mode 0660)."""
@@ -232,12 +248,10 @@ class Api:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(path.lstat().st_mode):
                 path.unlink()  # a stale socket from a daemon that died
-        runner = await self._ensure_runner()
         gate = self.gates.setdefault("unix", Gate(self.limits, "unix socket"))
         old = os.umask(0o177)
         try:
-            assert runner.server is not None
-            self._servers.append(await listen_unix(runner.server, gate, str(path)))
+            self._servers.append(await listen_unix(self._connection, gate, str(path)))
         finally:
             os.umask(old)
         if gid is not None:
@@ -257,10 +271,13 @@ class Api:
         if host not in ("127.0.0.1", "::1", "localhost") and tls is None and not anywhere:
             raise VmplugError(f"[api] listen {listen!r}: vmplug listens on loopback only")
         self.token = token
-        runner = await self._ensure_runner()
+        if self._runner is None:
+            from vmplug.api.aioweb import runner  # noqa: PLC0415 (aiohttp: TCP only)
+
+            self._runner = await runner(self.dispatch, self.limits)
         gate = self.gates.setdefault("tcp", Gate(self.limits, "TCP"))
-        assert runner.server is not None
-        server = await listen_tcp(runner.server, gate, host, int(port_s), tls=tls)
+        assert self._runner.server is not None
+        server = await listen_tcp(self._runner.server, gate, host, int(port_s), tls=tls)
         self._servers.append(server)
         sockets = server.sockets
         self.tcp_port = sockets[0].getsockname()[1] if sockets else int(port_s)
@@ -275,7 +292,9 @@ class Api:
         self.view.unsubscribe(self._on_item)
         servers, self._servers = self._servers, []
         for server in servers:
-            server.close()  # no new connections; the runner closes the open ones
+            server.close()  # no new connections; the open ones are closed below
+        for conn in list(self._conns):
+            conn.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -285,30 +304,30 @@ class Api:
 
     # -- the guard every request passes -----------------------------------------
 
-    @web.middleware
-    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def dispatch(self, request: Request) -> Response:
+        """Every request on either listener: the TCP checks, the route, its handler;
+        every error as JSON."""
         try:
             if _is_tcp(request):
                 denied = self._check_tcp(request)
                 if denied is not None:
                     return _headers(denied)
+            handler, request.match_info = self.router.resolve(request.method, request.path)
             return _headers(await handler(request))
         except ApiError as exc:
             return _headers(exc.response())
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            # aiohttp's own 404/405/413: JSON like every other error
-            reason = exc.reason or "error"
+        except HttpError as exc:  # 404, 405, 413
             extra = {}
-            if isinstance(exc, web.HTTPMethodNotAllowed):
-                extra["allowed"] = sorted(exc.allowed_methods)
-            resp = _error(exc.status, reason.lower(), **extra)
             if "Allow" in exc.headers:
-                resp.headers["Allow"] = exc.headers["Allow"]
+                extra["allowed"] = exc.headers["Allow"].split(",")
+            resp = _error(exc.status, exc.reason.lower(), **extra)
+            resp.headers.update(exc.headers)
             return _headers(resp)
+        except Exception:
+            log.exception("API: error handling %s %s", request.method, request.path[:200])
+            return _headers(_error(500, "internal server error"))
 
-    def _check_tcp(self, request: web.Request) -> web.StreamResponse | None:
+    def _check_tcp(self, request: Request) -> Response | None:
         path = request.path
         tls = request.transport.get_extra_info("ssl_object") if request.transport else None
         if self.exporter is not None and path == f"{API_PREFIX}/export":
@@ -347,7 +366,7 @@ class Api:
                 return _error(403, f"missing or wrong {security.CSRF_HEADER} header")
         return None
 
-    def _auth(self, request: web.Request) -> tuple[str, str] | None:
+    def _auth(self, request: Request) -> tuple[str, str] | None:
         """("bearer", "") or ("session", csrf token) or None."""
         if self.token is None:
             return None
@@ -372,7 +391,7 @@ class Api:
                     q.get_nowait()
                 q.put_nowait({"type": "resync"})
 
-    async def events(self, request: web.Request) -> web.StreamResponse:
+    async def events(self, request: Request) -> Response:
         gate = self.gates.get("tcp" if _is_tcp(request) else "unix")
         if gate is None or request.transport is None:
             return await self._events(request, None)
@@ -383,8 +402,8 @@ class Api:
                 return resp
             return await self._events(request, gate)
 
-    async def _events(self, request: web.Request, gate: Gate | None) -> web.StreamResponse:
-        resp = web.StreamResponse(
+    async def _events(self, request: Request, gate: Gate | None) -> Response:
+        resp = StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-store",
@@ -462,22 +481,22 @@ class Api:
         )
         return data
 
-    async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.view.status())
+    async def status(self, request: Request) -> Response:
+        return json_response(self.view.status())
 
-    async def devices(self, request: web.Request) -> web.Response:
+    async def devices(self, request: Request) -> Response:
         held = self.view.held_by()
         devs = sorted(self.view.devices(), key=lambda d: (d.host or "", _port_key(d.port)))
-        return web.json_response([self._device_json(d, held) for d in devs])
+        return json_response([self._device_json(d, held) for d in devs])
 
-    async def device(self, request: web.Request) -> web.Response:
+    async def device(self, request: Request) -> Response:
         selector = request.match_info["device"]
         if len(selector) > MAX_SELECTOR:
             raise ApiError(400, f"device must be at most {MAX_SELECTOR} characters")
         dev = self._select(selector)
-        return web.json_response(self._device_json(dev, self.view.held_by(), full=True))
+        return json_response(self._device_json(dev, self.view.held_by(), full=True))
 
-    async def vms(self, request: web.Request) -> web.Response:
+    async def vms(self, request: Request) -> Response:
         status = self.view.status()["vms"]
         out = []
         for name in self.view.vm_names():
@@ -493,13 +512,13 @@ class Api:
                     "devices": list(vm.get("devices", [])),
                 }
             )
-        return web.json_response(out)
+        return json_response(out)
 
-    async def attachments(self, request: web.Request) -> web.Response:
-        return web.json_response(self.view.status()["attachments"])
+    async def attachments(self, request: Request) -> Response:
+        return json_response(self.view.status()["attachments"])
 
-    async def rules(self, request: web.Request) -> web.Response:
-        return web.json_response(
+    async def rules(self, request: Request) -> Response:
+        return json_response(
             [
                 {
                     "index": rc.index,
@@ -523,16 +542,16 @@ class Api:
             return selector
         raise ApiError(404, f"no device {selector!r}, present or in the history")
 
-    async def history(self, request: web.Request) -> web.Response:
+    async def history(self, request: Request) -> Response:
         store = self.view.store
         limit = _query_int(request, "limit", 100, 1, 10000)
         identity = self._identity(_query_selector(request, "device"))
         if store is None:
             return _error(503, "the daemon runs without a history database")
         entries = store.history(identity, limit=limit)
-        return web.json_response([e.to_json() for e in entries])
+        return json_response([e.to_json() for e in entries])
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request) -> Response:
         from vmplug.history.health import health_by_device, health_rows  # noqa: PLC0415
 
         store = self.view.store
@@ -546,7 +565,7 @@ class Api:
         entries = store.history(identity, limit=None)
         only = [identity] if identity else None
         figures = health_by_device(entries, start, end, only)
-        return web.json_response(health_rows(figures, store, self.view.devices()))
+        return json_response(health_rows(figures, store, self.view.devices()))
 
     # -- changes ----------------------------------------------------------------
 
@@ -558,7 +577,7 @@ class Api:
         except VmplugError as exc:
             raise ApiError(400, exc.render().removeprefix("vmplug: ")) from None
 
-    async def attach(self, request: web.Request) -> web.Response:
+    async def attach(self, request: Request) -> Response:
         data = await _body(request, {"device", "vm"})
         selector = _field(data, "device")
         vm = _field(data, "vm", limit=128)
@@ -570,15 +589,15 @@ class Api:
             return _error(400, f"{dev.port} is a hub: QEMU cannot pass hubs through")
         self.daemon.override(dev.identity, vm)
         state = await self._settle(dev.qemu_id, vm, want=True)
-        return web.json_response({"device": describe(dev, exact=True), "vm": vm, **state})
+        return json_response({"device": describe(dev, exact=True), "vm": vm, **state})
 
-    async def detach(self, request: web.Request) -> web.Response:
+    async def detach(self, request: Request) -> Response:
         data = await _body(request, {"device"})
         dev = self._select(_field(data, "device"))
         self.daemon.override(dev.identity, None)
         held = self.view.holders(dev.qemu_id)
         results = {vm: await self._settle(dev.qemu_id, vm, want=False) for vm in held}
-        return web.json_response({"device": describe(dev, exact=True), "vms": results})
+        return json_response({"device": describe(dev, exact=True), "vms": results})
 
     async def _settle(
         self, qemu_id: str, vm: str, *, want: bool, timeout: float = 10.0
@@ -594,13 +613,13 @@ class Api:
             await asyncio.sleep(0.01)
         return {"state": "pending", "error": f"not settled after {timeout:.0f}s"}
 
-    async def reload(self, request: web.Request) -> web.Response:
+    async def reload(self, request: Request) -> Response:
         ok, message = await self.daemon.reload()
-        return web.json_response({"ok": ok, "message": message}, status=200 if ok else 422)
+        return json_response({"ok": ok, "message": message}, status=200 if ok else 422)
 
     # -- documents, metrics, the page ------------------------------------------
 
-    async def export_list(self, request: web.Request) -> web.Response:
+    async def export_list(self, request: Request) -> Response:
         """``GET /v1/export``: the devices this device host lets go (see the module doc)."""
         if self.exporter is None:
             raise ApiError(404, "this host exports no devices (no [export] section)")
@@ -608,31 +627,31 @@ class Api:
         sent = request.headers.get("If-None-Match")
         listing, tag = await self.exporter.wait_change(sent, wait if sent else 0.0)
         if sent == tag:
-            return web.Response(status=304, headers={"ETag": tag, "Cache-Control": "no-cache"})
-        return web.json_response(listing, headers={"ETag": tag, "Cache-Control": "no-cache"})
+            return Response(status=304, headers={"ETag": tag, "Cache-Control": "no-cache"})
+        return json_response(listing, headers={"ETag": tag, "Cache-Control": "no-cache"})
 
-    async def openapi(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._openapi, content_type="application/json")
+    async def openapi(self, request: Request) -> Response:
+        return Response(body=self._openapi, content_type="application/json")
 
-    async def metrics_page(self, request: web.Request) -> web.Response:
+    async def metrics_page(self, request: Request) -> Response:
         if self.metrics is None:
             return _error(404, "metrics are off")
         body, ctype = self.metrics.render()
-        return web.Response(body=body, headers={"Content-Type": ctype})
+        return Response(body=body, headers={"Content-Type": ctype})
 
-    async def static(self, request: web.Request) -> web.Response:
+    async def static(self, request: Request) -> Response:
         name = request.match_info["name"]
         ctype = STATIC.get(name)
         if ctype is None:
             return _error(404, f"no asset {name[:64]!r}")
         if name not in self._assets:
             self._assets[name] = _asset(name)
-        return web.Response(
+        return Response(
             body=self._assets[name],
             headers={"Content-Type": f"{ctype}; charset=utf-8", "Cache-Control": "no-cache"},
         )
 
-    async def page(self, request: web.Request) -> web.Response:
+    async def page(self, request: Request) -> Response:
         token = request.query.get("token")
         auth = request.get(AUTH)
         if _is_tcp(request) and token is not None:
@@ -643,11 +662,9 @@ class Api:
             return self._login_form()
         csrf = auth[1] if auth and auth[0] == "session" else ""
         html = _asset("index.html").decode().replace("{{CSRF}}", csrf)
-        return web.Response(
-            text=html, content_type="text/html", headers={"Cache-Control": "no-store"}
-        )
+        return Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
-    async def login(self, request: web.Request) -> web.Response:
+    async def login(self, request: Request) -> Response:
         if _is_tcp(request):
             origin = request.headers.get("Origin") or request.headers.get("Referer")
             if not security.origin_matches(origin, request.headers.get("Host")):
@@ -665,13 +682,13 @@ class Api:
             return self._new_session("/")
         return self._login_form("wrong token", status=401)
 
-    def _new_session(self, location: str) -> web.Response:
+    def _new_session(self, location: str) -> Response:
         sid, _csrf = self.sessions.new()
-        resp = web.Response(status=303, headers={"Location": location})
+        resp = Response(status=303, headers={"Location": location})
         resp.set_cookie(security.SESSION_COOKIE, sid, httponly=True, samesite="Strict", path="/")
         return resp
 
-    def _login_form(self, message: str = "", status: int = 200) -> web.Response:
+    def _login_form(self, message: str = "", status: int = 200) -> Response:
         note = f'<p class="error">{message}</p>' if message else ""
         html = (
             '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -684,7 +701,7 @@ class Api:
             '<input name="token" type="password" autocomplete="current-password" required>'
             '</label><button type="submit">Sign in</button></form></body></html>'
         )
-        return web.Response(text=html, content_type="text/html", status=status)
+        return Response(text=html, content_type="text/html", status=status)
 
 
 def _port_key(port: str) -> tuple[int, ...]:
@@ -701,7 +718,7 @@ def _end_stream(q: asyncio.Queue[dict[str, Any] | None]) -> None:
     q.put_nowait(None)
 
 
-def _is_tcp(request: web.Request) -> bool:
+def _is_tcp(request: Request) -> bool:
     transport = request.transport
     if transport is None:
         return True
@@ -709,7 +726,7 @@ def _is_tcp(request: web.Request) -> bool:
     return sock is None or sock.family != socket.AF_UNIX
 
 
-def _headers(resp: web.StreamResponse) -> web.StreamResponse:
+def _headers(resp: Response) -> Response:
     h = resp.headers
     h.setdefault("X-Content-Type-Options", "nosniff")
     h.setdefault("X-Frame-Options", "DENY")
