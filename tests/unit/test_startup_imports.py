@@ -5,11 +5,17 @@ Each in a fresh interpreter, so that nothing another test imported counts.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from tests.support.vmplugproc import free_port
+from tests.support.vmrig import stop_process
 from vmplug.host.inventory import read_devices
 
 MIXED = Path(__file__).parents[1] / "fixtures" / "sysfs" / "mixed"
@@ -59,9 +65,71 @@ def test_list_json_loads_no_daemon_api_rich_or_config() -> None:
 
 def test_run_without_export_loads_no_cryptography_or_export_side() -> None:
     loaded = _tops(_modules(_RUN)["modules"])
-    assert "aiohttp" in loaded  # the unix-socket API is served with it: the test sees imports
+    assert "vmplug.api.server" in loaded  # the test sees imports
     for heavy in ("cryptography", "vmplug.remote.export", "vmplug.remote.devicehost", "rich"):
         assert heavy not in loaded, heavy
+
+
+def _daemon_imports(tmp: Path, extra: str = "") -> set[str]:
+    """Every module a real ``vmplug run`` imported (``python -X importtime``) by the
+    time it answered its first request on the unix socket, and had run a second."""
+    fifo = tmp / "uevents"
+    os.mkfifo(fifo)
+    cfg = tmp / "vmplug.toml"
+    cfg.write_text(f'[vm.a]\nqmp = "{tmp}/absent.sock"\n\n{extra}')
+    sock = tmp / "api.sock"
+    argv = [sys.executable, "-X", "importtime", "-m", "vmplug", "--sysfs-root", str(MIXED)]
+    argv += ["--config", str(cfg), "run", "--events", f"replay:{fifo}", "--socket", str(sock)]
+    argv += ["--db", str(tmp / "vmplug.db"), "--log-level", "warning"]
+    err = (tmp / "stderr").open("wb")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        answer = b""
+        while not answer.startswith(b"HTTP/1.1 200"):
+            assert proc.poll() is None, (tmp / "stderr").read_text()[-2000:]
+            assert time.monotonic() < deadline, "vmplug run never answered"
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(sock))
+                s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: v\r\nConnection: close\r\n\r\n")
+                answer = b"".join(iter(lambda: s.recv(65536), b""))
+            time.sleep(0.05)
+        assert b'"vms"' in answer
+        time.sleep(1.0)  # the first pass, the remedies, the retry of the absent VM
+    finally:
+        stop_process(proc, 10)
+        err.close()
+    names = set()
+    for line in (tmp / "stderr").read_text().splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            names.add(line.rsplit("|", 1)[1].strip())
+    assert "vmplug.daemon.reconciler" in names, "no -X importtime output"
+    return _tops(sorted(names))
+
+
+#: what the daemon loads only when its config asks (issue 16: RSS; bench/bench_daemon.py)
+NOT_ASKED = ("aiohttp", "prometheus_client", "multidict", "yarl", "vmplug.api.aioweb")
+
+
+def test_run_serving_only_its_unix_socket_loads_no_aiohttp_or_metrics(tmp_path: Path) -> None:
+    loaded = _daemon_imports(tmp_path)
+    for heavy in (*NOT_ASKED, "vmplug.api.metrics", "libvirt", "rich"):
+        assert heavy not in loaded, heavy
+    assert "vmplug.api.http" in loaded
+
+
+def test_run_without_guest_checks_loads_no_doctor(tmp_path: Path) -> None:
+    loaded = _daemon_imports(tmp_path)
+    assert "vmplug.doctor" not in loaded
+    assert "vmplug.generate" not in loaded  # doctor.guest imports generate.spice
+
+
+def test_run_with_a_tcp_listener_loads_aiohttp_and_metrics(tmp_path: Path) -> None:
+    extra = f'[api]\nlisten = "127.0.0.1:{free_port()}"\ntoken_file = "{tmp_path}/token"\n'
+    loaded = _daemon_imports(tmp_path, extra)
+    for asked in ("aiohttp", "prometheus_client", "vmplug.api.aioweb", "vmplug.api.metrics"):
+        assert asked in loaded, asked
 
 
 def test_list_finds_the_config_where_the_config_module_does() -> None:

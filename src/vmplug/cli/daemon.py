@@ -244,7 +244,9 @@ def run_cmd(
         # READY=1 after the first pass, WATCHDOG=1, STATUS=, RELOADING=1, STOPPING=1
         service = ServiceNotifier(daemon, Notifier.from_env())
         service.install()
-        api = Api(daemon, limits=Limits.from_config(config.api))
+        # /metrics is for Prometheus, which scrapes [api] listen: without that
+        # listener no registry is kept (prometheus_client stays unloaded)
+        api = Api(daemon, metrics=bool(config.api.listen), limits=Limits.from_config(config.api))
         api.exporter = exporter
         try:
             await api.start_unix(sock, group=config.api.group)

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vmplug.engine.remedy import AlertConfig, parse_alerts
-from vmplug.history.health import health_by_device
 from vmplug.history.store import ActionKind, EventKind, HistoryEntry, Result
 
 if TYPE_CHECKING:
@@ -118,6 +117,8 @@ def active(entries: Iterable[HistoryEntry], alert: AlertConfig, now: float) -> d
                     subject, Problem(subject, "vm-lost", f"VM {vm} down for {now - t:.0f} s")
                 )
     if alert.mtbf_below_s is not None or alert.recovery_above_s is not None:
+        from vmplug.history.health import health_by_device  # noqa: PLC0415 (statistics: ~0.5 MiB)
+
         figures = health_by_device(rows, now - alert.health_window_s, now)
         for who, h in figures.items():
             if (
