@@ -43,9 +43,15 @@ kill -TERM $pid; wait $pid
 echo $(( (t1 - t0) / 1000000 ))
 """
 
+#: what `vmplug run` imports before it reads its config (as tests/unit/test_startup_imports.py)
+RUN_IMPORTS = (
+    "import vmplug.cli.daemon, vmplug.api.limits, vmplug.api.server, vmplug.daemon.notify,"
+    " vmplug.daemon.reconciler, vmplug.history.store, vmplug.host.events, vmplug.wire.systemd"
+)
+
 _BARE = """\
 t0=$(date +%s%N)
-{python} -c pass
+{python} -c {code}
 t1=$(date +%s%N)
 echo $(( (t1 - t0) / 1000000 ))
 """
@@ -77,13 +83,16 @@ def main() -> None:
                 got = g.run(f"{env}{sys.executable} -c {where!r}", timeout=300, check=True)
                 print(f"{env or 'bundle: '}vmplug from {got.stdout.strip()}")
             vmplug = Path(sys.executable).parent / "vmplug"
-            kinds = ("share", "bundle", "python -c pass", "python -I -S -c pass")
+            bare = ("python -c pass", "python -I -S -c pass")
+            kinds = ("share", "bundle", "its imports alone", *bare)
             times: dict[str, list[float]] = {k: [] for k in kinds}
             for i in range(args.rounds):
                 for kind in kinds:  # the share first: the cold case
-                    if kind.startswith("python"):
+                    if kind == "its imports alone":  # with the bundle
+                        cmd = _BARE.format(python=sys.executable, code=repr(RUN_IMPORTS))
+                    elif kind.startswith("python"):
                         flags = " -I -S" if "-I" in kind else ""
-                        cmd = _BARE.format(python=f"{sys.executable}{flags}")
+                        cmd = _BARE.format(python=f"{sys.executable}{flags}", code="pass")
                     else:
                         env = "env VMPLUG_LAB_BUNDLE=0" if kind == "share" else ""
                         cmd = _START.format(
@@ -96,7 +105,7 @@ def main() -> None:
                     print(f"round {i + 1}: {kind:22} {what:22} {ms / 1000:6.2f} s"
                           f"  (load {_load()})")  # fmt: skip
             share, bundle = times["share"], times["bundle"]
-            bare = times["python -c pass"]
+            bare_s = times["python -c pass"]
             med = statistics.median
             print(
                 f"cold: share {share[0]:.2f} s / bundle {bundle[0]:.2f} s = "
@@ -106,9 +115,15 @@ def main() -> None:
                 f"{'met' if med(bundle) < 5 else 'NOT met'})"
             )
             print(
-                f"bound: python -c pass in the guest {med(bare):.2f} s "
+                f"bound: python -c pass in the guest {med(bare_s):.2f} s "
                 f"(-I -S {med(times['python -I -S -c pass']):.2f} s); "
-                f"bundle start / python -c pass = {med(bundle) / med(bare):.2f}x"
+                f"bundle start / python -c pass = {med(bundle) / med(bare_s):.2f}x"
+            )
+            imports = med(times["its imports alone"])
+            print(
+                f"  of it, vmplug run's imports alone (bundle) {imports:.2f} s = "
+                f"{imports / med(bundle):.0%} of the start; the rest (config, first read, API "
+                f"up) {med(bundle) - imports:.2f} s"
             )
             print(f"total {time.monotonic() - t0:.0f} s, load average {_load()} at the end")
         finally:
