@@ -248,6 +248,10 @@ def run_cmd(
         # listener no registry is kept (prometheus_client stays unloaded)
         api = Api(daemon, metrics=bool(config.api.listen), limits=Limits.from_config(config.api))
         api.exporter = exporter
+        if config.api.listen:
+            # aiohttp (~0.3 s of imports) before the unix socket appears: clients
+            # (and tests) take the socket as "up" and then reach for the TCP port
+            import vmplug.api.aioweb  # noqa: F401, PLC0415
         try:
             await api.start_unix(sock, group=config.api.group)
         except OSError as exc:
