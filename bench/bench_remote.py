@@ -30,11 +30,11 @@ round trip: unusable for live monitoring.  Playback and recording are fine
 (the delay is constant and the DAW compensates it); monitor with the audio
 interface's own direct monitoring, or keep the interface on the VM's host.
 
-**Network cut** (not in this script: tests/remote/test_netns_faults.py
-measures it on the real stack, QEMU and the endpoint in two network
-namespaces): the device host notices after its ``link_timeout`` (10 s by
-default, 2 s in the test), the VM host ~0.1-0.8 s after the network is back
-(the endpoint's kept FIN), the device is back ~1 s later (QEMU's reconnect).
+**Network cut**: the lab part cuts the device host guest's link for
+``--cut`` seconds and times, from the network's return, the keyboard bound
+again in the VM's kernel and the stick readable again.  The same recovery
+with ``vmplug run`` on both sides, beside the bare endpoint, over several
+cuts in network namespaces: ``bench/bench_remote_faults.py``.
 
 Prints one JSON object (``--json``) or a readable summary.  Run from the
 repository root: ``.venv/bin/python -m bench.bench_remote [--part relay]``.
