@@ -626,7 +626,7 @@ class Daemon:
             )
         previous = self.observed.get(name)
         self.observed[name] = held
-        if previous is None:  # (re)connected: record what we found already in place
+        if previous is None and held:  # (re)connected: adopt what is already in place
             wanted = {a.qemu_id: a for a in self.wanted() if a.vm == name}
             for dev_id, have in held.items():
                 want = wanted.get(dev_id)
