@@ -31,6 +31,7 @@ import pytest
 from tests.support.remoterig import PORT, RemoteRig
 from tests.support.vmplugproc import wait
 from vmplug.remote import certs
+from vmplug.wire.qmp import SyncQmp
 
 pytestmark = [
     pytest.mark.qemu,
@@ -164,3 +165,30 @@ def http_errors() -> type[Exception]:
     import http.client  # noqa: PLC0415
 
     return http.client.HTTPException
+
+
+def test_a_restarted_vm_gets_its_remote_device_back(rig: RemoteRig) -> None:
+    """The VM's QEMU killed -9 and started again (same QMP socket): the old TLS
+    link died with it, so the device host's endpoint lets the device go, and
+    the VM host attaches it again into the new QEMU; one attach per QEMU."""
+    rig.devhost.start()
+    a = rig.vmhost("vmhost-a")
+    a.start()
+    [dev_id] = wait(
+        lambda: {k: v for k, v in rig.redirs("vmhost-a").items() if v}, "usb-redir connected", a
+    )
+    qemu = rig.qemus["vmhost-a"]
+    qemu.kill()
+    wait(lambda: not rig.export_list("vmhost-a")["devices"][0]["holder"], "the endpoint freed", a)
+    qemu.start()
+    with SyncQmp(str(qemu.qmp_paths[1])) as q:
+        q.execute("cont")
+    wait(lambda: rig.redirs("vmhost-a") == {dev_id: True}, "usb-redir in the new QEMU", a)
+    [row] = wait(
+        lambda: [d for d in rig.export_list("vmhost-a")["devices"] if d["holder"]],
+        "the endpoint held again",
+    )
+    assert row["holder"] == "vmhost-a"
+    events = a.json("history", "-n", "500")
+    attaches = [e for e in events if e["kind"] == "attach" and e.get("qemu_id") == dev_id]
+    assert [e["result"] for e in attaches] == ["ok", "ok"], attaches
