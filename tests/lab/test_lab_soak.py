@@ -20,13 +20,6 @@ from vmplug_lab.guest import lab_unavailable_reason
 pytestmark = [pytest.mark.lab, pytest.mark.long_lab]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vmplug bug found by this soak (2026-12-02): after ENOBUFS the daemon rescans, then "
-    "handles the uevents that were queued before the loss; the keyboard's stale remove drops "
-    "a device that is present again (detach 'not wanted here'). Fix: on ENOBUFS, discard what "
-    "the socket holds before the rescan (src/vmplug/host/events.py)",
-)
 def test_lab_soak_has_no_violation() -> None:
     reason = lab_unavailable_reason()
     if reason:

@@ -80,6 +80,22 @@ class EventSource(Protocol):
     def stop(self) -> None: ...
 
 
+def _drain(receive: Callable[[], Any]) -> int:
+    """Read and drop what a netlink socket holds; how many devices it held."""
+    n = 0
+    while True:
+        try:
+            if receive() is None:
+                return n
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                continue  # a second loss while draining: drained all the same
+            if exc.errno in (errno.EAGAIN, errno.EINTR):
+                return n
+            raise
+        n += 1
+
+
 def udevd_running(run_dir: Path = Path("/run/udev")) -> bool:
     """udevd creates its control socket here while it runs."""
     return (run_dir / "control").exists()
@@ -110,6 +126,8 @@ class NetlinkEventSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: ENOBUFS the kernel reported on this socket so far
         self.overflows = 0
+        #: uevents dropped after an ENOBUFS (queued from before the loss)
+        self.dropped_stale = 0
 
     def receive_buffer(self) -> int:
         raw = os.environ.get(self.RECEIVE_BUFFER_ENV, "")
@@ -146,9 +164,19 @@ class NetlinkEventSource:
                 except OSError as exc:
                     if exc.errno == errno.ENOBUFS:
                         # the kernel dropped uevents: what the devices are now
-                        # is in sysfs, so a rescan loses nothing of the state
+                        # is in sysfs, so a rescan loses nothing of the state.
+                        # The kernel reports ENOBUFS before the uevents still
+                        # queued from before the loss: handled after the
+                        # rescan they would undo it (a queued remove of a
+                        # device that came back behind the burst detaches it),
+                        # so they are dropped; the rescan reads what they said.
                         self.overflows += 1
-                        log.warning("uevent socket overflowed: events were lost, rescanning")
+                        stale = _drain(receive)
+                        self.dropped_stale += stale
+                        log.warning(
+                            "uevent socket overflowed: events were lost, rescanning "
+                            "(%d queued from before the loss dropped)", stale,
+                        )  # fmt: skip
                         on_overflow()
                         continue
                     if exc.errno in (errno.EAGAIN, errno.EINTR):
