@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.qemu_proc import XHCI, QemuFactory
 from vmplug.remote import certs
 from vmplug.remote.export import ExportEndpoint, PlainSource
 from vmplug.vms.qmp import QmpVm
+from vmplug.wire.qmp import SyncQmp
 from vmplug.wire.tls import server_context
 
 USBREDIR_HELLO = 0
@@ -169,3 +171,24 @@ async def wait_for(check: Callable[[], Any], timeout: float = 10.0, step: float 
         if loop.time() > deadline:
             return value
         await asyncio.sleep(step)
+
+
+async def running_vm(
+    qemu: QemuFactory, make_vm: Callable[..., QmpVm], extra: tuple[str, ...] = ()
+) -> tuple[QmpVm, str]:
+    """A QEMU with xHCI, running (usb-redir reads and writes nothing while the
+    VM is stopped), and vmplug's QmpVm on its first QMP socket; the second
+    socket (returned) is the test's own view."""
+    proc = qemu([*XHCI, *extra], qmp_sockets=2)
+    proc.start()
+    probe = str(proc.qmp_paths[1])
+
+    def cont() -> None:
+        with SyncQmp(probe) as q:
+            q.execute("cont")
+
+    await asyncio.to_thread(cont)
+    vm = make_vm("vm", proc.qmp_path)
+    await vm.start()
+    assert await vm.wait_connected(10)
+    return vm, probe

@@ -17,36 +17,18 @@ from typing import Any
 
 import pytest
 
-from tests.remote.conftest import Pki, UsbredirPeer, expired, wait_for
+from tests.remote.conftest import Pki, UsbredirPeer, expired, running_vm, wait_for
 from tests.support.qemu_proc import QemuFactory
 from vmplug.errors import UsageError
 from vmplug.remote import certs
 from vmplug.remote.export import ExportEndpoint, TcpSource
 from vmplug.vms.base import UsbRedirSpec, VmConfigError
 from vmplug.vms.qmp import QmpVm
-from vmplug.wire.qmp import SyncQmp
 from vmplug.wire.tls import client_context
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
 
 DEV = "vmplug-remote0001"
-
-
-async def _running_vm(qemu: QemuFactory, make_vm: Callable[..., QmpVm]) -> tuple[QmpVm, str]:
-    """A QEMU with xHCI, running (usb-redir writes nothing while the VM is stopped)."""
-    proc = qemu(qmp_sockets=2)
-    proc.start()
-    probe = str(proc.qmp_paths[1])
-
-    def cont() -> None:
-        with SyncQmp(probe) as q:
-            q.execute("cont")
-
-    await asyncio.to_thread(cont)
-    vm = make_vm("vm", proc.qmp_path)
-    await vm.start()
-    assert await vm.wait_connected(10)
-    return vm, probe
 
 
 def _spec(ep: ExportEndpoint, tls_dir: Path | None, **kw: Any) -> UsbRedirSpec:
@@ -63,7 +45,7 @@ async def test_right_certificates_carry_the_usbredir_stream(
     make_endpoint: Callable[..., Any],
 ) -> None:
     ep = await make_endpoint(pki.devhost, TcpSource("127.0.0.1", peer.port))
-    vm, _ = await _running_vm(qemu, make_vm)
+    vm, _ = await running_vm(qemu, make_vm)
     await vm.attach(DEV, _spec(ep, pki.qemu_dir(pki.vmhost, "vmhost")))
     await asyncio.wait_for(peer.got_hello.wait(), 15)
     assert peer.hellos[0].startswith(b"qemu usb-redir guest"), peer.hellos
@@ -115,7 +97,7 @@ async def test_client_certificate_from_another_ca_is_refused(
     make_endpoint: Callable[..., Any],
 ) -> None:
     ep = await make_endpoint(pki.devhost, TcpSource("127.0.0.1", peer.port))
-    vm, _ = await _running_vm(qemu, make_vm)
+    vm, _ = await running_vm(qemu, make_vm)
     stranger = certs.issue(pki.other_ca(), "vmhost", pki.root / "stranger")
     # QEMU itself will not load a certificate its own CA did not sign: a clear error
     mixed = pki.qemu_dir(certs.HostFiles(pki.ca.cert, stranger.cert, stranger.key), "mixed")
@@ -136,7 +118,7 @@ async def test_expired_client_certificate_is_refused(
     make_endpoint: Callable[..., Any],
 ) -> None:
     ep = await make_endpoint(pki.devhost, TcpSource("127.0.0.1", peer.port))
-    vm, _ = await _running_vm(qemu, make_vm)
+    vm, _ = await running_vm(qemu, make_vm)
     old = expired(pki, "vmhost-old")
     # QEMU will not even load an expired certificate of its own
     with pytest.raises(VmConfigError, match="has expired"):
@@ -189,7 +171,7 @@ async def test_refused_with_its_reason_and_nothing_attached(
         "otherhost": lambda: pki.issue("otherhost", addresses=["10.9.8.7"]),
     }[endpoint_cert]()
     ep = await make_endpoint(files, TcpSource("127.0.0.1", peer.port), allow=frozenset(allow))
-    vm, _ = await _running_vm(qemu, make_vm)
+    vm, _ = await running_vm(qemu, make_vm)
     if client is None:
         spec = _spec(ep, None, insecure=True)
     else:
@@ -208,10 +190,10 @@ async def test_second_vm_host_is_refused_while_the_first_holds(
     ep = await make_endpoint(
         pki.devhost, TcpSource("127.0.0.1", peer.port), allow=frozenset({"vmhost", "vmhost-b"})
     )
-    first, _ = await _running_vm(qemu, make_vm)
+    first, _ = await running_vm(qemu, make_vm)
     await first.attach(DEV, _spec(ep, pki.qemu_dir(pki.vmhost, "vmhost")))
     assert await wait_for(lambda: ep.state.holder == "vmhost", 15)
-    second, _ = await _running_vm(qemu, make_vm)
+    second, _ = await running_vm(qemu, make_vm)
     other = pki.issue("vmhost-b")
     await second.attach(DEV, _spec(ep, pki.qemu_dir(other, "vmhost-b")))
     assert await wait_for(lambda: len(ep.state.refusals) >= 1, 15)

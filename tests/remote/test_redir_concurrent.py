@@ -13,8 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.remote.conftest import Pki
-from tests.remote.test_link_qemu import _running_vm
+from tests.remote.conftest import Pki, running_vm
 from tests.support.qemu_proc import QemuFactory
 from vmplug.vms.base import UsbRedirSpec
 from vmplug.vms.qmp import QmpVm
@@ -26,7 +25,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
 async def test_simultaneous_attaches_share_one_tls_object(
     pki: Pki, qemu: QemuFactory, make_vm: Callable[..., QmpVm]
 ) -> None:
-    vm, probe = await _running_vm(qemu, make_vm)
+    vm, probe = await running_vm(qemu, make_vm)
     tls = pki.qemu_dir(pki.vmhost, "vmhost")
     ids = [f"vmplug-remote{n:04d}" for n in range(4)]
     # nobody listens on these ports: the chardevs keep reconnecting, which is

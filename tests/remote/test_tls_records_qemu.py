@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 
-from tests.remote.conftest import Pki, wait_for
-from tests.support.qemu_proc import XHCI, QemuFactory
+from tests.remote.conftest import Pki, running_vm, wait_for
+from tests.support.qemu_proc import QemuFactory
 from vmplug.remote import export
 from vmplug.remote.export import ExportEndpoint, TcpSource
 from vmplug.vms.base import UsbRedirSpec
@@ -135,24 +135,6 @@ async def _attached(probe: str) -> bool:
     return await asyncio.to_thread(read)
 
 
-async def _running_vm(qemu: QemuFactory, make_vm: Callable[..., QmpVm]) -> tuple[QmpVm, str]:
-    """A running QEMU with xHCI (usb-redir reads nothing while the VM is
-    stopped); usb-redir's debug messages go to its log."""
-    proc = qemu([*XHCI, "-global", "usb-redir.debug=4"], qmp_sockets=2)
-    proc.start()
-    probe = str(proc.qmp_paths[1])
-
-    def cont() -> None:
-        with SyncQmp(probe) as q:
-            q.execute("cont")
-
-    await asyncio.to_thread(cont)
-    vm = make_vm("vm", proc.qmp_path)
-    await vm.start()
-    assert await vm.wait_connected(10)
-    return vm, probe
-
-
 async def _link(
     pki: Pki,
     device: BigDevice,
@@ -162,7 +144,7 @@ async def _link(
 ) -> tuple[ExportEndpoint, str]:
     port = await device.start()
     ep: ExportEndpoint = await make_endpoint(pki.devhost, TcpSource("127.0.0.1", port))
-    vm, probe = await _running_vm(qemu, make_vm)
+    vm, probe = await running_vm(qemu, make_vm, ("-global", "usb-redir.debug=4"))
     tls_dir: Path = pki.qemu_dir(pki.vmhost, "vmhost")
     await vm.attach(DEV, UsbRedirSpec("127.0.0.1", ep.address[1], "devhost", str(tls_dir)))
     await asyncio.wait_for(device.answered.wait(), 15)
