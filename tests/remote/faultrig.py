@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.qemu_proc import QemuProcess
+from tests.support.remoterig import vmhost_config
 from tests.support.usbredir_device import CAPS, HELLO, announce
 from tests.support.vmplugproc import VMPLUG, Proc, wait
 from vmplug.remote import certs
@@ -364,10 +365,7 @@ class FaultRig:
             self.tmp,
             me,
             "minimal",
-            f'[vm.guest]\nqmp = "{qemu.qmp_paths[0]}"\n\n'
-            f'[[rule]]\nattach = "guest"\nmatch = \'via-host "devhost"\'\n\n'
-            f'[host.devhost]\naddress = "{dev_ip}"\napi_port = {API_PORT}\n'
-            f'certs = "{self.certs[me]}"\nme = "{me}"\n',
+            vmhost_config(qemu.qmp_paths[0], dev_ip, API_PORT, self.certs[me], me),
             ns,
         )
         self._stack.callback(proc.close)

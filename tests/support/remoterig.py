@@ -30,6 +30,18 @@ PORT = "2-2.4.2"
 VM_HOSTS = ("vmhost-a", "vmhost-b")
 
 
+def vmhost_config(qmp: str | Path, address: str, api_port: int, certs_dir: Path, me: str) -> str:
+    """A VM host's config: one VM, a rule that sends every device of
+    ``devhost`` to it, and ``[host.devhost]`` with the address, the API port
+    and VM host ``me``'s certificates."""
+    return (
+        f'[vm.guest]\nqmp = "{qmp}"\n\n'
+        f'[[rule]]\nattach = "guest"\nmatch = \'via-host "devhost"\'\n\n'
+        f'[host.devhost]\naddress = "{address}"\napi_port = {api_port}\n'
+        f'certs = "{certs_dir}"\nme = "{me}"\n'
+    )
+
+
 class RemoteRig:
     """The PKI, the device host and up to two VM hosts with their QEMUs."""
 
@@ -70,10 +82,8 @@ class RemoteRig:
             self.tmp,
             me,
             "minimal",
-            extra + f'[vm.guest]\nqmp = "{qemu.qmp_paths[0]}"\n\n'
-            f'[[rule]]\nattach = "guest"\nmatch = \'via-host "devhost"\'\n\n'
-            f'[host.devhost]\naddress = "127.0.0.1"\napi_port = {self.api_port}\n'
-            f'certs = "{self.certs[me]}"\nme = "{me}"\n',
+            extra
+            + vmhost_config(qemu.qmp_paths[0], "127.0.0.1", self.api_port, self.certs[me], me),
         )
         self.vmhosts[me] = proc
         self.procs.append(proc)
