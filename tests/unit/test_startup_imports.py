@@ -8,11 +8,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.support.vmplugproc import free_port
 from tests.support.vmrig import stop_process
@@ -70,7 +73,7 @@ def test_run_without_export_loads_no_cryptography_or_export_side() -> None:
         assert heavy not in loaded, heavy
 
 
-def _daemon_imports(tmp: Path, extra: str = "") -> set[str]:
+def _daemon_imports(tmp: Path, extra: str = "", events: str = "") -> set[str]:
     """Every module a real ``vmplug run`` imported (``python -X importtime``) by the
     time it answered its first request on the unix socket, and had run a second."""
     fifo = tmp / "uevents"
@@ -79,7 +82,8 @@ def _daemon_imports(tmp: Path, extra: str = "") -> set[str]:
     cfg.write_text(f'[vm.a]\nqmp = "{tmp}/absent.sock"\n\n{extra}')
     sock = tmp / "api.sock"
     argv = [sys.executable, "-X", "importtime", "-m", "vmplug", "--sysfs-root", str(MIXED)]
-    argv += ["--config", str(cfg), "run", "--events", f"replay:{fifo}", "--socket", str(sock)]
+    argv += ["--config", str(cfg), "run", "--events", events or f"replay:{fifo}"]
+    argv += ["--socket", str(sock)]
     argv += ["--db", str(tmp / "vmplug.db"), "--log-level", "warning"]
     err = (tmp / "stderr").open("wb")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
@@ -117,6 +121,37 @@ def test_run_serving_only_its_unix_socket_loads_no_aiohttp_or_metrics(tmp_path: 
     for heavy in (*NOT_ASKED, "vmplug.api.metrics", "libvirt", "rich"):
         assert heavy not in loaded, heavy
     assert "vmplug.api.http" in loaded
+
+
+#: what the lab guest's start paid for before its first rescan (issue 16, under TCG:
+#: bench/bench_lab_start.py): pyudev, find_library's ctypes.util (it runs
+#: ``ldconfig -p``), importlib.resources (tempfile, shutil, bz2, lzma)
+NOT_AT_START = ("pyudev", "ctypes.util", "importlib.resources", "tempfile", "bz2", "lzma")
+
+
+def test_run_on_the_kernels_uevents_loads_no_pyudev_or_find_library(tmp_path: Path) -> None:
+    try:
+        socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 15).close()  # NETLINK_KOBJECT_UEVENT
+    except OSError as exc:
+        pytest.skip(f"no uevent netlink socket here: {exc}")
+    loaded = _daemon_imports(tmp_path, events="kernel")
+    assert "vmplug.host.events" in loaded
+    for heavy in NOT_AT_START:
+        assert heavy not in loaded, heavy
+
+
+def test_ctypes_is_loaded_only_to_give_memory_back() -> None:
+    code = (
+        "import sys, vmplug.api.limits as l; before = 'ctypes' in sys.modules; "
+        "print(before, l.give_back_memory(), 'ctypes' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    assert out[0] == "False"  # not at import
+    assert out[2] == "True"  # at the end of a flood
+    if platform.libc_ver()[0] == "glibc":
+        assert out[1] == "True"  # malloc_trim found without find_library
 
 
 def test_run_without_guest_checks_loads_no_doctor(tmp_path: Path) -> None:

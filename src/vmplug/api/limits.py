@@ -25,8 +25,6 @@ with a traceback at ERROR.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import logging
 import socket
@@ -264,10 +262,15 @@ _TRIM: list[Any] = []
 
 
 def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up in the symbols this process already has
+    (``dlopen(NULL)``: no ``find_library``, which runs ``ldconfig -p``); ctypes is
+    imported here, at the end of a flood, not by every daemon's start (issue 16:
+    ~0.2 s of the lab guest's start under TCG)."""
     if not _TRIM:
-        name = ctypes.util.find_library("c")
+        import ctypes  # noqa: PLC0415
+
         try:
-            libc = ctypes.CDLL(name)
+            libc = ctypes.CDLL(None)
             fn = libc.malloc_trim
             fn.argtypes = [ctypes.c_size_t]
             fn.restype = ctypes.c_int

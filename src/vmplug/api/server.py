@@ -38,7 +38,6 @@ import ssl
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,6 +165,10 @@ def _query_int(request: Request, key: str, default: int, lo: int, hi: int) -> in
 
 
 def _asset(name: str) -> bytes:
+    # importlib.resources (tempfile, shutil, bz2, lzma) on the web page's first
+    # request, not at every daemon's start (issue 16: lab guest under TCG)
+    from importlib import resources  # noqa: PLC0415
+
     return resources.files("vmplug.api").joinpath("static", name).read_bytes()
 
 
@@ -190,7 +193,7 @@ class Api:
         #: the unix socket's open connections (closed by :meth:`stop`)
         self._conns: set[Connection] = set()
         self._bad = BadRequests()
-        self._openapi = json.dumps(document()).encode()
+        self._openapi: bytes | None = None  # built on its first request
         self._assets: dict[str, bytes] = {}
         self._memo: dict[int, tuple[UsbDevice, dict[str, Any]]] = {}
         self.metrics: Any = None
@@ -631,6 +634,8 @@ class Api:
         return json_response(listing, headers={"ETag": tag, "Cache-Control": "no-cache"})
 
     async def openapi(self, request: Request) -> Response:
+        if self._openapi is None:
+            self._openapi = json.dumps(document()).encode()
         return Response(body=self._openapi, content_type="application/json")
 
     async def metrics_page(self, request: Request) -> Response:

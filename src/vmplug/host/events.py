@@ -5,8 +5,10 @@ from sysfs (or forgets it on ``remove``) and recomputes what it wants.  A lost
 message is therefore harmless as long as vmplug notices the loss: the netlink
 socket reports it as ``ENOBUFS``, and the daemon answers with a full rescan.
 
-:class:`NetlinkEventSource` reads the kernel's or udevd's uevents through a
-pyudev ``Monitor`` driven by the asyncio loop (``add_reader``, no thread).
+:class:`NetlinkEventSource` reads the kernel's uevents from a netlink socket
+of its own (:class:`KernelUevents`: the kernel's wire format is NUL-separated
+``KEY=VALUE`` lines) or udevd's through a pyudev ``Monitor``, driven by the
+asyncio loop (``add_reader``, no thread).
 :class:`ReplayEventSource` reads the same events, recorded from a real kernel,
 from a FIFO or file as JSON lines: it stands in for a kernel on hosts without
 USB (tests and CI), never in production.
@@ -20,6 +22,7 @@ import errno
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +99,80 @@ def _drain(receive: Callable[[], Any]) -> int:
         n += 1
 
 
+#: linux/netlink.h
+NETLINK_KOBJECT_UEVENT = 15
+#: the kernel's multicast group on it (udevd re-sends on group 2, libudev's format)
+KERNEL_GROUP = 1
+#: linux/socket.h SO_RCVBUFFORCE (past rmem_max; needs CAP_NET_ADMIN)
+SO_RCVBUFFORCE = 33
+#: one uevent is at most UEVENT_BUFFER_SIZE (2048) bytes of environment plus its header
+UEVENT_MAX = 8192
+
+
+def parse_uevent(data: bytes) -> dict[str, str] | None:
+    """The properties of one kernel uevent message (``ACTION@DEVPATH`` then
+    NUL-separated ``KEY=VALUE``), or None for anything else (libudev's own
+    format, which starts ``libudev``, or a message without a header)."""
+    header, _, body = data.partition(b"\0")
+    if b"@" not in header or header.startswith(b"libudev"):
+        return None
+    props: dict[str, str] = {}
+    for field in body.split(b"\0"):
+        key, eq, value = field.partition(b"=")
+        if eq and key:
+            props[key.decode("ascii", "replace")] = value.decode("utf-8", "replace")
+    return props
+
+
+class KernelUevents:
+    """The kernel's uevent netlink socket, read without libudev.
+
+    pyudev cost the daemon's start ~0.3 s in the lab guest under TCG (its
+    import, ctypes, ``find_library`` running ``ldconfig -p``, libudev's
+    loading) for a socket, a bind and NUL-separated lines.  Only the kernel's
+    own messages are taken (sender port 0, as libudev checks); the receive
+    buffer is set as libudev sets it (``SO_RCVBUFFORCE``, else ``SO_RCVBUF``).
+    An overflow is :func:`socket.recv`'s ``OSError`` with ``ENOBUFS``.
+    """
+
+    def __init__(self, receive_buffer: int) -> None:
+        self._sock = socket.socket(
+            socket.AF_NETLINK,
+            socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            NETLINK_KOBJECT_UEVENT,
+        )
+        try:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, receive_buffer)
+            except OSError:  # no CAP_NET_ADMIN: as much as rmem_max allows
+                with contextlib.suppress(OSError):
+                    self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            self._sock.bind((0, KERNEL_GROUP))
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def receive(self) -> dict[str, str] | None:
+        """The next kernel uevent's properties; None when the socket holds none.
+        Raises ``OSError`` (``ENOBUFS``: uevents were lost)."""
+        while True:
+            try:
+                data, (sender, _groups) = self._sock.recvfrom(UEVENT_MAX)
+            except (BlockingIOError, InterruptedError):
+                return None
+            if sender != 0:
+                continue  # not the kernel's: another process on the group
+            props = parse_uevent(data)
+            if props is not None:
+                return props
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 def udevd_running(run_dir: Path = Path("/run/udev")) -> bool:
     """udevd creates its control socket here while it runs."""
     return (run_dir / "control").exists()
@@ -122,7 +199,9 @@ class NetlinkEventSource:
             if self.source == "udev"
             else "kernel uevents (no udevd: raw netlink)"
         )
+        #: the socket read: a KernelUevents, or pyudev's Monitor for udevd's events
         self._monitor: Any = None
+        self._close: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: ENOBUFS the kernel reported on this socket so far
         self.overflows = 0
@@ -138,29 +217,19 @@ class NetlinkEventSource:
         return self.RECEIVE_BUFFER
 
     def start(self, on_event: EventCallback, on_overflow: OverflowCallback) -> None:
-        import pyudev  # noqa: PLC0415 - the daemon needs it, `vmplug list` does not
-
-        context = pyudev.Context()
-        monitor = pyudev.Monitor.from_netlink(context, source=self.source)
-        monitor.filter_by(subsystem="usb", device_type="usb_device")
-        with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN past rmem_max
-            monitor.set_receive_buffer_size(self.receive_buffer())
-        monitor.start()
-        self._monitor = monitor
+        receive: Callable[[], Mapping[str, str] | None]
+        if self.source == "kernel":
+            kernel = KernelUevents(self.receive_buffer())
+            self._monitor, self._close = kernel, kernel.close
+            receive = kernel.receive
+        else:
+            receive = self._udev_monitor()
         self._loop = asyncio.get_running_loop()
-
-        # Read with libudev's receive (a non-blocking recvmsg), not pyudev's
-        # poll(): after an overflow the socket polls as POLLERR, which poll()
-        # turns into an OSError without an errno (the ENOBUFS is never read
-        # and the socket stays in error: every later uevent would be missed).
-        receive: Callable[[], Any] = getattr(
-            monitor, "_receive_device", lambda: monitor.poll(timeout=0)
-        )
 
         def readable() -> None:
             while True:
                 try:
-                    device = receive()
+                    props = receive()
                 except OSError as exc:
                     if exc.errno == errno.ENOBUFS:
                         # the kernel dropped uevents: what the devices are now
@@ -182,20 +251,51 @@ class NetlinkEventSource:
                     if exc.errno in (errno.EAGAIN, errno.EINTR):
                         return
                     raise
-                if device is None:
+                if props is None:
                     return
-                props = dict(device.properties)
-                props.setdefault("ACTION", device.action or "change")
                 event = HostEvent.from_properties(props)
                 if event is not None:
                     on_event(event)
 
-        self._loop.add_reader(monitor.fileno(), readable)
+        self._loop.add_reader(self._monitor.fileno(), readable)
+
+    def _udev_monitor(self) -> Callable[[], Mapping[str, str] | None]:
+        """udevd's events through a pyudev ``Monitor`` (libudev's format, its
+        socket filter on subsystem/devtype); a reader of their properties."""
+        import pyudev  # noqa: PLC0415 - only udevd's events need it
+
+        context = pyudev.Context()
+        monitor = pyudev.Monitor.from_netlink(context, source=self.source)
+        monitor.filter_by(subsystem="usb", device_type="usb_device")
+        with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN past rmem_max
+            monitor.set_receive_buffer_size(self.receive_buffer())
+        monitor.start()
+        self._monitor, self._close = monitor, None
+
+        # Read with libudev's receive (a non-blocking recvmsg), not pyudev's
+        # poll(): after an overflow the socket polls as POLLERR, which poll()
+        # turns into an OSError without an errno (the ENOBUFS is never read
+        # and the socket stays in error: every later uevent would be missed).
+        receive_device: Callable[[], Any] = getattr(
+            monitor, "_receive_device", lambda: monitor.poll(timeout=0)
+        )
+
+        def receive() -> dict[str, str] | None:
+            device = receive_device()
+            if device is None:
+                return None
+            props = dict(device.properties)
+            props.setdefault("ACTION", device.action or "change")
+            return props
+
+        return receive
 
     def stop(self) -> None:
         if self._monitor is not None and self._loop is not None:
             self._loop.remove_reader(self._monitor.fileno())
-            self._monitor = None
+            if self._close is not None:
+                self._close()
+            self._monitor = self._close = None
 
 
 class ReplayEventSource:
