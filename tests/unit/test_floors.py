@@ -135,7 +135,8 @@ async def test_udev_monitor_starts_and_stops_on_a_real_netlink_socket() -> None:
     except OSError as exc:
         pytest.skip(f"no uevent netlink socket here: {exc}")
     events: list[object] = []
-    src = NetlinkEventSource(source="kernel")
+    # pyudev's Monitor reads udevd's events; the kernel's come through vmplug's own socket
+    src = NetlinkEventSource(source="udev")
     src.start(events.append, lambda: None)
     try:
         monitor = src._monitor

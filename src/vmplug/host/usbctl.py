@@ -46,8 +46,8 @@ Nothing here decides *whether* to act; the ladder does.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
+import functools
 import os
 import re
 import time
@@ -57,6 +57,10 @@ from pathlib import Path
 
 from vmplug.errors import VmplugError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ctypes
+
 #: _IO('U', 20) from <linux/usbdevice_fs.h>
 USBDEVFS_RESET = 0x5514
 #: _IOWR('U', 0, struct usbdevfs_ctrltransfer) on a 64-bit kernel (24 bytes)
@@ -64,16 +68,24 @@ USBDEVFS_CONTROL = 0xC0185500
 _PCI_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 
-class _CtrlTransfer(ctypes.Structure):
-    _fields_ = (
-        ("bRequestType", ctypes.c_uint8),
-        ("bRequest", ctypes.c_uint8),
-        ("wValue", ctypes.c_uint16),
-        ("wIndex", ctypes.c_uint16),
-        ("wLength", ctypes.c_uint16),
-        ("timeout", ctypes.c_uint32),
-        ("data", ctypes.c_void_p),
-    )
+@functools.cache
+def _ctrl_transfer() -> type[ctypes.Structure]:
+    """``struct usbdevfs_ctrltransfer``, built at first use: ctypes is ~0.1 s of
+    ``vmplug run``'s start in the lab guest under TCG, and only a rung needs it."""
+    import ctypes  # noqa: PLC0415
+
+    class CtrlTransfer(ctypes.Structure):
+        _fields_ = (
+            ("bRequestType", ctypes.c_uint8),
+            ("bRequest", ctypes.c_uint8),
+            ("wValue", ctypes.c_uint16),
+            ("wIndex", ctypes.c_uint16),
+            ("wLength", ctypes.c_uint16),
+            ("timeout", ctypes.c_uint32),
+            ("data", ctypes.c_void_p),
+        )
+
+    return CtrlTransfer
 
 
 _PORT_RE = re.compile(r"^(\d+)-(\d+(?:\.\d+)*)$")
@@ -136,8 +148,10 @@ def _write(path: Path, value: str) -> None:
 def control_in(node: Path, request_type: int, request: int, value: int, index: int,
                length: int, timeout_ms: int = 1000) -> bytes:  # fmt: skip
     """One IN control transfer on a device's endpoint 0 through its usbfs node."""
+    import ctypes  # noqa: PLC0415 - see _ctrl_transfer
+
     buf = ctypes.create_string_buffer(length)
-    xfer = _CtrlTransfer(request_type, request, value, index, length, timeout_ms,
+    xfer = _ctrl_transfer()(request_type, request, value, index, length, timeout_ms,
                          ctypes.cast(buf, ctypes.c_void_p))  # fmt: skip
     try:
         fd = os.open(node, os.O_RDWR | os.O_CLOEXEC)
