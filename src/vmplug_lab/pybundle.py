@@ -23,16 +23,27 @@ the host's file is untouched), which only that interpreter's ``site`` reads.
 
 The bundle is a snapshot taken at boot: a source file edited on the host while
 a guest runs is seen by that guest only after its next boot.
+
+Its bytecode is current whatever the host's ``__pycache__`` holds: a ``.py``
+whose cached ``.pyc`` does not match it (edited since, and the host's Python
+writes no bytecode: ``PYTHONDONTWRITEBYTECODE``) gets a ``.pyc`` compiled for
+the bundle alone (:func:`fresh_bytecode`).  Without that the guest compiled
+every edited module at its first import after each boot (and over the share,
+where it cannot write, at every start): the first ``vmplug run`` of a boot
+paid for it under TCG.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import py_compile
 import subprocess
 import sys
 import sysconfig
 import tarfile
+import tempfile
 from pathlib import Path
 
 #: What the daemon imports, eagerly or on its first pass (API, metrics, QMP,
@@ -118,13 +129,61 @@ def collect(
     return files
 
 
-def build(dest: Path, python: str = sys.executable) -> int:
+def _bytecode_current(source: Path, cached: Path) -> bool:
+    """Whether ``cached`` is the timestamp-checked bytecode the import system
+    would take for ``source`` (magic number, source mtime and size)."""
+    try:
+        head = cached.read_bytes()[:16]
+        st = source.stat()
+    except OSError:
+        return False
+    return (
+        len(head) == 16
+        and head[:4] == importlib.util.MAGIC_NUMBER
+        and int.from_bytes(head[4:8], "little") == 0  # timestamp-based, not hash-based
+        and int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+        and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF
+    )
+
+
+def fresh_bytecode(files: dict[str, str], out: Path) -> int:
+    """Give every ``.py`` of ``files`` (archive name -> host file) a current
+    ``__pycache__`` ``.pyc`` for this interpreter: the host's where it is
+    current, else one compiled into ``out``; the number compiled.  A file
+    that does not compile (a template, another Python's code) keeps none, as
+    the import system would."""
+    tag = sys.implementation.cache_tag or "cpython"
+    compiled = 0
+    for arcname, src in list(files.items()):
+        if not arcname.endswith(".py"):
+            continue
+        head, _, name = arcname.rpartition("/")
+        cache_arc = f"{head + '/' if head else ''}__pycache__/{name[:-3]}.{tag}.pyc"
+        cached = files.get(cache_arc)
+        if cached is not None and _bytecode_current(Path(src), Path(cached)):
+            continue
+        target = out / cache_arc
+        try:
+            py_compile.compile(src, cfile=str(target), doraise=True)
+        except (py_compile.PyCompileError, OSError, ValueError):
+            files.pop(cache_arc, None)
+            continue
+        files[cache_arc] = str(target)
+        compiled += 1
+    return compiled
+
+
+def build(
+    dest: Path, python: str = sys.executable, entries: tuple[str, ...] = ENTRY_MODULES
+) -> int:
     """Write the bundle tar at ``dest``; the number of files in it."""
-    files = collect(python)
+    files = collect(python, entries)
     tmp = dest.with_name(dest.name + ".part")
-    with tarfile.open(tmp, "w") as tar:
-        for arcname, src in sorted(files.items()):
-            tar.add(src, arcname=arcname, recursive=False)  # mtimes kept: the .pyc stay valid
+    with tempfile.TemporaryDirectory(prefix="vmplug-bundle-pyc-") as pyc:
+        fresh_bytecode(files, Path(pyc))
+        with tarfile.open(tmp, "w") as tar:
+            for arcname, src in sorted(files.items()):
+                tar.add(src, arcname=arcname, recursive=False)  # mtimes kept: the .pyc stay valid
     tmp.replace(dest)
     return len(files)
 
