@@ -21,8 +21,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError, Runstate, StateError
 from qemu.qmp.message import Message
+from qemu.qmp.models import ErrorResponse
+from qemu.qmp.qmp_client import BadReplyError
 
 from vmplug.wire._sync import LoopThread
 from vmplug.wire.errors import AddressError, CommandError, WireError, WireTimeout
@@ -98,6 +100,32 @@ class Client(QMPClient):
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug("<-- %s", msg)
         return msg
+
+    async def execute(
+        self, cmd: str, arguments: Mapping[str, object] | None = None, oob: bool = False
+    ) -> object:
+        """:meth:`QMPClient.execute` with the command serialized once, not
+        three times (``make_execute_msg`` and ``execute_msg``'s copy each
+        encode it eagerly, and the exec id then makes both stale): a tenth of
+        a command's CPU in the daemon (500 ``device_add`` at start)."""
+        if self.runstate is not Runstate.RUNNING:
+            raise StateError(
+                f"{type(self).__name__} is not connected", self.runstate, Runstate.RUNNING
+            )
+        body: dict[str, object] = {"exec-oob" if oob else "execute": cmd}
+        if arguments is not None:
+            body["arguments"] = arguments
+        msg = Message(body, eager=False)
+        reply = await self._execute(msg)
+        if "error" in reply:
+            try:
+                error_response = ErrorResponse(reply)
+            except (KeyError, TypeError) as err:
+                raise BadReplyError("QMP error reply is malformed", reply, msg) from err
+            raise ExecuteError(error_response, msg, reply)
+        if "return" not in reply:
+            raise BadReplyError("QMP reply is missing a 'error' or 'return' member", reply, msg)
+        return reply["return"]
 
     def _get_exec_id(self) -> str:
         # QEMU up to 10.0 reads a monitor's input one byte per main-loop
