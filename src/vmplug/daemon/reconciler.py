@@ -611,6 +611,13 @@ class Daemon:
             self._spawn(self._observe_later(name, delay))
             return
         self._observe_failures.pop(name, None)
+        if not self._inventory_ready.is_set() and self._may_attach_to(name):
+            # At start, while the tree is read: the USB bus lookup the first
+            # attach needs (3 qom-lists, QEMU CPU) overlaps the read instead
+            # of coming after it; the attaches wait for it if it is not done.
+            prepare = getattr(vm, "prepare_attach", None)
+            if prepare is not None:
+                self._spawn(prepare())
         await self._inventory_ready.wait()  # at start: adoption needs the devices
         held: dict[str, Attachment] = {}
         for dev_id, obs in raw.items():
@@ -639,6 +646,10 @@ class Daemon:
                         result=Result.OK,
                     )
         self.mark_dirty()
+
+    def _may_attach_to(self, vm: str) -> bool:
+        """A rule or an override can send a device to ``vm``."""
+        return any(r.attach == vm for r in self.config.rules) or vm in self.overrides.values()
 
     async def _start_vm(self, vm: VmConfig) -> None:
         backend = self.vm_factory(vm, self.on_vm_change)

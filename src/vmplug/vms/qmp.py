@@ -39,6 +39,7 @@ from vmplug.vms.base import (
     OnVmEvent,
     UsbBus,
     UsbControllerKind,
+    UsbHostSpec,
     UsbRedirSpec,
     VmConfigError,
     VmDisconnected,
@@ -242,6 +243,9 @@ class QmpVm(Notifier):
         self._generation = 0
         self._bus: str | None = None
         self._bus_lock = asyncio.Lock()
+        #: the last /machine/peripheral listing observe_bindings() read, with its
+        #: generation: prepare_attach() looks for controllers in it, not again
+        self._peripheral: tuple[int, list[Any]] | None = None
         # attaches of several devices of one device host run at once: one makes
         # the host's TLS credentials object, the others wait for it
         self._tls_lock = asyncio.Lock()
@@ -325,6 +329,8 @@ class QmpVm(Notifier):
         async with self._session() as client:
             generation = self._generation
             children = await self._qom_list(client, PERIPHERAL)
+            if not self.shared:
+                self._peripheral = (generation, children)
             known: dict[str, _BindingKey] = {}
             todo: list[str] = []
             redirs: list[str] = []
@@ -460,22 +466,29 @@ class QmpVm(Notifier):
         if isinstance(spec, UsbRedirSpec):
             await self._attach_redir(dev_id, spec)
             return
-        async with self._session() as client:
-            bus = await self._resolve_bus(client)
-            args: dict[str, object] = {"driver": "usb-host", "id": dev_id, "bus": bus}
-            args.update(spec.qmp_args())
-            generation = self._generation
-            await self._exec(client, "device_add", args)
-            if not self.shared and generation == self._generation and "/" not in bus:
-                # Match properties are what device_add stored; only `attached` moves.
-                self._static[f"{PERIPHERAL}/{dev_id}"] = _Static(
-                    hostbus=spec.hostbus,
-                    hostaddr=spec.hostaddr,
-                    hostport=spec.hostport,
-                    vendorid=spec.vendorid,
-                    productid=spec.productid,
-                    bus=bus,
-                )
+        if self.shared:
+            async with self._session() as client:
+                await self._attach_host(client, dev_id, spec)
+            return
+        # the long-lived session: no context manager per device (500 at start)
+        await self._attach_host(self._owned_client(), dev_id, spec)
+
+    async def _attach_host(self, client: _Client, dev_id: str, spec: UsbHostSpec) -> None:
+        bus = await self._resolve_bus(client)
+        args: dict[str, object] = {"driver": "usb-host", "id": dev_id, "bus": bus}
+        args.update(spec.qmp_args())
+        generation = self._generation
+        await self._exec(client, "device_add", args)
+        if not self.shared and generation == self._generation and "/" not in bus:
+            # Match properties are what device_add stored; only `attached` moves.
+            self._static[f"{PERIPHERAL}/{dev_id}"] = _Static(
+                hostbus=spec.hostbus,
+                hostaddr=spec.hostaddr,
+                hostport=spec.hostport,
+                vendorid=spec.vendorid,
+                productid=spec.productid,
+                bus=bus,
+            )
 
     async def _attach_redir(self, dev_id: str, spec: UsbRedirSpec) -> None:
         """A remote device: the device host's TLS credentials (once per host),
@@ -643,13 +656,17 @@ class QmpVm(Notifier):
 
     # -- sessions -----------------------------------------------------------
 
+    def _owned_client(self) -> _Client:
+        """The long-lived session's client, or VmDisconnected."""
+        client = self._client
+        if client is None or client.runstate is not Runstate.RUNNING:
+            raise VmDisconnected(self.name, f"not connected to {self.address}")
+        return client
+
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[_Client]:
         if not self.shared:
-            client = self._client
-            if client is None or client.runstate is not Runstate.RUNNING:
-                raise VmDisconnected(self.name, f"not connected to {self.address}")
-            yield client
+            yield self._owned_client()
             return
         async with self._shared_lock:
             client = await self._open_shared()
@@ -779,6 +796,7 @@ class QmpVm(Notifier):
         self._bindings.clear()
         self._generation += 1
         self._bus = None
+        self._peripheral = None
         for waiters in self._deleted.values():
             for fut in waiters:
                 if not fut.done():
@@ -838,7 +856,9 @@ class QmpVm(Notifier):
         self, client: _Client, cmd: str, args: Mapping[str, object] | None = None
     ) -> object:
         try:
-            return await asyncio.wait_for(self._bounded(client, cmd, args), self.command_timeout)
+            # asyncio.timeout, not wait_for: no task of its own per command
+            async with asyncio.timeout(self.command_timeout):
+                return await self._bounded(client, cmd, args)
         except ExecuteError as exc:
             raise VmError(self.name, f"{cmd}: {exc}", qmp_class=exc.error_class) from exc
         except TimeoutError:
@@ -1018,9 +1038,19 @@ class QmpVm(Notifier):
             raise
         return _observed(key, path, static, attached)
 
-    async def _find_buses(self, client: _Client) -> list[UsbBus]:
+    async def _find_buses(
+        self, client: _Client, peripheral: list[Any] | None = None
+    ) -> list[UsbBus]:
+        """Every USB bus; ``peripheral``: /machine/peripheral's children, when
+        they were just listed."""
         containers = (PERIPHERAL, PERIPHERAL_ANON, UNATTACHED)
-        listings = await asyncio.gather(*(self._qom_list(client, c) for c in containers))
+        listings = await asyncio.gather(
+            *(
+                self._listed(peripheral) if c == PERIPHERAL and peripheral is not None
+                else self._qom_list(client, c)
+                for c in containers
+            )
+        )  # fmt: skip
         controllers: list[tuple[str, str]] = []
         for container, children in zip(containers, listings, strict=True):
             for child in children:
@@ -1036,6 +1066,31 @@ class QmpVm(Notifier):
                 if _child_type(child) == "usb-bus"
             )
         return sorted(buses, key=lambda b: b.name)
+
+    @staticmethod
+    async def _listed(children: list[Any]) -> list[Any]:
+        return children
+
+    async def prepare_attach(self) -> None:
+        """Look up the USB bus :meth:`attach` uses now, once per session, so the
+        first attach does not wait for it (the daemon calls this while it reads
+        the host's devices: QEMU's work then overlaps the read).  Reuses the
+        /machine/peripheral listing :meth:`observe_bindings` just read.  Adds no
+        controller and raises nothing: an attach that needs the bus looks again
+        and says what is wrong."""
+        if self.shared or self.usb_bus_config or self._bus is not None:
+            return
+        with contextlib.suppress(VmError):
+            async with self._bus_lock:
+                if self._bus is not None:
+                    return
+                client = self._owned_client()
+                generation = self._generation
+                listed = self._peripheral
+                peripheral = listed[1] if listed and listed[0] == generation else None
+                buses = await self._find_buses(client, peripheral)
+                if buses and generation == self._generation:
+                    self._bus = pick_usb_bus(self.name, buses).name
 
     async def _resolve_bus(self, client: _Client) -> str:
         if self.usb_bus_config:
