@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vmplug.history.store import ActionKind, EventKind, Result, Store
@@ -118,6 +118,21 @@ class Journal:
                 f"action {kind.value}",
                 lambda: store.record_action(kind.value, identity=who, ts=ts, **base),
             )
+
+    def seen(self, kind: EventKind, devices: Sequence[tuple[UsbDevice, str | None]]) -> None:
+        """:meth:`remember` and :meth:`event` (``identity``, ``port``, ``vm``) for
+        each ``(device, vm)``, in order: a rescan's snapshot, written as two
+        statements instead of two per device (500 devices at start)."""
+        ts = time.time()
+        rows = [(dev.identity, dev.port, vm) for dev, vm in devices]
+        if self.listeners:
+            for identity, port, vm in rows:
+                fields = {"identity": identity, "port": port, "vm": vm, "detail": None}
+                self._publish({"type": "event", "kind": kind.value, "ts": ts, **fields})
+        if self.store is not None and rows:
+            store, devs = self.store, [dev for dev, _ in devices]
+            self._write("devices", lambda: store.remember_devices(devs, ts=ts))
+            self._write(f"event {kind.value}", lambda: store.record_events(kind.value, rows, ts=ts))
 
     def remember(self, dev: UsbDevice) -> None:
         """Keep the device's summary under its identity (the history's names)."""

@@ -291,8 +291,10 @@ class Daemon:
         # one transaction for the whole snapshot, not one commit per device
         with self.journal.batch():
             self.journal.event(EventKind.RESCAN, detail={"devices": len(self.inventory)})
-            for dev in self.inventory.values():
-                self._saw(dev, EventKind.DEVICE_ADD)
+            self.journal.seen(
+                EventKind.DEVICE_ADD,
+                [(d, target(d, self.config, self.overrides)) for d in self.inventory.values()],
+            )
         log.info("rescan: %d USB devices", len(self.inventory))
         self._inventory_ready.set()
         self.mark_dirty()

@@ -47,7 +47,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -434,11 +434,7 @@ class Store:
         ts: float | None = None,
     ) -> int:
         """Append an event; returns its id (the journal order)."""
-        kind = str(kind)
-        if not _KIND_RE.match(kind):
-            raise ValueError(f"bad event kind {kind!r}: lowercase words joined by '-'")
-        if kind in _ACTION_KINDS:
-            raise ValueError(f"{kind!r} is an action kind: use record_action")
+        kind = self._event_kind(kind)
         detail_json = (
             json.dumps(dict(detail), sort_keys=True, separators=(",", ":"), default=str)
             if detail
@@ -496,24 +492,53 @@ class Store:
 
     def remember_device(self, device: UsbDevice, *, ts: float | None = None) -> None:
         """Keep the device's last known summary under its identity."""
+        self.remember_devices((device,), ts=ts)
+
+    def remember_devices(self, devices: Iterable[UsbDevice], *, ts: float | None = None) -> None:
+        """:meth:`remember_device` for many devices in one statement (a rescan's
+        500 devices: one ``executemany``, each summary built once)."""
         now = time.time() if ts is None else ts
-        summary = device_summary(device)
-        self._db.execute(
-            "INSERT INTO devices (identity, first_seen, last_seen, port, vidpid, qemu_id, summary) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (identity) DO UPDATE SET last_seen = excluded.last_seen, "
-            "port = excluded.port, vidpid = excluded.vidpid, qemu_id = excluded.qemu_id, "
-            "summary = excluded.summary",
-            (
-                device.identity,
-                now,
-                now,
-                device.port,
-                device.vidpid,
-                device.qemu_id,
-                json.dumps(summary, sort_keys=True, separators=(",", ":")),
-            ),
+        rows = []
+        for device in devices:
+            summary = device_summary(device)
+            rows.append(
+                (
+                    summary["identity"],
+                    now,
+                    now,
+                    device.port,
+                    summary["vidpid"],
+                    summary["qemu_id"],
+                    json.dumps(summary, sort_keys=True, separators=(",", ":")),
+                )
+            )
+        self._db.executemany(_REMEMBER, rows)
+
+    def record_events(
+        self,
+        kind: str,
+        rows: Iterable[tuple[str | None, str | None, str | None]],
+        *,
+        ts: float | None = None,
+    ) -> None:
+        """Append one event of ``kind`` per ``(identity, port, vm)``, in order,
+        with no detail, in one statement (a rescan's ``device-add`` events)."""
+        kind = self._event_kind(kind)
+        now = time.time() if ts is None else ts
+        self._db.executemany(
+            "INSERT INTO journal (ts, entry, kind, identity, vm, port) "
+            "VALUES (?, 'event', ?, ?, ?, ?)",
+            [(now, kind, identity, vm, port) for identity, port, vm in rows],
         )
+
+    @staticmethod
+    def _event_kind(kind: str) -> str:
+        kind = str(kind)
+        if not _KIND_RE.match(kind):
+            raise ValueError(f"bad event kind {kind!r}: lowercase words joined by '-'")
+        if kind in _ACTION_KINDS:
+            raise ValueError(f"{kind!r} is an action kind: use record_action")
+        return kind
 
     def prune(self, before: float) -> int:
         """Delete journal rows older than ``before`` (unix time); returns how many.
@@ -619,6 +644,13 @@ class Store:
 
 
 _ACTION_KINDS = frozenset(k.value for k in ActionKind)
+_REMEMBER = (
+    "INSERT INTO devices (identity, first_seen, last_seen, port, vidpid, qemu_id, summary) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (identity) DO UPDATE SET last_seen = excluded.last_seen, "
+    "port = excluded.port, vidpid = excluded.vidpid, qemu_id = excluded.qemu_id, "
+    "summary = excluded.summary"
+)
 
 
 def _split_sql(script: str) -> list[str]:
