@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+
+TYPE_CHECKING = False  # `vmplug list --json` imports this module: typing costs a few ms
+if TYPE_CHECKING:
+    from typing import Any
 
 #: Prefix of every QEMU device id vmplug creates (:attr:`UsbDevice.qemu_id`);
 #: the one definition (the VM side reads it through :mod:`vmplug.vms.base`).
@@ -31,6 +34,12 @@ class TransferType(IntEnum):
     ISOCHRONOUS = 1
     BULK = 2
     INTERRUPT = 3
+
+
+#: TransferType by bmAttributes & 3 (an index, not a call of the enum: to_json asks per endpoint).
+_TRANSFER_TYPES = tuple(TransferType)
+#: Each one's name in ``--json`` output.
+_TRANSFER_NAMES = tuple(t.name.lower() for t in _TRANSFER_TYPES)
 
 
 #: Link speeds the kernel reports in ``speed`` (Mbit/s).
@@ -63,7 +72,7 @@ class Endpoint:
 
     @property
     def transfer_type(self) -> TransferType:
-        return TransferType(self.attributes & 0x03)
+        return _TRANSFER_TYPES[self.attributes & 0x03]
 
     def bytes_per_interval(self, speed_mbps: float | None) -> int:
         """Payload bytes the endpoint may move in one service interval."""
@@ -98,13 +107,15 @@ class Endpoint:
         return self.bytes_per_interval(speed_mbps) * 8 / self.interval_seconds(speed_mbps)
 
     def to_json(self, speed_mbps: float | None) -> dict[str, Any]:
+        address, kind = self.address, self.attributes & 0x03
         return {
-            "address": f"0x{self.address:02x}",
-            "direction": self.direction,
-            "type": self.transfer_type.name.lower(),
+            "address": f"0x{address:02x}",
+            "direction": "in" if address & 0x80 else "out",
+            "type": _TRANSFER_NAMES[kind],
             "max_packet_size": self.max_packet_size & 0x07FF,
             "interval": self.interval,
-            "bandwidth_bps": round(self.bandwidth_bps(speed_mbps)),
+            # control and bulk endpoints reserve nothing (bandwidth_bps's 0.0)
+            "bandwidth_bps": round(self.bandwidth_bps(speed_mbps)) if kind & 1 else 0,
         }
 
 
@@ -160,6 +171,11 @@ class Interface:
                 for alt in self.alt_settings
             ],
         }
+
+
+def _qemu_id(identity: str) -> str:
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{ID_PREFIX}{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,8 +296,7 @@ class UsbDevice:
     @property
     def qemu_id(self) -> str:
         """A valid QEMU device id derived from the stable identity."""
-        digest = hashlib.sha256(self.identity.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-        return f"{ID_PREFIX}{digest}"
+        return _qemu_id(self.identity)
 
     @property
     def interface_triples(self) -> tuple[tuple[int, int, int], ...]:
@@ -311,22 +326,36 @@ class UsbDevice:
         speed_out: float | int | None = speed
         if speed is not None and speed.is_integer():
             speed_out = int(speed)
+        vendor_id, product_id, bcd = self.vendor_id, self.product_id, self.bcd_device
+        interfaces = self.interfaces
+        # One pass over the interfaces for is_hub and whether any endpoint is
+        # isochronous (`list --json` asks this of every device; most have none).
+        is_hub = self.device_class == CLASS_HUB
+        iso = False
+        for iface in interfaces:
+            if iface.cls == CLASS_HUB:
+                is_hub = True
+            for alt in iface.alt_settings:
+                for ep in alt.endpoints:
+                    if ep.attributes & 0x03 == TransferType.ISOCHRONOUS:
+                        iso = True
+        identity = self.identity
         return {
             "port": self.port,
             "busnum": self.busnum,
             "devnum": self.devnum,
-            "vendor_id": None if self.vendor_id is None else f"{self.vendor_id:04x}",
-            "product_id": None if self.product_id is None else f"{self.product_id:04x}",
-            "bcd_device": None if self.bcd_device is None else f"{self.bcd_device:04x}",
-            "manufacturer": self.display_manufacturer,
-            "product": self.display_product,
+            "vendor_id": None if vendor_id is None else f"{vendor_id:04x}",
+            "product_id": None if product_id is None else f"{product_id:04x}",
+            "bcd_device": None if bcd is None else f"{bcd:04x}",
+            "manufacturer": self.manufacturer or self.vendor_name,
+            "product": self.product or self.product_name,
             "serial": self.serial,
             "speed_mbps": speed_out,
             "usb_version": self.usb_version,
             "device_class": self.device_class,
             "device_subclass": self.device_subclass,
             "device_protocol": self.device_protocol,
-            "is_hub": self.is_hub,
+            "is_hub": is_hub,
             "num_ports": self.num_ports,
             "removable": self.removable,
             "authorized": self.authorized,
@@ -335,10 +364,10 @@ class UsbDevice:
             "autosuspend_delay_ms": self.autosuspend_delay_ms,
             "driver": self.driver,
             "controller": self.controller,
-            "iso_bandwidth_bps": round(self.iso_bandwidth_bps()),
-            "interfaces": [i.to_json(speed) for i in self.interfaces],
-            "identity": self.identity,
-            "qemu_id": self.qemu_id,
+            "iso_bandwidth_bps": round(self.iso_bandwidth_bps()) if iso else 0,
+            "interfaces": [i.to_json(speed) for i in interfaces],
+            "identity": identity,
+            "qemu_id": _qemu_id(identity),
             "host": self.host,
             "vm": None,
             "warnings": list(self.warnings),

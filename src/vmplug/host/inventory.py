@@ -40,26 +40,34 @@ def name_devices(devices: list[UsbDevice], ids: UsbIds | None = None) -> list[Us
     return out
 
 
-def mark_shared_serials(devices: list[UsbDevice]) -> list[UsbDevice]:
-    """Flag devices whose vid:pid + serial another present device also has."""
+def _serial_unique(devices: list[UsbDevice]) -> list[bool]:
+    """What each device's ``serial_unique`` should be: False when another present
+    device has the same vid:pid and serial."""
     counts: Counter[tuple[int | None, int | None, str | None]] = Counter(
         (d.vendor_id, d.product_id, d.serial) for d in devices if d.serial
     )
-    out = []
-    for dev in devices:
-        shared = bool(dev.serial) and counts[(dev.vendor_id, dev.product_id, dev.serial)] > 1
-        # replace only where the flag differs from the truth
-        out.append(
-            dataclasses.replace(dev, serial_unique=not shared)
-            if shared == dev.serial_unique
-            else dev
-        )
-    return out
+    return [not (d.serial and counts[(d.vendor_id, d.product_id, d.serial)] > 1) for d in devices]
+
+
+def mark_shared_serials(devices: list[UsbDevice]) -> list[UsbDevice]:
+    """Flag devices whose vid:pid + serial another present device also has."""
+    # replace only where the flag differs from the truth
+    return [
+        dev if dev.serial_unique == unique else dataclasses.replace(dev, serial_unique=unique)
+        for dev, unique in zip(devices, _serial_unique(devices), strict=True)
+    ]
 
 
 def read_devices(root: str | Path | None = None) -> list[UsbDevice]:
     """Every USB device under the sysfs root (root hubs included), named."""
-    return mark_shared_serials(name_devices(sysfs.scan(_root(root))))
+    devices = name_devices(sysfs.scan(_root(root)))
+    # As mark_shared_serials, but these objects are this call's own, just made
+    # and seen by nobody yet: set the flag in place instead of copying each one
+    # (a tree of identical devices sharing one serial: ~6-12 ms per 1,000).
+    for dev, unique in zip(devices, _serial_unique(devices), strict=True):
+        if dev.serial_unique != unique:
+            object.__setattr__(dev, "serial_unique", unique)
+    return devices
 
 
 def device_dir(root: str | Path, devpath: str) -> str:

@@ -211,6 +211,12 @@ def _b64sha256(data: bytes) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
+#: What usbguard makes of a descriptors blob it takes: the bytes it hashes (a
+#: Linux root hub's bcdDevice zeroed), idVendor and idProduct as it hashes them,
+#: and the ``with-interface`` list.
+_Guard = tuple[bytes, bytes, tuple[tuple[int, int, int], ...]]
+
+
 def usbguard_hash(
     descriptors: bytes, name: bytes | None, serial: bytes | None
 ) -> tuple[str, tuple[tuple[int, int, int], ...]] | None:
@@ -223,6 +229,26 @@ def usbguard_hash(
     whose descriptors its parser rejects (bad sizes, wrong nesting, trailing
     junk), so it has no hash here either.
     """
+    guard = _usbguard_blob(descriptors)
+    return None if guard is None else _usbguard_digest(guard, name, serial)
+
+
+def _usbguard_digest(
+    guard: _Guard, name: bytes | None, serial: bytes | None
+) -> tuple[str, tuple[tuple[int, int, int], ...]]:
+    """:func:`usbguard_hash` of a device whose descriptors usbguard takes."""
+    hashed, ids, interfaces = guard
+    digest = hashlib.sha256()
+    digest.update(name or b"")
+    digest.update(ids)
+    digest.update(serial or b"")
+    digest.update(hashed)
+    return base64.b64encode(digest.digest()).decode(), interfaces
+
+
+def _usbguard_blob(descriptors: bytes) -> _Guard | None:
+    """The part of :func:`usbguard_hash` the descriptors alone decide (None:
+    usbguard refuses them)."""
     if len(descriptors) < 18 or descriptors[1] != _DT_DEVICE:
         return None
     vendor = int.from_bytes(descriptors[8:10], "little")
@@ -257,12 +283,60 @@ def usbguard_hash(
     # descriptor first, 18 bytes): one update, not one per descriptor.
     if (vendor, product) in _LINUX_ROOT_HUBS:
         descriptors = descriptors[:12] + b"\0\0" + descriptors[14:]
-    digest = hashlib.sha256()
-    digest.update(name or b"")
-    digest.update(f"{vendor:04x}{product:04x}".encode())
-    digest.update(serial or b"")
-    digest.update(descriptors)
-    return base64.b64encode(digest.digest()).decode(), tuple(interfaces)
+    return descriptors, f"{vendor:04x}{product:04x}".encode(), tuple(interfaces)
+
+
+class _Blob:
+    """What a descriptors blob alone gives a device's read."""
+
+    __slots__ = ("guard", "has_strings", "layouts", "parsed", "version")
+
+    def __init__(self, raw: bytes | None) -> None:
+        parsed = _Parsed() if raw is None else parse_descriptors(raw)
+        self.parsed = parsed
+        self.guard = None if raw is None else _usbguard_blob(raw)
+        #: iManufacturer, iProduct, iSerialNumber: 0 means no string, and no file
+        #: (without a device descriptor: look for each)
+        self.has_strings = (
+            (True, True, True)
+            if raw is None or parsed.vendor_id is None
+            else (raw[14] != 0, raw[15] != 0, raw[16] != 0)
+        )
+        #: the USB version as the kernel's ``version`` attribute prints bcdUSB
+        self.version = None if parsed.bcd_usb is None else _bcd(parsed.bcd_usb)
+        #: configuration value -> (interface number, its alternate settings in
+        #: order), in interface number order
+        self.layouts: dict[int, tuple[tuple[int, tuple[AltSetting, ...]], ...]] = {
+            value: tuple(
+                (number, tuple(sorted(cfg[number], key=lambda a: a.alternate)))
+                for number in sorted(cfg)
+            )
+            for value, cfg in parsed.configs.items()
+        }
+
+
+_NO_BLOB = _Blob(None)
+
+#: The :class:`_Blob` of each distinct descriptors blob: every rescan reads the
+#: same devices again, and identical devices (one model of hub, of stick) have
+#: one blob.  Only blobs of up to 4 KiB, at most _BLOBS_MAX of them (then it
+#: starts again): a few hundred KiB at worst.
+_BLOBS: dict[bytes, _Blob] = {}
+_BLOBS_MAX = 256
+
+
+def _blob(raw: bytes | None) -> _Blob:
+    """The :class:`_Blob` of ``raw`` (shared: not to be changed)."""
+    if raw is None:
+        return _NO_BLOB
+    found = _BLOBS.get(raw)
+    if found is None:
+        found = _Blob(raw)
+        if len(raw) <= 4096:
+            if len(_BLOBS) >= _BLOBS_MAX:
+                _BLOBS.clear()
+            _BLOBS[raw] = found
+    return found
 
 
 def usbguard_parent_hash(
@@ -358,26 +432,27 @@ def _driver_at(dirfd: int, link: str) -> str | None:
 
 
 def _interfaces(
-    dirfd: int, name: str, configuration: int | None, parsed: _Parsed, warnings: list[str]
+    dirfd: int, name: str, configuration: int | None, blob: _Blob, warnings: list[str]
 ) -> tuple[Interface, ...]:
-    cfg = parsed.configs.get(configuration) if configuration is not None else None
-    if cfg is None and len(parsed.configs) == 1 and configuration is None:
-        cfg = next(iter(parsed.configs.values()))
-    if cfg is None:
-        if parsed.configs and configuration is not None:
+    layouts = blob.layouts
+    layout = layouts.get(configuration) if configuration is not None else None
+    if layout is None and len(layouts) == 1 and configuration is None:
+        layout = next(iter(layouts.values()))
+    if layout is None:
+        if layouts and configuration is not None:
             warnings.append(f"descriptors: no configuration {configuration}")
         return ()
-    out: list[Interface] = []
-    for number in sorted(cfg):
-        alts = sorted(cfg[number], key=lambda a: a.alternate)
-        first = alts[0]
-        driver = (
-            _driver_at(dirfd, f"{name}:{configuration}.{number}/driver") if configuration else None
+    return tuple(
+        Interface(
+            number,
+            alts[0].cls,
+            alts[0].subclass,
+            alts[0].protocol,
+            _driver_at(dirfd, f"{name}:{configuration}.{number}/driver") if configuration else None,
+            alts,
         )
-        out.append(
-            Interface(number, first.cls, first.subclass, first.protocol, driver, tuple(alts))
-        )
-    return tuple(out)
+        for number, alts in layout
+    )
 
 
 _O_FILE = os.O_RDONLY | os.O_CLOEXEC
@@ -496,10 +571,9 @@ def _read_at(
     raw = _at_all(dirfd, "descriptors")
     if raw is None:
         warnings.append("descriptors: missing")
-        parsed = _Parsed()
-    else:
-        parsed = parse_descriptors(raw)
-        warnings.extend(parsed.warnings)
+    blob = _blob(raw)
+    parsed = blob.parsed
+    warnings.extend(parsed.warnings)
 
     vendor_id, product_id, bcd = parsed.vendor_id, parsed.product_id, parsed.bcd_device
     dclass, dsub, dproto = parsed.device_class, parsed.device_subclass, parsed.device_protocol
@@ -510,10 +584,7 @@ def _read_at(
         dclass = _int(_at_text(dirfd, "bDeviceClass"), 16, "bDeviceClass", warnings)
         dsub = _int(_at_text(dirfd, "bDeviceSubClass"), 16, "bDeviceSubClass", warnings)
         dproto = _int(_at_text(dirfd, "bDeviceProtocol"), 16, "bDeviceProtocol", warnings)
-        has_strings = (True, True, True)
-    else:  # iManufacturer, iProduct, iSerialNumber: 0 means no string, and no file
-        assert raw is not None
-        has_strings = (raw[14] != 0, raw[15] != 0, raw[16] != 0)
+    has_strings = blob.has_strings
     numbers_at = len(warnings)  # where the bus and device numbers' warnings go
 
     config_text = _at_text(dirfd, "bConfigurationValue")
@@ -522,18 +593,18 @@ def _read_at(
     authorized = None if authorized_text is None else authorized_text.strip() == "1"
     # Only hubs have ports; the USB version is bcdUSB in the device descriptor.
     num_ports = _int(_at_text(dirfd, "maxchild"), 10, "maxchild", warnings) if dclass == 9 else None
-    version = _at_text(dirfd, "version") if parsed.bcd_usb is None else _bcd(parsed.bcd_usb)
+    version = _at_text(dirfd, "version") if blob.version is None else blob.version
     delay = _at_text(dirfd, "power/autosuspend_delay_ms")
     product_raw = _at_string(dirfd, "product") if has_strings[1] else None
     serial_raw = _at_string(dirfd, "serial") if has_strings[2] else None
-    guard = usbguard_hash(raw, product_raw, serial_raw) if raw else None
+    guard = _usbguard_digest(blob.guard, product_raw, serial_raw) if blob.guard else None
     if raw and guard is None:
         warnings.append("descriptors: usbguard would refuse them (no hash)")
 
     power_control = _at_text(dirfd, "power/control")
     # a root hub "usbN" names its interfaces "N-0:C.I" (N: its name's, as busnum's)
     intf_name = f"{name[3:]}-0" if name.startswith("usb") else name
-    interfaces = _interfaces(dirfd, intf_name, configuration, parsed, warnings)
+    interfaces = _interfaces(dirfd, intf_name, configuration, blob, warnings)
     # Read after everything usb_disconnect/device_del remove before the port link
     # goes (interfaces, the configuration, power/, descriptors): see _in_flux.
     connect_type = _at_text(dirfd, "port/connect_type")
