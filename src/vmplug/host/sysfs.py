@@ -20,14 +20,13 @@ driver in another.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import re
+from binascii import b2a_base64
 from dataclasses import dataclass, field
 
 from vmplug.errors import UsageError
-from vmplug.model import AltSetting, Endpoint, Interface, UsbDevice
+from vmplug.model import AltSetting, Endpoint, Interface, UsbDevice, sha256
 
 TYPE_CHECKING = False  # `vmplug list --json` imports this module: no typing, no pathlib
 if TYPE_CHECKING:
@@ -207,8 +206,13 @@ def _text(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", "replace")
 
 
+def _b64(data: bytes) -> str:
+    """base64.b64encode(data).decode() (base64 and struct: not imported for `list`)."""
+    return b2a_base64(data, newline=False).decode()
+
+
 def _b64sha256(data: bytes) -> str:
-    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+    return _b64(sha256(data).digest())
 
 
 #: What usbguard makes of a descriptors blob it takes: the bytes it hashes (a
@@ -238,12 +242,12 @@ def _usbguard_digest(
 ) -> tuple[str, tuple[tuple[int, int, int], ...]]:
     """:func:`usbguard_hash` of a device whose descriptors usbguard takes."""
     hashed, ids, interfaces = guard
-    digest = hashlib.sha256()
+    digest = sha256()
     digest.update(name or b"")
     digest.update(ids)
     digest.update(serial or b"")
     digest.update(hashed)
-    return base64.b64encode(digest.digest()).decode(), interfaces
+    return _b64(digest.digest()), interfaces
 
 
 def _usbguard_blob(descriptors: bytes) -> _Guard | None:
