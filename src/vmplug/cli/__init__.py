@@ -63,11 +63,12 @@ def json_text(data: Any) -> str:
 
 def warning_lines(devices: Iterable[UsbDevice]) -> Iterator[str]:
     """What the reader noticed about each device, one line each, for stderr."""
-    from vmplug.textsafe import printable  # noqa: PLC0415
-
     for dev in devices:
-        for warning in dev.warnings:
-            yield f"warning: {dev.port}: {printable(warning, 500)}"
+        if dev.warnings:
+            from vmplug.textsafe import printable  # noqa: PLC0415 - most lists have none
+
+            for warning in dev.warnings:
+                yield f"warning: {dev.port}: {printable(warning, 500)}"
 
 
 def _utf8(stream: TextIO) -> bool:

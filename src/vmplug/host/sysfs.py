@@ -506,9 +506,17 @@ def _at_text(dirfd: int, name: str) -> str | None:
 
 
 def _at_string(dirfd: int, name: str) -> bytes | None:
-    """A string attribute as usbguard reads it (as :func:`_read_string`)."""
-    data = _at(dirfd, name, 4096)
-    return None if data is None else data.rstrip(_USBGUARD_TRIM)
+    """A string attribute as usbguard reads it (as :func:`_read_string`; :func:`_at` inlined)."""
+    try:
+        fd = os.open(name, _O_FILE, dir_fd=dirfd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).rstrip(_USBGUARD_TRIM)
+    except OSError:
+        return None  # ENODEV: removed between open and read
+    finally:
+        os.close(fd)
 
 
 #: The controller of each ``.../usbN`` directory already seen (a scan asks once per bus).
@@ -686,6 +694,7 @@ def scan(root: Path | str = DEFAULT_ROOT) -> list[UsbDevice]:
         return []  # a kernel without USB
     except OSError as exc:
         raise SysfsError(f"cannot list {base}: {exc.strerror}") from exc
+    top = os.fspath(root)
     devices: list[UsbDevice] = []
     hashes: dict[str, str | None] = {}  # by path: a hub comes before what hangs from it
     dirs: dict[str, str] = {}  # port -> directory of the devices read so far
@@ -696,11 +705,11 @@ def scan(root: Path | str = DEFAULT_ROOT) -> list[UsbDevice]:
         hub = dirs.get(_hub_port(name))
         device = None
         if hub is not None:
-            device = read_device(f"{hub}/{name}", name, root=os.fspath(root), known_hashes=hashes)
+            device = read_device(f"{hub}/{name}", name, root=top, known_hashes=hashes)
         if device is None:  # a root hub, or the layout of a tree copied some other way
             real = _resolve(base, name)
             # vanished between listdir and now (unplugged): read_device says None
-            device = read_device(real, name, root=os.fspath(root), known_hashes=hashes)
+            device = read_device(real, name, root=top, known_hashes=hashes)
         if device is None:
             continue  # being removed (or not yet set up): not there
         assert device.sysfs_path is not None
