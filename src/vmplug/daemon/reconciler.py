@@ -613,10 +613,14 @@ class Daemon:
             self._spawn(self._observe_later(name, delay))
             return
         self._observe_failures.pop(name, None)
-        if not self._inventory_ready.is_set() and self._may_attach_to(name):
-            # At start, while the tree is read: the USB bus lookup the first
-            # attach needs (3 qom-lists, QEMU CPU) overlaps the read instead
-            # of coming after it; the attaches wait for it if it is not done.
+        if not raw and not self._inventory_ready.is_set() and self._may_attach_to(name):
+            # At start, while the tree is read, a VM that holds none of our
+            # devices (a fresh QEMU: whatever the rules send it is attached
+            # next): the USB bus lookup the first attach needs (3 qom-lists,
+            # QEMU CPU) overlaps the read instead of coming after it; the
+            # attaches wait for it if it is not done.  A VM holding some is
+            # most likely adopted (a restarted daemon): no lookup before an
+            # attach needs it.
             prepare = getattr(vm, "prepare_attach", None)
             if prepare is not None:
                 self._spawn(prepare())
