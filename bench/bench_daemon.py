@@ -19,7 +19,11 @@ Printed side by side in one run, each figure with the load average beside it:
    do, cold (fresh QEMUs: 500 device_add) and warm (the QEMUs already hold
    the devices: a restarted daemon adopts them); against a naive attacher
    that takes one VM after another over one connection at a time and issues
-   one command after another;
+   one command after another; and the bound: the bare adds (the 500
+   device_add alone, every VM at once, pipelined), whose QEMU CPU over the
+   cores no attacher can beat (QEMU 7.2 reads a monitor one byte per
+   main-loop iteration: the work is mostly the bytes of the commands), with
+   the QMP commands vmplug sends each VM counted at the wire;
 2. event overhead: a device's uevents replayed through the FIFO
    (ReplayEventSource) as the kernel sends them, one device at a time: remove,
    then add + bind; the daemon attaches on add.  Event -> device_add sent and
@@ -60,7 +64,7 @@ from qemu.qmp.message import Message
 from tests.support.qemu_proc import QemuProcess
 from vmplug.config import Config, load_config
 from vmplug.daemon.reconciler import Daemon
-from vmplug.engine.desired import desired, host_port, plan
+from vmplug.engine.desired import Attachment, desired, host_port, plan
 from vmplug.history.store import Store
 from vmplug.host import sysfs
 from vmplug.host.events import ReplayEventSource
@@ -299,12 +303,12 @@ class Rig:
         return d, store, t1 - t0
 
 
-async def bare(config: Config, tree: Path) -> float:
+async def bare(config: Config, want: frozenset[Attachment]) -> float:
     """QEMU's bare work: the 500 device_add and nothing else (no qom-list, no
-    qom-get, no query-*): every VM at once, each VM's commands pipelined on
-    vmplug's QMP client (short exec ids, no wire logging), with the arguments
-    vmplug sends.  Returns the seconds it took."""
-    want = desired(read_devices(tree), config)
+    qom-get, no query-*, no tree read: ``want`` is computed beforehand): every
+    VM at once, each VM's commands pipelined on vmplug's QMP client (short
+    exec ids, no wire logging), with the arguments vmplug sends.  Returns the
+    seconds it took."""
 
     async def one(name: str) -> None:
         c = wire_qmp.Client(f"bare-{name}", lambda _msg: None)
@@ -389,6 +393,7 @@ def stat(xs: list[float]) -> str:
 async def convergence(rig: Rig, fleet: Fleet, runs: int) -> dict[str, list[float]]:
     config = load_config(rig.cfg)
     want = expected(config, rig.tree)
+    attachments = desired(read_devices(rig.tree), config)
     n_vms = len(config.vms)
     res: dict[str, list[float]] = {
         "cold": [],
@@ -443,7 +448,7 @@ async def convergence(rig: Rig, fleet: Fleet, runs: int) -> dict[str, list[float
 
             fleet.restart()
             m0 = mark()
-            t = await bare(config, rig.tree)
+            t = await bare(config, attachments)
             cpu["bare adds"].append(used(m0))
             await verify(fleet, want, full=False)
             res["bare adds"].append(t)
@@ -504,12 +509,19 @@ async def convergence(rig: Rig, fleet: Fleet, runs: int) -> dict[str, list[float
         )
     med = statistics.median(res["cold"])
     extra = med_cpu["cold"][1] - bare_qemu
-    reach = "reachable" if bound < GOAL_COLD else "UNREACHABLE on this machine"
+    bare_med = statistics.median(res["bare adds"])
+    if bound >= GOAL_COLD:
+        reach = "UNREACHABLE on this machine (QEMU's CPU alone)"
+    elif bound_client >= GOAL_COLD or bare_med >= GOAL_COLD:
+        reach = "out of reach in practice (QEMU's CPU with the barest client's, or the bare adds)"
+    else:
+        reach = "reachable"
     say(
-        f"  cold / bound = {med / bound:.2f}x (the bare adds themselves: "
-        f"{statistics.median(res['bare adds']) / bound:.2f}x); the goal < {GOAL_COLD * 1e3:g} ms "
-        f"is {reach} (QEMU's bare work alone takes {bound * 1e3:.0f} ms on {ncpu} cores); "
-        f"QEMU CPU vmplug adds to the bare work: {extra * 1e3:+.0f} ms"
+        f"  cold / bound = {med / bound:.2f}x, cold / bare adds = {med / bare_med:.2f}x; "
+        f"the goal < {GOAL_COLD * 1e3:g} ms is {reach} (QEMU's bare work alone takes "
+        f"{bound * 1e3:.0f} ms on {ncpu} cores; the bare adds themselves, no tree read, no "
+        f"policy, {bare_med * 1e3:.0f} ms); QEMU CPU vmplug adds to the bare work: "
+        f"{extra * 1e3:+.0f} ms"
     )
     return res
 
