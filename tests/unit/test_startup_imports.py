@@ -124,9 +124,12 @@ def test_run_serving_only_its_unix_socket_loads_no_aiohttp_or_metrics(tmp_path: 
 
 
 #: what the lab guest's start paid for before its first rescan (issue 16, under TCG:
-#: bench/bench_lab_start.py): pyudev, find_library's ctypes.util (it runs
-#: ``ldconfig -p``), importlib.resources (tempfile, shutil, bz2, lzma)
-NOT_AT_START = ("pyudev", "ctypes.util", "importlib.resources", "tempfile", "bz2", "lzma")
+#: bench/bench_lab_start.py): pyudev, ctypes (usbctl's struct, limits' malloc_trim)
+#: and find_library's ctypes.util (it runs ``ldconfig -p``), importlib.resources
+#: (tempfile, shutil, bz2, lzma)
+NOT_AT_START = (
+    "pyudev", "ctypes", "ctypes.util", "importlib.resources", "tempfile", "bz2", "lzma",
+)  # fmt: skip
 
 
 def test_run_on_the_kernels_uevents_loads_no_pyudev_or_find_library(tmp_path: Path) -> None:
