@@ -14,6 +14,11 @@ it, and the load average:
 * what bounds that work: the imports `list` needs alone, and the reader's own
   system calls alone (the very opens, reads, readlinks and stats one scan
   makes, replayed with nothing parsed), against the goal;
+* the floor of any program that prints this output from this tree: the same
+  system calls, importing json (it imports re and enum) and encoding the very
+  output from objects already built, and what the goal leaves per device for
+  everything else; list's work part by part (imports, the reader's system
+  calls and its Python, to_json, encoding, the rest);
 * vmplug's reader in-process vs a straightforward pathlib reader that reads
   every attribute file (the alternative the reader's design avoids).
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import contextlib
+import json
 import os
 import resource
 import shutil
@@ -256,6 +262,7 @@ def main() -> None:
         cmds = {
             "python -c pass": [sys.executable, "-c", "pass"],
             "vmplug --version": [*VMPLUG, "--version"],
+            "import json, alone": [sys.executable, "-c", "import json"],
             "imports `list` needs, alone": [sys.executable, "-c", imports],
             "vmplug list --json (capture)": [
                 *VMPLUG, "--sysfs-root", str(FIXTURE), "list", "--json"
@@ -299,11 +306,39 @@ def main() -> None:
             f"list's work / bound: {extra / (imp + med(floor)):.2f}x"
         )
 
-        reader, naive = [], []
+        # The floor of any program that prints this output from this tree:
+        # the reader's system calls, importing json, and encoding the very
+        # output from objects already built (vmplug's own, read back).
+        out = subprocess.run(
+            [*VMPLUG, "--sysfs-root", str(synth), "list", "--json"],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        objects = json.loads(out)
+        encode = []
+        for _ in range(args.runs):
+            t0 = time.process_time()
+            json.dumps(objects, ensure_ascii=False)
+            encode.append(time.process_time() - t0)
+        json_import = med(cpu["import json, alone"]) - base
+        any_floor = med(floor) + med(encode) + json_import
+        left = 0.1 - any_floor
+        print(
+            f"  floor of any program printing this output: the system calls {med(floor) * 1000:.1f}"
+            f" + encoding the output's {len(out) // 1024} KiB from built objects "
+            f"{med(encode) * 1000:.1f} + import json {json_import * 1000:.1f} = "
+            f"{any_floor * 1000:.1f} ms cpu; list's work / floor: {extra / any_floor:.2f}x; "
+            f"the goal leaves {left * 1e6 / n:.1f} us per device for all else "
+            "(imports, parsing, records)"
+        )
+
+        reader, naive, records = [], [], []
         for _ in range(args.runs):
             t0 = time.process_time()
             devices = read_devices(synth)
             reader.append(time.process_time() - t0)
+            t0 = time.process_time()
+            [d.to_json() for d in devices if not d.is_root_hub]
+            records.append(time.process_time() - t0)
             t0 = time.process_time()
             _naive_read(synth)
             naive.append(time.process_time() - t0)
@@ -311,6 +346,13 @@ def main() -> None:
         print(f"in-process reader, 1,000 devices     cpu {_ms(reader)}")
         print(f"  its system calls alone (replayed)  cpu {_ms(floor)}")
         print(f"naive pathlib reader (same tree)     cpu {_ms(naive)}")
+        rest = extra - imp - med(reader) - med(records) - med(encode)
+        print(
+            f"  list's work, part by part: imports {imp * 1000:.1f} (json {json_import * 1000:.1f})"
+            f" + reader {med(reader) * 1000:.1f} (system calls {med(floor) * 1000:.1f}, Python "
+            f"{(med(reader) - med(floor)) * 1000:.1f}) + to_json {med(records) * 1000:.1f} + "
+            f"encoding {med(encode) * 1000:.1f} + the rest {rest * 1000:.1f} ms cpu"
+        )
         ratio = med(naive) / med(reader)
         print(f"  naive / vmplug: {ratio:.2f}x; vmplug / its system calls: "
               f"{med(reader) / med(floor):.2f}x")  # fmt: skip
