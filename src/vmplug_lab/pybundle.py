@@ -102,9 +102,12 @@ def collect(
     python: str = sys.executable, entries: tuple[str, ...] = ENTRY_MODULES
 ) -> dict[str, str]:
     """Archive name -> host file, for the modules ``entries`` load in ``python``."""
+    # -B: importing the entries must not write the host's __pycache__ (a stale
+    # .pyc there is the host's business; the bundle compiles its own)
     proc = subprocess.run(
-        [python, "-c", _LISTER, *entries], capture_output=True, text=True, timeout=120, check=True
-    )
+        [python, "-B", "-c", _LISTER, *entries],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
     found = json.loads(proc.stdout)
     roots = sorted((p for p in found["path"] if p and Path(p).is_dir()), key=len, reverse=True)
     tag = sys.implementation.cache_tag or "cpython"

@@ -33,6 +33,9 @@ def test_an_edited_module_gets_current_bytecode_in_the_bundle(
     assert host_pyc.exists()
     mod.write_text("VALUE = 22  # edited\n")  # another size and mtime: the host's .pyc is stale
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "src"))
+    # as on a fresh machine, whose Python writes bytecode: the bundle's build
+    # must still leave the host's files as they are
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
     dest = tmp_path / "bundle.tar"
     pybundle.build(dest, entries=("labpkg.mod",))
     with tarfile.open(dest) as tar:
