@@ -220,6 +220,9 @@ git clone -q --no-hardlinks "$repo" "$clone"
 git -C "$clone" -c advice.detachedHead=false checkout -q "$commit"
 say "clean clone of $commit in /root/vmplug ($(git -C "$clone" ls-files | wc -l) files)"
 
+# A real machine's / is a mount point, and so must the tree's be: podman's
+# layer import makes / private (MS_REC|MS_PRIVATE), EINVAL on a plain directory.
+mnt "$root" --bind "$root"
 mnt "$root/proc" -t proc proc
 mnt "$root/sys" --rbind /sys
 mnt "$root/dev" --bind /dev
