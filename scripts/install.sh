@@ -18,7 +18,7 @@ packages=(
   libvirt-dev pkg-config gcc python3-dev
   chromium
   docker.io docker-compose containerd runc podman crun uidmap fuse-overlayfs slirp4netns iptables
-  iproute2
+  iproute2 curl
 )
 # Packages whose postinst would start a daemon on this machine (the lab guest
 # runs them from this root file system; the host never should).
