@@ -4,10 +4,11 @@ bench_list's alternative for the `list --json` goal: the same attribute files
 read the same way (one directory fd per device, each attribute opened
 relative to it), and the same JSON, byte for byte on the trees bench_list
 reads (it checks), built straight into dicts: no model, no dataclasses, no
-usbguard hash, no warnings, no consistency checks, no usb.ids names, no
-config, no option parsing.  What it costs over interpreter start is what any
-Python implementation of that output pays at the least; vmplug's reader does
-more (see vmplug.host.sysfs) and is compared against it.
+usbguard hash, no warnings, no consistency checks, no usb.ids names (every
+device of the trees it is held to gives its strings), no config, no option
+parsing.  What it costs over interpreter start is close to the least a Python
+program printing that output pays: it does nothing else.  vmplug's reader
+does more (see vmplug.host.sysfs) and is compared against it.
 
 Not vmplug's code and never imported by it: a measuring stick.
 
