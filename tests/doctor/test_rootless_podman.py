@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.chroot import in_chroot
+from tests.support.chroot import in_chroot, user_namespaces_refused
 from vmplug.doctor.container import check_rootless_podman
 from vmplug.doctor.container_info import engine_info
 from vmplug.doctor.context import DoctorContext
@@ -106,6 +106,11 @@ def podman_service() -> Iterator[Start]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.skipif(
+    user_namespaces_refused(),
+    reason="the kernel refuses a user namespace here (a chroot, or user.max_user_namespaces=0):"
+    " rootless Podman cannot start",
+)
 def test_rootless_podman_is_found_and_said(podman_service: Start) -> None:
     sock = podman_service(True)
     info = engine_info(str(sock), 10.0)
