@@ -34,12 +34,18 @@ act before the probe ends.  The floor's QEMU is already blocked in open() then
 and goes on at once; vmplug still has to read the device, match rules and
 send device_add (tens of ms of Python under TCG).
 
+With ``--baseline REV``, a fourth attacher ``base`` is vmplug's package as git
+REV has it (unpacked into the guest's tmpfs, run ahead of the current one by
+``PYTHONPATH``), with the same config: before/after in one boot.  ``--rounds``
+repeats the whole order (interleaved, so that a drift of the host's load falls
+on every attacher alike); each attacher's replugs are pooled over the rounds.
+
 Prints median, p90, p99 and max per attacher, the ratios vmplug/qemu and
-vmplug/floor, and the host's and the guest's load average.  Takes about
+vmplug/floor (and vmplug/base), and the host's and the guest's load average.  Takes about
 6-10 minutes under TCG; prints progress.  Not part of the test suite.
 
 Run: .venv/bin/python bench/bench_hotplug.py [--replugs 30] [--order floor,vmplug,qemu]
-     [--json] [--workdir DIR]
+     [--baseline REV] [--rounds N] [--json] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -57,14 +63,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vmplug_lab.demo import GUEST_DIR, HUB, KBD, PORTS, TABLET, TIMING_SOCK, DemoLab
+from vmplug_lab.demo import GUEST_DIR, HUB, KBD, PORTS, REVISION_DIR, TABLET, TIMING_SOCK, DemoLab
 from vmplug_lab.guest import GuestProcess, LabError, lab_unavailable_reason
 
 PORT = PORTS[KBD.id]  # "2-2.1" in the guest kernel
 VM_SOCK = f"{GUEST_DIR}/vm.sock"  # the attacher's socket (vmplug's, or the floor's)
 CHECK_SOCK = f"{GUEST_DIR}/check.sock"  # for setting up and cleaning up
-ATTACHERS = ("floor", "vmplug", "qemu")
-IDS = {"floor": "floor", "qemu": "regrab", "vmplug": "vmplug-*"}
+ATTACHERS = ("floor", "vmplug", "qemu", "base")
+IDS = {"floor": "floor", "qemu": "regrab", "vmplug": "vmplug-*", "base": "vmplug-*"}
 #: QEMU's own re-grab: matched by vendor/product, found by its scan
 REGRAB = {"driver": "usb-host", "bus": "xhci.0", "vendorid": 0x0627, "productid": 0x0001}
 #: issue 16: vmplug / floor at p50 and p90, and QEMU's re-grab / vmplug at p50
@@ -130,16 +136,24 @@ class Bench:
         watch_log = self.lab.guest.workdir / f"watch-{name}.log"
         cleanup: list[Callable[[], object]] = []
         try:
-            if name == "vmplug":
-                self.say("  starting vmplug run in the guest…")
+            if name in ("vmplug", "base"):
+                env = f"env PYTHONPATH={REVISION_DIR}" if name == "base" else ""
+                self.say(f"  starting vmplug run in the guest{' (' + env + ')' if env else ''}…")
                 # a replug every few seconds is what the healing ladder takes
                 # for a flapping device (it would reattach it); the floor has none
                 config = self.lab.guest.workdir / "vmplug.toml"
                 text = config.read_text()
                 if "heal = false" not in text:
                     config.write_text(text.replace("match = ", "heal = false\nmatch = ", 1))
-                self.lab.start_daemon()
+                self.lab.start_daemon(env=env)
                 cleanup.append(self.lab.stop_daemon)
+                if env:  # that it runs the baseline's package
+                    where = self.lab.guest.run(
+                        f"{env} {sys.executable} -c 'import vmplug; print(vmplug.__file__)'",
+                        timeout=300, check=True,
+                    ).stdout.strip()  # fmt: skip
+                    if not where.startswith(REVISION_DIR):
+                        raise LabError(f"the baseline's vmplug is not the one imported: {where}")
                 self.wait_vmplug_attached()
             elif name == "qemu":
                 added = self.lab.tool_run("add", VM_SOCK, IDS[name], json.dumps(REGRAB))
@@ -196,10 +210,18 @@ def main() -> int:
     ap.add_argument("--order", default="floor,vmplug,qemu", help="attachers, in order")
     ap.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     ap.add_argument("--workdir", type=Path, help="keep the lab's files here")
+    ap.add_argument("--baseline", metavar="REV", help="attacher 'base': vmplug at git REV")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the order N times (default 1)")
     args = ap.parse_args()
     order = [a.strip() for a in args.order.split(",") if a.strip()]
+    if args.baseline and "base" not in order:
+        order.insert(order.index("vmplug") + 1 if "vmplug" in order else len(order), "base")
     if any(a not in ATTACHERS for a in order):
         ap.error(f"--order takes {', '.join(ATTACHERS)}")
+    if "base" in order and not args.baseline:
+        ap.error("attacher 'base' needs --baseline REV")
+    if args.replugs < 1 or args.rounds < 1:
+        ap.error("--replugs and --rounds take a positive number")
     reason = lab_unavailable_reason()
     if reason:
         print(f"the lab guest cannot run here: {reason}", file=sys.stderr)
@@ -217,9 +239,15 @@ def main() -> int:
     try:
         say(f"booting the lab guest (TCG; devices: {HUB.id}, {KBD.id})…")
         bench.boot()
-        for name in order:
-            say(f"{name}: {args.replugs} replugs of {PORT}")
-            results[name] = bench.phase(name)
+        base_rev = ""
+        if args.baseline:
+            say(f"base: vmplug at {args.baseline}, unpacked into the guest…")
+            base_rev = bench.lab.unpack_revision(args.baseline)
+        for i in range(args.rounds):
+            for name in order:
+                rnd = f" (round {i + 1}/{args.rounds})" if args.rounds > 1 else ""
+                say(f"{name}: {args.replugs} replugs of {PORT}{rnd}")
+                results.setdefault(name, []).extend(bench.phase(name))
     except KeyboardInterrupt:
         say("interrupted")
     finally:
@@ -227,7 +255,10 @@ def main() -> int:
         bench.close()
     summary = {name: summarize(samples) for name, samples in results.items()}
     print()
-    print(f"replug -> QOM attached=true, in the lab guest (TCG), {args.replugs} replugs each")
+    each = args.replugs * args.rounds
+    print(f"replug -> QOM attached=true, in the lab guest (TCG), {each} replugs each")
+    if args.baseline:
+        print(f"base = vmplug at {base_rev} ({args.baseline}), vmplug = the working tree")
     print(f"{'attacher':8} {'n':>3} {'median':>9} {'p90':>9} {'p99':>9} {'max':>9} {'min':>9}")
     for name, s in summary.items():
         if "median_ms" not in s:
@@ -240,11 +271,15 @@ def main() -> int:
         )
     ratios: dict[str, float] = {}
     v = summary.get("vmplug", {})
-    for other in ("qemu", "floor"):
+    for other in ("qemu", "floor", "base"):
         o = summary.get(other, {})
         if "median_ms" in v and "median_ms" in o:
             for q in ("median", "p90", "p99"):
                 ratios[f"vmplug/{other} {q}"] = round(v[f"{q}_ms"] / o[f"{q}_ms"], 3)
+    b, fl = summary.get("base", {}), summary.get("floor", {})
+    if "median_ms" in b and "median_ms" in fl:
+        for q in ("median", "p90"):
+            ratios[f"base/floor {q}"] = round(b[f"{q}_ms"] / fl[f"{q}_ms"], 3)
     for k, r in ratios.items():
         print(f"{k:22} {r:6.3f}")
     if "vmplug/qemu median" in ratios:

@@ -39,14 +39,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from vmplug_lab.demo import GUEST_DIR, DemoLab
-from vmplug_lab.guest import LabGuest, lab_unavailable_reason
+from vmplug_lab.demo import GUEST_DIR, REVISION_DIR, DemoLab
+from vmplug_lab.guest import lab_unavailable_reason
 
 _RUN = (
     "{env} {vmplug} --config {w}/vmplug.toml run --socket {d}/vmplug.sock --db {d}/vmplug.db"
@@ -170,26 +169,7 @@ rm -f {d}/vmplug.sock {d}/vmplug.db*
 
 
 #: where the guest keeps the baseline's vmplug package (its tmpfs)
-BASELINE_DIR = "/tmp/vmplug-baseline"
-
-
-def _baseline(g: LabGuest, rev: str) -> str:
-    """vmplug's package at ``rev`` unpacked and compiled in the guest; its short hash."""
-    root = Path(__file__).resolve().parents[1]
-    short = subprocess.run(
-        ["git", "-C", str(root), "rev-parse", "--short", rev],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    tar = g.workdir / "baseline.tar"
-    with tar.open("wb") as out:
-        subprocess.run(["git", "-C", str(root), "archive", short, "src/vmplug"], stdout=out,
-                       check=True)  # fmt: skip
-    g.run(
-        f"rm -rf {BASELINE_DIR} && mkdir -p {BASELINE_DIR} && tar -xf {tar} -C {BASELINE_DIR}"
-        f" --strip-components=1 && {sys.executable} -m compileall -q {BASELINE_DIR}",
-        timeout=600, check=True,
-    )  # fmt: skip
-    return short
+BASELINE_DIR = REVISION_DIR
 
 
 def _load() -> str:
@@ -214,7 +194,7 @@ def main() -> None:
             print(f"boot {boot:.1f} s (bundle built and unpacked: {g.python_path is not None})")
             if g.python_path is None:
                 sys.exit("no bundle in the guest: nothing to compare")
-            base = f"bundle @{_baseline(g, args.baseline)}" if args.baseline else None
+            base = f"bundle @{lab.unpack_revision(args.baseline)}" if args.baseline else None
             where = "import vmplug, sys; print(vmplug.__file__)"
             envs = ["", "VMPLUG_LAB_BUNDLE=0 "] + ([f"PYTHONPATH={BASELINE_DIR} "] if base else [])
             for env in envs:  # that each kind imports where it says

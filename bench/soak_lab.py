@@ -205,19 +205,10 @@ class LabSoak(DemoLab):
             time.sleep(0.2)
         return secs
 
-    def start_daemon(self, timeout: float = 400.0) -> float:
+    def start_daemon(self, timeout: float = 400.0, env: str = "") -> float:
         """The demo's ``vmplug run``, with the small netlink receive buffer."""
-        spawn = self.guest.spawn
-        env = f"{NetlinkEventSource.RECEIVE_BUFFER_ENV}={self.rcvbuf}"
-
-        def with_env(cmd: str, log: str | None = None) -> GuestProcess:
-            return spawn(f"env {env} {cmd}", log=log)
-
-        self.guest.spawn = with_env  # type: ignore[method-assign]
-        try:
-            return super().start_daemon(timeout)
-        finally:
-            del self.guest.spawn
+        small = f"env {NetlinkEventSource.RECEIVE_BUFFER_ENV}={self.rcvbuf}"
+        return super().start_daemon(timeout, env=f"{small} {env.removeprefix('env ')}".rstrip())
 
     # ------------------------------------------------------------- actions
 

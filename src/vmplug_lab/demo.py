@@ -28,6 +28,7 @@ import random
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +72,8 @@ VM_COMMAND = (
     f" -qmp unix:{GUEST_DIR}/check.sock,server=on,wait=off"
     f" -qmp unix:{GUEST_DIR}/timing.sock,server=on,wait=off"
 )
+#: where :meth:`DemoLab.unpack_revision` puts another revision's package (the guest's tmpfs)
+REVISION_DIR = "/tmp/vmplug-revision"
 #: A third QMP socket of the VM, for the hot-plug timing tool (one client per socket).
 TIMING_SOCK = f"{GUEST_DIR}/timing.sock"
 
@@ -180,14 +183,16 @@ class DemoLab:
             self.guest.kill(self.vm, signal.SIGKILL)
             self.vm = None
 
-    def start_daemon(self, timeout: float = 240.0) -> float:
-        """Start ``vmplug run`` in the guest; return seconds until its first rescan."""
+    def start_daemon(self, timeout: float = 240.0, env: str = "") -> float:
+        """Start ``vmplug run`` in the guest; return seconds until its first rescan.
+        ``env``: a command prefix (``env PYTHONPATH=...`` runs another package,
+        see :meth:`unpack_revision`)."""
         self.daemon_starts += 1
         log = self.guest.workdir / f"daemon-{self.daemon_starts}.log"
         vmplug = Path(sys.executable).parent / "vmplug"
         t0 = time.monotonic()
         self.daemon = self.guest.spawn(
-            f"{vmplug} --config {self.guest.workdir}/vmplug.toml run"
+            f"{env + ' ' if env else ''}{vmplug} --config {self.guest.workdir}/vmplug.toml run"
             f" --socket {GUEST_DIR}/vmplug.sock --db {GUEST_DIR}/vmplug.db --events kernel",
             log=str(log),
         )
@@ -202,6 +207,29 @@ class DemoLab:
             time.sleep(0.2)
         self.tail()
         return time.monotonic() - t0
+
+    def unpack_revision(self, rev: str, dest: str = REVISION_DIR) -> str:
+        """vmplug's package as git ``rev`` has it, unpacked and compiled in the
+        guest's tmpfs at ``dest`` (run it with ``env PYTHONPATH=dest``: ahead
+        of the bundle and the share); its short hash.  For before/after
+        benchmarks in one boot."""
+        root = Path(__file__).resolve().parents[2]
+        short = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", rev],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        tar = self.guest.workdir / f"revision-{short}.tar"
+        with tar.open("wb") as out:
+            subprocess.run(["git", "-C", str(root), "archive", short, "src/vmplug"], stdout=out,
+                           check=True)  # fmt: skip
+        q = shlex.quote(dest)
+        self.guest.run(
+            f"rm -rf {q} && mkdir -p {q} && tar -xf {shlex.quote(str(tar))} -C {q}"
+            f" --strip-components=1 && {sys.executable} -m compileall -q {q}",
+            timeout=600, check=True,
+        )  # fmt: skip
+        tar.unlink()
+        return short
 
     def stop_daemon(self) -> None:
         if self.daemon is not None:

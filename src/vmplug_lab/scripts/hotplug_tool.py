@@ -227,6 +227,7 @@ while True:
     ok, hostaddr = q.ask("qom-get", path="/machine/peripheral/" + dev_id, property="hostaddr")
     emit(
         dt=None if t_att is None else t_att - t_add,
+        t_add=t_add,  # the guest's CLOCK_MONOTONIC: to line up with other processes' stamps
         polls=polls,
         devnum=int(props.get("DEVNUM", 0)),
         hostaddr=hostaddr if ok else None,
