@@ -3,6 +3,7 @@ errors in the kernel's own format strings; a real guest's replug log has none)."
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Awaitable
 from functools import partial
@@ -123,3 +124,29 @@ match = 'via-port "{KBD}"'
 
 async def _longer(rows: Awaitable[list[HistoryEntry]], n: int) -> bool:
     return len(await rows) > n
+
+
+async def test_records_wait_for_the_read_not_a_reader_of_their_own(tmp_path: Path) -> None:
+    """The kernel log is read when the healer ticks: records that arrive in
+    between (a replug logs ~10 while the kernel probes it) wake nothing, and
+    one read takes them all, split at record ends."""
+    from vmplug.daemon.heal import KernelLog  # noqa: PLC0415
+
+    kmsg = tmp_path / "kmsg"
+    os.mkfifo(kmsg)
+    writer = os.open(kmsg, os.O_RDWR | os.O_NONBLOCK)
+    got: list[str] = []
+    reader = KernelLog(kmsg, got.append)
+    reader.start()
+    try:
+        os.write(writer, b"6,1,1,-;usb 2-2.1: new full-speed USB device\n6,2,2,-;usb 2-2.1: Prod")
+        await asyncio.sleep(0.2)  # the loop runs: no reader of its own takes them
+        assert got == []
+        reader.read()
+        assert got == ["6,1,1,-;usb 2-2.1: new full-speed USB device"]
+        os.write(writer, b"uct: QEMU USB Keyboard\n")
+        reader.read()
+        assert got[1:] == ["6,2,2,-;usb 2-2.1: Product: QEMU USB Keyboard"]
+    finally:
+        reader.stop()
+        os.close(writer)
