@@ -70,3 +70,14 @@ def test_a_decision_agrees_with_the_rules_on_the_device_read() -> None:
                 decided += 1
                 assert got == target(dev, early.config), (pairs, dev.port)
     assert decided == len(cases) * len(devices)
+
+
+def test_answers_are_remembered_per_device_kind_and_port() -> None:
+    """A replug asks again what it asked last time (the answer is kept); another
+    port or another vid:pid is asked afresh."""
+    r = rules(("a", 'id 0627:0001 via-port "2-2.4.2"'))
+    assert r.target(0x0627, 0x0001, "2-2.4.2") == "a"
+    assert r.target(0x0627, 0x0001, "1-1") is None
+    assert r.target(0x0627, 0x0002, "2-2.4.2") is None
+    assert r.target(0x0627, 0x0001, "2-2.4.2") == "a"
+    assert r.target(0x0627, 0x0001, "1-1") is None

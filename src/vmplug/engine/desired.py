@@ -248,11 +248,21 @@ class EarlyRules:
             tested = tuple(a for a in known if a.name != "label")
             rule = Rule(rc.rule.source, tested) if tested else None
             self.rules.append((rule, rest, None if rc.block else rc.attach))
+        #: answers so far: a replug asks again what it asked when it last came
+        self._known: dict[tuple[int, int, str], str | Undecided | None] = {}
 
     def target(self, vendor: int, product: int, port: str) -> str | Undecided | None:
         """The VM the rules send this device to, None (stays on the host), or
         :data:`UNDECIDED`."""
-        stand_in = UsbDevice(port=port, vendor_id=vendor, product_id=product)
+        key = (vendor, product, port)
+        if key in self._known:
+            return self._known[key]
+        answer = self._target(UsbDevice(port=port, vendor_id=vendor, product_id=product))
+        if len(self._known) < _KNOWN_MAX:
+            self._known[key] = answer
+        return answer
+
+    def _target(self, stand_in: UsbDevice) -> str | Undecided | None:
         for rule, rest, vm in self.rules:
             if rule is not None and not rule.matches(stand_in):
                 continue  # cannot match, whatever its other attributes say
@@ -260,3 +270,7 @@ class EarlyRules:
                 return UNDECIDED
             return vm
         return None
+
+
+#: the bound of EarlyRules.target's memo (ports x kinds of device seen)
+_KNOWN_MAX = 4096
