@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
@@ -40,6 +41,7 @@ from vmplug.wire.qmp import SyncQmp
 pytestmark = pytest.mark.qemu
 
 KBD = "2-2.4.2"  # 0627:0001 with a serial, in tests/fixtures/sysfs/mixed
+TABLET = "2-2.4.1"  # on the same hub, no rule sends it anywhere
 BY_ID = 'id 0627:0001 via-port "2-2.4.2"'
 BY_SERIAL = 'serial "68284-0000:00:0b.0-2.4.2"'
 
@@ -186,6 +188,39 @@ async def test_replug_is_attached_before_the_device_can_be_read(rig: Rig) -> Non
     # exactly once: one attach per plug, the replug's journaled under the read identity
     assert _attaches(rig, identity) == [("attach", "ok"), ("detach", "ok"), ("attach", "ok")]
     assert d.stats.actions_ok == 3
+
+
+async def test_no_uevent_is_read_while_the_early_device_add_is_in_flight(rig: Rig) -> None:
+    """The replug's device_add waits for QEMU (here SIGSTOPped: on a real kernel
+    it waits for the probe); the uevents behind the ``add`` stay in the source
+    meanwhile and are handled, in order, once QEMU answered."""
+    d = await rig.up(BY_ID)
+    qemu_id = d.inventory[KBD].qemu_id
+    rig.kernel.unplug(KBD)
+    await until(lambda: _has(rig.ports("a"), set()), what="detached")
+    assert await d.wait_converged(10.0)  # no pass left to talk to the QEMU stopped next
+    events = d.stats.events
+    vm = rig.qemu("a")
+    vm.kill(signal.SIGSTOP)
+    try:
+        rig.kernel.plug(KBD, devnum=43)
+        await asyncio.sleep(1.0)  # the add read, its device_add sent to the stopped QEMU
+        assert d.stats.events == events, "the add was handled before QEMU answered"
+        rig.kernel.unplug(TABLET)  # behind the add, while QEMU has not answered
+        await asyncio.sleep(0.5)
+        # (the keyboard's bind came in the add's own read: FakeKernel writes them at once)
+        read = [e for e in d._host_queue if e.port == TABLET]
+        assert not read, "an event was read while the device_add was in flight"
+        assert TABLET in d.inventory
+    finally:
+        vm.kill(signal.SIGCONT)
+    await until(lambda: _true(TABLET not in d.inventory), what="the tablet's remove handled")
+    await until(lambda: _has(rig.ports("a"), {KBD}), what="attached after the replug")
+    assert set(await rig.held("a")) == {qemu_id}
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_a_wrong_guess_is_replaced_by_the_device_read(rig: Rig) -> None:

@@ -115,6 +115,14 @@ class ReplayAndNetlink:
         self.netlink.stop()
         self.replay.stop()
 
+    def pause(self) -> None:
+        self.replay.pause()
+        self.netlink.pause()
+
+    def resume(self) -> None:
+        self.replay.resume()
+        self.netlink.resume()
+
 
 def daemon_main(fifo: Path, argv: list[str]) -> int:
     """``vmplug ARGV`` with ``--events replay+kernel`` meaning :class:`ReplayAndNetlink`."""

@@ -3,7 +3,8 @@
 namespace of its own (``unshare --net``), a veth pair the test makes is a real
 burst of kernel uevents, which the socket must read as properties; a message
 another process sends to the same multicast group must not pass for the
-kernel's.  And the wire format parsed as the kernel writes it."""
+kernel's; a socket asking for some properties (``only``) gets those messages
+alone.  And the wire format parsed as the kernel writes it."""
 
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ _PROBE = """
 import json, os, socket, subprocess, sys, time
 from vmplug.host.events import KERNEL_GROUP, NETLINK_KOBJECT_UEVENT, KernelUevents
 k = KernelUevents(1 << 20)
+# the daemon's kind of filter: only messages carrying these properties are parsed
+only = KernelUevents(1 << 20, only=(b"SUBSYSTEM=net", b"INTERFACE=kua0"))
 # another process's message on the kernel's group (root may send to it)
 fake = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
 fake.bind((0, 0))
@@ -65,8 +68,14 @@ while time.monotonic() < deadline and not {"kua0", "kub0"} <= {p.get("INTERFACE"
         time.sleep(0.02)
     else:
         got.append(props)
-print(json.dumps({"fd_is_socket": os.path.exists(f"/proc/self/fd/{k.fileno()}"), "got": got}))
+time.sleep(0.5)  # the whole burst is in the filtered socket's queue by now
+picked = []
+while (props := only.receive()) is not None:
+    picked.append(props)
+print(json.dumps({"fd_is_socket": os.path.exists(f"/proc/self/fd/{k.fileno()}"), "got": got,
+                  "picked": picked}))
 k.close()
+only.close()
 """
 
 
@@ -90,3 +99,9 @@ def test_real_kernel_uevents_pass_and_another_senders_do_not() -> None:
     assert all(p.get("ACTION") == "add" for p in got if p.get("INTERFACE") in ("kua0", "kub0"))
     assert all(p.get("SEQNUM", "").isdigit() for p in got), got
     assert not any(p.get("SUBSYSTEM") == "usb" for p in got), "a forged uevent passed"
+    # the filter: kua0's net uevent passes, the rest of the burst (kub0, their
+    # queues) is dropped before it is parsed, and so is the forged message
+    assert {p.get("SUBSYSTEM") for p in got} - {"net"}, "the burst had one subsystem only"
+    picked = out["picked"]
+    assert picked, "the filtered socket dropped the message it asks for"
+    assert all(p.get("SUBSYSTEM") == "net" and p.get("INTERFACE") == "kua0" for p in picked)

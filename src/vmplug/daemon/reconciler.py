@@ -499,15 +499,21 @@ class Daemon:
             att = self.early_attachment(event)
             if att is None:
                 return None
-            spec = UsbHostSpec(hostbus=att.hostbus, hostport=att.hostport)
             if self.devnodes:
                 node = _usbfs_node(att.hostbus, att.hostaddr)
                 if node is None:
                     return None  # gone again (or not this device): read it first
-                spec = dataclasses.replace(spec, hostaddr=att.hostaddr, hostdevice=node)
+                spec = UsbHostSpec(
+                    hostbus=att.hostbus, hostport=att.hostport, hostaddr=att.hostaddr,
+                    hostdevice=node,
+                )  # fmt: skip
             else:
+                spec = UsbHostSpec(hostbus=att.hostbus, hostport=att.hostport)
                 att = dataclasses.replace(att, hostaddr=None)
             t1 = time.perf_counter()
+            # the device's burst of uevents waits in the socket meanwhile (see
+            # host.events._Reader): the pump would only queue it behind this
+            self.source.pause()
             try:
                 await self.vms[att.vm].attach(att.qemu_id, spec)
             except VmplugError as exc:
@@ -515,6 +521,8 @@ class Daemon:
                 if isinstance(exc, (VmDisconnected, VmTimeout)):
                     self._spawn(self._observe(att.vm))
                 return None
+            finally:
+                self.source.resume()
             t2 = time.perf_counter()
             self.observed.setdefault(att.vm, {})[att.qemu_id] = att
         self.stats.event_to_add.append((att.port, t1 - t0))
