@@ -150,3 +150,16 @@ async def test_records_wait_for_the_read_not_a_reader_of_their_own(tmp_path: Pat
     finally:
         reader.stop()
         os.close(writer)
+
+
+async def test_a_read_error_other_than_an_overrun_ends_the_read(tmp_path: Path) -> None:
+    """EPIPE (records overwritten) is skipped; any other error (here EISDIR: the
+    path is a directory) ends the read instead of spinning on it."""
+    from vmplug.daemon.heal import KernelLog  # noqa: PLC0415
+
+    reader = KernelLog(tmp_path, lambda _line: None)
+    reader.start()
+    try:
+        await asyncio.wait_for(asyncio.to_thread(reader.read), 5.0)
+    finally:
+        reader.stop()

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -327,8 +328,11 @@ class KernelLog:
                 chunk = os.read(self._fd, 8192)
             except BlockingIOError:
                 return
-            except OSError:  # EPIPE: /dev/kmsg records overwritten before we read them
-                continue
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:  # /dev/kmsg records overwritten before we read them
+                    continue
+                log.warning("heal: cannot read the kernel log %s: %s", self.path, exc.strerror)
+                return
             if not chunk:
                 return
             self._buf += chunk
