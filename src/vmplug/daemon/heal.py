@@ -331,7 +331,11 @@ class KernelLog:
             except OSError as exc:
                 if exc.errno == errno.EPIPE:  # /dev/kmsg records overwritten before we read them
                     continue
-                log.warning("heal: cannot read the kernel log %s: %s", self.path, exc.strerror)
+                log.warning(
+                    "heal: cannot read the kernel log %s: %s; no longer reading it",
+                    self.path, exc.strerror,
+                )  # fmt: skip
+                self.stop()  # warned once, not at every tick
                 return
             if not chunk:
                 return
