@@ -137,8 +137,8 @@ class Bench:
         cleanup: list[Callable[[], object]] = []
         try:
             if name in ("vmplug", "base"):
-                env = f"env PYTHONPATH={REVISION_DIR}" if name == "base" else ""
-                self.say(f"  starting vmplug run in the guest{' (' + env + ')' if env else ''}…")
+                env = {"PYTHONPATH": REVISION_DIR} if name == "base" else {}
+                self.say(f"  starting vmplug run in the guest{f' ({env})' if env else ''}…")
                 # a replug every few seconds is what the healing ladder takes
                 # for a flapping device (it would reattach it); the floor has none
                 config = self.lab.guest.workdir / "vmplug.toml"
@@ -149,7 +149,8 @@ class Bench:
                 cleanup.append(self.lab.stop_daemon)
                 if env:  # that it runs the baseline's package
                     where = self.lab.guest.run(
-                        f"{env} {sys.executable} -c 'import vmplug; print(vmplug.__file__)'",
+                        f"env PYTHONPATH={REVISION_DIR} {sys.executable} -c"
+                        " 'import vmplug; print(vmplug.__file__)'",
                         timeout=300, check=True,
                     ).stdout.strip()  # fmt: skip
                     if not where.startswith(REVISION_DIR):

@@ -168,10 +168,6 @@ rm -f {d}/vmplug.sock {d}/vmplug.db*
 """
 
 
-#: where the guest keeps the baseline's vmplug package (its tmpfs)
-BASELINE_DIR = REVISION_DIR
-
-
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -196,7 +192,7 @@ def main() -> None:
                 sys.exit("no bundle in the guest: nothing to compare")
             base = f"bundle @{lab.unpack_revision(args.baseline)}" if args.baseline else None
             where = "import vmplug, sys; print(vmplug.__file__)"
-            envs = ["", "VMPLUG_LAB_BUNDLE=0 "] + ([f"PYTHONPATH={BASELINE_DIR} "] if base else [])
+            envs = ["", "VMPLUG_LAB_BUNDLE=0 "] + ([f"PYTHONPATH={REVISION_DIR} "] if base else [])
             for env in envs:  # that each kind imports where it says
                 got = g.run(f"{env}{sys.executable} -c {where!r}", timeout=300, check=True)
                 print(f"{env or 'bundle: '}vmplug from {got.stdout.strip()}")
@@ -222,7 +218,7 @@ def main() -> None:
                         script = _POLLED if kind == "bundle, polled" else _START
                         env = {
                             "share": "env VMPLUG_LAB_BUNDLE=0",
-                            base: f"env PYTHONPATH={BASELINE_DIR}",
+                            base: f"env PYTHONPATH={REVISION_DIR}",
                         }.get(kind, "")
                         log = f"/tmp/start-{i}"
                         cmd = script.format(d=GUEST_DIR, w=g.workdir, env=env, vmplug=vmplug,

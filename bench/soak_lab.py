@@ -72,6 +72,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,10 +206,10 @@ class LabSoak(DemoLab):
             time.sleep(0.2)
         return secs
 
-    def start_daemon(self, timeout: float = 400.0, env: str = "") -> float:
+    def start_daemon(self, timeout: float = 400.0, env: Mapping[str, str] | None = None) -> float:
         """The demo's ``vmplug run``, with the small netlink receive buffer."""
-        small = f"env {NetlinkEventSource.RECEIVE_BUFFER_ENV}={self.rcvbuf}"
-        return super().start_daemon(timeout, env=f"{small} {env.removeprefix('env ')}".rstrip())
+        small = {NetlinkEventSource.RECEIVE_BUFFER_ENV: str(self.rcvbuf)}
+        return super().start_daemon(timeout, env={**small, **(env or {})})
 
     # ------------------------------------------------------------- actions
 

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -72,6 +72,15 @@ VM_COMMAND = (
     f" -qmp unix:{GUEST_DIR}/check.sock,server=on,wait=off"
     f" -qmp unix:{GUEST_DIR}/timing.sock,server=on,wait=off"
 )
+
+
+def _env_prefix(env: Mapping[str, str] | None) -> str:
+    """``env K=V ... `` for a guest command, or nothing."""
+    if not env:
+        return ""
+    return "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " "
+
+
 #: where :meth:`DemoLab.unpack_revision` puts another revision's package (the guest's tmpfs)
 REVISION_DIR = "/tmp/vmplug-revision"
 #: A third QMP socket of the VM, for the hot-plug timing tool (one client per socket).
@@ -183,16 +192,16 @@ class DemoLab:
             self.guest.kill(self.vm, signal.SIGKILL)
             self.vm = None
 
-    def start_daemon(self, timeout: float = 240.0, env: str = "") -> float:
+    def start_daemon(self, timeout: float = 240.0, env: Mapping[str, str] | None = None) -> float:
         """Start ``vmplug run`` in the guest; return seconds until its first rescan.
-        ``env``: a command prefix (``env PYTHONPATH=...`` runs another package,
-        see :meth:`unpack_revision`)."""
+        ``env``: variables for it (``PYTHONPATH`` runs another package, see
+        :meth:`unpack_revision`)."""
         self.daemon_starts += 1
         log = self.guest.workdir / f"daemon-{self.daemon_starts}.log"
         vmplug = Path(sys.executable).parent / "vmplug"
         t0 = time.monotonic()
         self.daemon = self.guest.spawn(
-            f"{env + ' ' if env else ''}{vmplug} --config {self.guest.workdir}/vmplug.toml run"
+            f"{_env_prefix(env)}{vmplug} --config {self.guest.workdir}/vmplug.toml run"
             f" --socket {GUEST_DIR}/vmplug.sock --db {GUEST_DIR}/vmplug.db --events kernel",
             log=str(log),
         )
