@@ -297,7 +297,8 @@ class KernelLog:
     FIFO in the tests) without blocking the loop, and calls ``on_line``.
 
     Read when the healer ticks (:meth:`read`), not whenever a record arrives:
-    a replug logs ~10 records while the kernel probes the device, and waking
+    a replug logs several records while the kernel probes the device (~5 reads
+    per replug in the lab guest), and waking
     for each (a loop pass and a read each) took CPU from the replug's
     device_add on a one-CPU machine; the ladder acts in seconds, so a record
     read up to a tick later changes nothing.  The kernel keeps them (an
