@@ -39,6 +39,8 @@ REV has it (unpacked into the guest's tmpfs, run ahead of the current one by
 ``PYTHONPATH``), with the same config: before/after in one boot.  ``--rounds``
 repeats the whole order (interleaved, so that a drift of the host's load falls
 on every attacher alike); each attacher's replugs are pooled over the rounds.
+Each series begins with one replug that is not counted (its record carries
+``"warmup": true``): the inner QEMU sets up libusb at its first usb-host open.
 
 Prints median, p90, p99 and max per attacher, the ratios vmplug/qemu and
 vmplug/floor (and vmplug/base), and the host's and the guest's load average.  Takes about
@@ -121,6 +123,14 @@ class Bench:
     def series(self, name: str, watch_log: Path) -> list[float | None]:
         results: list[float | None] = []
         records = self.records.setdefault(name, [])
+        # not counted: the inner QEMU's first usb-host open sets up libusb (a
+        # floor that comes first paid 915 ms for it once), and each attacher
+        # starts its series warm alike
+        rec = self.lab.timed_replug(watch_log)
+        records.append({**rec, "warmup": True})
+        shown = "timeout" if rec["dt"] is None else f"{rec['dt'] * 1000:.1f} ms"
+        self.say(f"  {name:6} warm-up: {shown} (not counted)")
+        time.sleep(0.3)
         for i in range(self.replugs):
             rec = self.lab.timed_replug(watch_log)
             records.append(rec)
