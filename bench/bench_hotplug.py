@@ -43,7 +43,9 @@ Each series begins with one replug that is not counted (its record carries
 ``"warmup": true``): the inner QEMU sets up libusb at its first usb-host open.
 
 Prints median, p90, p99 and max per attacher, the ratios vmplug/qemu and
-vmplug/floor (and vmplug/base), and the host's and the guest's load average.  Takes about
+vmplug/floor (and vmplug/base), the host's and the guest's load average, and
+per round each attacher's median beside the share of the host's CPU its
+hypervisor stole in that phase (/proc/stat; a shared host's noise).  Takes about
 6-10 minutes under TCG; prints progress.  Not part of the test suite.
 
 Run: .venv/bin/python bench/bench_hotplug.py [--replugs 30] [--order floor,vmplug,qemu]
@@ -87,6 +89,12 @@ class Bench:
         self.say = say
         self.procs: list[GuestProcess] = []
         self.loads: dict[str, dict[str, str]] = {}
+        #: per attacher, one entry per phase (a round runs each attacher once):
+        #: the host CPU time the hypervisor gave to others while this machine
+        #: wanted it (% of the phase's CPU time)
+        self.steal: dict[str, list[float]] = {}
+        #: per attacher, one entry per phase: the phase's median (ms)
+        self.round_medians: dict[str, list[float | None]] = {}
         self.records: dict[str, list[dict[str, Any]]] = {}
 
     def boot(self) -> None:
@@ -143,6 +151,8 @@ class Bench:
 
     def phase(self, name: str) -> list[float | None]:
         self.load(f"{name} before")
+        cpu0 = host_cpu()
+        results: list[float | None] = []
         watch_log = self.lab.guest.workdir / f"watch-{name}.log"
         cleanup: list[Callable[[], object]] = []
         try:
@@ -175,13 +185,18 @@ class Bench:
                 cleanup.append(lambda: self.stop(floor))
             watcher, _ = self.spawn("watch", TIMING_SOCK, watch_log.name, IDS[name])
             cleanup.insert(0, lambda: self.stop(watcher))
-            return self.series(name, watch_log)
+            results = self.series(name, watch_log)
+            return results
         finally:
             for step in cleanup:
                 step()
             # leave the VM empty for the next attacher
             self.lab.tool_run("del", CHECK_SOCK, IDS[name])
             self.load(f"{name} after")
+            self.steal.setdefault(name, []).append(stolen_pct(cpu0, host_cpu()))
+            ok = [r for r in results if r is not None]
+            median = round(statistics.median(ok) * 1000, 1) if ok else None
+            self.round_medians.setdefault(name, []).append(median)
 
     def wait_vmplug_attached(self, timeout: float = 60.0) -> None:
         """Until the daemon has attached the keyboard (the watcher needs its id)."""
@@ -191,6 +206,21 @@ class Bench:
                 return
             time.sleep(0.5)
         raise LabError("vmplug did not attach the keyboard")
+
+
+def host_cpu() -> tuple[int, int]:
+    """(steal, total) clock ticks of this machine's CPUs, from /proc/stat.
+
+    Steal is the time the hypervisor ran something else while this machine
+    had work for the CPU: a shared host's noise, which slows the lab guest's
+    one emulated CPU and so whichever attacher's phase it falls in."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return fields[7], sum(fields)  # user nice system idle iowait irq softirq steal
+
+
+def stolen_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return round(100.0 * (after[0] - before[0]) / total, 1) if total > 0 else 0.0
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -308,9 +338,16 @@ def main() -> int:
         if "median_ms" in f and "median_ms" in qm:
             line += f"; qemu/floor median {qm['median_ms'] / f['median_ms']:.2f} (the bound)"
         print(line)
-    print("load average (1/5/15 min):")
+    print("load average (1/5/15 min; the last round's):")
     for label, load in bench.loads.items():
         print(f"  {label:16} host {load['host']:16} guest {load['guest']}")
+    print("per round: median, and the host's CPU stolen by its hypervisor in that phase")
+    for name, medians in bench.round_medians.items():
+        cells = [
+            f"r{i + 1} {'-' if m is None else f'{m:.1f} ms'} (steal {st:.1f}%)"
+            for i, (m, st) in enumerate(zip(medians, bench.steal.get(name, []), strict=False))
+        ]
+        print(f"  {name:8} " + "   ".join(cells))
     if args.json:
         print(
             json.dumps(
@@ -318,6 +355,8 @@ def main() -> int:
                     "summary": summary,
                     "ratios": ratios,
                     "loads": bench.loads,
+                    "round_medians_ms": bench.round_medians,
+                    "steal_pct": bench.steal,
                     "records": bench.records,
                 }
             )
