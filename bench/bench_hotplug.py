@@ -44,7 +44,7 @@ Each series begins with one replug that is not counted (its record carries
 
 Prints median, p90, p99 and max per attacher, the ratios vmplug/qemu and
 vmplug/floor (and vmplug/base), the host's and the guest's load average, and
-per round each attacher's median beside the share of the host's CPU its
+per phase (a round runs each attacher once) its median beside the share of the host's CPU its
 hypervisor stole in that phase (/proc/stat; a shared host's noise).  Takes about
 6-10 minutes under TCG; prints progress.  Not part of the test suite.
 
@@ -90,11 +90,9 @@ class Bench:
         self.procs: list[GuestProcess] = []
         self.loads: dict[str, dict[str, str]] = {}
         #: per attacher, one entry per phase (a round runs each attacher once):
-        #: the host CPU time the hypervisor gave to others while this machine
-        #: wanted it (% of the phase's CPU time)
-        self.steal: dict[str, list[float]] = {}
-        #: per attacher, one entry per phase: the phase's median (ms)
-        self.round_medians: dict[str, list[float | None]] = {}
+        #: the phase's median and the share of the host's CPU time the
+        #: hypervisor gave to others while this machine wanted it
+        self.phases: dict[str, list[dict[str, float | None]]] = {}
         self.records: dict[str, list[dict[str, Any]]] = {}
 
     def boot(self) -> None:
@@ -193,10 +191,12 @@ class Bench:
             # leave the VM empty for the next attacher
             self.lab.tool_run("del", CHECK_SOCK, IDS[name])
             self.load(f"{name} after")
-            self.steal.setdefault(name, []).append(stolen_pct(cpu0, host_cpu()))
-            ok = [r for r in results if r is not None]
-            median = round(statistics.median(ok) * 1000, 1) if ok else None
-            self.round_medians.setdefault(name, []).append(median)
+            self.phases.setdefault(name, []).append(
+                {
+                    "median_ms": summarize(results).get("median_ms"),
+                    "steal_pct": stolen_pct(cpu0, host_cpu()),
+                }
+            )
 
     def wait_vmplug_attached(self, timeout: float = 60.0) -> None:
         """Until the daemon has attached the keyboard (the watcher needs its id)."""
@@ -341,12 +341,12 @@ def main() -> int:
     print("load average (1/5/15 min; the last round's):")
     for label, load in bench.loads.items():
         print(f"  {label:16} host {load['host']:16} guest {load['guest']}")
-    print("per round: median, and the host's CPU stolen by its hypervisor in that phase")
-    for name, medians in bench.round_medians.items():
-        cells = [
-            f"r{i + 1} {'-' if m is None else f'{m:.1f} ms'} (steal {st:.1f}%)"
-            for i, (m, st) in enumerate(zip(medians, bench.steal.get(name, []), strict=False))
-        ]
+    print("per phase: median, and the host's CPU stolen by its hypervisor in that phase")
+    for name, phases in bench.phases.items():
+        cells = []
+        for i, ph in enumerate(phases):
+            median = "-" if ph["median_ms"] is None else f"{ph['median_ms']:.1f} ms"
+            cells.append(f"r{i + 1} {median} (steal {ph['steal_pct']:.1f}%)")
         print(f"  {name:8} " + "   ".join(cells))
     if args.json:
         print(
@@ -355,8 +355,7 @@ def main() -> int:
                     "summary": summary,
                     "ratios": ratios,
                     "loads": bench.loads,
-                    "round_medians_ms": bench.round_medians,
-                    "steal_pct": bench.steal,
+                    "phases": bench.phases,
                     "records": bench.records,
                 }
             )
